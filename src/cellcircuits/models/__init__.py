@@ -1,0 +1,28 @@
+"""Causal-LM loading, architecture adapters, hooks, gene <-> token alignment and the shipped model."""
+
+from ._adapter import AttentionWeights, HookPoint, ModelAdapter, spec_for
+from ._hooks import record
+from ._load import SHIPPED_MODELS, C2SModel, ModelLoadError, load, shipped_model_path
+from ._scoring import score_continuations
+from ._tokens import TokenizedPrompt, gene_token_positions, label_token_ids, tokenize_prompts
+from ._train import train_c2s, train_tokenizer
+
+__all__ = [
+    "SHIPPED_MODELS",
+    "AttentionWeights",
+    "C2SModel",
+    "HookPoint",
+    "ModelAdapter",
+    "ModelLoadError",
+    "TokenizedPrompt",
+    "gene_token_positions",
+    "label_token_ids",
+    "load",
+    "record",
+    "score_continuations",
+    "shipped_model_path",
+    "spec_for",
+    "tokenize_prompts",
+    "train_c2s",
+    "train_tokenizer",
+]

@@ -1,0 +1,191 @@
+"""Loading Cell2Sentence-style causal LMs (local directories, hub ids, shipped checkpoints)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..pp._prompts import PROMPT_CONFIG_NAME, Prompt, PromptConfig, build_prompt
+from ._adapter import ModelAdapter
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+#: Checkpoints shipped inside the package, loadable offline by name.
+SHIPPED_MODELS = {"pbmc68k-tiny": "pbmc68k-tiny"}
+
+
+class ModelLoadError(OSError):
+    """A model could not be found or loaded."""
+
+
+def shipped_model_path(name: str) -> Path:
+    """Directory of a checkpoint shipped with the package."""
+    if name not in SHIPPED_MODELS:
+        msg = f"No shipped model {name!r}; shipped models are {sorted(SHIPPED_MODELS)}."
+        raise KeyError(msg)
+    return Path(str(resources.files("cellcircuits.models") / "_data" / SHIPPED_MODELS[name]))
+
+
+@dataclass
+class C2SModel:
+    """A causal LM that reads cell sentences, with its tokenizer, architecture adapter and prompt settings.
+
+    Create it with :func:`cellcircuits.models.load` or :func:`cellcircuits.models.train_c2s`.
+    """
+
+    model: PreTrainedModel
+    """The Hugging Face causal LM (in eval mode)."""
+    tokenizer: PreTrainedTokenizerFast
+    """Its fast tokenizer (needed for gene <-> token offsets)."""
+    adapter: ModelAdapter
+    """Where each layer's MLP, attention, norms, embedding and unembedding are."""
+    prompt: PromptConfig
+    """The prompt settings the model was trained with; every prompt built for it uses them."""
+    name: str
+    """Hub id, path or shipped name it was loaded from."""
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the model's parameters."""
+        return next(self.model.parameters()).dtype
+
+    @property
+    def labels(self) -> list[str] | None:
+        """Cell-type labels the model knows (from its prompt settings)."""
+        return self.prompt.labels
+
+    def build_prompts(self, sentences: Sequence[str]) -> list[Prompt]:
+        """Prompts for cell sentences, cut to the model's ``n_genes`` with its template and organism."""
+        return [build_prompt(s, self.prompt) for s in sentences]
+
+    def save(self, directory: str | Path) -> None:
+        """Save weights (safetensors), tokenizer and prompt settings so :func:`load` reads them back."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        self.prompt.to_json(directory / PROMPT_CONFIG_NAME)
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.model.parameters())
+        return (
+            f"C2SModel({self.name!r}, {self.adapter.spec.name}, {n / 1e6:.2f}M parameters, "
+            f"{len(self.labels or [])} labels, n_genes={self.prompt.n_genes}, device={self.device})"
+        )
+
+
+def _offline_help(name: str, err: Exception) -> ModelLoadError:
+    msg = (
+        f"Could not load model {name!r}: it is neither a shipped model ({sorted(SHIPPED_MODELS)}) nor a local "
+        f"directory, and the Hugging Face Hub did not provide it ({type(err).__name__}: {err}). Without network "
+        f"access, download it where the Hub is reachable (`hf download {name} --local-dir DIR`), copy DIR here "
+        "and pass its path, or point HF_HOME to a cache that holds it."
+    )
+    return ModelLoadError(msg)
+
+
+def _prompt_config_from_hub(name: str, revision: str | None, local_files_only: bool) -> PromptConfig:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(name, PROMPT_CONFIG_NAME, revision=revision, local_files_only=local_files_only)
+    except Exception:
+        return PromptConfig()
+    return PromptConfig.from_json(path)
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    trust_remote_code: bool = False,
+    local_files_only: bool | None = None,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+) -> C2SModel:
+    """Load a Cell2Sentence-style causal LM with its tokenizer and prompt settings.
+
+    Parameters
+    ----------
+    name_or_path
+        A shipped model (``"pbmc68k-tiny"``), a local directory written by ``save_pretrained``, or a Hugging
+        Face Hub id such as ``"vandijklab/C2S-Pythia-410m-cell-type-prediction"``.
+    device
+        Where to put the model; default CUDA when available, else CPU.
+    dtype
+        Parameter dtype (e.g. ``torch.bfloat16``); default as stored in the checkpoint (float32 on CPU).
+    trust_remote_code
+        Allow the checkpoint's own Python code to run. Off unless you ask for it.
+    local_files_only
+        Do not contact the Hub (default: true for shipped models and local directories).
+    revision
+        Hub revision (branch, tag or commit).
+    attn_implementation
+        ``"eager"``, ``"sdpa"``, ...; passed to ``transformers``.
+
+    Returns
+    -------
+    The model, tokenizer, architecture adapter and prompt settings (``cellcircuits.json`` beside the weights;
+    C2S defaults when absent).
+
+    Raises
+    ------
+    ModelLoadError
+        When the model is not shipped, not a directory, and not obtainable from the Hub (e.g. offline).
+    ValueError
+        For an unsupported architecture or a tokenizer without a fast (Rust) implementation.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = os.fspath(name_or_path)
+    local: Path | None = None
+    if name in SHIPPED_MODELS:
+        local = shipped_model_path(name)
+    elif Path(name).expanduser().exists():
+        local = Path(name).expanduser()
+        if not local.is_dir():
+            msg = f"{name!r} is a file; pass the directory that holds config.json and the weights."
+            raise ModelLoadError(msg)
+        if not (local / "config.json").is_file():
+            msg = f"{name!r} has no config.json; is it a Hugging Face model directory?"
+            raise ModelLoadError(msg)
+    source = str(local) if local is not None else name
+    offline = bool(local_files_only) if local_files_only is not None else local is not None
+    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": offline, "revision": revision}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model_kwargs = dict(kwargs)
+        if dtype is not None:
+            model_kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if attn_implementation is not None:
+            model_kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
+    except OSError as err:
+        if local is not None:
+            msg = f"Could not load the model in {source!r}: {err}"
+            raise ModelLoadError(msg) from err
+        raise _offline_help(name, err) from err
+    if not getattr(tokenizer, "is_fast", False):
+        msg = f"{name!r} has no fast tokenizer; cellcircuits needs token offsets to map tokens to genes."
+        raise ValueError(msg)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, any id works
+    adapter = ModelAdapter(model)
+    prompt = PromptConfig.from_dir(local) if local is not None else _prompt_config_from_hub(name, revision, offline)
+    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    return C2SModel(model=model, tokenizer=tokenizer, adapter=adapter, prompt=prompt, name=name)

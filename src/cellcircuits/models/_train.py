@@ -1,0 +1,265 @@
+"""Training a small Cell2Sentence-style GPT-NeoX model (and its BPE tokenizer) from scratch."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..pp._prompts import PromptConfig, answer_text, build_prompt
+from ..pp._sentences import sentences_from_adata
+from ._adapter import ModelAdapter
+from ._load import C2SModel
+from ._scoring import pad
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from anndata import AnnData
+    from transformers import PreTrainedTokenizerFast
+
+EOS, PAD = "<|endoftext|>", "<|padding|>"  # the GPT-NeoX/Pythia special tokens
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (the GPT-NeoX kind) on ``texts``.
+
+    A small vocabulary keeps gene symbols split into several tokens, as C2S-Pythia's 50k-token vocabulary does.
+
+    Parameters
+    ----------
+    texts
+        Training texts (full prompts with answers).
+    vocab_size
+        Vocabulary size, including the 256 byte tokens and the special tokens.
+
+    Returns
+    -------
+    A fast tokenizer with GPT-NeoX's ``<|endoftext|>`` (BOS/EOS) and ``<|padding|>`` tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=PAD)
+
+
+def training_texts(sentences: Sequence[str], labels: Sequence[str], config: PromptConfig) -> list[tuple[str, str]]:
+    """``(prompt, answer)`` pairs of the full training texts."""
+    return [(build_prompt(s, config).text, answer_text(y, config)) for s, y in zip(sentences, labels, strict=True)]
+
+
+def encode_examples(
+    tokenizer: PreTrainedTokenizerFast, pairs: Sequence[tuple[str, str]], append_eos: bool
+) -> list[tuple[list[int], int]]:
+    """Token ids of each prompt+answer and the index where the answer starts."""
+    prompts = tokenizer([p for p, _ in pairs])["input_ids"]
+    answers = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if append_eos else []
+    return [(p + a + eos, len(p)) for p, a in zip(prompts, answers, strict=True)]
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted next-token cross-entropy; ``weights[:, t]`` weighs the prediction of token ``t``."""
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+    w = weights[:, 1:]
+    return (nll * w).sum() / w.sum()
+
+
+def train_c2s(
+    adata: AnnData,
+    label_key: str,
+    *,
+    n_genes: int = 100,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    gene_symbols: str | None = None,
+    organism: str = "Homo sapiens",
+    n_layers: int = 4,
+    d_model: int = 128,
+    n_heads: int = 4,
+    d_mlp: int | None = None,
+    vocab_size: int = 512,
+    epochs: int = 30,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    weight_decay: float = 0.05,
+    dropout: float = 0.1,
+    answer_weight: float = 10.0,
+    resample_ties: bool = True,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    output_dir: str | Path | None = None,
+    progress: bool = True,
+) -> C2SModel:
+    """Train a small Cell2Sentence-style GPT-NeoX model and its tokenizer from scratch.
+
+    Each cell becomes the full C2S text: the cell-type prediction prompt with its sentence (cut to ``n_genes``)
+    followed by its label and an end-of-sequence token. The model learns next-token prediction over the whole
+    text, the label tokens weighted by ``answer_weight``. A byte-level BPE tokenizer with a small vocabulary is
+    trained first, so gene symbols are split into several tokens, as in C2S-Pythia.
+
+    Parameters
+    ----------
+    adata
+        Training cells (subset it to the training split first).
+    label_key
+        Column of ``.obs`` with the cell-type labels to learn.
+    n_genes
+        Genes per cell sentence; recorded with the model and used for every prompt built for it.
+    layer, use_raw, gene_symbols
+        Which values and names to rank, as in :func:`cellcircuits.pp.cell_sentences`.
+    organism
+        Organism named in the prompt.
+    n_layers, d_model, n_heads, d_mlp
+        Model shape; ``d_mlp`` defaults to ``4 * d_model``.
+    vocab_size
+        Size of the BPE vocabulary.
+    epochs, batch_size, lr, weight_decay, dropout
+        Optimisation (AdamW, linear warm-up then cosine decay); ``dropout`` applies to the residual branches.
+    answer_weight
+        Weight of the label tokens in the loss relative to the sentence tokens.
+    resample_ties
+        Redraw the random order of equally expressed genes every epoch (C2S breaks ties at random), which
+        teaches the model that the order within ties carries no information.
+    seed
+        Seeds the weights, batches and tie-breaks; training on CPU is deterministic for a seed.
+    device
+        Training device; default CUDA when available, else CPU.
+    output_dir
+        Save the trained model there (safetensors, tokenizer, ``cellcircuits.json``).
+    progress
+        Show a progress bar with the loss.
+
+    Returns
+    -------
+    The trained model, ready for :func:`cellcircuits.tl.predict_cell_types`.
+    """
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    if label_key not in adata.obs.columns:
+        msg = f"label_key {label_key!r} is not a column of adata.obs; columns are {list(adata.obs.columns)}."
+        raise KeyError(msg)
+    y = adata.obs[label_key]
+    if y.isna().any():
+        msg = f"adata.obs[{label_key!r}] has {int(y.isna().sum())} missing labels; drop those cells first."
+        raise ValueError(msg)
+    classes = list(y.cat.categories) if isinstance(y.dtype, pd.CategoricalDtype) else sorted(set(map(str, y)))
+    classes = [str(c) for c in classes if (y.astype(str) == str(c)).any()]
+    if len(classes) < 2:
+        msg = f"adata.obs[{label_key!r}] has fewer than two labels; nothing to learn."
+        raise ValueError(msg)
+    labels = y.astype(str).tolist()
+    config = PromptConfig(n_genes=n_genes, organism=organism, labels=classes, append_eos=True)
+
+    def sentences(epoch: int) -> list[str]:
+        state = seed + epoch if resample_ties else seed
+        return sentences_from_adata(
+            adata, n_genes=n_genes, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, random_state=state
+        )
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    first = training_texts(sentences(0), labels, config)
+    tokenizer = train_tokenizer((p + a for p, a in first), vocab_size=vocab_size)
+    examples = encode_examples(tokenizer, first, config.append_eos)
+    max_len = max(len(ids) for ids, _ in examples)
+    hf_config = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        intermediate_size=d_mlp or 4 * d_model,
+        # room for longer sentences than seen in training; rotary positions extrapolate poorly, so not much more
+        max_position_embeddings=2 ** math.ceil(math.log2(max_len * 2)),
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        hidden_dropout=dropout,
+        attention_dropout=0.0,  # dropout inside attention pushes SDPA onto a path ~3x slower on CPU
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = GPTNeoXForCausalLM(hf_config).to(device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    steps_per_epoch = math.ceil(len(examples) / batch_size)
+    total = epochs * steps_per_epoch
+    warmup = max(1, total // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
+    )
+    history = []
+    model.train()
+    with tqdm(total=total, desc="training C2S model", disable=not progress) as bar:
+        for epoch in range(epochs):
+            if epoch > 0 and resample_ties:
+                examples = encode_examples(tokenizer, training_texts(sentences(epoch), labels, config), True)
+            losses = []
+            for b in range(steps_per_epoch):
+                batch = [examples[i] for i in rng.permutation(len(examples))[b * batch_size : (b + 1) * batch_size]]
+                ids, mask = pad([e[0] for e in batch], tokenizer.pad_token_id, "right")
+                weights = mask.float()
+                for row, (_, start) in enumerate(batch):
+                    weights[row, start:] *= answer_weight
+                ids, mask, weights = ids.to(device), mask.to(device), weights.to(device)
+                logits = model(input_ids=ids, attention_mask=mask).logits
+                loss = lm_loss(logits, ids, weights)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.3f}")
+            history.append(float(np.mean(losses)))
+    model.eval()
+    config.extra = {
+        "trained_by": "cellcircuits.models.train_c2s",
+        "label_key": label_key,
+        "n_train_cells": int(adata.n_obs),
+        "loss_history": history,
+        "hyperparameters": {
+            "n_layers": n_layers,
+            "d_model": d_model,
+            "n_heads": n_heads,
+            "d_mlp": d_mlp or 4 * d_model,
+            "vocab_size": vocab_size,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "dropout": dropout,
+            "answer_weight": answer_weight,
+            "resample_ties": resample_ties,
+            "seed": seed,
+        },
+    }
+    c2s = C2SModel(model=model, tokenizer=tokenizer, adapter=ModelAdapter(model), prompt=config, name="train_c2s")
+    if output_dir is not None:
+        c2s.save(output_dir)
+        c2s.name = str(output_dir)
+    return c2s

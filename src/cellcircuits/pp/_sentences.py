@@ -1,0 +1,279 @@
+"""AnnData -> Cell2Sentence cell sentences."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+    from anndata import AnnData
+
+_CHUNK = 2048  # rows densified/sorted at a time; bounds memory on backed and large data
+
+# splitmix64 constants: a cheap, well-mixed hash used as a reproducible random tie-break key
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_CELL_MUL = np.uint64(0xC2B2AE3D27D4EB4F)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def name_hashes(names: Sequence[str]) -> np.ndarray:
+    """Stable 64-bit hashes of strings (Python's ``hash`` is salted per process, so it would not reproduce)."""
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(str(n).encode(), digest_size=8).digest(), "little") for n in names),
+        dtype=np.uint64,
+        count=len(names),
+    )
+
+
+def tiebreak_keys(random_state: int, cells: np.ndarray, genes: np.ndarray) -> np.ndarray:
+    """Pseudo-random ``uint64`` keys, a pure function of ``(random_state, cell, gene)``.
+
+    Sorting tied genes by these keys orders ties randomly per cell, yet the result does not depend on how the
+    cells are chunked, subset or ordered. ``cells`` and ``genes`` are ids such as :func:`name_hashes`.
+    """
+    # array arithmetic wraps modulo 2**64 silently, which is what the hash wants
+    seed = np.full(np.shape(cells), random_state, dtype=np.uint64)
+    z = seed * _GOLDEN + np.asarray(cells, dtype=np.uint64) * _CELL_MUL + np.asarray(genes, dtype=np.uint64)
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def rank_genes(
+    X: np.ndarray | sparse.spmatrix | sparse.sparray,
+    cell_ids: np.ndarray,
+    gene_ids: np.ndarray,
+    n_genes: int | None,
+    random_state: int,
+) -> list[np.ndarray]:
+    """Per row, the column indices of non-zero entries by descending value (ties by :func:`tiebreak_keys`).
+
+    Parameters
+    ----------
+    X
+        A block of rows (cells x genes) with non-negative finite values.
+    cell_ids
+        An id per row, e.g. :func:`name_hashes` of the obs names (feeds the tie-break).
+    gene_ids
+        An id per column, e.g. :func:`name_hashes` of the gene symbols (feeds the tie-break).
+    n_genes
+        Keep at most this many genes per row; ``None`` keeps all non-zero genes.
+    random_state
+        Seed of the tie-break.
+    """
+    X = sparse.csr_matrix(X)
+    X.eliminate_zeros()
+    X.sort_indices()
+    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+    keys = tiebreak_keys(random_state, np.asarray(cell_ids)[rows], np.asarray(gene_ids)[X.indices])
+    # lexsort sorts by the last key first: row, then descending value, then tie-break key
+    order = np.lexsort((keys, -X.data, rows))
+    ranked = np.split(X.indices[order], X.indptr[1:-1])
+    if n_genes is not None:
+        ranked = [r[:n_genes] for r in ranked]
+    return ranked
+
+
+def _check_block(block: np.ndarray | sparse.spmatrix, where: str) -> None:
+    values = block.data if sparse.issparse(block) else np.asarray(block)
+    if values.size == 0:
+        return
+    if not np.all(np.isfinite(values)):
+        msg = f"{where} contains NaN or infinite values; cell sentences need finite expression values."
+        raise ValueError(msg)
+    if values.min() < 0:
+        msg = (
+            f"{where} contains negative values, as scaled data (sc.pp.scale) does. Cell sentences rank "
+            "non-negative normalised expression: pass use_raw=True (if .raw holds log-normalised counts) or "
+            "layer=<a layer of normalised counts>."
+        )
+        raise ValueError(msg)
+
+
+def _resolve_matrix(adata: AnnData, layer: str | None, use_raw: bool | None) -> tuple[Any, pd.Index, str]:
+    """The matrix to rank, its var index and a name for messages (scanpy's ``use_raw=None`` semantics)."""
+    if layer is not None and use_raw:
+        msg = "Pass either layer or use_raw=True, not both."
+        raise ValueError(msg)
+    if use_raw is None:
+        use_raw = layer is None and adata.raw is not None
+    if use_raw:
+        if adata.raw is None:
+            msg = "use_raw=True but adata.raw is None."
+            raise ValueError(msg)
+        return adata.raw.X, adata.raw.var, "adata.raw.X"
+    if layer is not None:
+        if layer not in adata.layers:
+            msg = f"Layer {layer!r} not found; adata.layers has {list(adata.layers.keys())}."
+            raise KeyError(msg)
+        return adata.layers[layer], adata.var, f"adata.layers[{layer!r}]"
+    return adata.X, adata.var, "adata.X"
+
+
+def gene_names(var: pd.DataFrame, gene_symbols: str | None = None) -> np.ndarray:
+    """Upper-case gene symbols from ``var`` (its index, or the column ``gene_symbols``), checked for use."""
+    if gene_symbols is not None:
+        if gene_symbols not in var.columns:
+            msg = f"gene_symbols={gene_symbols!r} is not a column of var; columns are {list(var.columns)}."
+            raise KeyError(msg)
+        names = var[gene_symbols].astype(str)
+    else:
+        names = pd.Index(var.index).astype(str)
+    names = np.asarray([n.strip().upper() for n in names], dtype=object)
+    if len(names) == 0:
+        msg = "The data has no genes (n_vars == 0)."
+        raise ValueError(msg)
+    if np.array_equal(names, np.arange(len(names)).astype(str)) or np.any(names == ""):
+        msg = (
+            "var_names are empty or a default integer index, not gene symbols. Set them, e.g. "
+            "adata.var_names = adata.var['gene_symbols'], or pass gene_symbols=<column of var>."
+        )
+        raise ValueError(msg)
+    bad = [n for n in names if any(c.isspace() for c in n)]
+    if bad:
+        msg = f"Gene names must not contain whitespace (cell sentences are space-separated): {bad[:5]}"
+        raise ValueError(msg)
+    return names
+
+
+def iter_ranked_genes(
+    adata: AnnData,
+    *,
+    n_genes: int | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    gene_symbols: str | None = None,
+    random_state: int = 0,
+    cells: Sequence[int] | None = None,
+) -> Iterator[np.ndarray]:
+    """Yield, per cell, the indices of its expressed genes by descending expression (chunked, backed-safe)."""
+    X, var, where = _resolve_matrix(adata, layer, use_raw)
+    idx = np.arange(adata.n_obs) if cells is None else np.asarray(cells)
+    gene_ids = name_hashes(gene_names(var, gene_symbols))
+    for start in range(0, len(idx), _CHUNK):
+        sel = idx[start : start + _CHUNK]
+        contiguous = len(sel) > 0 and sel[-1] - sel[0] == len(sel) - 1 and np.all(np.diff(sel) == 1)
+        block = X[sel[0] : sel[-1] + 1] if contiguous else X[sel]
+        if not sparse.issparse(block):
+            block = np.asarray(block)
+        _check_block(block, where)
+        yield from rank_genes(block, name_hashes(adata.obs_names[sel]), gene_ids, n_genes, random_state)
+
+
+def sentences_from_adata(
+    adata: AnnData,
+    *,
+    n_genes: int | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    gene_symbols: str | None = None,
+    random_state: int = 0,
+    cells: Sequence[int] | None = None,
+) -> list[str]:
+    """Cell sentences of (some) cells of ``adata`` without writing to it."""
+    if n_genes is not None and int(n_genes) < 1:
+        msg = f"n_genes must be a positive integer or None, got {n_genes!r}"
+        raise ValueError(msg)
+    _, var, _ = _resolve_matrix(adata, layer, use_raw)
+    names = gene_names(var, gene_symbols)
+    ranked = iter_ranked_genes(
+        adata,
+        n_genes=n_genes,
+        layer=layer,
+        use_raw=use_raw,
+        gene_symbols=gene_symbols,
+        random_state=random_state,
+        cells=cells,
+    )
+    sentences = [" ".join(names[r]) for r in ranked]
+    empty = [i for i, s in enumerate(sentences) if not s]
+    if empty:
+        obs_names = adata.obs_names[np.asarray(cells)[empty] if cells is not None else empty]
+        warnings.warn(
+            f"{len(empty)} cell(s) express no gene and get an empty sentence, e.g. {list(obs_names[:5])}.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return sentences
+
+
+def cell_sentences(
+    adata: AnnData,
+    n_genes: int | None = None,
+    *,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    gene_symbols: str | None = None,
+    random_state: int = 0,
+    key_added: str = "cell_sentence",
+    copy: bool = False,
+) -> AnnData | None:
+    """Turn each cell into a Cell2Sentence "cell sentence".
+
+    A cell sentence lists the cell's expressed genes (non-zero values) as upper-case symbols joined by spaces,
+    most expressed first. Ties (frequent in log-normalised counts) are broken in a random order fixed by
+    ``random_state``, the cell's obs name and the gene's symbol, so a cell's sentence is reproducible and does not
+    depend on chunking, subsetting or the order of cells and genes.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix (cells x genes); dense, sparse or backed.
+    n_genes
+        Keep the ``n_genes`` most expressed genes of each cell; ``None`` keeps every expressed gene. Prompts are
+        cut again to the ``n_genes`` recorded with the model when they are built.
+    layer
+        Rank this layer instead of ``.X``. It must hold non-negative (normalised) values.
+    use_raw
+        Rank ``adata.raw.X``. ``None`` (default) uses ``.raw`` when it exists and no ``layer`` is given, like
+        scanpy, since ``.X`` is often scaled.
+    gene_symbols
+        Column of ``.var`` (or ``.raw.var``) with gene symbols, when ``var_names`` are not symbols.
+    random_state
+        Seed of the tie-break between equally expressed genes.
+    key_added
+        Column of ``.obs`` that receives the sentences.
+    copy
+        Return a modified copy instead of writing to ``adata``.
+
+    Returns
+    -------
+    ``None``, or a copy of ``adata`` when ``copy=True``. Sets the following fields:
+
+    ``.obs[key_added]`` : :class:`str`, one per cell
+        The cell sentence; empty (with a warning) for a cell that expresses no gene.
+    ``.uns[key_added]['params']`` : :class:`dict`
+        The parameters used.
+
+    Raises
+    ------
+    ValueError
+        On negative (scaled) or non-finite values, or when ``var_names`` are not gene symbols.
+    KeyError
+        On a missing ``layer`` or ``gene_symbols`` column.
+    """
+    sentences = sentences_from_adata(
+        adata, n_genes=n_genes, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, random_state=random_state
+    )
+    adata = adata.copy() if copy else adata
+    adata.obs[key_added] = pd.Series(sentences, index=adata.obs_names, dtype=object)
+    if use_raw is None:
+        use_raw = layer is None and adata.raw is not None
+    adata.uns[key_added] = {
+        "params": {
+            "n_genes": -1 if n_genes is None else int(n_genes),
+            "layer": "" if layer is None else layer,
+            "use_raw": bool(use_raw),
+            "gene_symbols": "" if gene_symbols is None else gene_symbols,
+            "random_state": int(random_state),
+        }
+    }
+    return adata if copy else None

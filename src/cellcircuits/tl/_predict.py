@@ -1,0 +1,145 @@
+"""Cell-type prediction by the model's log-likelihood of each label."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+from scipy.special import softmax
+
+from ..models._scoring import score_continuations
+from ..models._tokens import label_token_ids
+from ..pp._sentences import sentences_from_adata
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from anndata import AnnData
+
+    from ..models._load import C2SModel
+
+
+def _sentences(
+    adata: AnnData,
+    model: C2SModel,
+    sentence_key: str,
+    layer: str | None,
+    use_raw: bool | None,
+    gene_symbols: str | None,
+    random_state: int,
+) -> list[str]:
+    """Stored sentences when present, else built now (cut to the model's ``n_genes``) without storing them."""
+    if sentence_key in adata.obs.columns:
+        return adata.obs[sentence_key].fillna("").astype(str).tolist()
+    return sentences_from_adata(
+        adata,
+        n_genes=model.prompt.n_genes,
+        layer=layer,
+        use_raw=use_raw,
+        gene_symbols=gene_symbols,
+        random_state=random_state,
+    )
+
+
+def predict_cell_types(
+    adata: AnnData,
+    model: C2SModel,
+    labels: Sequence[str] | None = None,
+    *,
+    sentence_key: str = "cell_sentence",
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    gene_symbols: str | None = None,
+    random_state: int = 0,
+    batch_size: int = 16,
+    padding_side: Literal["left", "right"] = "left",
+    key_added: str = "c2s_cell_type",
+    progress: bool = True,
+    copy: bool = False,
+) -> AnnData | None:
+    """Predict cell types with a C2S model by scoring every candidate label.
+
+    Each cell's prompt (the model's template, its cell sentence cut to the model's ``n_genes``) is followed by each
+    candidate label; the label's log-likelihood (summed over its tokens, plus the end-of-sequence token when the
+    model was trained with it) is its score, and a softmax over the candidates gives per-label probabilities.
+    The prompt runs once per cell and its key/value cache is shared by the labels.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix.
+    model
+        A loaded model (:func:`cellcircuits.models.load`).
+    labels
+        Candidate labels; default the labels recorded with the model.
+    sentence_key
+        Column of ``.obs`` with cell sentences (:func:`cellcircuits.pp.cell_sentences`). When absent, sentences are
+        built from ``layer``/``use_raw`` without being stored.
+    layer, use_raw, gene_symbols, random_state
+        How to build sentences when ``sentence_key`` is absent, as in :func:`cellcircuits.pp.cell_sentences`.
+    batch_size
+        Cells per forward pass.
+    padding_side
+        Pad prompts on the left or the right (scores are the same either way).
+    key_added
+        Key under which results are stored.
+    progress
+        Show a progress bar.
+    copy
+        Return a modified copy instead of writing to ``adata``.
+
+    Returns
+    -------
+    ``None``, or a copy of ``adata`` when ``copy=True``. Sets the following fields:
+
+    ``.obs[key_added]`` : :class:`pandas.Categorical`
+        The most likely label of each cell.
+    ``.obsm[f"{key_added}_proba"]`` : :class:`pandas.DataFrame` (n_obs x n_labels)
+        Probability of each label (softmax of the log-likelihoods over the candidates).
+    ``.obsm[f"{key_added}_logprob"]`` : :class:`pandas.DataFrame` (n_obs x n_labels)
+        Log-likelihood of each label's continuation.
+    ``.uns[key_added]['params']`` : :class:`dict`
+        Model name, labels and settings.
+    """
+    labels = list(model.labels or []) if labels is None else [str(label) for label in labels]
+    if not labels:
+        msg = "No candidate labels: the model records none, so pass labels=[...]."
+        raise ValueError(msg)
+    if len(set(labels)) != len(labels):
+        msg = f"labels contain duplicates: {labels}"
+        raise ValueError(msg)
+    if batch_size < 1:
+        msg = f"batch_size must be positive, got {batch_size!r}"
+        raise ValueError(msg)
+    if adata.n_obs == 0:
+        msg = "adata has no cells."
+        raise ValueError(msg)
+    sentences = _sentences(adata, model, sentence_key, layer, use_raw, gene_symbols, random_state)
+    tok = model.tokenizer
+    prompt_ids = tok([p.text for p in model.build_prompts(sentences)])["input_ids"]
+    logprob = score_continuations(
+        model.model,
+        prompt_ids,
+        label_token_ids(tok, model.prompt, labels),
+        pad_token_id=tok.pad_token_id,
+        batch_size=batch_size,
+        padding_side=padding_side,
+        progress=progress,
+        desc="predicting cell types",
+    )
+    proba = softmax(logprob, axis=1)
+    adata = adata.copy() if copy else adata
+    adata.obs[key_added] = pd.Categorical(np.asarray(labels, dtype=object)[proba.argmax(1)], categories=labels)
+    adata.obsm[f"{key_added}_proba"] = pd.DataFrame(proba, index=adata.obs_names, columns=labels)
+    adata.obsm[f"{key_added}_logprob"] = pd.DataFrame(logprob, index=adata.obs_names, columns=labels)
+    adata.uns[key_added] = {
+        "params": {
+            "model": model.name,
+            "labels": labels,
+            "n_genes": int(model.prompt.n_genes),
+            "sentence_key": sentence_key if sentence_key in adata.obs.columns else "",
+            "append_eos": bool(model.prompt.append_eos),
+        }
+    }
+    return adata if copy else None

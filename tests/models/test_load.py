@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cellcircuits as cc
+from cellcircuits.models import ModelLoadError
+from cellcircuits.pp import PromptConfig
+
+from ..conftest import LABELS
+
+
+def _logits(c2s, text="CD14 LYZ"):
+    ids = c2s.tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return c2s.model(input_ids=ids).logits
+
+
+def test_save_load_round_trip(tiny_c2s, tmp_path):
+    tiny_c2s.save(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert not list((tmp_path / "m").glob("*.bin"))  # never pickle
+    loaded = cc.models.load(tmp_path / "m", device="cpu")
+    torch.testing.assert_close(_logits(loaded), _logits(tiny_c2s))
+    assert loaded.prompt == tiny_c2s.prompt
+    assert loaded.labels == LABELS
+    assert loaded.adapter.spec.name == "gpt_neox"
+    assert loaded.tokenizer("HLA-DRA")["input_ids"] == tiny_c2s.tokenizer("HLA-DRA")["input_ids"]
+    assert "tiny" not in repr(loaded) and "gpt_neox" in repr(loaded)
+
+
+def test_missing_prompt_settings_give_c2s_defaults(tiny_c2s, tmp_path):
+    tiny_c2s.save(tmp_path)
+    (tmp_path / "cellcircuits.json").unlink()
+    loaded = cc.models.load(tmp_path)
+    assert loaded.prompt == PromptConfig()
+    assert loaded.prompt.n_genes == 200 and loaded.labels is None
+
+
+def test_dtype(tiny_c2s, tmp_path):
+    tiny_c2s.save(tmp_path)
+    assert cc.models.load(tmp_path, dtype=torch.float64).dtype == torch.float64
+    assert cc.models.load(tmp_path, dtype="bfloat16").dtype == torch.bfloat16
+
+
+def test_offline_hub_id_gives_actionable_error():
+    with pytest.raises(ModelLoadError, match=r"hf download vandijklab/C2S-Pythia-410m.*--local-dir"):
+        cc.models.load("vandijklab/C2S-Pythia-410m-cell-type-prediction", local_files_only=True)
+
+
+def test_bad_paths(tmp_path):
+    f = tmp_path / "weights.safetensors"
+    f.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="is a file"):
+        cc.models.load(f)
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
+        cc.models.load(tmp_path)
+    with pytest.raises(KeyError, match="pbmc68k-tiny"):
+        cc.models.shipped_model_path("nope")
+
+
+def test_unsupported_architecture(tiny_tokenizer, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(tiny_tokenizer))).save_pretrained(
+        tmp_path
+    )
+    tiny_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"Unsupported architecture 'gpt2'.*gemma2.*gpt_neox.*llama"):
+        cc.models.load(tmp_path)
+
+
+def test_remote_code_is_off_unless_asked(tiny_c2s, tmp_path, monkeypatch):
+    import transformers
+
+    tiny_c2s.save(tmp_path)
+    seen = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["trust_remote_code"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    cc.models.load(tmp_path)
+    cc.models.load(tmp_path, trust_remote_code=True)
+    assert seen == [False, True]
