@@ -49,8 +49,9 @@ print(f"held-out accuracy: {accuracy:.3f}")
 pd.crosstab(test.obs["bulk_labels"], test.obs["c2s_cell_type"])
 
 # %% [markdown]
-# Per-label probabilities are in `.obsm["c2s_cell_type_proba"]`, e.g. to find uncertain cells:
+# Per-label probabilities are in `.obsm["c2s_cell_type_proba"]`; `cc.get` returns them with label names, e.g. to
+# find uncertain cells:
 
 # %%
-proba = test.obsm["c2s_cell_type_proba"]
+proba = cc.get.cell_type_probabilities(test)
 print(proba.max(axis=1).sort_values().head())

@@ -8,12 +8,15 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 # Submodules load on first access, so `import cellcircuits` stays light (no torch until a model is needed).
-_SUBMODULES = ("ds", "get", "models", "pl", "pp", "tl")
+_SUBMODULES = ("ds", "get", "models", "pl", "pp", "tl", "transcoders")
+# Classes and functions offered at the top level, each resolved from the submodule that defines it.
+_ATTRIBUTES = {"Transcoder": "transcoders", "TranscoderSet": "transcoders", "load_transcoders": "transcoders"}
 
 if TYPE_CHECKING:
-    from . import ds, get, models, pl, pp, tl  # noqa: F401
+    from . import ds, get, models, pl, pp, tl, transcoders  # noqa: F401
+    from .transcoders import Transcoder, TranscoderSet, load_transcoders  # noqa: F401
 
-__all__ = [*_SUBMODULES, "__version__"]
+__all__ = [*_SUBMODULES, *_ATTRIBUTES, "__version__"]
 
 
 def __getattr__(name: str) -> object:
@@ -21,6 +24,10 @@ def __getattr__(name: str) -> object:
         module = importlib.import_module(f".{name}", __name__)
         globals()[name] = module
         return module
+    if name in _ATTRIBUTES:
+        value = getattr(importlib.import_module(f".{_ATTRIBUTES[name]}", __name__), name)
+        globals()[name] = value
+        return value
     msg = f"module 'cellcircuits' has no attribute {name!r}"
     raise AttributeError(msg)
 

@@ -27,9 +27,10 @@ def test_predict_writes_fields_and_matches_full_text_likelihood(toy_adata, tiny_
     cc.tl.predict_cell_types(toy_adata, tiny_c2s, batch_size=5, progress=False)
     obs = toy_adata.obs["c2s_cell_type"]
     assert list(obs.cat.categories) == LABELS
-    proba = toy_adata.obsm["c2s_cell_type_proba"]
-    logprob = toy_adata.obsm["c2s_cell_type_logprob"]
+    proba = cc.get.cell_type_probabilities(toy_adata)
+    logprob = cc.get.cell_type_probabilities(toy_adata, kind="logprob")
     assert list(proba.columns) == LABELS and proba.index.equals(toy_adata.obs_names)
+    np.testing.assert_array_equal(proba.to_numpy(), toy_adata.obsm["c2s_cell_type_proba"])
     np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-12)
     assert (obs.astype(str).to_numpy() == proba.idxmax(1).to_numpy()).all()
     for i in (0, 5, 7):
@@ -46,13 +47,13 @@ def test_left_right_padding_and_batch_size_agree(toy_adata, tiny_c2s):
         cc.tl.predict_cell_types(toy_adata, tiny_c2s, batch_size=b, padding_side=s, progress=False, copy=True)
         for b, s in [(4, "left"), (4, "right"), (1, "left"), (12, "right")]
     ]
-    ref = runs[0].obsm["c2s_cell_type_logprob"].to_numpy()
+    ref = runs[0].obsm["c2s_cell_type_logprob"]
     # prompts differ in token length, so padding really happens
     sentences = cc.pp.cell_sentences(toy_adata, copy=True).obs["cell_sentence"]
     lengths = {len(tiny_c2s.tokenizer(p.text)["input_ids"]) for p in tiny_c2s.build_prompts(sentences)}
     assert len(lengths) > 3
     for r in runs[1:]:
-        np.testing.assert_allclose(r.obsm["c2s_cell_type_logprob"].to_numpy(), ref, atol=1e-4)
+        np.testing.assert_allclose(r.obsm["c2s_cell_type_logprob"], ref, atol=1e-4)
 
 
 def test_sentences_built_on_the_fly_are_not_stored(toy_adata, tiny_c2s):
@@ -67,7 +68,11 @@ def test_sentences_built_on_the_fly_are_not_stored(toy_adata, tiny_c2s):
 
 def test_custom_labels_and_errors(toy_adata, tiny_c2s):
     out = cc.tl.predict_cell_types(toy_adata, tiny_c2s, ["CD19+ B", "CD56+ NK"], progress=False, copy=True)
-    assert list(out.obsm["c2s_cell_type_proba"].columns) == ["CD19+ B", "CD56+ NK"]
+    assert list(cc.get.cell_type_probabilities(out).columns) == ["CD19+ B", "CD56+ NK"]
+    with pytest.raises(KeyError, match="predict_cell_types"):
+        cc.get.cell_type_probabilities(toy_adata, key="nope")
+    with pytest.raises(ValueError, match="kind"):
+        cc.get.cell_type_probabilities(out, kind="odds")
     tiny_c2s.prompt.labels = None
     with pytest.raises(ValueError, match="No candidate labels"):
         cc.tl.predict_cell_types(toy_adata, tiny_c2s, progress=False)
@@ -97,3 +102,5 @@ def test_shipped_model_offline_and_accurate(tmp_path):
     back = ad.read_h5ad(tmp_path / "p.h5ad")
     assert back.obs["c2s_cell_type"].equals(test.obs["c2s_cell_type"])
     np.testing.assert_allclose(back.obsm["c2s_cell_type_proba"], test.obsm["c2s_cell_type_proba"])
+    assert back.uns["c2s_cell_type"]["params"]["labels"].tolist() == model.labels
+    assert cc.get.cell_type_probabilities(back).columns.tolist() == model.labels

@@ -1,3 +1,5 @@
-"""Results from AnnData as DataFrames and graphs (filled by the transcoder and circuit tools)."""
+"""Results from AnnData as DataFrames and graphs."""
 
-__all__: list[str] = []
+from ._predictions import cell_type_probabilities
+
+__all__ = ["cell_type_probabilities"]

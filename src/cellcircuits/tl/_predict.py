@@ -95,9 +95,11 @@ def predict_cell_types(
 
     ``.obs[key_added]`` : :class:`pandas.Categorical`
         The most likely label of each cell.
-    ``.obsm[f"{key_added}_proba"]`` : :class:`pandas.DataFrame` (n_obs x n_labels)
-        Probability of each label (softmax of the log-likelihoods over the candidates).
-    ``.obsm[f"{key_added}_logprob"]`` : :class:`pandas.DataFrame` (n_obs x n_labels)
+    ``.obsm[f"{key_added}_proba"]`` : :class:`numpy.ndarray` (n_obs x n_labels)
+        Probability of each label (softmax of the log-likelihoods over the candidates), columns in the order of
+        ``.uns[key_added]['params']['labels']``; :func:`cellcircuits.get.cell_type_probabilities` returns it as a
+        labelled DataFrame.
+    ``.obsm[f"{key_added}_logprob"]`` : :class:`numpy.ndarray` (n_obs x n_labels)
         Log-likelihood of each label's continuation.
     ``.uns[key_added]['params']`` : :class:`dict`
         Model name, labels and settings.
@@ -131,8 +133,9 @@ def predict_cell_types(
     proba = softmax(logprob, axis=1)
     adata = adata.copy() if copy else adata
     adata.obs[key_added] = pd.Categorical(np.asarray(labels, dtype=object)[proba.argmax(1)], categories=labels)
-    adata.obsm[f"{key_added}_proba"] = pd.DataFrame(proba, index=adata.obs_names, columns=labels)
-    adata.obsm[f"{key_added}_logprob"] = pd.DataFrame(logprob, index=adata.obs_names, columns=labels)
+    # plain arrays: labels such as "CD4+/CD25 T Reg" would become h5 dataset names as DataFrame columns
+    adata.obsm[f"{key_added}_proba"] = proba
+    adata.obsm[f"{key_added}_logprob"] = logprob
     adata.uns[key_added] = {
         "params": {
             "model": model.name,

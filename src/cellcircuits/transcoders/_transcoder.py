@@ -1,0 +1,450 @@
+"""The transcoder: a wide, sparse stand-in for one MLP block, and the set of them covering a model.
+
+A transcoder reads the MLP's input ``x`` and predicts its output ``y``::
+
+    x_n = x * input_scale
+    pre = x_n @ W_enc + b_enc                      (b_dec is not subtracted from the input)
+    f = activation(pre)
+    y_hat = (f @ W_dec + b_dec + x_n @ W_skip) / output_scale
+
+The scales make training see inputs and targets of mean squared norm ``d_in`` and ``d_out``; callers always get
+outputs in the model's units, and :meth:`Transcoder.fold_scales` moves the scales into the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import nn
+
+from ._config import TranscoderConfig
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+    from pathlib import Path
+
+#: Norm of each decoder row at initialisation.
+DECODER_INIT_NORM = 0.1
+
+
+class TranscoderOutput(NamedTuple):
+    """What a transcoder's forward pass gives."""
+
+    output: torch.Tensor
+    """``(..., d_out)`` predicted MLP output, in the model's units."""
+    features: torch.Tensor
+    """``(..., n_features)`` feature activations."""
+    pre_acts: torch.Tensor
+    """``(..., n_features)`` pre-activations ``x_n @ W_enc + b_enc``."""
+
+
+class LossOutput(NamedTuple):
+    """The training loss of one batch and its parts."""
+
+    total: torch.Tensor
+    """``mse + sparsity + aux``, the value to minimise."""
+    mse: torch.Tensor
+    """Squared error summed over ``d_out`` and averaged over rows, in normalised units."""
+    sparsity: torch.Tensor
+    """Weighted L1 (``relu``) or L0 (``jumprelu``) penalty; zero for ``topk``."""
+    aux: torch.Tensor
+    """Auxiliary loss that fits the residual error with dead features (zero when none is dead)."""
+    fvu: torch.Tensor
+    """Fraction of the variance of ``y`` left unexplained (no gradient)."""
+    l0: torch.Tensor
+    """Mean number of active features per row (no gradient)."""
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    # the threshold is broadcast over leading batch dimensions; its gradient sums over them
+    return grad.reshape(-1, *shape).sum(0) if grad.shape != shape else grad
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``pre * H(pre - threshold)``; the threshold's gradient through a rectangle-kernel straight-through estimator."""
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad * (pre > threshold).to(grad.dtype)
+        # d/dθ [z H(z - θ)] = -z δ(z - θ) ≈ -(θ / ε) K((z - θ) / ε)
+        grad_threshold = -(threshold / eps) * _rectangle((pre - threshold) / eps) * grad
+        return grad_pre, _sum_to(grad_threshold, threshold.shape), None
+
+
+class _Step(torch.autograd.Function):
+    """``H(pre - threshold)``; only the threshold gets a (straight-through) gradient."""
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        # d/dθ H(z - θ) = -δ(z - θ) ≈ -(1 / ε) K((z - θ) / ε)
+        grad_threshold = -(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad
+        return None, _sum_to(grad_threshold, threshold.shape), None
+
+
+class Transcoder(nn.Module):
+    """A sparse, wide replacement for one MLP block.
+
+    Parameters
+    ----------
+    cfg
+        Sizes, activation and loss settings.
+    device
+        Device of the parameters.
+
+    Notes
+    -----
+    Parameters are ``W_enc (d_in, n_features)``, ``b_enc (n_features)``, ``W_dec (n_features, d_out)``,
+    ``b_dec (d_out)``, with ``skip`` also ``W_skip (d_in, d_out)`` and with ``jumprelu`` also
+    ``log_threshold (n_features)``. Decoder rows start as random directions of norm 0.1; the encoder starts as the
+    decoder's transpose when ``d_in == d_out`` (else as independent random directions of the same norm); biases
+    and ``W_skip`` start at zero. Initialisation draws from torch's global generator, so ``torch.manual_seed``
+    makes it reproducible.
+    """
+
+    def __init__(self, cfg: TranscoderConfig, *, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        kw = {"device": device, "dtype": getattr(torch, cfg.dtype)}
+        W_dec = torch.randn(cfg.n_features, cfg.d_out, **kw)
+        W_dec *= DECODER_INIT_NORM / W_dec.norm(dim=1, keepdim=True)
+        if cfg.d_in == cfg.d_out:
+            W_enc = W_dec.T.contiguous()
+        else:
+            W_enc = torch.randn(cfg.d_in, cfg.n_features, **kw)
+            W_enc *= DECODER_INIT_NORM / W_enc.norm(dim=0, keepdim=True)
+        self.W_enc = nn.Parameter(W_enc)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.n_features, **kw))
+        self.W_dec = nn.Parameter(W_dec)
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_out, **kw))
+        self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_out, **kw)) if cfg.skip else None
+        if cfg.activation == "jumprelu":
+            init = math.log(cfg.jumprelu_init_threshold)
+            self.log_threshold = nn.Parameter(torch.full((cfg.n_features,), init, **kw))
+        else:
+            self.log_threshold = None
+        self.register_buffer("input_scale", torch.ones((), **kw))
+        self.register_buffer("output_scale", torch.ones((), **kw))
+        self.register_buffer("tokens_since_fired", torch.zeros(cfg.n_features, dtype=torch.long, device=device))
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        extra = f", k={c.k}" if c.activation == "topk" else ""
+        return f"{c.d_in} -> {c.n_features} -> {c.d_out}, activation={c.activation!r}{extra}, skip={c.skip}"
+
+    @property
+    def threshold(self) -> torch.Tensor | None:
+        """``(n_features,)`` JumpReLU thresholds ``exp(log_threshold)``; ``None`` for other activations."""
+        return None if self.log_threshold is None else self.log_threshold.exp()
+
+    # forward pass
+    def _normalise_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.W_enc.dtype) * self.input_scale
+
+    def _pre_acts(self, x_n: torch.Tensor) -> torch.Tensor:
+        return x_n @ self.W_enc + self.b_enc
+
+    def _activate(self, pre: torch.Tensor) -> torch.Tensor:
+        act = self.cfg.activation
+        if act == "relu":
+            return torch.relu(pre)
+        if act == "topk":
+            values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+        return _JumpReLU.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth)
+
+    def _decode_normalised(self, features: torch.Tensor, x_n: torch.Tensor | None) -> torch.Tensor:
+        out = features @ self.W_dec + self.b_dec
+        if self.W_skip is not None and x_n is not None:
+            out = out + x_n @ self.W_skip
+        return out
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., n_features)`` pre-activations of ``x`` (``(..., d_in)``, model units)."""
+        return self._pre_acts(self._normalise_input(x))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., n_features)`` feature activations of ``x`` (``(..., d_in)``, model units)."""
+        return self._activate(self.pre_acts(x))
+
+    def decode(self, features: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted MLP output, in model units.
+
+        Parameters
+        ----------
+        features
+            ``(..., n_features)`` feature activations.
+        x
+            ``(..., d_in)`` the MLP input; with ``skip`` its skip term is added, without ``x`` it is left out.
+
+        Returns
+        -------
+        ``(..., d_out)`` predicted output.
+        """
+        x_n = None if x is None else self._normalise_input(x)
+        return self._decode_normalised(features, x_n) / self.output_scale
+
+    def forward(self, x: torch.Tensor) -> TranscoderOutput:
+        """Predict the MLP's output from its input ``x`` (``(..., d_in)``, model units)."""
+        x_n = self._normalise_input(x)
+        pre = self._pre_acts(x_n)
+        features = self._activate(pre)
+        return TranscoderOutput(self._decode_normalised(features, x_n) / self.output_scale, features, pre)
+
+    # training
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> LossOutput:
+        """Training loss of a batch.
+
+        Parameters
+        ----------
+        x
+            ``(..., d_in)`` MLP inputs, model units.
+        y
+            ``(..., d_out)`` MLP outputs, model units.
+
+        Returns
+        -------
+        The total loss and its parts; ``mse``, ``sparsity`` and ``aux`` are computed in normalised units, ``fvu``
+        against ``y``.
+        """
+        cfg = self.cfg
+        x_n = self._normalise_input(x).reshape(-1, cfg.d_in)
+        y_n = y.to(x_n.dtype).reshape(-1, cfg.d_out) * self.output_scale
+        pre = self._pre_acts(x_n)
+        features = self._activate(pre)
+        y_hat_n = self._decode_normalised(features, x_n)
+        mse = (y_n - y_hat_n).pow(2).sum(-1).mean()
+
+        if cfg.activation == "relu":
+            # weighting by decoder norms stops the L1 penalty from being dodged by shrinking f and growing W_dec
+            sparsity = cfg.l1_coefficient * (features * self.W_dec.norm(dim=1)).sum(-1).mean()
+        elif cfg.activation == "jumprelu":
+            l0 = _Step.apply(pre, self.threshold, cfg.jumprelu_bandwidth)
+            sparsity = cfg.l0_coefficient * l0.sum(-1).mean()
+        else:
+            sparsity = mse.new_zeros(())
+
+        aux = self._aux_loss(pre, (y_n - y_hat_n).detach())
+        with torch.no_grad():
+            y_f = y.to(x_n.dtype).reshape(-1, cfg.d_out)
+            y_hat = y_hat_n / self.output_scale
+            fvu = (y_f - y_hat).pow(2).sum() / (y_f - y_f.mean(0)).pow(2).sum().clamp_min(1e-12)
+            l0_mean = (features != 0).sum(-1).to(mse.dtype).mean()
+        return LossOutput(mse + sparsity + aux, mse, sparsity, aux, fvu, l0_mean)
+
+    def _aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """AuxK: fit the detached residual error with the largest pre-activations of dead features."""
+        cfg = self.cfg
+        dead = self.dead_mask()
+        n_dead = int(dead.sum())
+        if n_dead == 0 or cfg.aux_k == 0 or cfg.aux_coefficient == 0:
+            return pre.new_zeros(())
+        k = min(cfg.aux_k, n_dead)
+        values, indices = pre.masked_fill(~dead, -torch.inf).topk(k, dim=-1, sorted=False)
+        aux_features = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+        # no b_dec: the residual is what the live features and the bias left over
+        estimate = aux_features @ self.W_dec
+        variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return cfg.aux_coefficient * (residual - estimate).pow(2).sum() / variance
+
+    @torch.no_grad()
+    def update_dead(self, features: torch.Tensor) -> None:
+        """Count, per feature, the training tokens since it last fired; call after each step with its features."""
+        flat = features.reshape(-1, self.cfg.n_features)
+        self.tokens_since_fired += flat.shape[0]
+        self.tokens_since_fired[(flat != 0).any(0)] = 0
+
+    def dead_mask(self) -> torch.Tensor:
+        """``(n_features,)`` bool, the features that have not fired in ``cfg.dead_after_tokens`` tokens."""
+        return self.tokens_since_fired >= self.cfg.dead_after_tokens
+
+    def dead_fraction(self) -> float:
+        """Fraction of features that are dead."""
+        return float(self.dead_mask().float().mean())
+
+    @torch.no_grad()
+    def set_scales_from(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Set the scales so that ``x * input_scale`` and ``y * output_scale`` have mean squared norm d_in, d_out.
+
+        Parameters
+        ----------
+        x
+            ``(..., d_in)`` a sample of MLP inputs, model units.
+        y
+            ``(..., d_out)`` the matching MLP outputs.
+        """
+        for name, t, d in (("x", x, self.cfg.d_in), ("y", y, self.cfg.d_out)):
+            mean_sq = t.to(self.W_enc.dtype).reshape(-1, d).pow(2).sum(-1).mean()
+            if not mean_sq > 0:
+                msg = f"cannot scale {name}: its mean squared norm is {float(mean_sq)}"
+                raise ValueError(msg)
+            getattr(self, "input_scale" if name == "x" else "output_scale").fill_(math.sqrt(d / float(mean_sq)))
+
+    @torch.no_grad()
+    def fold_scales(self) -> None:
+        """Move the input and output scales into the weights and reset them to 1; outputs stay the same.
+
+        Pre-activations (hence features, top-k choices and JumpReLU thresholds) are unchanged; decoder rows are
+        divided by ``output_scale``.
+        """
+        s_in, s_out = self.input_scale.clone(), self.output_scale.clone()
+        self.W_enc.mul_(s_in)
+        self.W_dec.div_(s_out)
+        self.b_dec.div_(s_out)
+        if self.W_skip is not None:
+            self.W_skip.mul_(s_in / s_out)
+        self.input_scale.fill_(1.0)
+        self.output_scale.fill_(1.0)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder row to unit norm, in place (outputs change; meant for use during training)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+class TranscoderSet(nn.Module):
+    """Transcoders for the MLPs of one model, ordered by layer.
+
+    Parameters
+    ----------
+    transcoders
+        Transcoder of each layer; every one reads and writes ``d_model`` wide vectors and has its layer in
+        ``cfg.layer``.
+    n_layers_model
+        Number of layers of the model (the set may cover only some).
+    model_name
+        Name of the model; by default the first transcoder's ``cfg.model_name``.
+    architecture
+        Architecture tag of the model; by default the first transcoder's ``cfg.architecture``.
+    d_model
+        Residual width of the model; by default the first transcoder's ``cfg.d_in``.
+    """
+
+    def __init__(
+        self,
+        transcoders: Mapping[int, Transcoder],
+        *,
+        n_layers_model: int,
+        model_name: str | None = None,
+        architecture: str | None = None,
+        d_model: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not transcoders:
+            msg = "a TranscoderSet needs at least one transcoder"
+            raise ValueError(msg)
+        first = next(iter(transcoders.values())).cfg
+        self.model_name = first.model_name if model_name is None else model_name
+        self.architecture = first.architecture if architecture is None else architecture
+        self.n_layers_model = int(n_layers_model)
+        self.d_model = first.d_in if d_model is None else int(d_model)
+        self.transcoders = nn.ModuleDict()
+        for layer in sorted(transcoders):
+            tc = transcoders[layer]
+            cfg = tc.cfg
+            if not 0 <= layer < self.n_layers_model:
+                msg = f"layer {layer} out of range for a model with {self.n_layers_model} layers"
+                raise ValueError(msg)
+            if cfg.layer != layer:
+                msg = f"the transcoder given for layer {layer} was made for layer {cfg.layer} (cfg.layer)"
+                raise ValueError(msg)
+            if (cfg.d_in, cfg.d_out) != (self.d_model, self.d_model):
+                msg = f"layer {layer}: d_in={cfg.d_in}, d_out={cfg.d_out}, but d_model is {self.d_model}"
+                raise ValueError(msg)
+            if cfg.model_name and self.model_name and cfg.model_name != self.model_name:
+                msg = f"layer {layer} was trained on {cfg.model_name!r}, not {self.model_name!r}"
+                raise ValueError(msg)
+            self.transcoders[str(layer)] = tc
+
+    def extra_repr(self) -> str:
+        return (
+            f"model_name={self.model_name!r}, architecture={self.architecture!r}, "
+            f"n_layers_model={self.n_layers_model}, d_model={self.d_model}, layers={self.layers}"
+        )
+
+    @property
+    def layers(self) -> list[int]:
+        """The covered layers, ascending."""
+        return [int(key) for key in self.transcoders]
+
+    def __getitem__(self, layer: int) -> Transcoder:
+        key = str(int(layer))
+        if key not in self.transcoders:
+            msg = f"no transcoder for layer {layer}; the set covers layers {self.layers}"
+            raise KeyError(msg)
+        return self.transcoders[key]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.transcoders)
+
+    def __contains__(self, layer: object) -> bool:
+        return isinstance(layer, int) and str(layer) in self.transcoders
+
+    def items(self) -> Iterator[tuple[int, Transcoder]]:
+        """``(layer, transcoder)`` pairs, ascending by layer."""
+        return ((int(key), tc) for key, tc in self.transcoders.items())
+
+    def check_compatible(
+        self, model_name: str | None = None, n_layers: int | None = None, d_model: int | None = None
+    ) -> None:
+        """Raise a ValueError naming every difference between this set's model and the given one.
+
+        Parameters
+        ----------
+        model_name
+            The model's name; not compared when ``None``.
+        n_layers
+            The model's number of layers; not compared when ``None``.
+        d_model
+            The model's residual width; not compared when ``None``.
+        """
+        trained, given = [], []
+        if model_name is not None and model_name != self.model_name:
+            trained.append(f"name {self.model_name!r}")
+            given.append(f"name {model_name!r}")
+        if n_layers is not None and int(n_layers) != self.n_layers_model:
+            trained.append(f"{self.n_layers_model} layers")
+            given.append(f"{n_layers} layers")
+        if d_model is not None and int(d_model) != self.d_model:
+            trained.append(f"d_model {self.d_model}")
+            given.append(f"d_model {d_model}")
+        if trained:
+            msg = (
+                f"transcoders were trained for a model with {' and '.join(trained)}; "
+                f"this model has {' and '.join(given)}"
+            )
+            raise ValueError(msg)
+
+    def save(self, directory: str | Path) -> None:
+        """Write the set to ``directory`` (see :func:`cellcircuits.transcoders.load_transcoders` for the layout).
+
+        Scales are folded into a copy of each transcoder first, so the files hold weights in model units; the
+        live modules are left as they are.
+        """
+        from ._io import save_transcoders
+
+        save_transcoders(self, directory)
