@@ -1,15 +1,25 @@
 """Transcoders: sparse, wide stand-ins for MLP blocks, their sets per model, and their files on disk."""
 
+from ._activations import collect_activations
 from ._config import TranscoderConfig
 from ._io import load_transcoders, save_transcoders
+from ._splice import splice
+from ._store import ActivationStore, StoreManifest, StoreWriter
+from ._training import train_on_store
 from ._transcoder import LossOutput, Transcoder, TranscoderOutput, TranscoderSet
 
 __all__ = [
+    "ActivationStore",
     "LossOutput",
+    "StoreManifest",
+    "StoreWriter",
     "Transcoder",
     "TranscoderConfig",
     "TranscoderOutput",
     "TranscoderSet",
+    "collect_activations",
     "load_transcoders",
     "save_transcoders",
+    "splice",
+    "train_on_store",
 ]

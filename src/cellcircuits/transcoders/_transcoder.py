@@ -55,6 +55,8 @@ class LossOutput(NamedTuple):
     """Fraction of the variance of ``y`` left unexplained (no gradient)."""
     l0: torch.Tensor
     """Mean number of active features per row (no gradient)."""
+    features: torch.Tensor
+    """``(rows, n_features)`` feature activations of the batch, detached (for dead-feature tracking)."""
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -251,7 +253,7 @@ class Transcoder(nn.Module):
             y_hat = y_hat_n / self.output_scale
             fvu = (y_f - y_hat).pow(2).sum() / (y_f - y_f.mean(0)).pow(2).sum().clamp_min(1e-12)
             l0_mean = (features != 0).sum(-1).to(mse.dtype).mean()
-        return LossOutput(mse + sparsity + aux, mse, sparsity, aux, fvu, l0_mean)
+        return LossOutput(mse + sparsity + aux, mse, sparsity, aux, fvu, l0_mean, features.detach())
 
     def _aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """AuxK: fit the detached residual error with the largest pre-activations of dead features."""

@@ -1,0 +1,244 @@
+"""Collecting activations from cells and training transcoders on them."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from ..models._tokens import tokenize_prompts
+from ..transcoders._activations import collect_activations as _collect
+from ..transcoders._config import TranscoderConfig
+from ..transcoders._store import MANIFEST, ActivationStore
+from ..transcoders._training import train_on_store
+from ._predict import _sentences
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from anndata import AnnData
+
+    from ..models._load import C2SModel
+    from ..models._tokens import TokenizedPrompt
+    from ..transcoders._transcoder import TranscoderSet
+
+
+def _check_data_layer(layer: object) -> None:
+    if layer is not None and not isinstance(layer, str):
+        msg = f"layer={layer!r} names an AnnData layer (a string); model layers are chosen with layers=[...]."
+        raise TypeError(msg)
+
+
+def cell_prompts(
+    adata: AnnData,
+    model: C2SModel,
+    *,
+    sentence_key: str = "cell_sentence",
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    gene_symbols: str | None = None,
+    random_state: int = 0,
+) -> list[TokenizedPrompt]:
+    """Tokenized prompts of every cell, with the positions of each gene's tokens."""
+    _check_data_layer(layer)
+    if adata.n_obs == 0:
+        msg = "adata has no cells."
+        raise ValueError(msg)
+    sentences = _sentences(adata, model, sentence_key, layer, use_raw, gene_symbols, random_state)
+    return tokenize_prompts(model.tokenizer, model.build_prompts(sentences))
+
+
+def collect_activations(
+    adata: AnnData,
+    model: C2SModel,
+    directory: str | Path,
+    *,
+    layers: Sequence[int] | None = None,
+    positions: Literal["genes+answer", "all"] = "genes+answer",
+    sentence_key: str = "cell_sentence",
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    gene_symbols: str | None = None,
+    random_state: int = 0,
+    batch_size: int = 16,
+    shard_rows: int = 65536,
+    dtype: str = "float16",
+    progress: bool = True,
+) -> ActivationStore:
+    """Record a model's MLP inputs and outputs on cells into a sharded on-disk store.
+
+    The store (safetensors shards and a JSON manifest) is read back in shuffled mini-batches without loading it
+    whole, and an interrupted collection resumes where it stopped when called again with the same arguments.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix; its cells are run through the model.
+    model
+        The C2S model (:func:`cellcircuits.models.load`).
+    directory
+        Where the store is written.
+    layers
+        Model layers whose MLPs are recorded; default all.
+    positions
+        ``"genes+answer"``: the tokens that spell genes and the position where the cell type is decided;
+        ``"all"``: every prompt token.
+    sentence_key, layer, use_raw, gene_symbols, random_state
+        Cell sentences: ``.obs[sentence_key]`` when present, else built from this AnnData ``layer``/``.raw`` as in
+        :func:`cellcircuits.pp.cell_sentences` (cut to the model's ``n_genes``).
+    batch_size
+        Cells per forward pass.
+    shard_rows
+        Rows (token positions) per shard file.
+    dtype
+        Storage dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    The store.
+    """
+    if dtype not in ("float16", "bfloat16", "float32"):
+        msg = f"dtype must be 'float16', 'bfloat16' or 'float32', got {dtype!r}"
+        raise ValueError(msg)
+    prompts = cell_prompts(
+        adata,
+        model,
+        sentence_key=sentence_key,
+        layer=layer,
+        use_raw=use_raw,
+        gene_symbols=gene_symbols,
+        random_state=random_state,
+    )
+    return _collect(
+        model,
+        prompts,
+        directory,
+        layers=layers,
+        positions=positions,
+        batch_size=batch_size,
+        shard_rows=shard_rows,
+        dtype=getattr(torch, dtype),
+        progress=progress,
+    )
+
+
+def train_transcoders(
+    adata: AnnData,
+    model: C2SModel,
+    layers: Sequence[int] | None = None,
+    *,
+    n_features: int = 1024,
+    activation: Literal["topk", "relu", "jumprelu"] = "topk",
+    k: int = 32,
+    l1_coefficient: float = 1e-3,
+    l0_coefficient: float = 1e-3,
+    skip: bool = False,
+    n_tokens: int = 1_000_000,
+    batch_size: int = 1024,
+    lr: float = 2e-3,
+    dead_after_tokens: int = 200_000,
+    seed: int = 0,
+    store: str | Path | ActivationStore | None = None,
+    positions: Literal["genes+answer", "all"] = "genes+answer",
+    sentence_key: str = "cell_sentence",
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    progress: bool = True,
+) -> TranscoderSet:
+    """Train a transcoder for each chosen MLP of a model, on the model's activations on these cells.
+
+    Activations are first written to an on-disk store (a temporary one unless ``store`` names a directory, which is
+    reused when complete and resumed when not); the transcoders then train on shuffled mini-batches from it, all
+    layers from the same batches.
+
+    Parameters
+    ----------
+    adata
+        Cells whose activations train the transcoders.
+    model
+        The C2S model (:func:`cellcircuits.models.load`).
+    layers
+        Model layers to train transcoders for; default all MLPs.
+    n_features
+        Features (hidden units) per transcoder.
+    activation
+        ``"topk"`` (keep the ``k`` largest), ``"relu"`` (with an L1 penalty weighted by decoder norms) or
+        ``"jumprelu"`` (learned thresholds, L0 penalty).
+    k
+        Active features per token for ``topk``.
+    l1_coefficient
+        L1 weight for ``relu``.
+    l0_coefficient
+        L0 weight for ``jumprelu``.
+    skip
+        Add a linear skip connection from MLP input to output (skip transcoder).
+    n_tokens
+        Training rows (token positions) seen per transcoder.
+    batch_size
+        Rows per optimisation step.
+    lr
+        Adam learning rate.
+    dead_after_tokens
+        A feature that has not fired for this many training rows counts as dead and joins the auxiliary loss.
+    seed
+        Seed of initialisation and batch order; training is deterministic for a seed on CPU.
+    store
+        Activation store directory (or an opened store) to use or create; default a temporary directory.
+    positions
+        Token positions to train on (see :func:`collect_activations`).
+    sentence_key, layer, use_raw
+        Cell sentences, as in :func:`collect_activations`. ``layer`` is an AnnData layer, not a model layer.
+    progress
+        Show progress bars (with loss, FVU and L0 while training).
+
+    Returns
+    -------
+    The trained transcoders (save them with ``.save(directory)``).
+    """
+    _check_data_layer(layer)
+    if layers is not None:
+        layers = sorted({model.adapter._check_layer(int(i)) for i in layers})
+    config = TranscoderConfig(
+        d_in=model.adapter.d_model,
+        d_out=model.adapter.d_model,
+        n_features=n_features,
+        activation=activation,
+        k=k,
+        l1_coefficient=l1_coefficient,
+        l0_coefficient=l0_coefficient,
+        skip=skip,
+        dead_after_tokens=dead_after_tokens,
+        dtype="float32",
+    )
+    train = {
+        "layers": layers,
+        "n_layers_model": model.adapter.n_layers,
+        "n_tokens": n_tokens,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "device": model.device,
+        "progress": progress,
+    }
+    if isinstance(store, ActivationStore):
+        return train_on_store(store, config, **train)
+    with tempfile.TemporaryDirectory(prefix="cellcircuits-store-") as tmp:
+        directory = Path(store) if store is not None else Path(tmp)
+        opened = ActivationStore(directory) if (directory / MANIFEST).is_file() else None
+        if opened is None or not opened.manifest.complete:
+            opened = collect_activations(
+                adata,
+                model,
+                directory,
+                layers=layers,
+                positions=positions,
+                sentence_key=sentence_key,
+                layer=layer,
+                use_raw=use_raw,
+                progress=progress,
+            )
+        return train_on_store(opened, config, **train)

@@ -1,0 +1,134 @@
+"""Collecting MLP input/output activations of a C2S model into an :class:`ActivationStore`."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..models._hooks import record
+from ..models._scoring import pad
+from ._store import ActivationStore, StoreManifest, StoreWriter, tensor_names
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ..models._load import C2SModel
+    from ..models._tokens import TokenizedPrompt
+
+Positions = Literal["genes+answer", "all"]
+
+
+def kept_positions(prompt: TokenizedPrompt, positions: Positions) -> np.ndarray:
+    """Token positions of a prompt whose activations are kept: its gene tokens and answer position, or all."""
+    if positions == "all":
+        return np.arange(len(prompt.input_ids))
+    if positions == "genes+answer":
+        genes = np.concatenate(prompt.gene_positions) if prompt.gene_positions else np.zeros(0, dtype=np.int64)
+        return np.append(genes, prompt.answer_position).astype(np.int64)
+    msg = f"positions must be 'genes+answer' or 'all', got {positions!r}"
+    raise ValueError(msg)
+
+
+def prompts_fingerprint(prompts: Sequence[TokenizedPrompt], model_name: str) -> str:
+    """A hash of the model name and every prompt's token ids."""
+    h = hashlib.blake2b(model_name.encode(), digest_size=16)
+    for p in prompts:
+        h.update(np.asarray(p.input_ids, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def _hook_name(point: tuple[str, str]) -> str:
+    return f"{point[0]}:{point[1]}"
+
+
+@torch.no_grad()
+def collect_activations(
+    model: C2SModel,
+    prompts: Sequence[TokenizedPrompt],
+    directory: str | Path,
+    *,
+    layers: Sequence[int] | None = None,
+    positions: Positions = "genes+answer",
+    batch_size: int = 16,
+    shard_rows: int = 65536,
+    dtype: torch.dtype = torch.float16,
+    progress: bool = True,
+) -> ActivationStore:
+    """Run the model on prompts and store each chosen layer's MLP input and output at the kept positions.
+
+    Parameters
+    ----------
+    model
+        The C2S model.
+    prompts
+        Tokenized prompts (:func:`cellcircuits.models.tokenize_prompts`), one per cell.
+    directory
+        Store directory. If it holds an unfinished store of the same prompts, layers and positions, collection
+        resumes after the last complete shard.
+    layers
+        Layers to record; default all.
+    positions
+        ``"genes+answer"``: the tokens spelling genes and the last prompt token (where the cell type is decided);
+        ``"all"``: every prompt token.
+    batch_size
+        Prompts per forward pass.
+    shard_rows
+        Rows per shard file.
+    dtype
+        Storage dtype (float16 halves disk use; training reads rows back as float32).
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    The store, opened for reading.
+    """
+    adapter = model.adapter
+    layers = list(range(adapter.n_layers)) if layers is None else sorted({adapter._check_layer(i) for i in layers})
+    if not prompts:
+        msg = "no prompts to collect activations from"
+        raise ValueError(msg)
+    manifest = StoreManifest(
+        model_name=model.name,
+        architecture=adapter.spec.name,
+        layers=layers,
+        d_model=adapter.d_model,
+        positions=positions,
+        dtype=str(dtype).removeprefix("torch."),
+        n_cells_total=len(prompts),
+        hook_in={str(i): _hook_name(adapter.mlp_in(i)) for i in layers},
+        hook_out={str(i): _hook_name(adapter.mlp_out(i)) for i in layers},
+        fingerprint=prompts_fingerprint(prompts, model.name),
+    )
+    kept = [kept_positions(p, positions) for p in prompts]  # checks `positions` before any work
+    writer = StoreWriter(directory, manifest, shard_rows=shard_rows)
+    points = {i: (adapter.mlp_in(i), adapter.mlp_out(i)) for i in layers}
+    device = model.device
+    pad_id = model.tokenizer.pad_token_id
+    start = writer.next_cell
+    with tqdm(total=len(prompts), initial=start, desc="collecting activations", disable=not progress) as bar:
+        for b in range(start, len(prompts), batch_size):
+            batch = prompts[b : b + batch_size]
+            # right padding: real tokens keep positions 0..n-1 and a causal model never sees the pads
+            ids, mask = pad([p.input_ids for p in batch], pad_id, "right")
+            with record(model.model, [pt for pair in points.values() for pt in pair]) as store:
+                model.model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            for row in range(len(batch)):
+                pos = torch.from_numpy(kept[b + row]).to(device)
+                cell: dict[str, torch.Tensor] = {}
+                for layer, (p_in, p_out) in points.items():
+                    n_in, n_out = tensor_names(layer)
+                    cell[n_in] = store[p_in][0][row, pos].to("cpu", dtype)
+                    cell[n_out] = store[p_out][0][row, pos].to("cpu", dtype)
+                cell["cell"] = torch.full((len(pos),), b + row, dtype=torch.int32)
+                cell["position"] = pos.to("cpu", torch.int32)
+                writer.add_cell(cell)
+            bar.update(len(batch))
+    writer.flush()
+    return ActivationStore(directory)

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cellcircuits as cc
+from cellcircuits.transcoders import ActivationStore, Transcoder
+
+SMALL = {"n_features": 64, "k": 4, "n_tokens": 6000, "batch_size": 64, "lr": 5e-3, "dead_after_tokens": 2000}
+
+
+def fvu_on(store: ActivationStore, tc: Transcoder, layer: int) -> float:
+    batch = next(store.iter_batches(store.n_rows, [layer], shuffle=False))
+    return float(tc.loss(batch[f"L{layer}_in"], batch[f"L{layer}_out"]).fvu)
+
+
+def test_train_transcoders_learns_deterministically(toy_adata, tiny_c2s, tmp_path):
+    a = cc.tl.train_transcoders(toy_adata, tiny_c2s, store=tmp_path / "store", progress=False, **SMALL)
+    assert a.layers == [0, 1] and a.n_layers_model == 2 and a.model_name == "tiny"
+    store = ActivationStore(tmp_path / "store")
+    assert store.manifest.complete
+    for layer, tc in a.items():
+        assert tc.cfg.layer == layer and tc.cfg.hook_in == f"gpt_neox.layers.{layer}.mlp:input"
+        assert float(tc.input_scale) == 1.0  # scales folded into the weights
+        torch.manual_seed(1)
+        untrained = Transcoder(tc.cfg)
+        untrained.set_scales_from(*next(iter(store.iter_batches(512, [layer]))).values())
+        assert fvu_on(store, tc, layer) < 0.5 * fvu_on(store, untrained, layer)
+    # the store is reused, not collected again; the same seed gives the same weights
+    mtime = (tmp_path / "store" / "manifest.json").stat().st_mtime_ns
+    b = cc.tl.train_transcoders(toy_adata, tiny_c2s, store=tmp_path / "store", progress=False, **SMALL)
+    assert (tmp_path / "store" / "manifest.json").stat().st_mtime_ns == mtime
+    for (_, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    # an opened store and a temporary one work too
+    c = cc.tl.train_transcoders(toy_adata, tiny_c2s, [1], store=store, progress=False, **SMALL)
+    assert c.layers == [1]
+    d = cc.tl.train_transcoders(toy_adata, tiny_c2s, [0], progress=False, **SMALL)
+    assert d.layers == [0]
+    torch.testing.assert_close(d[0].W_dec, a[0].W_dec, rtol=0, atol=0)  # temporary store, same data and seed
+
+
+def test_train_transcoders_activations_and_save(toy_adata, tiny_c2s, tmp_path):
+    for activation, extra in [("relu", {"l1_coefficient": 1e-4}), ("jumprelu", {"l0_coefficient": 1e-4})]:
+        ts = cc.tl.train_transcoders(
+            toy_adata, tiny_c2s, [0], activation=activation, skip=True, progress=False, **SMALL, **extra
+        )
+        assert ts[0].cfg.activation == activation and ts[0].W_skip is not None
+        ts.save(tmp_path / activation)
+        back = cc.load_transcoders(tmp_path / activation, n_layers=2, d_model=32)
+        x = torch.randn(5, 32)
+        torch.testing.assert_close(back[0](x).output, ts[0](x).output, atol=1e-5, rtol=1e-5)
+
+
+def test_train_transcoders_errors(toy_adata, tiny_c2s):
+    with pytest.raises(TypeError, match="model layers are chosen with layers"):
+        cc.tl.train_transcoders(toy_adata, tiny_c2s, layer=1, progress=False)
+    with pytest.raises(IndexError, match="out of range"):
+        cc.tl.train_transcoders(toy_adata, tiny_c2s, [5], progress=False)
+    with pytest.raises(ValueError, match="no cells"):
+        cc.tl.train_transcoders(toy_adata[:0].copy(), tiny_c2s, progress=False)

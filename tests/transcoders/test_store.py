@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cellcircuits as cc
+from cellcircuits.models import record, tokenize_prompts
+from cellcircuits.transcoders import ActivationStore, StoreWriter, collect_activations
+from cellcircuits.transcoders._activations import kept_positions
+
+
+@pytest.fixture
+def prompts(toy_adata, tiny_c2s):
+    cc.pp.cell_sentences(toy_adata)
+    return tokenize_prompts(tiny_c2s.tokenizer, tiny_c2s.build_prompts(toy_adata.obs["cell_sentence"]))
+
+
+def rows_by_index(store, layers=None, **kw):
+    """All rows of one pass keyed by (cell, position)."""
+    out = {}
+    for batch in store.iter_batches(7, layers, with_index=True, **kw):
+        for i, (c, p) in enumerate(zip(batch["cell"].tolist(), batch["position"].tolist(), strict=True)):
+            assert (c, p) not in out  # each row once per pass
+            out[c, p] = {k: v[i] for k, v in batch.items() if k.startswith("L")}
+    return out
+
+
+def test_collected_rows_equal_an_unpadded_forward_pass(tiny_c2s, prompts, tmp_path):
+    store = collect_activations(tiny_c2s, prompts, tmp_path / "s", batch_size=5, shard_rows=20, dtype=torch.float32)
+    m = store.manifest
+    assert m.complete and m.layers == [0, 1] and m.positions == "genes+answer"
+    assert m.n_rows == sum(len(kept_positions(p, "genes+answer")) for p in prompts)
+    assert len(m.shards) > 2 and m.hook_in["0"] == "gpt_neox.layers.0.mlp:input"
+    rows = rows_by_index(store)
+    assert len(rows) == m.n_rows
+    adapter = tiny_c2s.adapter
+    for cell in (0, 5, 11):
+        p = prompts[cell]
+        points = [adapter.mlp_in(1), adapter.mlp_out(1)]
+        with torch.no_grad(), record(tiny_c2s.model, points) as rec:
+            tiny_c2s.model(input_ids=torch.tensor([p.input_ids]))
+        for pos in kept_positions(p, "genes+answer"):
+            torch.testing.assert_close(rows[cell, int(pos)]["L1_in"], rec[points[0]][0][0, pos], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(rows[cell, int(pos)]["L1_out"], rec[points[1]][0][0, pos], atol=1e-5, rtol=1e-5)
+    # the answer position is kept for every cell, including the empty one
+    assert all((c, prompts[c].answer_position) in rows for c in range(len(prompts)))
+
+
+def test_all_positions_and_layer_subset(tiny_c2s, prompts, tmp_path):
+    store = collect_activations(tiny_c2s, prompts, tmp_path, layers=[1], positions="all", progress=False)
+    assert store.layers == [1] and store.n_rows == sum(len(p.input_ids) for p in prompts)
+    with pytest.raises(ValueError, match=r"layers \[0\] are not in the store"):
+        next(store.iter_batches(4, [0]))
+    with pytest.raises(ValueError, match="positions must be"):
+        collect_activations(tiny_c2s, prompts, tmp_path / "x", positions="some")
+
+
+def test_resume_after_interruption_neither_duplicates_nor_loses(tiny_c2s, prompts, tmp_path, monkeypatch):
+    ref = rows_by_index(collect_activations(tiny_c2s, prompts, tmp_path / "ref", shard_rows=30, progress=False))
+    real_flush = StoreWriter.flush
+    calls = {"n": 0}
+
+    def failing_flush(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real_flush(self)
+
+    monkeypatch.setattr(StoreWriter, "flush", failing_flush)
+    with pytest.raises(KeyboardInterrupt):
+        collect_activations(tiny_c2s, prompts, tmp_path / "s", shard_rows=30, progress=False)
+    monkeypatch.setattr(StoreWriter, "flush", real_flush)
+    partial = ActivationStore(tmp_path / "s")
+    assert not partial.manifest.complete and len(partial.manifest.shards) == 2
+    (tmp_path / "s" / "shard_00002.safetensors").write_bytes(b"half-written")  # a stray file is discarded
+    resumed = collect_activations(tiny_c2s, prompts, tmp_path / "s", shard_rows=30, progress=False)
+    assert resumed.manifest.complete
+    got = rows_by_index(resumed)
+    assert got.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(got[key]["L0_out"], ref[key]["L0_out"])
+
+
+def test_other_prompts_refuse_to_resume(tiny_c2s, prompts, tmp_path):
+    collect_activations(tiny_c2s, prompts[:6], tmp_path, progress=False)
+    with pytest.raises(ValueError, match="already holds a store of other activations"):
+        collect_activations(tiny_c2s, prompts, tmp_path, progress=False)
+
+
+def test_shuffle_ranks_and_epochs(tiny_c2s, prompts, tmp_path):
+    store = collect_activations(tiny_c2s, prompts, tmp_path, shard_rows=15, progress=False)
+    n_shards = len(store.manifest.shards)
+    assert n_shards >= 4
+    a = [b["cell"] for b in store.iter_batches(8, with_index=True, seed=0, buffer_shards=2)]
+    b = [b["cell"] for b in store.iter_batches(8, with_index=True, seed=0, buffer_shards=2)]
+    c = [b["cell"] for b in store.iter_batches(8, with_index=True, seed=0, epoch=1, buffer_shards=2)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))  # reproducible
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=False))  # a new order each epoch
+    plain = torch.cat([b["cell"] for b in store.iter_batches(8, with_index=True, shuffle=False)])
+    assert torch.all(plain[1:] >= plain[:-1])  # unshuffled: stored order
+    # two ranks read disjoint shards that together cover the store
+    r0 = set(rows_by_index_rank(store, 0))
+    r1 = set(rows_by_index_rank(store, 1))
+    assert not r0 & r1 and len(r0 | r1) == store.n_rows
+    sizes = [len(b["L0_in"]) for b in store.iter_batches(8, drop_last=True)]
+    assert set(sizes) == {8} and sum(sizes) == store.n_rows - store.n_rows % 8
+
+
+def rows_by_index_rank(store, rank):
+    keys = []
+    for batch in store.iter_batches(5, rank=rank, world_size=2, with_index=True):
+        keys += list(zip(batch["cell"].tolist(), batch["position"].tolist(), strict=True))
+    return keys
+
+
+def test_damaged_store_errors(tiny_c2s, prompts, tmp_path):
+    store = collect_activations(tiny_c2s, prompts, tmp_path, shard_rows=30, progress=False)
+    shard = tmp_path / store.manifest.shards[0]["file"]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot be read as safetensors"):
+        store.load_shard(0)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["format"] = "other/9"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="unknown store format"):
+        ActivationStore(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not an activation store"):
+        ActivationStore(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="rank"):
+        store.shard_indices(2, 2)
+
+
+def test_kept_positions_are_gene_tokens_and_answer(prompts):
+    p = prompts[5]
+    kept = kept_positions(p, "genes+answer")
+    assert kept[-1] == p.answer_position
+    np.testing.assert_array_equal(kept[:-1], np.concatenate(p.gene_positions))
