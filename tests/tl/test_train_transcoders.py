@@ -59,3 +59,18 @@ def test_train_transcoders_errors(toy_adata, tiny_c2s):
         cc.tl.train_transcoders(toy_adata, tiny_c2s, [5], progress=False)
     with pytest.raises(ValueError, match="no cells"):
         cc.tl.train_transcoders(toy_adata[:0].copy(), tiny_c2s, progress=False)
+
+
+def test_collection_rotates_label_tokens(toy_adata, tiny_c2s, tmp_path):
+    from cellcircuits.tl._transcoders import rotating_answers
+
+    answers = rotating_answers(tiny_c2s, 7)
+    ids = cc.models.label_token_ids(tiny_c2s.tokenizer, tiny_c2s.prompt, tiny_c2s.labels)
+    assert answers == [ids[i % 3] for i in range(7)]
+    with_answers = cc.tl.collect_activations(toy_adata, tiny_c2s, tmp_path / "a", progress=False)
+    without = cc.tl.collect_activations(toy_adata, tiny_c2s, tmp_path / "b", answer_tokens=False, progress=False)
+    assert with_answers.n_rows - without.n_rows == sum(len(ids[i % 3]) for i in range(toy_adata.n_obs))
+    tiny_c2s.prompt.labels = None
+    assert rotating_answers(tiny_c2s, 3) is None
+    with pytest.raises(ValueError, match="dtype"):
+        cc.tl.collect_activations(toy_adata, tiny_c2s, tmp_path / "c", dtype="int8")

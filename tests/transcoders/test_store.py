@@ -138,3 +138,37 @@ def test_kept_positions_are_gene_tokens_and_answer(prompts):
     kept = kept_positions(p, "genes+answer")
     assert kept[-1] == p.answer_position
     np.testing.assert_array_equal(kept[:-1], np.concatenate(p.gene_positions))
+
+
+def test_answer_tokens_are_recorded_after_the_prompt(tiny_c2s, prompts, tmp_path):
+    from cellcircuits.models import label_token_ids
+
+    labels = label_token_ids(tiny_c2s.tokenizer, tiny_c2s.prompt, tiny_c2s.labels)
+    answers = [labels[i % len(labels)] for i in range(len(prompts))]
+    store = collect_activations(tiny_c2s, prompts, tmp_path, answers=answers, progress=False)
+    rows = rows_by_index(store)
+    n_plain = sum(len(kept_positions(p, "genes+answer")) for p in prompts)
+    assert store.n_rows == n_plain + sum(len(a) for a in answers)
+    cell = 4
+    full = prompts[cell].input_ids + answers[cell]
+    point = tiny_c2s.adapter.mlp_out(0)
+    with torch.no_grad(), record(tiny_c2s.model, [point]) as rec:
+        tiny_c2s.model(input_ids=torch.tensor([full]))
+    for pos in range(len(prompts[cell].input_ids), len(full)):
+        expected = rec[point][0][0, pos].half().float()  # stored as float16 by default
+        torch.testing.assert_close(rows[cell, pos]["L0_out"], expected, atol=1e-3, rtol=1e-3)
+    # other answers are other activations: no resuming into this store
+    with pytest.raises(ValueError, match="other activations"):
+        collect_activations(tiny_c2s, prompts, tmp_path, answers=answers[::-1], progress=False)
+    with pytest.raises(ValueError, match="answers has 2 entries"):
+        collect_activations(tiny_c2s, prompts, tmp_path / "b", answers=answers[:2], progress=False)
+
+
+def test_rank_without_batches_raises(tiny_c2s, prompts, tmp_path):
+    from cellcircuits.transcoders import TranscoderConfig, train_on_store
+
+    store = collect_activations(tiny_c2s, prompts[:2], tmp_path, shard_rows=10**6, progress=False)
+    assert len(store.manifest.shards) == 1
+    cfg = TranscoderConfig(d_in=32, d_out=32, n_features=16, k=2)
+    with pytest.raises(ValueError, match="rank 1 of 2 has no full batch"):
+        train_on_store(store, cfg, n_layers_model=2, n_tokens=100, batch_size=8, rank=1, world_size=2, progress=False)

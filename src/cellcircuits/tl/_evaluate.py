@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from ..models._hooks import record
 from ..models._scoring import pad, position_ids, score_continuations
 from ..models._tokens import label_token_ids, tokenize_prompts
-from ..pp._sentences import sentences_from_adata
 from ..transcoders._splice import splice
+from ._predict import _sentences
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -212,18 +212,7 @@ def evaluate_transcoders(
     covered = transcoders.layers
 
     cells = _cells(adata, n_cells, random_state)
-    if sentence_key in adata.obs.columns:
-        sentences = adata.obs[sentence_key].iloc[cells].fillna("").astype(str).tolist()
-    else:
-        sentences = sentences_from_adata(
-            adata,
-            n_genes=model.prompt.n_genes,
-            layer=layer,
-            use_raw=use_raw,
-            gene_symbols=gene_symbols,
-            random_state=random_state,
-            cells=cells,
-        )
+    sentences = _sentences(adata, model, sentence_key, layer, use_raw, gene_symbols, random_state, cells)
     tok = model.tokenizer
     prompts = tokenize_prompts(tok, model.build_prompts(sentences))
     positions = [_positions(p) for p in prompts]

@@ -28,10 +28,12 @@ def _sentences(
     use_raw: bool | None,
     gene_symbols: str | None,
     random_state: int,
+    cells: np.ndarray | None = None,
 ) -> list[str]:
     """Stored sentences when present, else built now (cut to the model's ``n_genes``) without storing them."""
     if sentence_key in adata.obs.columns:
-        return adata.obs[sentence_key].fillna("").astype(str).tolist()
+        stored = adata.obs[sentence_key] if cells is None else adata.obs[sentence_key].iloc[cells]
+        return stored.fillna("").astype(str).tolist()
     return sentences_from_adata(
         adata,
         n_genes=model.prompt.n_genes,
@@ -39,6 +41,7 @@ def _sentences(
         use_raw=use_raw,
         gene_symbols=gene_symbols,
         random_state=random_state,
+        cells=cells,
     )
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from ..models._tokens import tokenize_prompts
+from ..models._tokens import label_token_ids, tokenize_prompts
 from ..transcoders._activations import collect_activations as _collect
 from ..transcoders._config import TranscoderConfig
 from ..transcoders._store import MANIFEST, ActivationStore
@@ -50,6 +50,14 @@ def cell_prompts(
     return tokenize_prompts(model.tokenizer, model.build_prompts(sentences))
 
 
+def rotating_answers(model: C2SModel, n_cells: int) -> list[list[int]] | None:
+    """Per cell, the tokens of one of the model's labels, in rotation, so each label's tokens are represented."""
+    if not model.labels:
+        return None
+    ids = label_token_ids(model.tokenizer, model.prompt, model.labels)
+    return [ids[i % len(ids)] for i in range(n_cells)]
+
+
 def collect_activations(
     adata: AnnData,
     model: C2SModel,
@@ -57,6 +65,7 @@ def collect_activations(
     *,
     layers: Sequence[int] | None = None,
     positions: Literal["genes+answer", "all"] = "genes+answer",
+    answer_tokens: bool = True,
     sentence_key: str = "cell_sentence",
     layer: str | None = None,
     use_raw: bool | None = None,
@@ -83,8 +92,13 @@ def collect_activations(
     layers
         Model layers whose MLPs are recorded; default all.
     positions
-        ``"genes+answer"``: the tokens that spell genes and the position where the cell type is decided;
-        ``"all"``: every prompt token.
+        ``"genes+answer"``: the tokens that spell genes, the last prompt token and the answer's tokens, where the
+        cell type is decided; ``"all"``: every token.
+    answer_tokens
+        Append a label after each prompt and record its tokens: cell ``i`` gets the model's label ``i mod
+        n_labels``, so every label's tokens are represented, as they are when labels are scored. Labels span several
+        tokens and most share the first ones (" CD"), so this is where cell types are told apart. Ignored when the
+        model records no labels.
     sentence_key, layer, use_raw, gene_symbols, random_state
         Cell sentences: ``.obs[sentence_key]`` when present, else built from this AnnData ``layer``/``.raw`` as in
         :func:`cellcircuits.pp.cell_sentences` (cut to the model's ``n_genes``).
@@ -119,6 +133,7 @@ def collect_activations(
         directory,
         layers=layers,
         positions=positions,
+        answers=rotating_answers(model, len(prompts)) if answer_tokens else None,
         batch_size=batch_size,
         shard_rows=shard_rows,
         dtype=getattr(torch, dtype),

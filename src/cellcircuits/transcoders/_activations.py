@@ -23,23 +23,34 @@ if TYPE_CHECKING:
 Positions = Literal["genes+answer", "all"]
 
 
-def kept_positions(prompt: TokenizedPrompt, positions: Positions) -> np.ndarray:
-    """Token positions of a prompt whose activations are kept: its gene tokens and answer position, or all."""
+def kept_positions(prompt: TokenizedPrompt, positions: Positions, n_answer_tokens: int = 0) -> np.ndarray:
+    """Token positions whose activations are kept.
+
+    ``"genes+answer"``: the gene tokens, the answer position and the ``n_answer_tokens`` answer tokens appended
+    after the prompt; ``"all"``: every token, appended ones included.
+    """
+    n = len(prompt.input_ids)
+    answer = np.arange(n, n + n_answer_tokens)
     if positions == "all":
-        return np.arange(len(prompt.input_ids))
+        return np.arange(n + n_answer_tokens)
     if positions == "genes+answer":
         genes = np.concatenate(prompt.gene_positions) if prompt.gene_positions else np.zeros(0, dtype=np.int64)
-        return np.append(genes, prompt.answer_position).astype(np.int64)
+        return np.concatenate([genes, [prompt.answer_position], answer]).astype(np.int64)
     msg = f"positions must be 'genes+answer' or 'all', got {positions!r}"
     raise ValueError(msg)
 
 
-def prompts_fingerprint(prompts: Sequence[TokenizedPrompt], model_name: str) -> str:
-    """A hash of the model name and every prompt's token ids."""
+def prompts_fingerprint(
+    prompts: Sequence[TokenizedPrompt], model_name: str, answers: Sequence[Sequence[int]] | None = None
+) -> str:
+    """A hash of the model name, every prompt's token ids and the answer tokens appended to them."""
     h = hashlib.blake2b(model_name.encode(), digest_size=16)
-    for p in prompts:
+    for i, p in enumerate(prompts):
         h.update(np.asarray(p.input_ids, dtype=np.int64).tobytes())
         h.update(b"|")
+        if answers is not None:
+            h.update(np.asarray(answers[i], dtype=np.int64).tobytes())
+        h.update(b";")
     return h.hexdigest()
 
 
@@ -55,6 +66,7 @@ def collect_activations(
     *,
     layers: Sequence[int] | None = None,
     positions: Positions = "genes+answer",
+    answers: Sequence[Sequence[int]] | None = None,
     batch_size: int = 16,
     shard_rows: int = 65536,
     dtype: torch.dtype = torch.float16,
@@ -74,8 +86,12 @@ def collect_activations(
     layers
         Layers to record; default all.
     positions
-        ``"genes+answer"``: the tokens spelling genes and the last prompt token (where the cell type is decided);
-        ``"all"``: every prompt token.
+        ``"genes+answer"``: the tokens spelling genes, the last prompt token (where the answer starts) and the answer
+        tokens; ``"all"``: every token.
+    answers
+        Per prompt, answer token ids appended after it (e.g. a candidate label's tokens, see
+        :func:`cellcircuits.models.label_token_ids`). Labels span several tokens and most share their first ones, so
+        the tokens that tell cell types apart come after the prompt; recording them lets transcoders cover them.
     batch_size
         Prompts per forward pass.
     shard_rows
@@ -94,6 +110,9 @@ def collect_activations(
     if not prompts:
         msg = "no prompts to collect activations from"
         raise ValueError(msg)
+    if answers is not None and len(answers) != len(prompts):
+        msg = f"answers has {len(answers)} entries for {len(prompts)} prompts"
+        raise ValueError(msg)
     manifest = StoreManifest(
         model_name=model.name,
         architecture=adapter.spec.name,
@@ -104,9 +123,10 @@ def collect_activations(
         n_cells_total=len(prompts),
         hook_in={str(i): _hook_name(adapter.mlp_in(i)) for i in layers},
         hook_out={str(i): _hook_name(adapter.mlp_out(i)) for i in layers},
-        fingerprint=prompts_fingerprint(prompts, model.name),
+        fingerprint=prompts_fingerprint(prompts, model.name, answers),
     )
-    kept = [kept_positions(p, positions) for p in prompts]  # checks `positions` before any work
+    appended = [list(a) for a in answers] if answers is not None else [[] for _ in prompts]
+    kept = [kept_positions(p, positions, len(a)) for p, a in zip(prompts, appended, strict=True)]
     writer = StoreWriter(directory, manifest, shard_rows=shard_rows)
     points = {i: (adapter.mlp_in(i), adapter.mlp_out(i)) for i in layers}
     device = model.device
@@ -116,7 +136,9 @@ def collect_activations(
         for b in range(start, len(prompts), batch_size):
             batch = prompts[b : b + batch_size]
             # right padding: real tokens keep positions 0..n-1 and a causal model never sees the pads
-            ids, mask = pad([p.input_ids for p in batch], pad_id, "right")
+            ids, mask = pad(
+                [p.input_ids + a for p, a in zip(batch, appended[b : b + batch_size], strict=True)], pad_id, "right"
+            )
             with record(model.model, [pt for pair in points.values() for pt in pair]) as store:
                 model.model(input_ids=ids.to(device), attention_mask=mask.to(device))
             for row in range(len(batch)):

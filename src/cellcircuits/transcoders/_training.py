@@ -42,6 +42,8 @@ def train_on_store(
     warmup_steps: int = 50,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
     progress: bool = True,
 ) -> TranscoderSet:
     """Train one transcoder per layer on a store's activations, all layers from the same batches.
@@ -69,6 +71,10 @@ def train_on_store(
         Seeds initialisation and the order of rows; training on CPU is deterministic for a seed.
     device
         Where to train.
+    rank, world_size
+        For data-parallel training with ``torch.distributed``: this process reads only its own shards of the store
+        (round robin). Wrapping the transcoders in ``DistributedDataParallel`` is the remaining step; the batches,
+        scales and seeds here are already per rank.
     progress
         Show a progress bar with loss, FVU and L0 (means over layers).
 
@@ -109,7 +115,12 @@ def train_on_store(
         tc.train()
     with tqdm(total=total_steps, desc="training transcoders", disable=not progress) as bar:
         while step < total_steps:
-            for batch in store.iter_batches(batch_size, layers, seed=seed, epoch=epoch, drop_last=True):
+            batches = store.iter_batches(
+                batch_size, layers, seed=seed, epoch=epoch, drop_last=True, rank=rank, world_size=world_size
+            )
+            yielded = False
+            for batch in batches:
+                yielded = True
                 losses = []
                 for layer, tc in tcs.items():
                     n_in, n_out = tensor_names(layer)
@@ -131,6 +142,9 @@ def train_on_store(
                     )
                 if step >= total_steps:
                     break
+            if not yielded:
+                msg = f"rank {rank} of {world_size} has no full batch of {batch_size} rows in {store.directory}"
+                raise ValueError(msg)
             epoch += 1
     for tc in tcs.values():
         tc.eval()
