@@ -14,7 +14,7 @@ from ..models._hooks import record
 from ..models._scoring import pad, position_ids, score_continuations
 from ..models._tokens import label_token_ids, tokenize_prompts
 from ..transcoders._splice import splice
-from ._predict import _sentences
+from ._predict import _sentences, candidate_labels
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -191,22 +191,10 @@ def evaluate_transcoders(
     KeyError
         When ``label_key`` is not a column of ``.obs``.
     """
-    labels = list(model.labels or []) if labels is None else [str(label) for label in labels]
-    if not labels:
-        msg = "No candidate labels: the model records none, so pass labels=[...]."
-        raise ValueError(msg)
-    if len(set(labels)) != len(labels):
-        msg = f"labels contain duplicates: {labels}"
-        raise ValueError(msg)
+    labels = candidate_labels(adata, model, labels, batch_size)
     if label_key is not None and label_key not in adata.obs.columns:
         msg = f"label_key {label_key!r} is not a column of .obs; columns are {list(adata.obs.columns)}"
         raise KeyError(msg)
-    if batch_size < 1:
-        msg = f"batch_size must be positive, got {batch_size!r}"
-        raise ValueError(msg)
-    if adata.n_obs == 0:
-        msg = "adata has no cells."
-        raise ValueError(msg)
     adapter = model.adapter
     transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
     covered = transcoders.layers

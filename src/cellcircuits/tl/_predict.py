@@ -45,6 +45,24 @@ def _sentences(
     )
 
 
+def candidate_labels(adata: AnnData, model: C2SModel, labels: Sequence[str] | None, batch_size: int) -> list[str]:
+    """Candidate labels (default the model's), after checking them, ``batch_size`` and that there are cells."""
+    labels = list(model.labels or []) if labels is None else [str(label) for label in labels]
+    if not labels:
+        msg = "No candidate labels: the model records none, so pass labels=[...]."
+        raise ValueError(msg)
+    if len(set(labels)) != len(labels):
+        msg = f"labels contain duplicates: {labels}"
+        raise ValueError(msg)
+    if batch_size < 1:
+        msg = f"batch_size must be positive, got {batch_size!r}"
+        raise ValueError(msg)
+    if adata.n_obs == 0:
+        msg = "adata has no cells."
+        raise ValueError(msg)
+    return labels
+
+
 def predict_cell_types(
     adata: AnnData,
     model: C2SModel,
@@ -107,19 +125,7 @@ def predict_cell_types(
     ``.uns[key_added]['params']`` : :class:`dict`
         Model name, labels and settings.
     """
-    labels = list(model.labels or []) if labels is None else [str(label) for label in labels]
-    if not labels:
-        msg = "No candidate labels: the model records none, so pass labels=[...]."
-        raise ValueError(msg)
-    if len(set(labels)) != len(labels):
-        msg = f"labels contain duplicates: {labels}"
-        raise ValueError(msg)
-    if batch_size < 1:
-        msg = f"batch_size must be positive, got {batch_size!r}"
-        raise ValueError(msg)
-    if adata.n_obs == 0:
-        msg = "adata has no cells."
-        raise ValueError(msg)
+    labels = candidate_labels(adata, model, labels, batch_size)
     sentences = _sentences(adata, model, sentence_key, layer, use_raw, gene_symbols, random_state)
     tok = model.tokenizer
     prompt_ids = tok([p.text for p in model.build_prompts(sentences)])["input_ids"]
