@@ -69,10 +69,11 @@ def main() -> None:
         print(table[cols].to_string(index=False))
     per_layer = table[table["layer"] != "all"]
     all_row = table[table["layer"] == "all"].iloc[0]
+    fvu, l0, dead = per_layer["fvu"].max(), per_layer["l0"].max(), per_layer["dead_fraction"].max()
     checks = [
-        ("max per-layer FVU < 0.15", per_layer["fvu"].max(), per_layer["fvu"].max() < 0.15),
-        ("max per-layer mean L0 <= 32", per_layer["l0"].max(), per_layer["l0"].max() <= 32),
-        ("max per-layer dead fraction < 0.10", per_layer["dead_fraction"].max(), per_layer["dead_fraction"].max() < 0.1),
+        ("max per-layer FVU < 0.15", fvu, fvu < 0.15),
+        ("max per-layer mean L0 <= 32", l0, l0 <= 32),
+        ("max per-layer dead fraction < 0.10", dead, dead < 0.1),
         ("agreement, all layers spliced >= 0.90", all_row["agreement"], all_row["agreement"] >= 0.9),
     ]
     print()

@@ -373,3 +373,82 @@ def test_check_compatible():
         tset.check_compatible(n_layers=2, d_model=16)
     with pytest.raises(ValueError, match="name 'tiny'; this model has name 'big'"):
         tset.check_compatible(model_name="big", d_model=8)
+
+
+# the sparse top-k path
+@pytest.mark.parametrize(
+    ("shape", "k"), [((64, 256), 8), ((3, 5, 128), 4), ((16, 96), 4), ((16, 100), 8), ((8, 64), 32)]
+)
+def test_topk_indices_selects_the_k_largest(shape, k):
+    from cellcircuits.transcoders._transcoder import topk_indices
+
+    pre = torch.randn(*shape) @ torch.randn(shape[-1], shape[-1]) + torch.randn(shape[-1])  # correlated columns
+    indices = topk_indices(pre, k)
+    assert indices.shape == (*shape[:-1], k)
+    expected = pre.topk(k, dim=-1).indices
+    torch.testing.assert_close(indices.sort(-1).values, expected.sort(-1).values, rtol=0, atol=0)
+
+
+def test_topk_indices_falls_back_on_nan_rows():
+    from cellcircuits.transcoders._transcoder import topk_indices
+
+    pre = torch.randn(8, 256)
+    pre[3, 10] = torch.nan
+    expected = pre.topk(8, dim=-1).indices
+    torch.testing.assert_close(topk_indices(pre, 8).sort(-1).values, expected.sort(-1).values, rtol=0, atol=0)
+
+
+def _dense_topk_loss(tc: Transcoder, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The topk training loss written densely: dense features, dense decoder product, masked top-k for AuxK."""
+    cfg = tc.cfg
+    x_n, y_n = x * tc.input_scale, y * tc.output_scale
+    pre = x_n @ tc.W_enc + tc.b_enc
+    top = pre.topk(cfg.k, dim=-1)
+    features = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    y_hat_n = features @ tc.W_dec + tc.b_dec
+    if tc.W_skip is not None:
+        y_hat_n = y_hat_n + x_n @ tc.W_skip
+    mse = (y_n - y_hat_n).pow(2).sum(-1).mean()
+    dead = tc.dead_mask()
+    if not dead.any():
+        return mse
+    e = (y_n - y_hat_n).detach()
+    aux_top = pre.masked_fill(~dead, -torch.inf).topk(min(cfg.aux_k, int(dead.sum())), dim=-1)
+    aux_features = torch.zeros_like(pre).scatter(-1, aux_top.indices, aux_top.values.relu())
+    aux = (e - aux_features @ tc.W_dec).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    return mse + cfg.aux_coefficient * aux
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+@pytest.mark.parametrize("n_dead", [0, 3, 40], ids=["none_dead", "few_dead", "many_dead"])
+def test_sparse_topk_loss_matches_dense_loss_and_gradients(skip, n_dead):
+    tc = randomise_(make("topk", d_in=16, d_out=16, n_features=64, k=4, aux_k=8, skip=skip, dtype="float64"))
+    x, y = torch.randn(128, 16, dtype=torch.float64), torch.randn(128, 16, dtype=torch.float64)
+    tc.set_scales_from(x, y)
+    tc.tokens_since_fired[torch.randperm(64)[:n_dead]] = tc.cfg.dead_after_tokens
+
+    out = tc.loss(x, y)
+    grads = torch.autograd.grad(out.total, list(tc.parameters()))
+    expected = _dense_topk_loss(tc, x, y)
+    expected_grads = torch.autograd.grad(expected, list(tc.parameters()))
+    torch.testing.assert_close(out.total, expected)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
+    assert (out.aux > 0) == (n_dead > 0)
+
+
+def test_topk_loss_features_are_sparse_rows_of_the_forward_features():
+    tc = randomise_(make("topk", n_features=64, k=4))
+    x, y = torch.randn(32, 8), torch.randn(32, 8)
+    features = tc.loss(x, y).features
+    assert features.layout == torch.sparse_csr
+    assert features.shape == (32, 64)
+    torch.testing.assert_close(features.to_dense(), tc(x).features)
+
+    dense = make("topk", n_features=64, k=4)
+    for t in (tc, dense):
+        t.tokens_since_fired.fill_(7)
+    tc.update_dead(features)
+    dense.update_dead(features.to_dense())
+    assert torch.equal(tc.tokens_since_fired, dense.tokens_since_fired)
+    assert (tc.tokens_since_fired == 0).any() and (tc.tokens_since_fired == 39).any()

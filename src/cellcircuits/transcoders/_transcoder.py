@@ -14,10 +14,12 @@ outputs in the model's units, and :meth:`Transcoder.fold_scales` moves the scale
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ._config import TranscoderConfig
 
@@ -56,7 +58,55 @@ class LossOutput(NamedTuple):
     l0: torch.Tensor
     """Mean number of active features per row (no gradient)."""
     features: torch.Tensor
-    """``(rows, n_features)`` feature activations of the batch, detached (for dead-feature tracking)."""
+    """``(rows, n_features)`` feature activations of the batch, detached (for dead-feature tracking); with ``topk`` a
+    sparse CSR tensor holding each row's ``k`` selected features (``.to_dense()`` gives the dense one)."""
+
+
+def topk_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """``(..., k)`` indices of the ``k`` largest entries of each row of ``pre``, in no particular order.
+
+    The same selection as ``pre.topk(k, sorted=False).indices`` (up to the order of the indices and the choice
+    among tied values), found faster on CPU: the row's ``n`` entries are split into ``2k`` strided groups, and the
+    ``k``-th largest group maximum is a floor that at least ``k`` entries reach, so only the entries at or above
+    it (a few times ``k`` in practice) are searched. Falls back to ``torch.topk`` when ``n`` is not a multiple of
+    ``2k`` of at least ``4k`` or when a row has fewer than ``k`` entries at or above its floor (NaNs).
+    """
+    n = pre.shape[-1]
+    n_groups = 2 * k
+    if n % n_groups != 0 or n < 2 * n_groups:
+        return pre.topk(k, dim=-1, sorted=False).indices
+    with torch.no_grad():
+        flat = pre.detach().reshape(-1, n)
+        rows = flat.shape[0]
+        group_max = flat.view(rows, n // n_groups, n_groups).amax(1)
+        floor = group_max.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+        row, col = (flat >= floor).nonzero(as_tuple=True)
+        counts = torch.bincount(row, minlength=rows)
+        if rows == 0 or int(counts.min()) < k:
+            return pre.topk(k, dim=-1, sorted=False).indices
+        # pack each row's candidates to the left of a (rows, width) block padded with -inf
+        width = int(counts.max())
+        slot = torch.arange(row.numel(), device=pre.device) - (counts.cumsum(0) - counts)[row]
+        packed = row * width + slot
+        cand = flat.new_full((rows * width,), -torch.inf)
+        cand[packed] = flat[row, col]
+        cand_col = torch.zeros(rows * width, dtype=torch.long, device=pre.device)
+        cand_col[packed] = col
+        best = cand.view(rows, width).topk(k, dim=-1, sorted=False).indices
+        return cand_col.view(rows, width).gather(-1, best).view(*pre.shape[:-1], k)
+
+
+def _sparse_rows(values: torch.Tensor, indices: torch.Tensor, n: int) -> torch.Tensor:
+    """``(rows, n)`` sparse CSR tensor with ``values[i]`` at columns ``indices[i]`` of row ``i`` (``(rows, k)``)."""
+    rows, k = indices.shape
+    indices, order = indices.sort(-1)
+    crow = torch.arange(0, rows * k + 1, k, device=indices.device)
+    with warnings.catch_warnings():
+        # torch warns once that sparse CSR is beta; only its documented accessors are used here
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        return torch.sparse_csr_tensor(
+            crow, indices.reshape(-1), values.gather(-1, order).reshape(-1), size=(rows, n), check_invariants=False
+        )
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -165,19 +215,36 @@ class Transcoder(nn.Module):
         return x.to(self.W_enc.dtype) * self.input_scale
 
     def _pre_acts(self, x_n: torch.Tensor) -> torch.Tensor:
-        return x_n @ self.W_enc + self.b_enc
+        # one fused multiply-add instead of a matmul and a broadcast add
+        return F.linear(x_n, self.W_enc.T, self.b_enc)
 
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:
         act = self.cfg.activation
         if act == "relu":
             return torch.relu(pre)
         if act == "topk":
-            values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
-            return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+            acts, indices = self._topk(pre)
+            return torch.zeros_like(pre).scatter(-1, indices, acts)
         return _JumpReLU.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth)
 
     def _decode_normalised(self, features: torch.Tensor, x_n: torch.Tensor | None) -> torch.Tensor:
         out = features @ self.W_dec + self.b_dec
+        if self.W_skip is not None and x_n is not None:
+            out = out + x_n @ self.W_skip
+        return out
+
+    def _topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, k)`` activations and feature indices of the ``k`` largest pre-activations of each row."""
+        indices = topk_indices(pre, self.cfg.k)
+        return torch.relu(pre.gather(-1, indices)), indices
+
+    def _decode_sparse(self, acts: torch.Tensor, indices: torch.Tensor, x_n: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`_decode_normalised` of ``(rows, k)`` active features: sums ``k`` decoder rows per row.
+
+        Gathering the rows costs ``rows * k * d_out`` instead of ``rows * n_features * d_out``, and so does the
+        backward pass, whose gradient reaches only the decoder rows that were used.
+        """
+        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=acts, mode="sum") + self.b_dec
         if self.W_skip is not None and x_n is not None:
             out = out + x_n @ self.W_skip
         return out
@@ -234,8 +301,17 @@ class Transcoder(nn.Module):
         x_n = self._normalise_input(x).reshape(-1, cfg.d_in)
         y_n = y.to(x_n.dtype).reshape(-1, cfg.d_out) * self.output_scale
         pre = self._pre_acts(x_n)
-        features = self._activate(pre)
-        y_hat_n = self._decode_normalised(features, x_n)
+        if cfg.activation == "topk":
+            # decode the k active features sparsely, and hand them back sparse: no dense (rows, n_features) tensor
+            acts, indices = self._topk(pre)
+            y_hat_n = self._decode_sparse(acts, indices, x_n)
+            with torch.no_grad():
+                features = _sparse_rows(acts, indices, cfg.n_features)
+                l0_mean = (acts != 0).sum(-1).to(pre.dtype).mean()
+        else:
+            features = self._activate(pre)
+            y_hat_n = self._decode_normalised(features, x_n)
+            l0_mean = (features.detach() != 0).sum(-1).to(pre.dtype).mean()
         mse = (y_n - y_hat_n).pow(2).sum(-1).mean()
 
         if cfg.activation == "relu":
@@ -252,7 +328,6 @@ class Transcoder(nn.Module):
             y_f = y.to(x_n.dtype).reshape(-1, cfg.d_out)
             y_hat = y_hat_n / self.output_scale
             fvu = (y_f - y_hat).pow(2).sum() / (y_f - y_f.mean(0)).pow(2).sum().clamp_min(1e-12)
-            l0_mean = (features != 0).sum(-1).to(mse.dtype).mean()
         return LossOutput(mse + sparsity + aux, mse, sparsity, aux, fvu, l0_mean, features.detach())
 
     def _aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -262,20 +337,33 @@ class Transcoder(nn.Module):
         n_dead = int(dead.sum())
         if n_dead == 0 or cfg.aux_k == 0 or cfg.aux_coefficient == 0:
             return pre.new_zeros(())
-        k = min(cfg.aux_k, n_dead)
-        values, indices = pre.masked_fill(~dead, -torch.inf).topk(k, dim=-1, sorted=False)
-        aux_features = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+        # only the dead features' pre-activations and decoder rows take part
+        dead_index = dead.nonzero().squeeze(1)
+        pre_dead = pre.index_select(-1, dead_index)
+        W_dead = self.W_dec.index_select(0, dead_index)
         # no b_dec: the residual is what the live features and the bias left over
-        estimate = aux_features @ self.W_dec
+        if cfg.aux_k < n_dead:
+            values, indices = pre_dead.topk(cfg.aux_k, dim=-1, sorted=False)
+            estimate = F.embedding_bag(indices, W_dead, per_sample_weights=torch.relu(values), mode="sum")
+        else:
+            estimate = torch.relu(pre_dead) @ W_dead
         variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
         return cfg.aux_coefficient * (residual - estimate).pow(2).sum() / variance
 
     @torch.no_grad()
     def update_dead(self, features: torch.Tensor) -> None:
-        """Count, per feature, the training tokens since it last fired; call after each step with its features."""
+        """Count, per feature, the training tokens since it last fired; call after each step with its features.
+
+        ``features`` is ``(..., n_features)``, dense or a 2-d sparse CSR tensor (as :meth:`loss` gives for ``topk``).
+        """
+        if features.layout == torch.sparse_csr:
+            # as given by loss() for topk: the stored entries are the only candidates
+            self.tokens_since_fired += features.shape[0]
+            self.tokens_since_fired[features.col_indices()[features.values() != 0]] = 0
+            return
         flat = features.reshape(-1, self.cfg.n_features)
         self.tokens_since_fired += flat.shape[0]
-        self.tokens_since_fired[(flat != 0).any(0)] = 0
+        self.tokens_since_fired[flat.any(0)] = 0
 
     def dead_mask(self) -> torch.Tensor:
         """``(n_features,)`` bool, the features that have not fired in ``cfg.dead_after_tokens`` tokens."""
