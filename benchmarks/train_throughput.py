@@ -193,6 +193,8 @@ def main() -> None:
             parser.error(f"--layer {args.layer} is not in the store (layers {train_store.layers})")
         n_steps = max(1, math.ceil(args.tokens / args.batch_size))
         preloaded = PreloadedStore(train_store, args.layer, args.batch_size, n_steps, args.seed)
+        # read everything the runs need while a temporary store still exists
+        warm_store = PreloadedStore(train_store, args.layer, args.batch_size, 8, args.seed)
         n_in, n_out = tensor_names(args.layer)
         test = [test_store.load_shard(i) for i in range(len(test_store.manifest.shards))]
     batches = preloaded.batches()
@@ -204,7 +206,7 @@ def main() -> None:
 
     # a short untimed warm-up of both code paths
     warm = argparse.Namespace(**{**vars(args), "tokens": 8 * B})
-    train_cellcircuits(PreloadedStore(train_store, args.layer, B, 8, args.seed), d, warm)
+    train_cellcircuits(warm_store, d, warm)
     train_sparsify(batches[:8], d, warm)
 
     dense = [dense_gflops(B, d, F)]

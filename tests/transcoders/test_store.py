@@ -133,11 +133,20 @@ def test_damaged_store_errors(tiny_c2s, prompts, tmp_path):
         store.shard_indices(2, 2)
 
 
-def test_kept_positions_are_gene_tokens_and_answer(prompts):
+def test_kept_positions_are_gene_tokens_answer_region_and_answer(prompts, tiny_c2s):
     p = prompts[5]
-    kept = kept_positions(p, "genes+answer")
-    assert kept[-1] == p.answer_position
-    np.testing.assert_array_equal(kept[:-1], np.concatenate(p.gene_positions))
+    genes = np.concatenate(p.gene_positions)
+    kept = kept_positions(p, "genes+answer", n_answer_tokens=3)
+    np.testing.assert_array_equal(kept[: len(genes)], genes)
+    region = kept[len(genes) : -3]
+    np.testing.assert_array_equal(region, np.arange(genes[-1] + 1, p.answer_position + 1))
+    closing = tiny_c2s.tokenizer.decode([p.input_ids[i] for i in region])
+    assert closing == ".\nThe cell type corresponding to these genes is:"
+    np.testing.assert_array_equal(kept[-3:], len(p.input_ids) + np.arange(3))
+    assert genes[0] > 10  # the template's opening text is left out
+    np.testing.assert_array_equal(kept_positions(p, "all", 2), np.arange(len(p.input_ids) + 2))
+    empty = prompts[3]  # the cell without expressed genes keeps its answer position
+    assert kept_positions(empty, "genes+answer").tolist() == [empty.answer_position]
 
 
 def test_answer_tokens_are_recorded_after_the_prompt(tiny_c2s, prompts, tmp_path):

@@ -92,8 +92,9 @@ def collect_activations(
     layers
         Model layers whose MLPs are recorded; default all.
     positions
-        ``"genes+answer"``: the tokens that spell genes, the last prompt token and the answer's tokens, where the
-        cell type is decided; ``"all"``: every token.
+        ``"genes+answer"``: the tokens that spell genes, the closing text after the sentence ("... these genes is:")
+        and the answer's tokens, where the cell type is decided; ``"all"``: every token, the template's opening text
+        (the same for every cell) included.
     answer_tokens
         Append a label after each prompt and record its tokens: cell ``i`` gets the model's label ``i mod
         n_labels``, so every label's tokens are represented, as they are when labels are scored. Labels span several

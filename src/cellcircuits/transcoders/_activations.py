@@ -26,18 +26,22 @@ Positions = Literal["genes+answer", "all"]
 def kept_positions(prompt: TokenizedPrompt, positions: Positions, n_answer_tokens: int = 0) -> np.ndarray:
     """Token positions whose activations are kept.
 
-    ``"genes+answer"``: the gene tokens, the answer position and the ``n_answer_tokens`` answer tokens appended
-    after the prompt; ``"all"``: every token, appended ones included.
+    ``"genes+answer"``: the tokens that spell genes, the answer region (the closing text between the sentence and
+    the answer, e.g. "... these genes is:", up to the last prompt token where the answer starts) and the
+    ``n_answer_tokens`` answer tokens appended after the prompt. Only the template's opening text, the same for
+    every cell, is left out. ``"all"``: every token, appended ones included.
     """
     n = len(prompt.input_ids)
-    answer = np.arange(n, n + n_answer_tokens)
     if positions == "all":
         return np.arange(n + n_answer_tokens)
-    if positions == "genes+answer":
-        genes = np.concatenate(prompt.gene_positions) if prompt.gene_positions else np.zeros(0, dtype=np.int64)
-        return np.concatenate([genes, [prompt.answer_position], answer]).astype(np.int64)
-    msg = f"positions must be 'genes+answer' or 'all', got {positions!r}"
-    raise ValueError(msg)
+    if positions != "genes+answer":
+        msg = f"positions must be 'genes+answer' or 'all', got {positions!r}"
+        raise ValueError(msg)
+    genes = np.concatenate(prompt.gene_positions) if prompt.gene_positions else np.zeros(0, dtype=np.int64)
+    # the closing tokens read the sentence through attention: they are where the answer forms
+    region_start = int(genes[-1]) + 1 if len(genes) else prompt.answer_position
+    region = np.arange(region_start, prompt.answer_position + 1)
+    return np.concatenate([genes, region, np.arange(n, n + n_answer_tokens)]).astype(np.int64)
 
 
 def prompts_fingerprint(
@@ -86,8 +90,8 @@ def collect_activations(
     layers
         Layers to record; default all.
     positions
-        ``"genes+answer"``: the tokens spelling genes, the last prompt token (where the answer starts) and the answer
-        tokens; ``"all"``: every token.
+        ``"genes+answer"``: the tokens spelling genes, the answer region (the closing text after the sentence up to
+        the last prompt token) and the answer tokens; ``"all"``: every token (see :func:`kept_positions`).
     answers
         Per prompt, answer token ids appended after it (e.g. a candidate label's tokens, see
         :func:`cellcircuits.models.label_token_ids`). Labels span several tokens and most share their first ones, so
