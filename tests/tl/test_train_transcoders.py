@@ -33,6 +33,8 @@ def test_train_transcoders_learns_deterministically(toy_adata, tiny_c2s, tmp_pat
     for (_, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     # an opened store and a temporary one work too
+    with pytest.raises(ValueError, match="other activations"):
+        cc.tl.train_transcoders(toy_adata[:6].copy(), tiny_c2s, store=tmp_path / "store", progress=False, **SMALL)
     c = cc.tl.train_transcoders(toy_adata, tiny_c2s, [1], store=store, progress=False, **SMALL)
     assert c.layers == [1]
     d = cc.tl.train_transcoders(toy_adata, tiny_c2s, [0], progress=False, **SMALL)

@@ -11,7 +11,7 @@ import torch
 from ..models._tokens import label_token_ids, tokenize_prompts
 from ..transcoders._activations import collect_activations as _collect
 from ..transcoders._config import TranscoderConfig
-from ..transcoders._store import MANIFEST, ActivationStore
+from ..transcoders._store import ActivationStore
 from ..transcoders._training import train_on_store
 from ._predict import _sentences
 
@@ -203,7 +203,8 @@ def train_transcoders(
     seed
         Seed of initialisation and batch order; training is deterministic for a seed on CPU.
     store
-        Activation store directory (or an opened store) to use or create; default a temporary directory.
+        Activation store directory to create, resume or reuse (a store of other cells or settings is refused), or an
+        opened store to train on as it is; default a temporary directory.
     positions
         Token positions to train on (see :func:`collect_activations`).
     sentence_key, layer, use_raw
@@ -243,18 +244,16 @@ def train_transcoders(
     if isinstance(store, ActivationStore):
         return train_on_store(store, config, **train)
     with tempfile.TemporaryDirectory(prefix="cellcircuits-store-") as tmp:
-        directory = Path(store) if store is not None else Path(tmp)
-        opened = ActivationStore(directory) if (directory / MANIFEST).is_file() else None
-        if opened is None or not opened.manifest.complete:
-            opened = collect_activations(
-                adata,
-                model,
-                directory,
-                layers=layers,
-                positions=positions,
-                sentence_key=sentence_key,
-                layer=layer,
-                use_raw=use_raw,
-                progress=progress,
-            )
+        # a complete store of these cells is reused as is, an unfinished one resumed, one of other cells refused
+        opened = collect_activations(
+            adata,
+            model,
+            Path(store) if store is not None else Path(tmp),
+            layers=layers,
+            positions=positions,
+            sentence_key=sentence_key,
+            layer=layer,
+            use_raw=use_raw,
+            progress=progress,
+        )
         return train_on_store(opened, config, **train)
