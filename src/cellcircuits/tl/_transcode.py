@@ -1,0 +1,171 @@
+"""Transcoder features of cells and genes, stored in AnnData."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from scipy import sparse
+
+from ..models._tokens import tokenize_prompts
+from ..pp._sentences import gene_names
+from ..transcoders._features import cell_and_gene_features, direct_logit_effects, distinguishing_tokens
+from ._predict import _sentences
+from ._transcoders import _check_data_layer
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from anndata import AnnData
+
+    from ..models._load import C2SModel
+    from ..transcoders._transcoder import TranscoderSet
+
+
+def content_hash(transcoders: TranscoderSet, layers: Sequence[int]) -> str:
+    """A hash of the weights of the chosen transcoders (to tell results of different sets apart)."""
+    h = hashlib.blake2b(digest_size=16)
+    for layer in layers:
+        for name, tensor in sorted(transcoders[layer].state_dict().items()):
+            if name == "tokens_since_fired":  # training state, not part of what the transcoder computes
+                continue
+            h.update(f"{layer}.{name}".encode())
+            h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _h5ad_safe(value: object) -> object:
+    """``None`` cannot be written to .h5ad; store it as an empty string."""
+    if isinstance(value, dict):
+        return {str(k): _h5ad_safe(v) for k, v in value.items()}
+    return "" if value is None else value
+
+
+def transcode(
+    adata: AnnData,
+    model: C2SModel,
+    transcoders: TranscoderSet,
+    *,
+    layers: Sequence[int] | None = None,
+    pool: Literal["max", "mean", "sum"] = "max",
+    sentence_key: str = "cell_sentence",
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    gene_symbols: str | None = None,
+    random_state: int = 0,
+    batch_size: int = 16,
+    key_added: str = "transcoder",
+    progress: bool = True,
+    copy: bool = False,
+) -> AnnData | None:
+    """Put transcoder features into AnnData: per cell, per gene as input, and per gene as output.
+
+    The model runs on every cell's prompt with hooks (no retraining); each chosen layer's transcoder encodes the
+    MLP input at the tokens that spell genes.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix.
+    model
+        The C2S model the transcoders were trained on.
+    transcoders
+        The transcoders (:func:`cellcircuits.tl.train_transcoders` or :func:`cellcircuits.load_transcoders`).
+    layers
+        Model layers to transcode; default every layer the set covers.
+    pool
+        How a cell's activations are pooled over its gene tokens: ``"max"``, ``"mean"`` or ``"sum"``.
+    sentence_key, layer, use_raw, gene_symbols, random_state
+        Cell sentences: ``.obs[sentence_key]`` when present, else built from this AnnData ``layer``/``.raw`` as in
+        :func:`cellcircuits.pp.cell_sentences`. ``layer`` is an AnnData layer; model layers are ``layers``.
+    batch_size
+        Cells per forward pass.
+    key_added
+        Prefix of the keys written.
+    progress
+        Show a progress bar.
+    copy
+        Return a modified copy instead of writing to ``adata``.
+
+    Returns
+    -------
+    ``None``, or a copy of ``adata`` when ``copy=True``. Sets the following fields, for each layer ``L``:
+
+    ``.obsm[f"X_{key_added}_L{L}"]`` : :class:`scipy.sparse.csr_matrix` (n_obs x n_features)
+        Feature activations pooled over the cell's gene tokens.
+    ``.varm[f"{key_added}_L{L}_in"]`` : :class:`numpy.ndarray` (n_vars x n_features)
+        Input map: the mean activation of each feature on the gene's tokens, averaged over the cells whose prompt
+        contains the gene (a gene spans several tokens; their activations are averaged first). 0 for genes the model
+        never saw; they are listed in ``.uns[key_added]['unseen_genes']``.
+    ``.varm[f"{key_added}_L{L}_out"]`` : :class:`numpy.ndarray` (n_vars x n_features)
+        Output map: the direct effect of each feature's decoder vector on the logit of the token that names the
+        gene, through the final layer norm with its scale frozen at its mean over the gene tokens. Many genes share
+        their first tokens (" HLA", " RPL", " CD"), so the token read is the first one whose prefix no other gene
+        shares (the last token for a gene whose spelling prefixes another's).
+    ``.uns[key_added]`` : :class:`dict`
+        ``params``, each layer's transcoder config, a ``content_hash`` of the transcoder weights, the package
+        ``version``, ``unseen_genes``, and the number and examples of sentence genes outside ``var_names``.
+    """
+    from .. import __version__
+
+    _check_data_layer(layer)
+    adapter = model.adapter
+    transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
+    layers = transcoders.layers if layers is None else sorted({adapter._check_layer(int(i)) for i in layers})
+    missing = [i for i in layers if i not in transcoders]
+    if missing:
+        msg = f"no transcoder for layers {missing}; the set covers layers {transcoders.layers}"
+        raise ValueError(msg)
+    if pool not in ("max", "mean", "sum"):
+        msg = f"pool must be 'max', 'mean' or 'sum', got {pool!r}"
+        raise ValueError(msg)
+    if batch_size < 1:
+        msg = f"batch_size must be positive, got {batch_size!r}"
+        raise ValueError(msg)
+    if adata.n_obs == 0:
+        msg = "adata has no cells."
+        raise ValueError(msg)
+
+    symbols = gene_names(adata.var, gene_symbols)
+    row_of = {g: i for i, g in enumerate(symbols)}
+    sentences = _sentences(adata, model, sentence_key, layer, use_raw, gene_symbols, random_state)
+    prompts = tokenize_prompts(model.tokenizer, model.build_prompts(sentences))
+    gene_index = [np.array([row_of.get(g, -1) for g in p.genes], dtype=np.int64) for p in prompts]
+    outside = sorted({g for p in prompts for g in p.genes if g not in row_of})
+    features, scale = cell_and_gene_features(
+        model, transcoders, prompts, gene_index, len(symbols), layers=layers, pool=pool, batch_size=batch_size,
+        progress=progress,
+    )  # fmt: skip
+    tokens = distinguishing_tokens(model.tokenizer, list(symbols))
+
+    adata = adata.copy() if copy else adata
+    for i in layers:
+        f = features[i]
+        adata.obsm[f"X_{key_added}_L{i}"] = sparse.csr_matrix(f.pooled)
+        seen = f.gene_cells > 0
+        mean_in = np.zeros_like(f.gene_sum, dtype=np.float32)
+        mean_in[seen] = f.gene_sum[seen] / f.gene_cells[seen, None]
+        adata.varm[f"{key_added}_L{i}_in"] = mean_in
+        W_dec = transcoders[i].W_dec.detach()
+        adata.varm[f"{key_added}_L{i}_out"] = direct_logit_effects(adapter, W_dec, tokens, scale).astype(np.float32)
+    unseen = symbols[features[layers[0]].gene_cells == 0] if layers else np.array([])
+    adata.uns[key_added] = {
+        "params": {
+            "model": model.name,
+            "architecture": adapter.spec.name,
+            "layers": np.asarray(layers, dtype=np.int64),
+            "pool": pool,
+            "positions": "gene tokens",
+            "sentence_key": sentence_key if sentence_key in adata.obs.columns else "",
+            "n_genes": int(model.prompt.n_genes),
+            "final_norm_scale": float(scale),
+        },
+        "transcoders": {str(i): _h5ad_safe(transcoders[i].cfg.to_dict()) for i in layers},
+        "content_hash": content_hash(transcoders, layers),
+        "version": __version__,
+        "unseen_genes": np.asarray(unseen, dtype=str),
+        "n_genes_outside_var": len(outside),
+        "genes_outside_var_examples": np.asarray(outside[:20], dtype=str),
+    }
+    return adata if copy else None

@@ -1,0 +1,199 @@
+"""Transcoder features of cells and genes: pooled per cell, averaged per gene, and their direct effect on logits."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, NamedTuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..models._adapter import HookPoint
+from ..models._hooks import record
+from ..models._scoring import pad
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from transformers import PreTrainedTokenizerFast
+
+    from ..models._adapter import ModelAdapter
+    from ..models._load import C2SModel
+    from ..models._tokens import TokenizedPrompt
+    from ._transcoder import TranscoderSet
+
+Pool = Literal["max", "mean", "sum"]
+
+
+class CellFeatures(NamedTuple):
+    """Feature activations of one layer, per cell and per gene."""
+
+    pooled: np.ndarray
+    """``(n_cells, n_features)`` activations pooled over each cell's gene tokens."""
+    gene_sum: np.ndarray
+    """``(n_genes, n_features)`` per gene, the sum over cells of its mean activation on the gene's tokens."""
+    gene_cells: np.ndarray
+    """``(n_genes,)`` number of cells whose prompt contains the gene."""
+
+
+def pool_rows(acts: torch.Tensor, pool: Pool) -> torch.Tensor:
+    """Pool ``(n_tokens, n_features)`` activations over tokens (zeros when there are none)."""
+    if acts.shape[0] == 0:
+        return acts.new_zeros(acts.shape[1])
+    if pool == "max":
+        return acts.amax(0)
+    if pool == "mean":
+        return acts.mean(0)
+    if pool == "sum":
+        return acts.sum(0)
+    msg = f"pool must be 'max', 'mean' or 'sum', got {pool!r}"
+    raise ValueError(msg)
+
+
+@torch.no_grad()
+def cell_and_gene_features(
+    model: C2SModel,
+    transcoders: TranscoderSet,
+    prompts: Sequence[TokenizedPrompt],
+    gene_index: Sequence[np.ndarray],
+    n_genes: int,
+    *,
+    layers: Sequence[int],
+    pool: Pool = "max",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[dict[int, CellFeatures], float]:
+    """Run the model with hooks and encode each cell's gene tokens with the transcoders.
+
+    Parameters
+    ----------
+    model
+        The C2S model.
+    transcoders
+        Transcoders covering ``layers``.
+    prompts
+        Tokenized prompts, one per cell.
+    gene_index
+        Per prompt, the row (in ``0..n_genes-1``) of each of its genes, or -1 for a gene outside the table.
+    n_genes
+        Rows of the per-gene tables.
+    layers
+        Layers to encode.
+    pool
+        How to pool a cell's gene-token activations.
+    batch_size
+        Prompts per forward pass.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    Per layer the pooled and per-gene activations, and the mean scale (std or RMS) of the final norm's input over
+    the gene tokens, which freezes the final norm for direct logit effects.
+    """
+    adapter = model.adapter
+    n_feat = {layer: transcoders[layer].cfg.n_features for layer in layers}
+    pooled = {layer: np.zeros((len(prompts), n_feat[layer]), dtype=np.float32) for layer in layers}
+    gene_sum = {layer: np.zeros((n_genes, n_feat[layer]), dtype=np.float64) for layer in layers}
+    gene_cells = np.zeros(n_genes, dtype=np.int64)
+    points = [adapter.mlp_in(layer) for layer in layers]
+    norm_point = HookPoint(adapter.spec.final_norm, "input")
+    scale_sum, scale_n = 0.0, 0
+    device = model.device
+    with tqdm(total=len(prompts), desc="transcoding cells", disable=not progress, unit="cell") as bar:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            ids, mask = pad([p.input_ids for p in batch], model.tokenizer.pad_token_id, "right")
+            with record(model.model, [*points, norm_point]) as rec:
+                model.model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            for row, p in enumerate(batch):
+                cell = start + row
+                pos = np.concatenate(p.gene_positions) if p.gene_positions else np.zeros(0, dtype=np.int64)
+                pos_t = torch.as_tensor(pos, device=device, dtype=torch.long)
+                if len(pos):
+                    scale_sum += float(norm_scale(adapter, rec[norm_point][0][row, pos_t]).sum())
+                    scale_n += len(pos)
+                rows = gene_index[cell]
+                keep = rows >= 0
+                gene_cells[rows[keep]] += 1
+                lengths = torch.as_tensor([len(g) for g in p.gene_positions], dtype=torch.long, device=device)
+                owner = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+                keep_t = torch.as_tensor(keep, device=device)
+                for layer in layers:
+                    tc = transcoders[layer]
+                    x = rec[adapter.mlp_in(layer)][0][row, pos_t].to(tc.W_enc.dtype)
+                    acts = tc.encode(x) if len(pos) else x.new_zeros(0, n_feat[layer])
+                    pooled[layer][cell] = pool_rows(acts, pool).float().cpu().numpy()
+                    if keep.any():
+                        # each gene's activation is the mean over the tokens that spell it
+                        per_gene = acts.new_zeros(len(lengths), n_feat[layer]).index_add_(0, owner, acts)
+                        per_gene /= lengths.clamp(min=1)[:, None]
+                        # a gene occurs once per sentence, so its rows are distinct and += adds each once
+                        gene_sum[layer][rows[keep]] += per_gene[keep_t].double().cpu().numpy()
+            bar.update(len(batch))
+    out = {layer: CellFeatures(pooled[layer], gene_sum[layer], gene_cells) for layer in layers}
+    return out, scale_sum / max(scale_n, 1)
+
+
+def norm_scale(adapter: ModelAdapter, x: torch.Tensor) -> torch.Tensor:
+    """Per row, the scale the final norm divides by: the std (LayerNorm) or the root mean square (RMSNorm)."""
+    norm = adapter.final_norm
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5)))
+    x = x.float()
+    if isinstance(norm, torch.nn.LayerNorm):
+        return (x.var(-1, unbiased=False) + eps).sqrt()
+    return (x.pow(2).mean(-1) + eps).sqrt()
+
+
+def distinguishing_tokens(tokenizer: PreTrainedTokenizerFast, genes: Sequence[str]) -> list[int]:
+    """Per gene, the token that tells it apart: the first token whose prefix no other gene shares.
+
+    Genes are spelled as in a cell sentence (after a space). Many genes share their first tokens (" HLA", " RPL",
+    " CD"), so the first token's logit says little about the gene; the first position at which the gene's token
+    prefix becomes unique is the one the model must predict to name it. A gene whose whole spelling prefixes
+    another's (``CD3`` and ``CD3E``) gets its last token.
+    """
+    spelled = [tuple(tokenizer(" " + g, add_special_tokens=False)["input_ids"]) for g in genes]
+    prefix_count: dict[tuple[int, ...], int] = {}
+    for ids in set(spelled):
+        for j in range(1, len(ids) + 1):
+            prefix_count[ids[:j]] = prefix_count.get(ids[:j], 0) + 1
+    out = []
+    for ids in spelled:
+        j = next((j for j in range(len(ids)) if prefix_count[ids[: j + 1]] == 1), len(ids) - 1)
+        out.append(ids[j])
+    return out
+
+
+@torch.no_grad()
+def direct_logit_effects(adapter: ModelAdapter, W_dec: torch.Tensor, tokens: Sequence[int], scale: float) -> np.ndarray:
+    """Direct effect of each feature's decoder vector on the logits of ``tokens``, through a frozen final norm.
+
+    With the final norm's scale frozen at ``scale``, adding a decoder vector ``v`` to the residual stream moves the
+    logits by ``W_U (g * c(v) / scale)``, where ``g`` is the norm's gain and ``c`` centres ``v`` for a LayerNorm
+    (an RMSNorm does not centre).
+
+    Parameters
+    ----------
+    adapter
+        The model's adapter (final norm and unembedding).
+    W_dec
+        ``(n_features, d_model)`` decoder vectors.
+    tokens
+        Token ids whose logits are read.
+    scale
+        The frozen scale of the final norm's input.
+
+    Returns
+    -------
+    ``(len(tokens), n_features)`` logit changes.
+    """
+    norm = adapter.final_norm
+    v = W_dec.float()
+    if isinstance(norm, torch.nn.LayerNorm):
+        v = v - v.mean(-1, keepdim=True)
+    gain = norm.weight.float() if norm.weight is not None else torch.ones(v.shape[-1])
+    if adapter.spec.name == "gemma2":
+        gain = 1.0 + gain  # Gemma-2's RMSNorm scales by (1 + weight)
+    W_U = adapter.unembed.weight.float()[list(tokens)]  # (n_tokens, d_model)
+    return ((v * gain / scale) @ W_U.T.to(v.device)).T.cpu().numpy()

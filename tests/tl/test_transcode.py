@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+import cellcircuits as cc
+from cellcircuits.models import record, tokenize_prompts
+from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet
+from cellcircuits.transcoders._features import direct_logit_effects, distinguishing_tokens, norm_scale
+
+
+@pytest.fixture
+def tset():
+    torch.manual_seed(3)
+    tcs = {}
+    for layer in (0, 1):
+        cfg = TranscoderConfig(d_in=32, d_out=32, n_features=48, activation="relu", layer=layer, model_name="tiny")
+        tc = Transcoder(cfg)
+        with torch.no_grad():
+            tc.b_enc.fill_(0.02)  # some features fire on most tokens, others rarely
+        tcs[layer] = tc
+    return TranscoderSet(tcs, n_layers_model=2)
+
+
+def reference(adata, model, tset, layer, pool):
+    """Per cell: record the MLP input, encode each gene's tokens, pool and average per gene, one cell at a time."""
+    prompts = tokenize_prompts(model.tokenizer, model.build_prompts(adata.obs["cell_sentence"]))
+    genes = [g.upper() for g in adata.var_names]
+    pooled = np.zeros((adata.n_obs, 48))
+    gene_sum, gene_n = np.zeros((len(genes), 48)), np.zeros(len(genes))
+    point = model.adapter.mlp_in(layer)
+    for c, p in enumerate(prompts):
+        with torch.no_grad(), record(model.model, [point]) as rec:
+            model.model(input_ids=torch.tensor([p.input_ids]))
+        acts = tset[layer].encode(rec[point][0][0]).detach().numpy()
+        if p.gene_positions:
+            tok = acts[np.concatenate(p.gene_positions)]
+            pooled[c] = {"max": tok.max(0), "mean": tok.mean(0), "sum": tok.sum(0)}[pool]
+        for g, pos in zip(p.genes, p.gene_positions, strict=True):
+            gene_sum[genes.index(g)] += acts[pos].mean(0)
+            gene_n[genes.index(g)] += 1
+    gene_mean = np.divide(gene_sum, gene_n[:, None], out=np.zeros_like(gene_sum), where=gene_n[:, None] > 0)
+    return pooled, gene_mean, gene_n
+
+
+@pytest.mark.parametrize("pool", ["max", "mean", "sum"])
+def test_transcode_matches_a_per_cell_reference(toy_adata, tiny_c2s, tset, pool):
+    cc.pp.cell_sentences(toy_adata)
+    cc.tl.transcode(toy_adata, tiny_c2s, tset, pool=pool, batch_size=5, progress=False)
+    for layer in (0, 1):
+        pooled, gene_mean, gene_n = reference(toy_adata, tiny_c2s, tset, layer, pool)
+        X = toy_adata.obsm[f"X_transcoder_L{layer}"]
+        np.testing.assert_allclose(X.toarray(), pooled, atol=1e-5)
+        np.testing.assert_allclose(toy_adata.varm[f"transcoder_L{layer}_in"], gene_mean, atol=1e-5)
+    unseen = list(toy_adata.uns["transcoder"]["unseen_genes"])
+    assert unseen == [g for g, n in zip(toy_adata.var_names, gene_n, strict=True) if n == 0]
+    assert toy_adata.obsm["X_transcoder_L0"][3].nnz == 0  # the cell with no gene has no gene-token activation
+
+
+def test_fields_h5ad_round_trip_and_copy(toy_adata, tiny_c2s, tset, tmp_path):
+    before = toy_adata.copy()
+    out = cc.tl.transcode(toy_adata, tiny_c2s, tset, layers=[1], key_added="tc", progress=False, copy=True)
+    assert set(toy_adata.obsm) == set(before.obsm) and "tc" not in toy_adata.uns  # input untouched
+    assert out.obsm["X_tc_L1"].shape == (12, 48) and "X_tc_L0" not in out.obsm
+    assert out.varm["tc_L1_in"].shape == (12, 48) and out.varm["tc_L1_out"].shape == (12, 48)
+    uns = out.uns["tc"]
+    assert list(uns["params"]["layers"]) == [1] and uns["params"]["pool"] == "max"
+    assert uns["transcoders"]["1"]["n_features"] == 48 and uns["version"] == cc.__version__
+    assert len(uns["content_hash"]) == 32
+    out.write_h5ad(tmp_path / "t.h5ad")
+    back = ad.read_h5ad(tmp_path / "t.h5ad")
+    assert (back.obsm["X_tc_L1"] != out.obsm["X_tc_L1"]).nnz == 0
+    np.testing.assert_array_equal(back.varm["tc_L1_out"], out.varm["tc_L1_out"])
+    assert back.uns["tc"]["content_hash"] == uns["content_hash"]
+    assert back.uns["tc"]["transcoders"]["1"]["activation"] == "relu"
+    # another set of weights, another hash
+    with torch.no_grad():
+        tset[1].W_dec.mul_(2)
+    again = cc.tl.transcode(toy_adata, tiny_c2s, tset, layers=[1], key_added="tc", progress=False, copy=True)
+    assert again.uns["tc"]["content_hash"] != uns["content_hash"]
+
+
+def test_genes_outside_var_are_reported(toy_adata, tiny_c2s, tset):
+    toy_adata.obs["cell_sentence"] = ["CD14 NOTAGENE LYZ"] * toy_adata.n_obs
+    cc.tl.transcode(toy_adata, tiny_c2s, tset, progress=False)
+    uns = toy_adata.uns["transcoder"]
+    assert uns["n_genes_outside_var"] == 1 and list(uns["genes_outside_var_examples"]) == ["NOTAGENE"]
+    assert set(uns["unseen_genes"]) == set(toy_adata.var_names) - {"CD14", "LYZ"}
+
+
+def test_direct_logit_effect_equals_a_frozen_norm_intervention(tiny_c2s):
+    adapter = tiny_c2s.adapter
+    torch.manual_seed(0)
+    v = torch.randn(3, 32)
+    x = torch.randn(32)
+    scale = 1.7
+    tokens = [5, 17, 40]
+    got = direct_logit_effects(adapter, v, tokens, scale)  # (tokens, features)
+    norm, W_U = adapter.final_norm, adapter.unembed.weight
+    for f in range(3):
+        # make x's centred part orthogonal to v's so its scale does not change to first order; set its std to scale
+        c = lambda t: t - t.mean()  # noqa: E731
+        xc = c(x) - (c(x) @ c(v[f])) / (c(v[f]) @ c(v[f])) * c(v[f])
+        x0 = xc / norm_scale(adapter, xc[None])[0] * scale
+        eps = 1e-3
+        with torch.no_grad():
+            delta = (norm(x0 + eps * v[f]) - norm(x0)) @ W_U.T / eps
+        np.testing.assert_allclose(got[:, f], delta[tokens].numpy(), rtol=2e-3, atol=2e-4)
+
+
+def test_distinguishing_tokens(tiny_tokenizer):
+    genes = ["HLA-DRA", "HLA-DRB1", "CD14", "CD3", "CD3E", "LYZ"]
+    spelled = {g: tiny_tokenizer(" " + g, add_special_tokens=False)["input_ids"] for g in genes}
+    got = dict(zip(genes, distinguishing_tokens(tiny_tokenizer, genes), strict=True))
+    for g, ids in spelled.items():
+        others = [spelled[o] for o in genes if o != g]
+        unique = [j for j in range(len(ids)) if not any(o[: j + 1] == ids[: j + 1] for o in others)]
+        assert got[g] == ids[unique[0] if unique else -1]
+    assert spelled["HLA-DRA"][0] == spelled["HLA-DRB1"][0] and got["HLA-DRA"] != spelled["HLA-DRA"][0]
+
+
+def test_transcode_errors(toy_adata, tiny_c2s, tset):
+    with pytest.raises(ValueError, match=r"no transcoder for layers \[1\]"):
+        cc.tl.transcode(toy_adata, tiny_c2s, TranscoderSet({0: tset[0]}, n_layers_model=2), layers=[1])
+    with pytest.raises(ValueError, match="pool"):
+        cc.tl.transcode(toy_adata, tiny_c2s, tset, pool="median")
+    with pytest.raises(TypeError, match="model layers are chosen with layers"):
+        cc.tl.transcode(toy_adata, tiny_c2s, tset, layer=0)
+    other = TranscoderSet({0: tset[0]}, n_layers_model=4)
+    with pytest.raises(ValueError, match="4 layers"):
+        cc.tl.transcode(toy_adata, tiny_c2s, other)
