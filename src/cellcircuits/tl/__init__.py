@@ -2,7 +2,15 @@
 
 from ._evaluate import evaluate_transcoders
 from ._predict import predict_cell_types
+from ._rank_features import rank_features_groups
 from ._transcode import transcode
 from ._transcoders import collect_activations, train_transcoders
 
-__all__ = ["collect_activations", "evaluate_transcoders", "predict_cell_types", "train_transcoders", "transcode"]
+__all__ = [
+    "collect_activations",
+    "evaluate_transcoders",
+    "predict_cell_types",
+    "rank_features_groups",
+    "train_transcoders",
+    "transcode",
+]
