@@ -8,7 +8,12 @@ import torch
 import cellcircuits as cc
 from cellcircuits.models import record, tokenize_prompts
 from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet
-from cellcircuits.transcoders._features import direct_logit_effects, distinguishing_tokens, norm_scale
+from cellcircuits.transcoders._features import (
+    direct_logit_effects,
+    distinguishing_tokens,
+    gene_logit_effects,
+    norm_scale,
+)
 
 
 @pytest.fixture
@@ -117,8 +122,8 @@ def test_distinguishing_tokens(tiny_tokenizer):
     for g, ids in spelled.items():
         others = [spelled[o] for o in genes if o != g]
         unique = [j for j in range(len(ids)) if not any(o[: j + 1] == ids[: j + 1] for o in others)]
-        assert got[g] == ids[unique[0] if unique else -1]
-    assert spelled["HLA-DRA"][0] == spelled["HLA-DRB1"][0] and got["HLA-DRA"] != spelled["HLA-DRA"][0]
+        assert got[g] == ids[unique[0] if unique else -1 :]
+    assert spelled["HLA-DRA"][0] == spelled["HLA-DRB1"][0] and got["HLA-DRA"][0] != spelled["HLA-DRA"][0]
 
 
 def test_transcode_errors(toy_adata, tiny_c2s, tset):
@@ -131,3 +136,23 @@ def test_transcode_errors(toy_adata, tiny_c2s, tset):
     other = TranscoderSet({0: tset[0]}, n_layers_model=4)
     with pytest.raises(ValueError, match="4 layers"):
         cc.tl.transcode(toy_adata, tiny_c2s, other)
+
+
+def test_gene_effects_average_over_distinguishing_tokens(tiny_c2s):
+    torch.manual_seed(1)
+    W = torch.randn(4, 32)
+    gene_tokens = [[5, 9], [9], [7, 5, 5]]
+    got = gene_logit_effects(tiny_c2s.adapter, W, gene_tokens, 2.0)
+    single = direct_logit_effects(tiny_c2s.adapter, W, [5, 7, 9], 2.0)  # rows: tokens 5, 7, 9
+    expected = np.stack([(single[0] + single[2]) / 2, single[2], (single[1] + 2 * single[0]) / 3])
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_output_map_reads_the_gene_tokens(toy_adata, tiny_c2s, tset):
+    cc.tl.transcode(toy_adata, tiny_c2s, tset, layers=[0], progress=False)
+    genes = [g.upper() for g in toy_adata.var_names]
+    tokens = distinguishing_tokens(tiny_c2s.tokenizer, genes)
+    scale = toy_adata.uns["transcoder"]["params"]["final_norm_scale"]
+    expected = gene_logit_effects(tiny_c2s.adapter, tset[0].W_dec.detach(), tokens, scale)
+    np.testing.assert_allclose(toy_adata.varm["transcoder_L0_out"], expected, rtol=1e-5, atol=1e-6)
+    assert len({tuple(r) for r in np.round(toy_adata.varm["transcoder_L0_out"], 6)}) == len(genes)  # all distinct

@@ -1,3 +1,5 @@
-"""Plots that read results from AnnData by key (filled by the transcoder and circuit tools)."""
+"""Plots that read results from AnnData by key."""
 
-__all__: list[str] = []
+from ._features import feature_embedding, feature_genes, rank_features_groups
+
+__all__ = ["feature_embedding", "feature_genes", "rank_features_groups"]

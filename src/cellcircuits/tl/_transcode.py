@@ -10,7 +10,7 @@ from scipy import sparse
 
 from ..models._tokens import tokenize_prompts
 from ..pp._sentences import gene_names
-from ..transcoders._features import cell_and_gene_features, direct_logit_effects, distinguishing_tokens
+from ..transcoders._features import cell_and_gene_features, distinguishing_tokens, gene_logit_effects
 from ._predict import _sentences
 from ._transcoders import _check_data_layer
 
@@ -99,10 +99,12 @@ def transcode(
         contains the gene (a gene spans several tokens; their activations are averaged first). 0 for genes the model
         never saw; they are listed in ``.uns[key_added]['unseen_genes']``.
     ``.varm[f"{key_added}_L{L}_out"]`` : :class:`numpy.ndarray` (n_vars x n_features)
-        Output map: the direct effect of each feature's decoder vector on the logit of the token that names the
+        Output map: the direct effect of each feature's decoder vector on the logits of the tokens that name the
         gene, through the final layer norm with its scale frozen at its mean over the gene tokens. Many genes share
-        their first tokens (" HLA", " RPL", " CD"), so the token read is the first one whose prefix no other gene
-        shares (the last token for a gene whose spelling prefixes another's).
+        their first tokens (" HLA", " RPL", " CD"), which do not tell them apart, so the effects are averaged over
+        the gene's tokens from the first one whose prefix no other gene shares to the end of the gene (the last token
+        for a gene whose spelling prefixes another's); see
+        :func:`cellcircuits.transcoders._features.distinguishing_tokens`.
     ``.uns[key_added]`` : :class:`dict`
         ``params``, each layer's transcoder config, a ``content_hash`` of the transcoder weights, the package
         ``version``, ``unseen_genes``, and the number and examples of sentence genes outside ``var_names``.
@@ -148,7 +150,7 @@ def transcode(
         mean_in[seen] = f.gene_sum[seen] / f.gene_cells[seen, None]
         adata.varm[f"{key_added}_L{i}_in"] = mean_in
         W_dec = transcoders[i].W_dec.detach()
-        adata.varm[f"{key_added}_L{i}_out"] = direct_logit_effects(adapter, W_dec, tokens, scale).astype(np.float32)
+        adata.varm[f"{key_added}_L{i}_out"] = gene_logit_effects(adapter, W_dec, tokens, scale).astype(np.float32)
     unseen = symbols[features[layers[0]].gene_cells == 0] if layers else np.array([])
     adata.uns[key_added] = {
         "params": {

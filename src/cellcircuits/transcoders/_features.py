@@ -145,13 +145,14 @@ def norm_scale(adapter: ModelAdapter, x: torch.Tensor) -> torch.Tensor:
     return (x.pow(2).mean(-1) + eps).sqrt()
 
 
-def distinguishing_tokens(tokenizer: PreTrainedTokenizerFast, genes: Sequence[str]) -> list[int]:
-    """Per gene, the token that tells it apart: the first token whose prefix no other gene shares.
+def distinguishing_tokens(tokenizer: PreTrainedTokenizerFast, genes: Sequence[str]) -> list[list[int]]:
+    """Per gene, the tokens that tell it apart: from the first one whose prefix no other gene shares, to the end.
 
     Genes are spelled as in a cell sentence (after a space). Many genes share their first tokens (" HLA", " RPL",
-    " CD"), so the first token's logit says little about the gene; the first position at which the gene's token
-    prefix becomes unique is the one the model must predict to name it. A gene whose whole spelling prefixes
-    another's (``CD3`` and ``CD3E``) gets its last token.
+    " CD"), and those say nothing about which gene is named; from the first position at which the gene's token
+    prefix is its own, its tokens name it. A small vocabulary reuses single letters across genes, so one token
+    alone ("D" in "ID2", "HSPD1", "MED28") would not tell genes apart; the rest of the spelling does. A gene whose
+    whole spelling prefixes another's (``CD3`` and ``CD3E``) gets its last token.
     """
     spelled = [tuple(tokenizer(" " + g, add_special_tokens=False)["input_ids"]) for g in genes]
     prefix_count: dict[tuple[int, ...], int] = {}
@@ -161,8 +162,36 @@ def distinguishing_tokens(tokenizer: PreTrainedTokenizerFast, genes: Sequence[st
     out = []
     for ids in spelled:
         j = next((j for j in range(len(ids)) if prefix_count[ids[: j + 1]] == 1), len(ids) - 1)
-        out.append(ids[j])
+        out.append(list(ids[j:]))
     return out
+
+
+def gene_logit_effects(
+    adapter: ModelAdapter, W_dec: torch.Tensor, gene_tokens: Sequence[Sequence[int]], scale: float
+) -> np.ndarray:
+    """Per gene, the mean direct logit effect of each feature on the tokens that tell the gene apart.
+
+    A mean rather than a sum, so genes with long spellings (``RP11-489E7.4``) do not rank high for their length.
+
+    Parameters
+    ----------
+    adapter
+        The model's adapter.
+    W_dec
+        ``(n_features, d_model)`` decoder vectors.
+    gene_tokens
+        Per gene, its distinguishing tokens (:func:`distinguishing_tokens`).
+    scale
+        The frozen scale of the final norm's input.
+
+    Returns
+    -------
+    ``(n_genes, n_features)`` effects.
+    """
+    vocab = sorted({t for ids in gene_tokens for t in ids})
+    column = {t: i for i, t in enumerate(vocab)}
+    per_token = direct_logit_effects(adapter, W_dec, vocab, scale)  # (n_tokens, n_features)
+    return np.stack([per_token[[column[t] for t in ids]].mean(0) for ids in gene_tokens])
 
 
 @torch.no_grad()
