@@ -452,3 +452,52 @@ def test_topk_loss_features_are_sparse_rows_of_the_forward_features():
     dense.update_dead(features.to_dense())
     assert torch.equal(tc.tokens_since_fired, dense.tokens_since_fired)
     assert (tc.tokens_since_fired == 0).any() and (tc.tokens_since_fired == 39).any()
+
+
+@pytest.mark.parametrize("backward", ["sparse", "dense"])
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+@pytest.mark.parametrize("n_dead", [0, 5, 12, 150], ids=["none_dead", "few_dead", "all_dead_used", "many_dead"])
+def test_topk_gathered_backward_matches_dense_autograd(monkeypatch, backward, skip, n_dead):
+    """The sparse-gradient TopK training path against plain dense autograd, parameters and input, in float64."""
+    from cellcircuits.transcoders import _transcoder
+
+    # force one backward formulation of _GatheredEncode: sparse products or the dense scatter
+    monkeypatch.setattr(_transcoder, "_DENSE_BACKWARD_FRACTION", 0 if backward == "sparse" else 10**9)
+    torch.manual_seed(n_dead)
+    tc = randomise_(make("topk", d_in=12, d_out=10, n_features=256, k=8, aux_k=16, skip=skip, dtype="float64"))
+    x = torch.randn(96, 12, dtype=torch.float64)
+    y = torch.randn(96, 10, dtype=torch.float64)
+    tc.set_scales_from(x, y)
+    tc.tokens_since_fired[torch.randperm(256)[:n_dead]] = tc.cfg.dead_after_tokens
+
+    x_got, x_want = x.clone().requires_grad_(), x.clone().requires_grad_()
+    params = list(tc.parameters())
+    out = tc.loss(x_got, y)
+    grads = torch.autograd.grad(out.total, [*params, x_got])
+    expected = _dense_topk_loss(tc, x_want, y)
+    expected_grads = torch.autograd.grad(expected, [*params, x_want])
+    torch.testing.assert_close(out.total, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert (out.aux > 0) == (n_dead > 0)
+    # without an input gradient only the parameters get one
+    tc.zero_grad()
+    tc.loss(x, y).total.backward()
+    for p, want in zip(params, expected_grads[:-1], strict=True):
+        torch.testing.assert_close(p.grad, want, rtol=1e-10, atol=1e-12)
+
+
+def test_topk_training_float32_matches_dense_autograd():
+    tc = randomise_(make("topk", d_in=16, d_out=16, n_features=512, k=8, aux_k=32))
+    x, y = torch.randn(256, 16), torch.randn(256, 16)
+    tc.set_scales_from(x, y)
+    tc.tokens_since_fired[torch.randperm(512)[:100]] = tc.cfg.dead_after_tokens
+    out = tc.loss(x, y)
+    grads = torch.autograd.grad(out.total, list(tc.parameters()))
+    expected = _dense_topk_loss(tc, x, y)
+    expected_grads = torch.autograd.grad(expected, list(tc.parameters()))
+    torch.testing.assert_close(out.total, expected)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # forward and encode still give the dense features of the same selection
+    torch.testing.assert_close(out.features.to_dense(), tc.encode(x))

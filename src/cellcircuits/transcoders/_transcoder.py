@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from ._config import TranscoderConfig
@@ -155,6 +156,102 @@ class _Step(torch.autograd.Function):
         return None, _sum_to(grad_threshold, threshold.shape), None
 
 
+def _transposed_rows(values: torch.Tensor, indices: torch.Tensor, n: int) -> torch.Tensor:
+    """``(n, rows)`` sparse CSR tensor, the transpose of the ``(rows, n)`` one with ``values[i]`` at ``indices[i]``.
+
+    ``S.T @ A`` for such a row-sparse ``S`` is the gradient of a weight read at ``indices`` (encoder columns, decoder
+    rows); a stable sort of the column indices gives the transpose's rows, and the product then costs one pass over
+    ``rows * k`` entries.
+    """
+    rows, k = indices.shape
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)
+    crow = torch.zeros(n + 1, dtype=torch.long, device=indices.device)
+    crow[1:] = torch.bincount(flat, minlength=n).cumsum(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        return torch.sparse_csr_tensor(
+            crow, order // k, values.reshape(-1)[order], size=(n, rows), check_invariants=False
+        )
+
+
+class _DecoderGrad(torch.autograd.Function):
+    """Identity on ``out``, the sparse decoder's output, that gives ``W_dec`` its gradient through a sparse product.
+
+    ``out = embedding_bag(indices, W_dec.detach(), acts)`` already carries the gradient of ``acts``; the decoder
+    rows' gradient ``S.T @ grad`` (``S`` holding ``acts`` at ``indices``) is added here, cheaper on CPU than
+    ``embedding_bag``'s own backward.
+    """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, W_dec: torch.Tensor, acts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(acts, indices)
+        ctx.n = W_dec.shape[0]
+        return out.view_as(out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None]:
+        acts, indices = ctx.saved_tensors
+        grad_W = _transposed_rows(acts, indices, ctx.n) @ grad if ctx.needs_input_grad[1] else None
+        return grad, grad_W, None, None
+
+
+#: :class:`_GatheredEncode` takes the dense backward when a row holds more than ``n_features / 16`` entries, about
+#: where a sparse product stopped being faster than the dense one on CPU (1024 rows, ``d_in`` 128, measured roughly).
+_DENSE_BACKWARD_FRACTION = 16
+
+
+class _GatheredEncode(torch.autograd.Function):
+    """``relu(values)`` for ``values = (x_n @ W_enc + b_enc).gather(-1, indices)``, computed by the caller.
+
+    The pre-activations are found without autograd (they are only needed to choose ``indices``); this function puts
+    back the gradient of the gathered entries alone. With ``m`` indices per row the weight gradient
+    ``x_n.T @ G`` (``G`` the ``(rows, n_features)`` gradient of the pre-activations, ``m`` non-zero entries per
+    row) is a sparse product of ``rows * m * d_in`` multiply-adds instead of a dense one of
+    ``rows * n_features * d_in``. Repeated indices in a row add up, as they would through ``gather``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        values: torch.Tensor,
+        indices: torch.Tensor,
+        x_n: torch.Tensor,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+    ) -> torch.Tensor:
+        acts = torch.relu(values)
+        ctx.save_for_backward(acts, indices, x_n, W_enc)
+        return acts
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, torch.Tensor | None, ...]:
+        acts, indices, x_n, W_enc = ctx.saved_tensors
+        _, _, need_x, need_W, need_b = ctx.needs_input_grad
+        n = W_enc.shape[1]
+        rows, m = indices.shape
+        g = torch.where(acts > 0, grad, 0)  # relu's gradient, zero where the activation is zero
+        grad_x = grad_W = grad_b = None
+        if m * _DENSE_BACKWARD_FRACTION > n:
+            dense = g.new_zeros(rows, n).scatter_add_(-1, indices, g)
+            if need_W:
+                grad_W = x_n.T @ dense
+            if need_b:
+                grad_b = dense.sum(0)
+            if need_x:
+                grad_x = dense @ W_enc.T
+            return None, None, grad_x, grad_W, grad_b
+        if need_W:
+            grad_W = (_transposed_rows(g, indices, n) @ x_n).T.contiguous()
+        if need_b:
+            grad_b = g.new_zeros(n).index_add_(0, indices.reshape(-1), g.reshape(-1))
+        if need_x:
+            grad_x = F.embedding_bag(indices, W_enc.T.contiguous(), per_sample_weights=g, mode="sum")
+        return None, None, grad_x, grad_W, grad_b
+
+
 class Transcoder(nn.Module):
     """A sparse, wide replacement for one MLP block.
 
@@ -244,7 +341,11 @@ class Transcoder(nn.Module):
         Gathering the rows costs ``rows * k * d_out`` instead of ``rows * n_features * d_out``, and so does the
         backward pass, whose gradient reaches only the decoder rows that were used.
         """
-        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=acts, mode="sum") + self.b_dec
+        if torch.is_grad_enabled() and self.W_dec.requires_grad:
+            out = F.embedding_bag(indices, self.W_dec.detach(), per_sample_weights=acts, mode="sum")
+            out = _DecoderGrad.apply(out, self.W_dec, acts.detach(), indices) + self.b_dec
+        else:
+            out = F.embedding_bag(indices, self.W_dec, per_sample_weights=acts, mode="sum") + self.b_dec
         if self.W_skip is not None and x_n is not None:
             out = out + x_n @ self.W_skip
         return out
@@ -300,15 +401,16 @@ class Transcoder(nn.Module):
         cfg = self.cfg
         x_n = self._normalise_input(x).reshape(-1, cfg.d_in)
         y_n = y.to(x_n.dtype).reshape(-1, cfg.d_out) * self.output_scale
-        pre = self._pre_acts(x_n)
         if cfg.activation == "topk":
             # decode the k active features sparsely, and hand them back sparse: no dense (rows, n_features) tensor
-            acts, indices = self._topk(pre)
+            # takes part in autograd (see _GatheredEncode)
+            acts, indices, aux_acts, aux_indices, aux_dead = self._topk_train(x_n)
             y_hat_n = self._decode_sparse(acts, indices, x_n)
             with torch.no_grad():
                 features = _sparse_rows(acts, indices, cfg.n_features)
-                l0_mean = (acts != 0).sum(-1).to(pre.dtype).mean()
+                l0_mean = (acts != 0).sum(-1).to(x_n.dtype).mean()
         else:
+            pre = self._pre_acts(x_n)
             features = self._activate(pre)
             y_hat_n = self._decode_normalised(features, x_n)
             l0_mean = (features.detach() != 0).sum(-1).to(pre.dtype).mean()
@@ -323,32 +425,87 @@ class Transcoder(nn.Module):
         else:
             sparsity = mse.new_zeros(())
 
-        aux = self._aux_loss(pre, (y_n - y_hat_n).detach())
+        residual = (y_n - y_hat_n).detach()
+        if cfg.activation != "topk":
+            selected = self._aux_select(pre)
+            aux_acts, aux_indices, aux_dead = (None, None, None) if selected is None else selected
+            if aux_acts is not None:
+                aux_acts = torch.relu(aux_acts)
+        aux = self._aux_loss(aux_acts, aux_indices, aux_dead, residual)
         with torch.no_grad():
             y_f = y.to(x_n.dtype).reshape(-1, cfg.d_out)
             y_hat = y_hat_n / self.output_scale
             fvu = (y_f - y_hat).pow(2).sum() / (y_f - y_f.mean(0)).pow(2).sum().clamp_min(1e-12)
         return LossOutput(mse + sparsity + aux, mse, sparsity, aux, fvu, l0_mean, features.detach())
 
-    def _aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """AuxK: fit the detached residual error with the largest pre-activations of dead features."""
+    def _topk_train(
+        self, x_n: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """TopK activations of ``(rows, d_in)`` inputs for training, and those of AuxK's dead features.
+
+        Gives the ``(rows, k)`` activations and indices, then (``None`` when AuxK is off) AuxK's ``(rows, m)``
+        activations and feature indices and, when every dead feature takes part, the dead features' indices. The
+        dense pre-activations are found without autograd; one :class:`_GatheredEncode` gives the gradient of
+        both selections.
+        """
+        k = self.cfg.k
+        with torch.no_grad():
+            pre = self._pre_acts(x_n)
+            indices = topk_indices(pre, k)
+            values = pre.gather(-1, indices)
+            selected = self._aux_select(pre)
+            del pre
+        if selected is None:
+            return _GatheredEncode.apply(values, indices, x_n, self.W_enc, self.b_enc), indices, None, None, None
+        aux_values, aux_indices, aux_dead = selected
+        both = _GatheredEncode.apply(
+            torch.cat((values, aux_values), -1),
+            torch.cat((indices, aux_indices), -1),
+            x_n,
+            self.W_enc,
+            self.b_enc,
+        )
+        return both[:, :k], indices, both[:, k:], aux_indices, aux_dead
+
+    def _aux_select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """The dead features' pre-activations that AuxK uses, or ``None`` when AuxK is off or nothing is dead.
+
+        Gives ``(rows, m)`` values and feature indices, then the dead features' indices when all of them are used
+        (``m`` is their number) or else ``None``.
+        """
         cfg = self.cfg
         dead = self.dead_mask()
         n_dead = int(dead.sum())
         if n_dead == 0 or cfg.aux_k == 0 or cfg.aux_coefficient == 0:
-            return pre.new_zeros(())
-        # only the dead features' pre-activations and decoder rows take part
+            return None
         dead_index = dead.nonzero().squeeze(1)
         pre_dead = pre.index_select(-1, dead_index)
-        W_dead = self.W_dec.index_select(0, dead_index)
-        # no b_dec: the residual is what the live features and the bias left over
         if cfg.aux_k < n_dead:
             values, indices = pre_dead.topk(cfg.aux_k, dim=-1, sorted=False)
-            estimate = F.embedding_bag(indices, W_dead, per_sample_weights=torch.relu(values), mode="sum")
+            return values, dead_index[indices], None
+        return pre_dead, dead_index.expand(pre.shape[0], n_dead), dead_index
+
+    def _aux_loss(
+        self,
+        acts: torch.Tensor | None,
+        indices: torch.Tensor | None,
+        dead_index: torch.Tensor | None,
+        residual: torch.Tensor,
+    ) -> torch.Tensor:
+        """AuxK: fit the detached residual error with the largest activations of dead features.
+
+        ``acts`` (``(rows, m)``, at feature ``indices``) are those activations; the loss is zero when it is ``None``.
+        """
+        if acts is None:
+            return residual.new_zeros(())
+        # only the dead features' decoder rows take part; no b_dec: the residual is what the live features and the
+        # bias left over
+        if dead_index is None:
+            estimate = F.embedding_bag(indices, self.W_dec, per_sample_weights=acts, mode="sum")
         else:
-            estimate = torch.relu(pre_dead) @ W_dead
+            estimate = acts @ self.W_dec.index_select(0, dead_index)
         variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return cfg.aux_coefficient * (residual - estimate).pow(2).sum() / variance
+        return self.cfg.aux_coefficient * (residual - estimate).pow(2).sum() / variance
 
     @torch.no_grad()
     def update_dead(self, features: torch.Tensor) -> None:
