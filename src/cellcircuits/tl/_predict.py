@@ -45,6 +45,16 @@ def _sentences(
     )
 
 
+def check_cells(adata: AnnData, batch_size: int) -> None:
+    """Refuse a non-positive ``batch_size`` or an AnnData without cells."""
+    if batch_size < 1:
+        msg = f"batch_size must be positive, got {batch_size!r}"
+        raise ValueError(msg)
+    if adata.n_obs == 0:
+        msg = "adata has no cells."
+        raise ValueError(msg)
+
+
 def candidate_labels(adata: AnnData, model: C2SModel, labels: Sequence[str] | None, batch_size: int) -> list[str]:
     """Candidate labels (default the model's), after checking them, ``batch_size`` and that there are cells."""
     labels = list(model.labels or []) if labels is None else [str(label) for label in labels]
@@ -54,12 +64,7 @@ def candidate_labels(adata: AnnData, model: C2SModel, labels: Sequence[str] | No
     if len(set(labels)) != len(labels):
         msg = f"labels contain duplicates: {labels}"
         raise ValueError(msg)
-    if batch_size < 1:
-        msg = f"batch_size must be positive, got {batch_size!r}"
-        raise ValueError(msg)
-    if adata.n_obs == 0:
-        msg = "adata has no cells."
-        raise ValueError(msg)
+    check_cells(adata, batch_size)
     return labels
 
 

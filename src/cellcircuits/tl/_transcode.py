@@ -11,7 +11,7 @@ from scipy import sparse
 from ..models._tokens import tokenize_prompts
 from ..pp._sentences import gene_names
 from ..transcoders._features import cell_and_gene_features, distinguishing_tokens, gene_logit_effects
-from ._predict import _sentences
+from ._predict import _sentences, check_cells
 from ._transcoders import _check_data_layer
 
 if TYPE_CHECKING:
@@ -122,12 +122,7 @@ def transcode(
     if pool not in ("max", "mean", "sum"):
         msg = f"pool must be 'max', 'mean' or 'sum', got {pool!r}"
         raise ValueError(msg)
-    if batch_size < 1:
-        msg = f"batch_size must be positive, got {batch_size!r}"
-        raise ValueError(msg)
-    if adata.n_obs == 0:
-        msg = "adata has no cells."
-        raise ValueError(msg)
+    check_cells(adata, batch_size)
 
     symbols = gene_names(adata.var, gene_symbols)
     row_of = {g: i for i, g in enumerate(symbols)}
