@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from .._docs import doc_params
 from ._utils import feature_label, feature_matrix, finish, new_axes
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ def _column(X: object, j: int) -> np.ndarray:
     return np.asarray(col.toarray() if sparse.issparse(col) else col).ravel()
 
 
+@doc_params
 def feature_embedding(
     adata: AnnData,
     features: int | Sequence[int],
@@ -60,18 +62,11 @@ def feature_embedding(
         Point size; default scales with the number of cells.
     ax
         Axes to draw into (one feature only).
-    figsize, dpi
-        Size and resolution of a new figure.
-    show
-        Show the figure; ``False`` returns the axes.
-    save
-        Write the figure to this path (format from the suffix, e.g. ``.png``, ``.pdf``).
-    return_fig
-        Return the figure.
+    {plot_output}
 
     Returns
     -------
-    The figure with ``return_fig``, the axes with ``show=False``, else ``None``.
+    {plot_returns}
     """
     X = feature_matrix(adata, key, layer)
     emb_key = f"X_{basis}"
@@ -101,6 +96,7 @@ def feature_embedding(
     return finish(fig, axes, show=show, save=save, return_fig=return_fig)
 
 
+@doc_params
 def rank_features_groups(
     adata: AnnData,
     *,
@@ -134,18 +130,11 @@ def rank_features_groups(
         ``"dotplot"`` or ``"heatmap"``.
     ax
         Axes to draw into.
-    figsize, dpi
-        Size and resolution of a new figure.
-    show
-        Show the figure; ``False`` returns the axes.
-    save
-        Write the figure to this path.
-    return_fig
-        Return the figure.
+    {plot_output}
 
     Returns
     -------
-    The figure with ``return_fig``, the axes with ``show=False``, else ``None``.
+    {plot_returns}
     """
     if key not in adata.uns or "names" not in adata.uns[key]:
         msg = f"No ranking under .uns[{key!r}]; run cellcircuits.tl.rank_features_groups first."
@@ -189,6 +178,7 @@ def rank_features_groups(
     return finish(fig, axes, show=show, save=save, return_fig=return_fig)
 
 
+@doc_params
 def feature_genes(
     adata: AnnData,
     feature: int,
@@ -219,18 +209,11 @@ def feature_genes(
         Genes per panel.
     ax
         Not supported (the plot has two panels); must be ``None``.
-    figsize, dpi
-        Size and resolution of the figure.
-    show
-        Show the figure; ``False`` returns the two axes.
-    save
-        Write the figure to this path.
-    return_fig
-        Return the figure.
+    {plot_output}
 
     Returns
     -------
-    The figure with ``return_fig``, the axes with ``show=False``, else ``None``.
+    {plot_returns}
     """
     maps = []
     for side in ("in", "out"):
