@@ -12,9 +12,10 @@ from tqdm.auto import tqdm
 
 from ..models._hooks import record
 from ..models._scoring import pad, position_ids, score_continuations
-from ..models._tokens import label_token_ids, tokenize_prompts
+from ..models._tokens import label_token_ids
 from ..transcoders._splice import splice
-from ._predict import _sentences, candidate_labels
+from ._cells import cell_prompts
+from ._predict import candidate_labels
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -200,9 +201,17 @@ def evaluate_transcoders(
     covered = transcoders.layers
 
     cells = _cells(adata, n_cells, random_state)
-    sentences = _sentences(adata, model, sentence_key, layer, use_raw, gene_symbols, random_state, cells)
     tok = model.tokenizer
-    prompts = tokenize_prompts(tok, model.build_prompts(sentences))
+    prompts = cell_prompts(
+        adata,
+        model,
+        sentence_key=sentence_key,
+        layer=layer,
+        use_raw=use_raw,
+        gene_symbols=gene_symbols,
+        random_state=random_state,
+        cells=cells,
+    )
     positions = [_positions(p) for p in prompts]
     label_ids = label_token_ids(tok, model.prompt, labels)
 

@@ -10,7 +10,7 @@ from scipy.special import softmax
 
 from ..models._scoring import score_continuations
 from ..models._tokens import label_token_ids
-from ..pp._sentences import sentences_from_adata
+from ._cells import check_cells, sentences_for
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -18,41 +18,6 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from ..models._load import C2SModel
-
-
-def _sentences(
-    adata: AnnData,
-    model: C2SModel,
-    sentence_key: str,
-    layer: str | None,
-    use_raw: bool | None,
-    gene_symbols: str | None,
-    random_state: int,
-    cells: np.ndarray | None = None,
-) -> list[str]:
-    """Stored sentences when present, else built now (cut to the model's ``n_genes``) without storing them."""
-    if sentence_key in adata.obs.columns:
-        stored = adata.obs[sentence_key] if cells is None else adata.obs[sentence_key].iloc[cells]
-        return stored.fillna("").astype(str).tolist()
-    return sentences_from_adata(
-        adata,
-        n_genes=model.prompt.n_genes,
-        layer=layer,
-        use_raw=use_raw,
-        gene_symbols=gene_symbols,
-        random_state=random_state,
-        cells=cells,
-    )
-
-
-def check_cells(adata: AnnData, batch_size: int) -> None:
-    """Refuse a non-positive ``batch_size`` or an AnnData without cells."""
-    if batch_size < 1:
-        msg = f"batch_size must be positive, got {batch_size!r}"
-        raise ValueError(msg)
-    if adata.n_obs == 0:
-        msg = "adata has no cells."
-        raise ValueError(msg)
 
 
 def candidate_labels(adata: AnnData, model: C2SModel, labels: Sequence[str] | None, batch_size: int) -> list[str]:
@@ -131,7 +96,7 @@ def predict_cell_types(
         Model name, labels and settings.
     """
     labels = candidate_labels(adata, model, labels, batch_size)
-    sentences = _sentences(adata, model, sentence_key, layer, use_raw, gene_symbols, random_state)
+    sentences = sentences_for(adata, model, sentence_key, layer, use_raw, gene_symbols, random_state)
     tok = model.tokenizer
     prompt_ids = tok([p.text for p in model.build_prompts(sentences)])["input_ids"]
     logprob = score_continuations(

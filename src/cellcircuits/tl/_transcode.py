@@ -8,11 +8,9 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from scipy import sparse
 
-from ..models._tokens import tokenize_prompts
 from ..pp._sentences import gene_names
 from ..transcoders._features import cell_and_gene_features, distinguishing_tokens, gene_logit_effects
-from ._predict import _sentences, check_cells
-from ._transcoders import _check_data_layer
+from ._cells import cell_prompts, check_cells, check_data_layer
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -111,7 +109,7 @@ def transcode(
     """
     from .. import __version__
 
-    _check_data_layer(layer)
+    check_data_layer(layer)
     adapter = model.adapter
     transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
     layers = transcoders.layers if layers is None else sorted({adapter._check_layer(int(i)) for i in layers})
@@ -126,8 +124,15 @@ def transcode(
 
     symbols = gene_names(adata.var, gene_symbols)
     row_of = {g: i for i, g in enumerate(symbols)}
-    sentences = _sentences(adata, model, sentence_key, layer, use_raw, gene_symbols, random_state)
-    prompts = tokenize_prompts(model.tokenizer, model.build_prompts(sentences))
+    prompts = cell_prompts(
+        adata,
+        model,
+        sentence_key=sentence_key,
+        layer=layer,
+        use_raw=use_raw,
+        gene_symbols=gene_symbols,
+        random_state=random_state,
+    )
     gene_index = [np.array([row_of.get(g, -1) for g in p.genes], dtype=np.int64) for p in prompts]
     outside = sorted({g for p in prompts for g in p.genes if g not in row_of})
     features, scale = cell_and_gene_features(

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from ..models._tokens import label_token_ids, tokenize_prompts
+from ..models._tokens import label_token_ids
 from ..transcoders._activations import collect_activations as _collect
 from ..transcoders._config import TranscoderConfig
 from ..transcoders._store import ActivationStore
 from ..transcoders._training import train_on_store
-from ._predict import _sentences
+from ._cells import cell_prompts, check_data_layer
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -21,33 +21,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from ..models._load import C2SModel
-    from ..models._tokens import TokenizedPrompt
     from ..transcoders._transcoder import TranscoderSet
-
-
-def _check_data_layer(layer: object) -> None:
-    if layer is not None and not isinstance(layer, str):
-        msg = f"layer={layer!r} names an AnnData layer (a string); model layers are chosen with layers=[...]."
-        raise TypeError(msg)
-
-
-def cell_prompts(
-    adata: AnnData,
-    model: C2SModel,
-    *,
-    sentence_key: str = "cell_sentence",
-    layer: str | None = None,
-    use_raw: bool | None = None,
-    gene_symbols: str | None = None,
-    random_state: int = 0,
-) -> list[TokenizedPrompt]:
-    """Tokenized prompts of every cell, with the positions of each gene's tokens."""
-    _check_data_layer(layer)
-    if adata.n_obs == 0:
-        msg = "adata has no cells."
-        raise ValueError(msg)
-    sentences = _sentences(adata, model, sentence_key, layer, use_raw, gene_symbols, random_state)
-    return tokenize_prompts(model.tokenizer, model.build_prompts(sentences))
 
 
 def rotating_answers(model: C2SModel, n_cells: int) -> list[list[int]] | None:
@@ -216,7 +190,7 @@ def train_transcoders(
     -------
     The trained transcoders (save them with ``.save(directory)``).
     """
-    _check_data_layer(layer)
+    check_data_layer(layer)
     if layers is not None:
         layers = sorted({model.adapter._check_layer(int(i)) for i in layers})
     config = TranscoderConfig(
