@@ -51,7 +51,7 @@ def test_anndata_signature_conventions(name, func):
 
 
 def test_import_is_light():
-    code = "import sys, cellcircuits, cellcircuits.pp; print('torch' in sys.modules)"
+    code = "import sys, cellcircuits, cellcircuits.pp, cellcircuits.pl, cellcircuits.get; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -11,6 +11,24 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 
+def ranking(adata: AnnData, key: str) -> dict:
+    """The result :func:`cellcircuits.tl.rank_features_groups` stored under ``key``, with a clear error when absent."""
+    if key not in adata.uns or "names" not in adata.uns[key]:
+        msg = f"No ranking under .uns[{key!r}]; run cellcircuits.tl.rank_features_groups first."
+        raise KeyError(msg)
+    return adata.uns[key]
+
+
+def top_input_genes(adata: AnnData, key: str, layer: int, features: np.ndarray, n: int) -> list[list[str]] | None:
+    """Per feature, the ``n`` genes highest in its input map (``.varm[f"{key}_L{layer}_in"]``); ``None`` without it."""
+    in_map = adata.varm.get(f"{key}_L{layer}_in")
+    if in_map is None:
+        return None
+    top = np.argsort(-np.asarray(in_map)[:, np.asarray(features)], axis=0, kind="stable")[:n]
+    names = np.asarray(adata.var_names)
+    return [list(names[top[:, j]]) for j in range(top.shape[1])]
+
+
 def rank_features_groups_df(
     adata: AnnData, group: str, *, key: str = "rank_features_groups", n_top_genes: int = 5
 ) -> pd.DataFrame:
@@ -33,10 +51,7 @@ def rank_features_groups_df(
     Columns ``feature`` (int), ``score``, ``logfoldchange``, ``pval``, ``pval_adj`` and ``top_genes``, best first;
     ``score`` is the AUROC when the ranking's method was ``"auroc"``.
     """
-    if key not in adata.uns or "names" not in adata.uns[key]:
-        msg = f"No ranking under .uns[{key!r}]; run cellcircuits.tl.rank_features_groups first."
-        raise KeyError(msg)
-    result = adata.uns[key]
+    result = ranking(adata, key)
     groups = list(result["names"].dtype.names)
     if group not in groups:
         msg = f"group {group!r} was not ranked; ranked groups are {groups}"
@@ -51,11 +66,6 @@ def rank_features_groups_df(
             "pval_adj": np.asarray(result["pvals_adj"][group]),
         }
     )
-    in_map = adata.varm.get(f"{params['key']}_L{params['layer']}_in")
-    if in_map is None:
-        df["top_genes"] = ""
-    else:
-        top = np.argsort(-np.asarray(in_map)[:, df["feature"].to_numpy()], axis=0, kind="stable")[:n_top_genes]
-        names = np.asarray(adata.var_names)
-        df["top_genes"] = [", ".join(names[top[:, j]]) for j in range(len(df))]
+    top = top_input_genes(adata, params["key"], params["layer"], df["feature"].to_numpy(), n_top_genes)
+    df["top_genes"] = "" if top is None else [", ".join(genes) for genes in top]
     return df

@@ -9,7 +9,9 @@ import pandas as pd
 from scipy import sparse
 
 from .._docs import doc_params
-from ._utils import feature_label, feature_matrix, finish, new_axes
+from .._keys import feature_matrix
+from ..get._rank_features import ranking
+from ._utils import feature_label, finish, new_axes
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -136,13 +138,10 @@ def rank_features_groups(
     -------
     {plot_returns}
     """
-    if key not in adata.uns or "names" not in adata.uns[key]:
-        msg = f"No ranking under .uns[{key!r}]; run cellcircuits.tl.rank_features_groups first."
-        raise KeyError(msg)
+    result = ranking(adata, key)
     if kind not in ("dotplot", "heatmap"):
         msg = f"kind must be 'dotplot' or 'heatmap', got {kind!r}"
         raise ValueError(msg)
-    result = adata.uns[key]
     params = result["params"]
     ranked = list(result["names"].dtype.names)
     groups = ranked if groups is None else list(groups)

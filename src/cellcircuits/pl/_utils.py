@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..get._rank_features import top_input_genes
+
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
@@ -52,21 +54,9 @@ def finish(
 
 
 def feature_label(adata: AnnData, key: str, layer: int, feature: int, n_genes: int = 3) -> str:
-    """``"L3 F12: GENE1, GENE2, GENE3"`` from the feature's input map, when present."""
+    """``"L3 F12: GENE1, GENE2, GENE3"`` from the feature's input map, when present and not all zero."""
     label = f"L{layer} F{feature}"
-    in_map = adata.varm.get(f"{key}_L{layer}_in")
-    if in_map is not None:
-        column = np.asarray(in_map)[:, feature]
-        if np.any(column > 0):
-            top = np.argsort(-column, kind="stable")[:n_genes]
-            label += ": " + ", ".join(adata.var_names[top])
+    top = top_input_genes(adata, key, layer, np.array([feature]), n_genes)
+    if top is not None and np.any(np.asarray(adata.varm[f"{key}_L{layer}_in"])[:, feature] > 0):
+        label += ": " + ", ".join(top[0])
     return label
-
-
-def feature_matrix(adata: AnnData, key: str, layer: int) -> np.ndarray | object:
-    """The cells x features activations of a layer (sparse or dense), with a clear error when absent."""
-    obsm_key = f"X_{key}_L{layer}"
-    if obsm_key not in adata.obsm:
-        msg = f".obsm[{obsm_key!r}] not found; run cellcircuits.tl.transcode(adata, model, transcoders) first."
-        raise KeyError(msg)
-    return adata.obsm[obsm_key]

@@ -9,6 +9,8 @@ import pandas as pd
 from scipy import sparse
 from scipy.stats import rankdata
 
+from .._keys import feature_matrix
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
@@ -83,9 +85,7 @@ def rank_features_groups(
     import scanpy as sc
 
     obsm_key = f"X_{key}_L{layer}"
-    if obsm_key not in adata.obsm:
-        msg = f".obsm[{obsm_key!r}] not found; run cellcircuits.tl.transcode(adata, model, transcoders) first."
-        raise KeyError(msg)
+    X = feature_matrix(adata, key, layer)
     if groupby not in adata.obs.columns:
         msg = f"groupby {groupby!r} is not a column of .obs; columns are {list(adata.obs.columns)}"
         raise KeyError(msg)
@@ -97,7 +97,6 @@ def rank_features_groups(
     if method not in ("wilcoxon", "t-test", "auroc"):
         msg = f"method must be 'wilcoxon', 't-test' or 'auroc', got {method!r}"
         raise ValueError(msg)
-    X = adata.obsm[obsm_key]
     X = X.toarray() if sparse.issparse(X) else np.asarray(X)
     features = pd.Index([str(i) for i in range(X.shape[1])])
     tmp = ad.AnnData(
