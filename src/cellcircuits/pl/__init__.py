@@ -1,5 +1,6 @@
 """Plots that read results from AnnData by key."""
 
+from ._enrichment import enrichment
 from ._features import feature_embedding, feature_genes, rank_features_groups
 
-__all__ = ["feature_embedding", "feature_genes", "rank_features_groups"]
+__all__ = ["enrichment", "feature_embedding", "feature_genes", "rank_features_groups"]

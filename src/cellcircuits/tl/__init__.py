@@ -1,6 +1,8 @@
 """Tools: where AnnData meets the model."""
 
+from ._enrichment import feature_enrichment
 from ._evaluate import evaluate_transcoders
+from ._interpret import interpret_features
 from ._predict import predict_cell_types
 from ._rank_features import rank_features_groups
 from ._transcode import transcode
@@ -9,6 +11,8 @@ from ._transcoders import collect_activations, train_transcoders
 __all__ = [
     "collect_activations",
     "evaluate_transcoders",
+    "feature_enrichment",
+    "interpret_features",
     "predict_cell_types",
     "rank_features_groups",
     "train_transcoders",

@@ -1,0 +1,256 @@
+"""Automatic interpretation of transcoder features: a label, a cell type and flags per feature."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from .._keys import feature_matrix
+from ._enrichment import feature_enrichment, gene_map
+from ._rank_features import auroc
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from anndata import AnnData
+
+    from ._enrichment import NetLike
+
+DENSE_FREQUENCY = 0.5
+"""A feature active in more than this fraction of cells is flagged ``dense``."""
+
+
+def group_means(X: sparse.spmatrix | np.ndarray, labels: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """``(n_groups, n_features)`` mean activation per group, and the group names (NaN labels left out)."""
+    codes = pd.Categorical(labels.astype("object").where(labels.notna(), None))
+    valid = codes.codes >= 0
+    indicator = sparse.csr_matrix(
+        (np.ones(int(valid.sum())), (codes.codes[valid], np.flatnonzero(valid))),
+        shape=(len(codes.categories), len(labels)),
+    )
+    counts = np.asarray(indicator.sum(1)).ravel()
+    sums = indicator @ X
+    sums = sums.toarray() if sparse.issparse(sums) else np.asarray(sums)
+    return sums / np.maximum(counts, 1)[:, None], np.asarray(codes.categories.astype(str))
+
+
+def top_names(values: np.ndarray, names: np.ndarray, n: int) -> list[str]:
+    """Per column of ``values``, its ``n`` highest positive rows' names, comma-separated."""
+    top = np.argsort(-values, axis=0, kind="stable")[:n]
+    return [", ".join(names[top[:, j]][values[top[:, j], j] > 0]) for j in range(values.shape[1])]
+
+
+def feature_table(
+    adata: AnnData,
+    layer: int,
+    *,
+    key: str,
+    enrichment: pd.DataFrame,
+    groupby: str | None,
+    n_genes: int,
+    fdr_threshold: float,
+) -> pd.DataFrame:
+    """One row per feature of a layer: activity, best enrichment, most specific group, top genes, flags."""
+    X = feature_matrix(adata, key, layer)
+    X = sparse.csr_matrix(X)
+    n_cells, n_features = X.shape
+    mean = np.asarray(X.mean(0)).ravel()
+    frequency = np.asarray((X > 0).sum(0)).ravel() / max(n_cells, 1)
+    genes = np.asarray(adata.var_names)
+    df = pd.DataFrame(
+        {
+            "layer": np.full(n_features, int(layer)),
+            "feature": np.arange(n_features),
+            "mean_activation": mean,
+            "frequency": frequency,
+            "live": frequency > 0,
+            "dense": frequency > DENSE_FREQUENCY,
+        }
+    )
+    df["top_input_genes"] = top_names(gene_map(adata, key, layer, "in"), genes, n_genes)
+    out_key = f"{key}_L{layer}_out"
+    df["top_output_genes"] = top_names(np.asarray(adata.varm[out_key]), genes, n_genes) if out_key in adata.varm else ""
+
+    best = enrichment.set_index("feature")
+    df["best_term"] = best["term"].reindex(df["feature"]).fillna("").to_numpy()
+    df["enrichment_score"] = best["score"].reindex(df["feature"]).to_numpy()
+    df["enrichment_fdr"] = best["fdr"].reindex(df["feature"]).fillna(1.0).to_numpy()
+    df["enriched"] = df["enrichment_fdr"] < fdr_threshold
+
+    df["cell_type"] = ""
+    df["specificity"] = np.nan
+    df["cell_type_auroc"] = np.nan
+    if groupby is not None:
+        labels = adata.obs[groupby]
+        means, groups = group_means(X, labels)
+        top = means.argmax(0)
+        total = means.sum(0)
+        df["cell_type"] = np.where(df["live"], groups[top], "")
+        # share of the summed group means that the top group holds: 1/n_groups everywhere alike, 1 in one group only
+        df["specificity"] = np.where(total > 0, means.max(0) / np.where(total > 0, total, 1), np.nan)
+        valid = labels.notna().to_numpy()
+        dense_X = X[valid].toarray()
+        group_of_cell = labels[valid].astype(str).to_numpy()
+        scores = np.full(n_features, np.nan)
+        for g in np.unique(groups[top[df["live"].to_numpy()]]):
+            cols = np.flatnonzero((groups[top] == g) & df["live"].to_numpy())
+            inside = group_of_cell == g
+            if 0 < inside.sum() < len(inside):
+                scores[cols] = auroc(dense_X[:, cols], inside)
+        df["cell_type_auroc"] = scores
+    labels = np.where(df["enriched"], df["best_term"], df["top_input_genes"])
+    df["label"] = np.where(df["live"], labels, "dead")
+    first = ["layer", "feature", "label", "enriched", "best_term", "enrichment_fdr", "enrichment_score", "cell_type"]
+    return df[first + [c for c in df.columns if c not in first]]
+
+
+def layer_summary(table: pd.DataFrame, n_top: int) -> dict:
+    """One summary row: how many features are live, and what fraction of the top-``n_top`` and live are enriched."""
+    live = table[table["live"]]
+    top = live.nlargest(n_top, "mean_activation")
+    return {
+        "layer": int(table["layer"].iloc[0]),
+        "n_features": len(table),
+        "n_live_features": len(live),
+        "n_dense_features": int(table["dense"].sum()),
+        f"fraction_enriched_top{n_top}": float(top["enriched"].mean()) if len(top) else np.nan,
+        "fraction_enriched_live": float(live["enriched"].mean()) if len(live) else np.nan,
+        "n_enriched_live": int(live["enriched"].sum()),
+        "median_cell_type_auroc_top": float(top["cell_type_auroc"].median())
+        if top["cell_type_auroc"].notna().any()
+        else np.nan,
+    }
+
+
+def interpret_features(
+    adata: AnnData,
+    *,
+    layer: int | Sequence[int] | None = None,
+    groupby: str | None = None,
+    key: str = "transcoder",
+    net: NetLike = None,
+    side: Literal["in", "out"] = "in",
+    method: Literal["ora", "ulm", "gsea"] = "ora",
+    n_top_genes: int = 50,
+    n_top: int = 20,
+    n_genes: int = 5,
+    fdr_threshold: float = 0.05,
+    key_added: str = "interpret_features",
+    copy: bool = False,
+) -> AnnData | None:
+    """Label every transcoder feature automatically and count how many carry a significant enrichment.
+
+    Per feature: its activity over cells, its best gene-set enrichment (:func:`cellcircuits.tl.feature_enrichment`;
+    run here with ``net``, ``side``, ``method`` and ``n_top_genes`` unless ``.uns[f"{key}_L{layer}_{side}_enrichment"]``
+    already holds a result, which is then used as is), the group of ``groupby`` where it is most active, and its top
+    input and output genes. A feature's label is its best term when that is significant (FDR < ``fdr_threshold``),
+    else its top input genes. The summary gives, per layer, the fraction of the ``n_top`` most active live features
+    and of all live features that are enriched: the automated counterpart of judging features by hand.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix with transcoder features (:func:`cellcircuits.tl.transcode`).
+    layer
+        Model layer(s); default every layer ``transcode`` wrote.
+    groupby
+        Column of ``.obs`` with cell types; without it the cell-type columns stay empty.
+    key
+        The ``key_added`` of :func:`cellcircuits.tl.transcode`.
+    net, side, method, n_top_genes
+        The enrichment run when none is stored (see :func:`cellcircuits.tl.feature_enrichment`).
+    n_top
+        How many of the most active live features (by mean activation over cells) the top fraction counts.
+    n_genes
+        Top input and output genes listed per feature.
+    fdr_threshold
+        FDR under which an enrichment is significant.
+    key_added
+        Key in ``.uns`` for the result.
+    copy
+        Return a modified copy instead of writing to ``adata``.
+
+    Returns
+    -------
+    ``None``, or a copy of ``adata`` when ``copy=True``. Sets the following fields:
+
+    ``.uns[key_added]["features"]`` : :class:`pandas.DataFrame`
+        One row per feature and layer: ``layer``, ``feature``, ``label``, ``enriched``, ``best_term``,
+        ``enrichment_fdr``, ``enrichment_score``, ``cell_type`` (highest mean activation), ``specificity`` (that
+        group's share of the summed group means), ``cell_type_auroc`` (that group against the rest),
+        ``mean_activation``, ``frequency`` (fraction of cells where it fires), flags ``live`` and ``dense`` (fires in
+        more than half the cells), ``top_input_genes`` and ``top_output_genes``.
+    ``.uns[key_added]["summary"]`` : :class:`pandas.DataFrame`
+        One row per layer: ``layer``, ``n_features``, ``n_live_features``, ``n_dense_features``,
+        ``fraction_enriched_top{n_top}``, ``fraction_enriched_live``, ``n_enriched_live`` and
+        ``median_cell_type_auroc_top``.
+    ``.uns[f"{key}_L{layer}_{side}_enrichment"]``
+        The enrichment of each layer, when it was run here.
+
+    Raises
+    ------
+    KeyError
+        When ``transcode`` has not run, or ``groupby`` is not a column of ``.obs``.
+    ValueError
+        When ``groupby`` has fewer than two groups, or for a bad ``n_top``/``fdr_threshold``.
+
+    Examples
+    --------
+    >>> cc.tl.interpret_features(adata, groupby="bulk_labels")  # doctest: +SKIP
+    >>> adata.uns["interpret_features"]["summary"]  # doctest: +SKIP
+    """
+    if key not in adata.uns or "params" not in adata.uns[key]:
+        msg = f".uns[{key!r}] not found; run cellcircuits.tl.transcode(adata, model, transcoders) first."
+        raise KeyError(msg)
+    if groupby is not None:
+        if groupby not in adata.obs.columns:
+            msg = f"groupby {groupby!r} is not a column of .obs; columns are {list(adata.obs.columns)}"
+            raise KeyError(msg)
+        n_groups = adata.obs[groupby].dropna().nunique()
+        if n_groups < 2:
+            msg = f".obs[{groupby!r}] has {n_groups} group(s); a most specific cell type needs at least two."
+            raise ValueError(msg)
+    if n_top < 1:
+        msg = f"n_top must be at least 1, got {n_top}"
+        raise ValueError(msg)
+    if not 0 < fdr_threshold <= 1:
+        msg = f"fdr_threshold must be in (0, 1], got {fdr_threshold}"
+        raise ValueError(msg)
+    done = [int(i) for i in np.atleast_1d(adata.uns[key]["params"]["layers"])]
+    layers = done if layer is None else [int(i) for i in np.atleast_1d(layer)]
+    missing = [i for i in layers if i not in done]
+    if missing:
+        msg = f"layer(s) {missing} were not transcoded under {key!r}; transcoded layers are {done}"
+        raise ValueError(msg)
+
+    adata = adata.copy() if copy else adata
+    tables, rows = [], []
+    for i in layers:
+        enrichment_key = f"{key}_L{i}_{side}_enrichment"
+        if enrichment_key not in adata.uns:
+            feature_enrichment(
+                adata, net, layer=i, side=side, method=method, n_top_genes=n_top_genes, key=key,
+                key_added=enrichment_key,
+            )  # fmt: skip
+        best = adata.uns[enrichment_key]["best"]
+        table = feature_table(
+            adata, i, key=key, enrichment=best, groupby=groupby, n_genes=n_genes, fdr_threshold=fdr_threshold
+        )
+        tables.append(table)
+        rows.append({**layer_summary(table, n_top), "enrichment_key": enrichment_key})
+    adata.uns[key_added] = {
+        "features": pd.concat(tables, ignore_index=True),
+        "summary": pd.DataFrame(rows),
+        "params": {
+            "key": key,
+            "layers": np.asarray(layers, dtype=np.int64),
+            "groupby": groupby or "",
+            "side": side,
+            "n_top": int(n_top),
+            "fdr_threshold": float(fdr_threshold),
+        },
+    }
+    return adata if copy else None
