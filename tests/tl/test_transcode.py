@@ -89,10 +89,26 @@ def test_fields_h5ad_round_trip_and_copy(toy_adata, tiny_c2s, tset, tmp_path):
 
 def test_genes_outside_var_are_reported(toy_adata, tiny_c2s, tset):
     toy_adata.obs["cell_sentence"] = ["CD14 NOTAGENE LYZ"] * toy_adata.n_obs
-    cc.tl.transcode(toy_adata, tiny_c2s, tset, progress=False)
+    with pytest.warns(UserWarning, match=r"10 of 12 genes never appear in a cell sentence \(e.g. HLA-DRA"):
+        cc.tl.transcode(toy_adata, tiny_c2s, tset, progress=False)
     uns = toy_adata.uns["transcoder"]
     assert uns["n_genes_outside_var"] == 1 and list(uns["genes_outside_var_examples"]) == ["NOTAGENE"]
     assert set(uns["unseen_genes"]) == set(toy_adata.var_names) - {"CD14", "LYZ"}
+    assert list(uns["unspellable_genes"]) == []  # byte-level BPE spells anything
+
+
+def test_unspellable_genes_are_found():
+    from cellcircuits.tl._transcode import unspellable_genes
+
+    class Letters:
+        """Knows upper-case letters only; anything else is token 0, the unknown token."""
+
+        unk_token_id = 0
+
+        def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+            return {"input_ids": [ord(c) if c.isalpha() or c == " " else 0 for c in text]}
+
+    assert unspellable_genes(Letters(), ["CD", "HLA-DRA", "LYZ", "RP11"]) == ["HLA-DRA", "RP11"]
 
 
 def test_direct_logit_effect_equals_a_frozen_norm_intervention(tiny_c2s):

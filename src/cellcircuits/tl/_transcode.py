@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -31,6 +32,32 @@ def content_hash(transcoders: TranscoderSet, layers: Sequence[int]) -> str:
             h.update(f"{layer}.{name}".encode())
             h.update(tensor.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def unspellable_genes(tokenizer: object, genes: Sequence[str]) -> list[str]:
+    """Genes whose spelling in a cell sentence holds the tokenizer's unknown token (never for byte-level BPE)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return []
+    return [g for g in genes if unk in tokenizer(" " + g, add_special_tokens=False)["input_ids"]]
+
+
+def report_genes(unseen: Sequence[str], unspellable: Sequence[str], n_genes: int) -> None:
+    """Warn, with a count and examples, about genes whose input maps are 0 or whose spelling the model lacks."""
+    if len(unseen):
+        examples = ", ".join(list(unseen)[:5])
+        warnings.warn(
+            f"{len(unseen)} of {n_genes} genes never appear in a cell sentence (e.g. {examples}); their input maps "
+            "are 0 and they are listed in .uns[key_added]['unseen_genes']",
+            stacklevel=3,
+        )
+    if len(unspellable):
+        examples = ", ".join(list(unspellable)[:5])
+        warnings.warn(
+            f"{len(unspellable)} of {n_genes} genes hold the tokenizer's unknown token (e.g. {examples}); the model "
+            "cannot tell them apart. They are listed in .uns[key_added]['unspellable_genes']",
+            stacklevel=3,
+        )
 
 
 def _h5ad_safe(value: object) -> object:
@@ -105,7 +132,9 @@ def transcode(
         :func:`cellcircuits.transcoders._features.distinguishing_tokens`.
     ``.uns[key_added]`` : :class:`dict`
         ``params``, each layer's transcoder config, a ``content_hash`` of the transcoder weights, the package
-        ``version``, ``unseen_genes``, and the number and examples of sentence genes outside ``var_names``.
+        ``version``, ``unseen_genes``, ``unspellable_genes`` (spelled with the tokenizer's unknown token), and the
+        number and examples of sentence genes outside ``var_names``. Unseen and unspellable genes are also reported
+        in a warning, with their count and examples.
     """
     from .. import __version__
 
@@ -152,6 +181,8 @@ def transcode(
         W_dec = transcoders[i].W_dec.detach()
         adata.varm[f"{key_added}_L{i}_out"] = gene_logit_effects(adapter, W_dec, tokens, scale).astype(np.float32)
     unseen = symbols[features[layers[0]].gene_cells == 0] if layers else np.array([])
+    unspellable = unspellable_genes(model.tokenizer, list(symbols))
+    report_genes(unseen, unspellable, len(symbols))
     adata.uns[key_added] = {
         "params": {
             "model": model.name,
@@ -167,6 +198,7 @@ def transcode(
         "content_hash": content_hash(transcoders, layers),
         "version": __version__,
         "unseen_genes": np.asarray(unseen, dtype=str),
+        "unspellable_genes": np.asarray(unspellable, dtype=str),
         "n_genes_outside_var": len(outside),
         "genes_outside_var_examples": np.asarray(outside[:20], dtype=str),
     }
