@@ -1,0 +1,700 @@
+"""Graph math of attribution graphs: influence, pruning, replacement and completeness scores, top paths.
+
+Everything here is a pure function of an adjacency matrix ``A`` over nodes ``0..N-1`` with ``A[i, j]`` the direct
+(signed) attribution of source node ``j`` to target node ``i``: rows are targets, columns are sources. Each node has a
+kind (:class:`NodeKind`): a ``token`` (embedding) has no inputs, a ``feature`` has inputs and outputs, an ``error``
+node has outputs only, and a ``target`` (a logit, or any quantity being explained) has inputs only. Targets carry
+weights, e.g. the probabilities of the top logits, or a single target of weight 1.
+
+The definitions follow the methods paper of circuit tracing (Ameisen et al. 2025, "Circuit Tracing: Revealing
+Computational Graphs in Language Models", transformer-circuits.pub, appendix on graph pruning and the section on
+attribution graph evaluation) and its reference implementation (``safety-research/circuit-tracer``,
+``circuit_tracer/graph.py``); :func:`greedy_paths` follows the greedy path search of Dunefsky et al. 2024
+("Transcoders find interpretable LLM feature circuits"). Where this module departs from the reference
+implementation, the function's notes say so.
+
+Matrices may be dense (:class:`numpy.ndarray`, or a :class:`torch.Tensor`, read on the CPU) or :mod:`scipy.sparse`;
+results are NumPy arrays, and matrix-valued results keep the input's layout (dense, or sparse CSR). The graph must be
+a DAG.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
+import scipy.sparse.csgraph as csgraph
+import scipy.sparse.linalg as spla
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+Matrix = Any
+"""A square matrix: a NumPy array, a torch tensor or a SciPy sparse matrix/array."""
+Method = Literal["series", "solve"]
+
+
+class NodeKind(IntEnum):
+    """Kind of a node of an attribution graph (the codes of a ``kinds`` array)."""
+
+    TOKEN = 0
+    """An input embedding: outputs only."""
+    FEATURE = 1
+    """A transcoder feature: inputs and outputs."""
+    ERROR = 2
+    """A reconstruction error: outputs only."""
+    TARGET = 3
+    """A quantity being explained (a logit): inputs only."""
+
+
+class PruneResult(NamedTuple):
+    """What :func:`prune_graph` keeps, and the scores it ranked by."""
+
+    node_mask: np.ndarray
+    """``(N,)`` bool, the nodes kept."""
+    edge_mask: np.ndarray | sp.csr_array
+    """``(N, N)`` bool, laid out like ``A`` (dense, or sparse CSR), the edges kept; both ends of each are kept."""
+    node_influence: np.ndarray
+    """``(N,)`` influence of each node on the targets in the whole graph (:func:`node_influence`)."""
+    edge_influence: np.ndarray | sp.csr_array
+    """``(N, N)`` influence of each edge on the targets in the graph restricted to the nodes that passed the node
+    threshold (:func:`edge_influence` of that graph), which is what edges are ranked by."""
+
+
+class Path(NamedTuple):
+    """One source-to-target path of :func:`greedy_paths`."""
+
+    nodes: list[int]
+    """Node indices from the source (first) to the target (last)."""
+    score: float
+    """Product of the normalised absolute attributions along the path: its share of the target's influence."""
+    sign: int
+    """Product of the signs of the raw attributions along the path: +1 excites the target, -1 inhibits it."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# influence
+
+
+def normalize_matrix(A: Matrix) -> np.ndarray | sp.csr_array:
+    """Absolute attributions, each row divided by its sum, so a node's incoming weights sum to 1.
+
+    Parameters
+    ----------
+    A
+        ``(N, N)`` adjacency matrix, ``A[i, j]`` the attribution of source ``j`` to target ``i``.
+
+    Returns
+    -------
+    ``B`` with ``B[i, j] = |A[i, j]| / sum_k |A[i, k]|``, laid out like ``A`` (dense, or sparse CSR). A row summing
+    to 0 (a node without inputs) stays 0.
+    """
+    M = _as_matrix(A)
+    if sp.issparse(M):
+        B = abs(M)
+        sums = np.asarray(B.sum(axis=1)).ravel()
+        scale = np.divide(1.0, sums, out=np.zeros_like(sums), where=sums > 0)
+        return sp.csr_array(sp.diags_array(scale.astype(B.dtype)) @ B)
+    B = np.abs(M)
+    sums = B.sum(axis=1, keepdims=True)
+    # a zero row is all zeros already, so leaving it undivided keeps it 0
+    np.divide(B, sums, out=B, where=sums > 0)
+    return B
+
+
+def node_influence(
+    A: Matrix, target_weights: np.ndarray | Sequence[float], *, method: Method = "series", max_iter: int | None = None
+) -> np.ndarray:
+    """Total influence of every node on the targets, through paths of every length.
+
+    With ``B`` the normalised matrix (:func:`normalize_matrix`) and ``w`` the target weights, the influence is
+    ``w^T (B + B^2 + B^3 + ...) = w^T ((I - B)^-1 - I)``: node ``j``'s influence sums, over every path from ``j`` to a
+    target ``t``, ``w_t`` times the product of the normalised weights along the path. A target's own weight is not
+    part of its influence.
+
+    Parameters
+    ----------
+    A
+        ``(N, N)`` adjacency matrix of a DAG.
+    target_weights
+        ``(N,)`` weight of each node as a target (0 for non-targets).
+    method
+        ``"series"`` sums ``w^T B^k`` until the term is exactly zero (``B`` of a DAG is nilpotent, and the terms are
+        non-negative, so nothing cancels); it takes as many matrix-vector products as the longest path has edges, so
+        it suits layered graphs. ``"solve"`` solves ``(I - B)^T y = w`` once (in float64) and returns ``y - w``, up
+        to rounding (negative rounding is clipped to 0).
+    max_iter
+        Most terms of the series (default ``N``: a DAG's longest path has ``N - 1`` edges).
+
+    Returns
+    -------
+    ``(N,)`` non-negative influences.
+
+    Raises
+    ------
+    RuntimeError
+        The series did not end within ``max_iter`` terms, which means the graph has a cycle.
+    """
+    M = _as_matrix(A)
+    w = _weight_vector(target_weights, M.shape[0])
+    return _influence(normalize_matrix(M), w, method=method, max_iter=max_iter)
+
+
+def edge_influence(
+    A: Matrix, target_weights: np.ndarray | Sequence[float], *, method: Method = "series"
+) -> np.ndarray | sp.csr_array:
+    """Influence of every edge on the targets.
+
+    The edge ``j -> i`` carries the share ``B[i, j]`` of everything node ``i`` passes on, so its influence is
+    ``B[i, j] * (influence_i + w_i)``: the normalised edge weight times the influence of its target node, counting a
+    target's own weight. Summed over the edges into ``i`` it gives back ``influence_i + w_i``.
+
+    Parameters
+    ----------
+    A
+        ``(N, N)`` adjacency matrix of a DAG.
+    target_weights
+        ``(N,)`` weight of each node as a target.
+    method
+        How node influence is computed (:func:`node_influence`).
+
+    Returns
+    -------
+    ``(N, N)`` non-negative edge influences, laid out like ``A`` (dense, or sparse CSR).
+    """
+    M = _as_matrix(A)
+    w = _weight_vector(target_weights, M.shape[0])
+    B = normalize_matrix(M)
+    return _edge_scores(B, _influence(B, w, method=method) + w)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pruning
+
+
+def prune_graph(
+    A: Matrix,
+    kinds: np.ndarray | Sequence[int] | Sequence[str],
+    target_weights: np.ndarray | Sequence[float] | None = None,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    *,
+    prune_errors: bool = True,
+    method: Method = "series",
+) -> PruneResult:
+    """Keep the nodes and edges that carry most of the influence on the targets.
+
+    1. Rank the prunable nodes (features, and error nodes when ``prune_errors``) by :func:`node_influence` and keep
+       the fewest of the top ones whose influence reaches ``node_threshold`` of theirs in total. Token and target
+       nodes are always kept, as in the paper and its reference implementation (which also prunes error nodes).
+    2. Restrict the graph to the kept nodes, renormalise it, and rank its edges by :func:`edge_influence` in that
+       graph; keep the fewest of the top edges whose influence reaches ``edge_threshold`` of the total.
+    3. Drop every feature and error node left without a path of kept edges to a target, and the edges at dropped
+       nodes. Tokens stay even when isolated (they spell the input).
+
+    Ties at a cut-off are all kept, and a node or edge of zero influence is never kept by a threshold. So
+    ``node_threshold = edge_threshold = 1`` keeps exactly the nodes and edges of nonzero influence (and the tokens and
+    targets).
+
+    Parameters
+    ----------
+    A
+        ``(N, N)`` adjacency matrix of a DAG.
+    kinds
+        ``(N,)`` kind of each node: :class:`NodeKind` codes or the names ``"token"``, ``"feature"``, ``"error"``,
+        ``"target"``.
+    target_weights
+        Non-negative weights of the targets: ``(N,)`` over all nodes, or ``(n_targets,)`` over the target nodes in
+        index order; by default the targets share weight 1 equally.
+    node_threshold
+        Fraction of the prunable nodes' influence to keep, in ``(0, 1]``.
+    edge_threshold
+        Fraction of edge influence to keep, in ``(0, 1]``.
+    prune_errors
+        Rank and prune error nodes with the features; otherwise keep every error node through step 1.
+    method
+        How influence is computed (:func:`node_influence`).
+
+    Returns
+    -------
+    The masks of kept nodes and edges, the node influence in the whole graph and the edge influence of step 2.
+
+    Notes
+    -----
+    Two departures from the reference implementation: it ranks the node threshold over all nodes' influence (tokens
+    included, though it keeps every token anyway), where here only the prunable nodes' influence counts; and it also
+    drops features left without incoming edges, where here a feature whose inputs were all pruned stays (its
+    unexplained input counts as error in :func:`replacement_score` and :func:`completeness_score` of the pruned
+    graph). Edges are ranked in the node-pruned graph renormalised, as in the reference implementation.
+    """
+    for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if not 0 < value <= 1:
+            msg = f"{name} must be in (0, 1] (a fraction of the total influence to keep), got {value!r}"
+            raise ValueError(msg)
+    M = _as_matrix(A)
+    n = M.shape[0]
+    k = _as_kinds(kinds, n)
+    w = _target_vector(target_weights, k)
+
+    influence = _influence(normalize_matrix(M), w, method=method)
+    prunable = k == NodeKind.FEATURE
+    if prune_errors:
+        prunable |= k == NodeKind.ERROR
+    node_mask = ~prunable
+    node_mask[prunable] = _keep_top(influence[prunable], node_threshold)
+
+    scores = _edge_scores(*_pruned_normalized(M, node_mask, w, method))
+    edge_mask = _mask_at_least(scores, _cutoff(scores.data if sp.issparse(scores) else scores, edge_threshold))
+
+    # dropping a node without a path to a target cuts no other node's path, so one pass suffices
+    node_mask &= _reaches(edge_mask, np.flatnonzero(k == NodeKind.TARGET)) | (k == NodeKind.TOKEN)
+    return PruneResult(node_mask, _restrict(edge_mask, node_mask), influence, scores)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# scores
+
+
+def replacement_score(
+    A: Matrix,
+    kinds: np.ndarray | Sequence[int] | Sequence[str],
+    target_weights: np.ndarray | Sequence[float] | None = None,
+    *,
+    node_mask: np.ndarray | None = None,
+    edge_mask: Matrix | None = None,
+    method: Method = "series",
+) -> float:
+    """Fraction of the end-to-end influence on the targets that starts at tokens rather than at error nodes.
+
+    ``sum_{token} influence / (sum_{token} influence + sum_{error} influence)`` with :func:`node_influence`. The
+    paper describes it as the fraction of end-to-end graph paths, weighted by strength, that go from embedding nodes
+    to the targets through features only, rather than starting at an error node.
+
+    Parameters
+    ----------
+    A
+        ``(N, N)`` adjacency matrix of a DAG.
+    kinds
+        ``(N,)`` kind of each node (:func:`prune_graph`).
+    target_weights
+        Target weights (:func:`prune_graph`).
+    node_mask, edge_mask
+        A pruned graph (:func:`prune_graph`): score the kept subgraph. Everything pruned counts as error: the
+        tokens' influence is computed along kept edges through kept nodes only, with the normalisation of the whole
+        graph (no renormalising, which would hide what was dropped), and divided by the token and error influence of
+        the whole graph. With nothing pruned this is the score of the whole graph.
+    method
+        How influence is computed (:func:`node_influence`).
+
+    Returns
+    -------
+    The score in ``[0, 1]``, or NaN when no token or error node influences the targets.
+    """
+    M = _as_matrix(A)
+    k = _as_kinds(kinds, M.shape[0])
+    w = _target_vector(target_weights, k)
+    B = normalize_matrix(M)
+    influence = _influence(B, w, method=method)
+    token, error = k == NodeKind.TOKEN, k == NodeKind.ERROR
+    total = influence[token].sum() + influence[error].sum()
+    if total <= 0:
+        return float("nan")
+    if node_mask is None and edge_mask is None:
+        return float(influence[token].sum() / total)
+    keep = _node_mask(node_mask, M.shape[0])
+    kept = _influence(_restrict(B, keep, edge_mask), np.where(keep, w, 0.0), method=method)
+    return float(kept[token & keep].sum() / total)
+
+
+def completeness_score(
+    A: Matrix,
+    kinds: np.ndarray | Sequence[int] | Sequence[str],
+    target_weights: np.ndarray | Sequence[float] | None = None,
+    *,
+    node_mask: np.ndarray | None = None,
+    edge_mask: Matrix | None = None,
+    method: Method = "series",
+) -> float:
+    """Fraction of the nodes' input that comes from non-error nodes, weighted by each node's influence.
+
+    Over the nodes with inputs (features and targets), ``sum_i (influence_i + w_i) c_i / sum_i (influence_i + w_i)``
+    where ``c_i = sum_{j not error} B[i, j]`` is the share of node ``i``'s normalised absolute input coming from
+    token and feature nodes, and ``influence_i + w_i`` is its influence on the targets counting a target's own weight.
+
+    Parameters
+    ----------
+    A
+        ``(N, N)`` adjacency matrix of a DAG.
+    kinds
+        ``(N,)`` kind of each node (:func:`prune_graph`).
+    target_weights
+        Target weights (:func:`prune_graph`).
+    node_mask, edge_mask
+        A pruned graph (:func:`prune_graph`): average over the kept nodes with inputs, with the weights and the
+        normalisation of the whole graph, and count only input along kept edges from kept non-error nodes in ``c_i``:
+        input from pruned nodes or along pruned edges counts as error.
+    method
+        How influence is computed (:func:`node_influence`).
+
+    Returns
+    -------
+    The score in ``[0, 1]``, or NaN when no node with inputs has influence.
+
+    Notes
+    -----
+    The paper defines the score as the fraction of input edges, weighted by the target node's influence on the
+    output, that come from feature or embedding nodes rather than error nodes; nodes without inputs have no input
+    edges, so they are left out of the average here. The reference implementation's ``compute_graph_scores``
+    averages over all nodes, counting token and error nodes as complete (``c = 1``); its value is therefore higher,
+    and never 0 when an error node has influence.
+    """
+    M = _as_matrix(A)
+    n = M.shape[0]
+    k = _as_kinds(kinds, n)
+    w = _target_vector(target_weights, k)
+    B = normalize_matrix(M)
+    weight = _influence(B, w, method=method) + w
+    rows = _row_sums(B) > 0
+    keep = None if node_mask is None and edge_mask is None else _node_mask(node_mask, n)
+    if keep is not None:
+        rows &= keep
+        B = _restrict(B, keep, edge_mask)
+    # B restricted to non-error sources: scale the error columns by 0
+    complete = _row_sums(_scale_columns(B, (k != NodeKind.ERROR).astype(B.dtype)))
+    total = weight[rows].sum()
+    if total <= 0:
+        return float("nan")
+    return float((weight[rows] * complete[rows]).sum() / total)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# paths
+
+
+def greedy_paths(
+    A: Matrix,
+    kinds: np.ndarray | Sequence[int] | Sequence[str],
+    target: int,
+    k: int = 5,
+    *,
+    beam: int | None = None,
+    max_length: int | None = None,
+) -> list[Path]:
+    """Top source-to-target paths into ``target``, found by a greedy (beam) search backwards from it.
+
+    As in the greedy computational-path search of Dunefsky et al. (2024): start at the target and repeatedly extend
+    the paths found so far by the strongest incoming edges of their first node. A path scores the product of the
+    normalised absolute attributions (:func:`normalize_matrix`) along it, i.e. its share of the target's total
+    influence: summed over all paths from a source this gives the source's :func:`node_influence` for a target of
+    weight 1. Extending a path never raises its score, so a partial path that already scores no more than the
+    ``k``-th best complete one is dropped.
+
+    A path is complete when it reaches a token or error node, or any node without inputs. At each step every partial
+    path is extended by the ``beam`` strongest incoming edges of its first node, and the ``beam`` best partial paths
+    are kept. The search is exact when ``beam`` is at least the number of paths, and deterministic: ties are broken
+    by node index.
+
+    Parameters
+    ----------
+    A
+        ``(N, N)`` adjacency matrix of a DAG.
+    kinds
+        ``(N,)`` kind of each node (:func:`prune_graph`).
+    target
+        Index of the node whose inputs are traced (usually a target node; any node works).
+    k
+        Number of paths to return.
+    beam
+        Partial paths kept, and incoming edges tried per path, at each step (default ``4 * k``).
+    max_length
+        Most edges on a path (default ``N - 1``).
+
+    Returns
+    -------
+    At most ``k`` paths, best first (ties in order of their node lists).
+    """
+    M = _as_matrix(A)
+    n = M.shape[0]
+    kind = _as_kinds(kinds, n)
+    if not 0 <= target < n:
+        msg = f"target must be a node index in [0, {n}), got {target}"
+        raise ValueError(msg)
+    if k < 1:
+        msg = f"k must be at least 1, got {k}"
+        raise ValueError(msg)
+    beam = 4 * k if beam is None else beam
+    if beam < 1:
+        msg = f"beam must be at least 1, got {beam}"
+        raise ValueError(msg)
+    max_length = n - 1 if max_length is None else max_length
+    B = normalize_matrix(M)
+    B_csr = B if sp.issparse(B) else sp.csr_array(B)
+    M_csr = M if sp.issparse(M) else sp.csr_array(M)
+    is_end = (kind == NodeKind.TOKEN) | (kind == NodeKind.ERROR) | (np.diff(B_csr.indptr) == 0)
+
+    # paths are tuples from the target backwards; the score is the product of normalised weights
+    frontier: list[tuple[float, tuple[int, ...]]] = [(1.0, (int(target),))]
+    complete: list[tuple[float, tuple[int, ...]]] = []
+    for _ in range(max_length):
+        candidates = []
+        for score, path in frontier:
+            lo, hi = B_csr.indptr[path[-1]], B_csr.indptr[path[-1] + 1]
+            sources, weights = B_csr.indices[lo:hi], B_csr.data[lo:hi]
+            for i in np.lexsort((sources, -weights))[:beam]:
+                candidates.append((score * float(weights[i]), (*path, int(sources[i]))))
+        candidates.sort(key=lambda c: (-c[0], c[1]))
+        frontier = []
+        for cand in candidates:
+            if is_end[cand[1][-1]]:
+                complete.append(cand)
+            elif len(frontier) < beam:
+                frontier.append(cand)
+        if len(complete) >= k:
+            kth = heapq.nlargest(k, (s for s, _ in complete))[-1]
+            frontier = [c for c in frontier if c[0] > kth]
+        if not frontier:
+            break
+
+    best = sorted(((s, p[::-1]) for s, p in complete), key=lambda c: (-c[0], c[1]))[:k]
+    return [Path(list(p), s, _path_sign(M_csr, p)) for s, p in best]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _as_matrix(A: Matrix) -> np.ndarray | sp.csr_array:
+    """``A`` as a float NumPy array or sparse CSR array, checked square and finite."""
+    if sp.issparse(A):
+        M = sp.csr_array(A, copy=True)
+        if M.dtype not in (np.float32, np.float64):
+            M = M.astype(np.float64)
+        M.eliminate_zeros()  # stored zeros are not edges
+        values = M.data
+    else:
+        if hasattr(A, "detach"):  # a torch tensor; bf16/f16/int do not convert to NumPy losslessly, float64 does
+            A = A.detach().cpu()
+            A = A.numpy() if str(A.dtype) in ("torch.float32", "torch.float64") else A.double().numpy()
+        M = np.asarray(A)
+        if M.dtype not in (np.float32, np.float64):
+            M = M.astype(np.float64)
+        values = M
+    if M.ndim != 2 or M.shape[0] != M.shape[1]:
+        msg = f"the adjacency matrix must be square, got shape {M.shape}"
+        raise ValueError(msg)
+    if not np.isfinite(values).all():
+        msg = "the adjacency matrix has NaN or infinite entries"
+        raise ValueError(msg)
+    return M
+
+
+def _as_kinds(kinds: np.ndarray | Sequence[int] | Sequence[str], n: int) -> np.ndarray:
+    """``kinds`` as an ``(n,)`` array of :class:`NodeKind` codes."""
+    if hasattr(kinds, "detach"):
+        kinds = kinds.detach().cpu().numpy()
+    arr = np.asarray(kinds)
+    if arr.shape != (n,):
+        msg = f"kinds must have one entry per node ({n}), got shape {arr.shape}"
+        raise ValueError(msg)
+    if arr.dtype.kind in "OUS":
+        names = {kind.name.lower(): kind.value for kind in NodeKind}
+        lowered = [str(x).lower() for x in arr]
+        unknown = sorted(set(lowered) - names.keys())
+        if unknown:
+            msg = f"unknown node kinds {unknown}; expected {sorted(names)}"
+            raise ValueError(msg)
+        return np.array([names[x] for x in lowered], dtype=np.int8)
+    codes = arr.astype(np.int64)
+    if arr.dtype.kind not in "iu" or (codes < 0).any() or (codes > max(NodeKind)).any():
+        msg = f"kinds must be NodeKind codes 0..{max(NodeKind)} or kind names, got {arr.dtype} values"
+        raise ValueError(msg)
+    return codes.astype(np.int8)
+
+
+def _weight_vector(weights: np.ndarray | Sequence[float], n: int) -> np.ndarray:
+    """``(n,)`` float64 weights, checked finite."""
+    if hasattr(weights, "detach"):
+        weights = weights.detach().cpu().double().numpy()
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (n,):
+        msg = f"target_weights must have one entry per node ({n}), got shape {w.shape}"
+        raise ValueError(msg)
+    if not np.isfinite(w).all():
+        msg = "target_weights has NaN or infinite entries"
+        raise ValueError(msg)
+    return w
+
+
+def _target_vector(weights: np.ndarray | Sequence[float] | None, kinds: np.ndarray) -> np.ndarray:
+    """``(N,)`` non-negative target weights from ``None``, ``(n_targets,)`` or ``(N,)`` weights."""
+    targets = np.flatnonzero(kinds == NodeKind.TARGET)
+    n = len(kinds)
+    if weights is None:
+        if len(targets) == 0:
+            msg = "the graph has no target node (kind 'target') to attribute to"
+            raise ValueError(msg)
+        w = np.zeros(n)
+        w[targets] = 1.0 / len(targets)
+        return w
+    if hasattr(weights, "detach"):
+        weights = weights.detach().cpu().double().numpy()
+    given = np.asarray(weights, dtype=np.float64).ravel()
+    if given.shape == (n,):
+        w = given.copy()
+    elif given.shape == (len(targets),):
+        w = np.zeros(n)
+        w[targets] = given
+    else:
+        msg = f"target_weights must have one entry per node ({n}) or per target ({len(targets)}), got {given.shape}"
+        raise ValueError(msg)
+    if not np.isfinite(w).all() or (w < 0).any():
+        msg = "target_weights must be finite and non-negative"
+        raise ValueError(msg)
+    return w
+
+
+def _node_mask(mask: np.ndarray | None, n: int) -> np.ndarray:
+    """``(n,)`` bool node mask, all True by default."""
+    if mask is None:
+        return np.ones(n, dtype=bool)
+    if hasattr(mask, "detach"):
+        mask = mask.detach().cpu().numpy()
+    keep = np.asarray(mask, dtype=bool)
+    if keep.shape != (n,):
+        msg = f"node_mask must have one entry per node ({n}), got shape {keep.shape}"
+        raise ValueError(msg)
+    return keep
+
+
+def _influence(
+    B: np.ndarray | sp.csr_array, w: np.ndarray, *, method: Method = "series", max_iter: int | None = None
+) -> np.ndarray:
+    """``w^T (B + B^2 + ...)`` for a normalised matrix ``B``."""
+    n = B.shape[0]
+    if method == "series":
+        max_iter = n if max_iter is None else max_iter
+        term = w.astype(B.dtype)
+        total = np.zeros(n, dtype=B.dtype)
+        for _ in range(max_iter):
+            term = B.T @ term
+            if not term.any():
+                return total.astype(np.float64)
+            total += term
+        msg = f"influence did not converge in {max_iter} terms: the graph has a cycle (or max_iter is too small)"
+        raise RuntimeError(msg)
+    if method == "solve":
+        if sp.issparse(B):
+            lhs = sp.csc_array(sp.eye_array(n, dtype=np.float64) - B.astype(np.float64).T)
+            y = spla.spsolve(lhs, w)
+        else:
+            y = scipy.linalg.solve(np.eye(n) - B.astype(np.float64).T, w)
+        return np.maximum(y - w, 0.0)
+    msg = f"method must be 'series' or 'solve', got {method!r}"
+    raise ValueError(msg)
+
+
+def _row_sums(B: np.ndarray | sp.csr_array) -> np.ndarray:
+    return np.asarray(B.sum(axis=1), dtype=np.float64).ravel()
+
+
+def _scale_rows(B: np.ndarray | sp.csr_array, s: np.ndarray) -> np.ndarray | sp.csr_array:
+    if sp.issparse(B):
+        return sp.csr_array(sp.diags_array(s.astype(B.dtype)) @ B)
+    return B * s.astype(B.dtype)[:, None]
+
+
+def _scale_columns(B: np.ndarray | sp.csr_array, s: np.ndarray) -> np.ndarray | sp.csr_array:
+    if sp.issparse(B):
+        return sp.csr_array(B @ sp.diags_array(s.astype(B.dtype)))
+    return B * s.astype(B.dtype)[None, :]
+
+
+def _edge_scores(B: np.ndarray | sp.csr_array, downstream: np.ndarray) -> np.ndarray | sp.csr_array:
+    """``B[i, j] * downstream[i]``: edge influence given each node's influence plus its target weight."""
+    return _scale_rows(B, downstream)
+
+
+def _restrict(
+    M: np.ndarray | sp.csr_array, node_mask: np.ndarray, edge_mask: Matrix | None = None
+) -> np.ndarray | sp.csr_array:
+    """``M`` with entries off ``edge_mask`` and rows and columns of dropped nodes set to 0."""
+    if edge_mask is not None:
+        E = sp.csr_array(edge_mask) if sp.issparse(edge_mask) else _as_bool(edge_mask)
+        if E.shape != M.shape:
+            msg = f"edge_mask must have the shape of the matrix {M.shape}, got {E.shape}"
+            raise ValueError(msg)
+        if sp.issparse(M) or sp.issparse(E):
+            # multiply() of a sparse operand keeps only the entries stored in both
+            M = sp.csr_array(M.multiply(E.astype(M.dtype)) if sp.issparse(M) else E.astype(M.dtype).multiply(M))
+        else:
+            M = M * E
+    if sp.issparse(M):
+        # filter the stored entries: works for bool masks too, which sparse products do not
+        coo = sp.coo_array(M)
+        on = node_mask[coo.row] & node_mask[coo.col]
+        return sp.csr_array((coo.data[on], (coo.row[on], coo.col[on])), shape=M.shape)
+    return M * node_mask[:, None] * node_mask[None, :]
+
+
+def _as_bool(mask: Any) -> np.ndarray:
+    if hasattr(mask, "detach"):
+        mask = mask.detach().cpu().numpy()
+    return np.asarray(mask, dtype=bool)
+
+
+def _pruned_normalized(
+    M: np.ndarray | sp.csr_array, node_mask: np.ndarray, w: np.ndarray, method: Method
+) -> tuple[np.ndarray | sp.csr_array, np.ndarray]:
+    """Normalised matrix of the graph restricted to ``node_mask``, and its nodes' influence plus target weight."""
+    B = normalize_matrix(_restrict(M, node_mask))
+    wk = np.where(node_mask, w, 0.0)
+    return B, _influence(B, wk, method=method) + wk
+
+
+def _cutoff(scores: np.ndarray, threshold: float) -> float:
+    """Smallest score among the fewest top positive scores whose sum reaches ``threshold`` of the positive total."""
+    values = np.sort(scores[scores > 0], axis=None)[::-1]
+    if len(values) == 0:
+        return np.inf
+    fraction = np.cumsum(values, dtype=np.float64) / values.sum(dtype=np.float64)
+    # at threshold 1 rounding can leave the last fraction just below 1; clamping keeps every positive score
+    return float(values[min(int(np.searchsorted(fraction, threshold)), len(values) - 1)])
+
+
+def _keep_top(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Mask of the scores kept by :func:`_cutoff`."""
+    return (scores >= _cutoff(scores, threshold)) & (scores > 0)
+
+
+def _mask_at_least(scores: np.ndarray | sp.csr_array, cutoff: float) -> np.ndarray | sp.csr_array:
+    """Bool mask of ``scores >= cutoff`` (``cutoff > 0``), laid out like ``scores``."""
+    if sp.issparse(scores):
+        mask = scores.copy()
+        mask.data = mask.data >= cutoff
+        mask.eliminate_zeros()
+        return sp.csr_array(mask, dtype=bool)
+    return scores >= cutoff
+
+
+def _reaches(edge_mask: np.ndarray | sp.csr_array, targets: np.ndarray) -> np.ndarray:
+    """Nodes with a path of kept edges to one of ``targets``."""
+    # row i of the mask lists the sources of node i, so a search from the targets along rows walks upstream
+    graph = sp.csr_array(edge_mask, dtype=np.int8)
+    seen = np.zeros(graph.shape[0], dtype=bool)
+    for t in targets:
+        if not seen[t]:
+            seen[csgraph.breadth_first_order(graph, int(t), directed=True, return_predecessors=False)] = True
+    return seen
+
+
+def _path_sign(M: sp.csr_array, path: tuple[int, ...]) -> int:
+    """Sign of the product of the raw attributions along ``path`` (source first)."""
+    sign = 1
+    for src, dst in itertools.pairwise(path):
+        sign *= 1 if M[dst, src] > 0 else -1
+    return sign

@@ -1,0 +1,732 @@
+"""The frozen linear replacement model of one prompt, and direct attributions by backward passes through it.
+
+Following Dunefsky et al. (2024) and Ameisen et al. (2025): one forward pass of the original model is recorded,
+then every nonlinearity is frozen at its recorded value. Attention patterns and the scales of every layer norm are
+constants; each MLP is replaced by its transcoder's decoded features plus an *error* node (true MLP output minus
+transcoder output), and the feature activations are leaf inputs, not recomputed. What is left is an affine map
+from the *sources* (token embeddings, feature activations, errors) to every point of the residual stream, which
+reproduces the original model's logits exactly on that prompt. A *target* (a feature's pre-activation, a logit
+difference) is a linear readout of it, so its value splits exactly into one attribution per source (source vector
+· gradient of the target at the point the source writes to) plus a constant bias term.
+
+Gemma-2's final logit softcap is not affine: logit targets are read *before* the softcap.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..models._adapter import HookPoint, ModelAdapter
+from ..models._hooks import record
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+    import pandas as pd
+    from transformers import PreTrainedModel
+
+    from ..models._load import C2SModel
+    from ..transcoders._transcoder import Transcoder, TranscoderSet
+
+#: Node kinds, in the order they appear in :class:`Nodes`.
+KINDS = ("token", "feature", "error")
+
+
+# targets
+@dataclass(frozen=True)
+class FeatureTarget:
+    """The pre-activation of one transcoder feature at one position (read at its layer's MLP input)."""
+
+    layer: int
+    position: int
+    feature: int
+
+
+@dataclass(frozen=True)
+class LogitTarget:
+    """``logit[token] - mean(logit[competitors])`` at one position, before any final logit softcap.
+
+    With no competitors it is the plain logit of ``token``.
+    """
+
+    position: int
+    token: int
+    competitors: tuple[int, ...] = ()
+
+
+Target = FeatureTarget | LogitTarget
+
+
+class _Readout(NamedTuple):
+    """``K`` targets as linear readouts: ``weight[k] · point[layer[k]][position[k]] + const[k]``.
+
+    ``layer[k]`` is a layer index for a feature target (its MLP input) or ``n_layers`` for a logit target (the
+    final norm's output).
+    """
+
+    layer: torch.Tensor
+    position: torch.Tensor
+    weight: torch.Tensor
+    const: torch.Tensor
+
+
+# nodes
+@dataclass(frozen=True, eq=False)
+class Nodes:
+    """The sources of one prompt's replacement model, indexed once: tokens, then features, then errors.
+
+    Features are ordered by layer, then position, then feature id; there is one error node per (layer, position)
+    for every layer, covered or not.
+    """
+
+    kind: np.ndarray
+    """``(n_nodes,)`` ``"token"``, ``"feature"`` or ``"error"``."""
+    layer: np.ndarray
+    """Layer whose MLP writes the node; -1 for tokens."""
+    position: np.ndarray
+    """Token position."""
+    feature: np.ndarray
+    """Feature id; -1 for tokens and errors."""
+    activation: np.ndarray
+    """Feature activation; NaN for tokens and errors."""
+    token_slice: slice
+    """Where the token nodes are (the first ``n_positions``)."""
+    feature_slices: dict[int, slice]
+    """Per covered layer, where its feature nodes are."""
+    error_slices: dict[int, slice]
+    """Per layer, where its ``n_positions`` error nodes are."""
+    _lookup: dict[tuple, int] = field(default_factory=dict, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    def index(self, kind: str, layer: int = -1, position: int = 0, feature: int = -1) -> int:
+        """Index of a node, e.g. ``nodes.index("feature", 2, 15, 301)``; a KeyError when there is none."""
+        if not self._lookup:
+            keys = zip(
+                self.kind.tolist(), self.layer.tolist(), self.position.tolist(), self.feature.tolist(), strict=True
+            )
+            self._lookup.update({key: i for i, key in enumerate(keys)})
+        key = (kind, int(layer), int(position), int(feature))
+        if key not in self._lookup:
+            msg = f"no {kind} node at layer {layer}, position {position}, feature {feature} (inactive?)"
+            raise KeyError(msg)
+        return self._lookup[key]
+
+    def to_frame(self) -> pd.DataFrame:
+        """The node table as a ``pandas.DataFrame``."""
+        import pandas as pd
+
+        cols = ("kind", "layer", "position", "feature", "activation")
+        return pd.DataFrame({c: getattr(self, c) for c in cols})
+
+
+class _ActiveFeatures(NamedTuple):
+    """The active features of one layer, sorted by position then feature id."""
+
+    position: torch.Tensor
+    feature: torch.Tensor
+    activation: torch.Tensor
+    pre_activation: torch.Tensor
+    offsets: torch.Tensor
+    """``(n_positions,)`` index of each position's first entry (bags for ``embedding_bag``)."""
+
+
+# frozen nonlinearities
+@dataclass
+class _FrozenNorm:
+    """A layer norm with its per-position scale frozen: an affine map of its input."""
+
+    scale: torch.Tensor
+    """``(n_positions,)`` recorded ``sqrt(var + eps)`` (LayerNorm) or ``sqrt(mean(x^2) + eps)`` (RMSNorm)."""
+    gain: torch.Tensor
+    bias: torch.Tensor | None
+    centre: bool
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor | None = None, *, bias: bool = True) -> torch.Tensor:
+        """Normalise ``x`` (``(..., n_positions, d)``, or ``(S, d)`` at ``positions``); ``bias=False``: linear part."""
+        if self.centre:
+            x = x - x.mean(-1, keepdim=True)
+        scale = self.scale if positions is None else self.scale[positions]
+        y = x / scale[:, None] * self.gain
+        return y + self.bias if bias and self.bias is not None else y
+
+
+def _freeze_norm(module: nn.Module, x: torch.Tensor, *, gemma: bool) -> _FrozenNorm:
+    """Freeze ``module`` at the scales of its recorded input ``x`` (``(n_positions, d)``)."""
+    centre = isinstance(module, nn.LayerNorm)
+    eps = next(float(getattr(module, n)) for n in ("eps", "variance_epsilon") if hasattr(module, n))
+    x = x.float()
+    var = x.var(-1, unbiased=False) if centre else x.pow(2).mean(-1)
+    weight = module.weight
+    gain = weight.detach().float() if weight is not None else x.new_ones(x.shape[-1])
+    if gemma:
+        gain = 1.0 + gain  # Gemma's RMSNorm scales by (1 + weight)
+    b = getattr(module, "bias", None)
+    return _FrozenNorm((var + eps).sqrt(), gain, b.detach().float() if b is not None else None, centre)
+
+
+class _FrozenAttention(NamedTuple):
+    """One layer's attention with its patterns frozen: affine in its (normed) input."""
+
+    pattern: torch.Tensor
+    """``(n_heads, n_positions, n_positions)`` recorded pattern, ``[head, query, key]``."""
+    W_V: torch.Tensor
+    """``(n_heads, d_model, d_head)``, the key/value head each query head reads (GQA expanded)."""
+    W_O: torch.Tensor
+    b_V: torch.Tensor
+    b_O: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, d)`` output of the attention block (before any post-attention norm)."""
+        H, T = self.pattern.shape[:2]
+        v = torch.einsum("btd,hde->htbe", x, self.W_V) + self.b_V[:, None, None]
+        # batch rows side by side: one (T, T) @ (T, B * d_head) product per head, the pattern never copied
+        z = (self.pattern @ v.reshape(H, T, -1)).view(v.shape)
+        return torch.einsum("htbe,hed->btd", z, self.W_O) + self.b_O
+
+
+def _freeze_attention(adapter: ModelAdapter, layer: int, pattern: torch.Tensor) -> _FrozenAttention:
+    w = adapter.attention_weights(layer)
+    kv = torch.tensor([adapter.kv_head(h) for h in range(adapter.n_heads)], device=w.W_V.device)
+    return _FrozenAttention(pattern.float(), w.W_V[kv].float(), w.W_O.float(), w.b_V[kv].float(), w.b_O.float())
+
+
+@contextmanager
+def _eager_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Run the model with eager attention (the only kind that returns patterns), then restore its setting."""
+    old = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = old
+
+
+# results
+@dataclass(eq=False)
+class Attribution:
+    """Direct attributions of targets to the nodes of one prompt's replacement model.
+
+    ``values[k] == matrix[k].sum() + bias[k]`` up to float rounding (see :meth:`residual`).
+    """
+
+    targets: list[Target]
+    values: torch.Tensor
+    """``(n_targets,)`` target values in the frozen model (logit targets before the softcap)."""
+    matrix: torch.Tensor
+    """``(n_targets, n_nodes)`` direct attribution of each target to each node (:class:`Nodes` order)."""
+    bias: torch.Tensor
+    """``(n_targets,)`` the constant part: the target in the frozen model with every source zeroed."""
+
+    def residual(self) -> torch.Tensor:
+        """``values - matrix.sum(1) - bias``: zero up to float rounding."""
+        return self.values - self.matrix.sum(1) - self.bias
+
+
+@dataclass(eq=False)
+class ViaHeads:
+    """Direct edges split by the first attention head they pass through."""
+
+    values: torch.Tensor
+    """``(n_sources, n_layers * n_heads + 2)``; the columns add up to :attr:`total`."""
+    columns: list[str]
+    """``"L{layer}.H{head}"`` per head, then ``"residual"`` (no attention, no skip) and ``"skip"`` (no attention,
+    through at least one transcoder skip connection)."""
+    total: torch.Tensor
+    """``(n_sources,)`` the direct edge weights."""
+
+
+# the model
+class ReplacementModel:
+    """The frozen linear replacement model of one prompt; build it with :meth:`record`.
+
+    Parameters
+    ----------
+    adapter
+        The model's adapter.
+    transcoders
+        The transcoder set.
+    input_ids
+        ``(n_positions,)`` the prompt.
+    embed
+        ``(n_positions, d_model)`` token embeddings (what enters the residual stream).
+    attention
+        Per layer, the frozen attention.
+    norms
+        Frozen norms, keyed ``(layer, part)`` (parts of :class:`~cellcircuits.models.ModelAdapter`'s spec) and
+        ``"final"``.
+    features
+        Per covered layer, its active features.
+    errors
+        ``(n_layers, n_positions, d_model)`` per layer, true MLP output minus the transcoder's (the whole MLP output
+        for uncovered layers).
+
+    Notes
+    -----
+    All tensors are float32 on the model's device. A *source* is a token embedding, a feature (its activation times
+    its decoder row, divided by the output scale) or an error vector; every other term (biases, ``b_dec``, skip
+    connections, which read the frozen-normed MLP input) is part of the affine map.
+    """
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        transcoders: TranscoderSet,
+        input_ids: torch.Tensor,
+        embed: torch.Tensor,
+        attention: list[_FrozenAttention],
+        norms: dict,
+        features: dict[int, _ActiveFeatures],
+        errors: torch.Tensor,
+    ) -> None:
+        self.adapter = adapter
+        self.transcoders = transcoders
+        self.input_ids = input_ids
+        self.embed = embed
+        self.attention = attention
+        self.norms = norms
+        self.features = features
+        self.errors = errors
+        self.n_layers = adapter.n_layers
+        self.n_positions = int(input_ids.shape[0])
+        self.uncovered_layers = [m for m in range(self.n_layers) if m not in features]
+        self.nodes = self._build_nodes()
+
+    @classmethod
+    @torch.no_grad()
+    def record(
+        cls, model: C2SModel | PreTrainedModel, transcoders: TranscoderSet, input_ids: torch.Tensor | Sequence[int]
+    ) -> ReplacementModel:
+        """Run the model once on a prompt and freeze it.
+
+        Parameters
+        ----------
+        model
+            A :class:`~cellcircuits.models.C2SModel` or a Hugging Face causal LM (GPT-NeoX, Llama, Gemma-2).
+        transcoders
+            Transcoders for some or all of the model's layers; layers without one keep their whole MLP output as
+            error nodes.
+        input_ids
+            ``(n_positions,)`` token ids of one prompt, no padding.
+
+        Returns
+        -------
+        The replacement model of the prompt.
+
+        Notes
+        -----
+        The pass runs with eager attention (the only kind that hands back its patterns); the model's setting is
+        restored afterwards.
+        """
+        # a C2SModel holds the Hugging Face model and its adapter; a bare model gets a new adapter
+        hf, adapter = (model, ModelAdapter(model)) if isinstance(model, nn.Module) else (model.model, model.adapter)
+        transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
+        device = next(hf.parameters()).device
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(-1)
+        spec, gemma = adapter.spec, adapter.spec.name == "gemma2"
+        norm_parts = ["attn_in_norm", "mlp_in_norm"] + (["attn_out_norm"] if spec.attn_out_norm else [])
+        points = {
+            "embed": HookPoint(spec.embed, "output"),
+            "final": HookPoint(spec.final_norm, "input"),
+            **{
+                (m, p): HookPoint(adapter.module_name(m, p), "input")
+                for m in range(adapter.n_layers)
+                for p in norm_parts
+            },
+            **{(m, "mlp_in"): adapter.mlp_in(m) for m in range(adapter.n_layers)},
+            **{(m, "mlp_out"): adapter.mlp_out(m) for m in range(adapter.n_layers)},
+        }
+        with _eager_attention(hf), record(hf, list(points.values())) as rec:
+            out = hf(input_ids=ids[None], output_attentions=True, use_cache=False)
+        got = {key: rec[p][0][0].float() for key, p in points.items()}
+        if out.attentions is None or len(out.attentions) != adapter.n_layers:
+            msg = "the model did not return its attention patterns (output_attentions=True with eager attention)"
+            raise RuntimeError(msg)
+        layer_norms = [key for key in got if isinstance(key, tuple) and key[1] in norm_parts]
+        norms: dict = {(m, p): _freeze_norm(adapter.module(m, p), got[m, p], gemma=gemma) for m, p in layer_norms}
+        norms["final"] = _freeze_norm(adapter.final_norm, got["final"], gemma=gemma)
+        attention = [_freeze_attention(adapter, m, out.attentions[m][0]) for m in range(adapter.n_layers)]
+        errors = torch.stack([got[m, "mlp_out"] for m in range(adapter.n_layers)])
+        features = {}
+        for m, tc in transcoders.items():
+            feats, prediction = _active_features(tc, got[m, "mlp_in"])
+            features[m] = feats
+            errors[m] -= prediction
+        return cls(adapter, transcoders, ids, got["embed"], attention, norms, features, errors)
+
+    def _build_nodes(self) -> Nodes:
+        T = self.n_positions
+        blocks: list[tuple] = [("token", -1, np.arange(T), np.full(T, -1), np.full(T, np.nan))]
+        for m, f in self.features.items():
+            blocks.append(("feature", m, f.position.cpu().numpy(), f.feature.cpu().numpy(), f.activation.cpu().numpy()))
+        blocks += [("error", m, np.arange(T), np.full(T, -1), np.full(T, np.nan)) for m in range(self.n_layers)]
+        sizes = np.array([len(b[2]) for b in blocks])
+        starts = np.concatenate([[0], sizes.cumsum()])
+        where = {(b[0], b[1]): slice(int(starts[i]), int(starts[i + 1])) for i, b in enumerate(blocks)}
+        return Nodes(
+            kind=np.concatenate([np.full(n, b[0], dtype=object) for b, n in zip(blocks, sizes, strict=True)]),
+            layer=np.concatenate([np.full(n, b[1]) for b, n in zip(blocks, sizes, strict=True)]).astype(np.int64),
+            position=np.concatenate([b[2] for b in blocks]).astype(np.int64),
+            feature=np.concatenate([b[3] for b in blocks]).astype(np.int64),
+            activation=np.concatenate([b[4] for b in blocks]).astype(np.float32),
+            token_slice=where["token", -1],
+            feature_slices={m: where["feature", m] for m in self.features},
+            error_slices={m: where["error", m] for m in range(self.n_layers)},
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Where the frozen model's tensors are."""
+        return self.embed.device
+
+    # the frozen forward pass
+    def _sources(self, node_scale: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(S, T, d)`` embeddings and per layer ``(S, T, d)`` MLP writes (features + error), sources scaled."""
+        nodes = self.nodes
+        embed = self.embed * node_scale[:, nodes.token_slice, None]
+        writes = []
+        for m in range(self.n_layers):
+            w = self.errors[m] * node_scale[:, nodes.error_slices[m], None]
+            if m in self.features:
+                w = w + self._decode(m, node_scale[:, nodes.feature_slices[m]])
+            writes.append(w)
+        return embed, writes
+
+    def _decode(self, layer: int, scale: torch.Tensor) -> torch.Tensor:
+        """``(S, T, d)`` sum of each position's scaled decoder rows, without materialising one row per feature."""
+        f, tc = self.features[layer], self.transcoders[layer]
+        S, n, T = scale.shape[0], len(f.feature), self.n_positions
+        dev = tc.W_dec.device
+        offsets = (f.offsets[None] + n * torch.arange(S, device=self.device)[:, None]).reshape(-1)
+        weights = (f.activation * scale).reshape(-1)
+        out = F.embedding_bag(
+            f.feature.repeat(S).to(dev),
+            tc.W_dec.float(),
+            offsets.to(dev),
+            mode="sum",
+            per_sample_weights=weights.to(dev),
+        )
+        return out.to(self.device).view(S, T, -1) / tc.output_scale.float().to(self.device)
+
+    def _skip_out(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """``x_n @ W_skip / output_scale`` of normed MLP inputs ``x``: linear; zero without a skip connection."""
+        tc = self.transcoders[layer] if layer in self.features else None
+        if tc is None or tc.W_skip is None:
+            return x.new_zeros(())
+        dev = x.device
+        return (x * tc.input_scale.float().to(dev)) @ tc.W_skip.float().to(dev) / tc.output_scale.float().to(dev)
+
+    def _mlp_affine(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """What a covered MLP's replacement adds besides its sources: ``b_dec / output_scale`` and the skip term."""
+        out = self._skip_out(layer, x)
+        if layer in self.features:
+            tc = self.transcoders[layer]
+            out = out + tc.b_dec.float().to(x.device) / tc.output_scale.float().to(x.device)
+        return out
+
+    def _attn_block(self, layer: int, r: torch.Tensor, probe: torch.Tensor | None) -> torch.Tensor:
+        """The attention block's contribution to the residual stream; ``probe`` is added before a post-norm."""
+        a = self.attention[layer](self.norms[layer, "attn_in_norm"](r))
+        if probe is not None:
+            a = a + probe
+        if (layer, "attn_out_norm") in self.norms:
+            a = self.norms[layer, "attn_out_norm"](a)
+        return a
+
+    def _run(
+        self,
+        embed: torch.Tensor,
+        writes: list[torch.Tensor],
+        readout: _Readout | None,
+        *,
+        probes: list[torch.Tensor] | None = None,
+        final: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Propagate ``(B, T, d)`` sources; ``(B, K)`` readout values and, if reached, the final norm's output.
+
+        Stops after the last layer a readout needs unless ``final``.
+        """
+        L = self.n_layers
+        to_end = final or readout is None or bool((readout.layer == L).any())
+        last = L - 1 if to_end else int(readout.layer.max())
+        values = None if readout is None else readout.const[None]
+        r = embed
+        for m in range(last + 1):
+            a = self._attn_block(m, r, None if probes is None else probes[m])
+            if self.adapter.parallel_residual:
+                x = self.norms[m, "mlp_in_norm"](r)
+                r = r + a
+            else:
+                r = r + a
+                x = self.norms[m, "mlp_in_norm"](r)
+            if readout is not None:
+                values = values + _read(x, readout, m)
+            r = r + writes[m] + self._mlp_affine(m, x)
+        if last < L - 1:
+            return values, None
+        normed = self.norms["final"](r)
+        if readout is not None:
+            values = values + _read(normed, readout, L)
+        return values, normed
+
+    def _node_scale(self, node_scale: torch.Tensor | None) -> torch.Tensor:
+        if node_scale is None:
+            return torch.ones(1, len(self.nodes), device=self.device)
+        s = torch.as_tensor(node_scale, dtype=torch.float32, device=self.device)
+        if s.shape[-1] != len(self.nodes) or s.ndim > 2:
+            msg = f"node_scale must be (n_nodes,) or (S, n_nodes) with n_nodes={len(self.nodes)}, got {tuple(s.shape)}"
+            raise ValueError(msg)
+        return s.reshape(-1, len(self.nodes))
+
+    @torch.no_grad()
+    def forward(self, node_scale: torch.Tensor | None = None, *, softcap: bool = True) -> torch.Tensor:
+        """Logits of the frozen model, from the recorded sources (scaled by ``node_scale``).
+
+        Parameters
+        ----------
+        node_scale
+            ``(n_nodes,)`` or ``(S, n_nodes)`` multiplier of each source (:attr:`nodes` order): a feature's
+            activation, an error vector, a token embedding; 1 keeps the recorded value, 0 ablates it, ``a / a_f``
+            sets feature ``f``'s activation to ``a``. All other sources stay frozen. Default: all ones.
+        softcap
+            Apply the model's final logit softcap (Gemma-2); off gives the pre-softcap logits that logit targets
+            read.
+
+        Returns
+        -------
+        ``(n_positions, vocab)``, or ``(S, n_positions, vocab)`` for a 2-d ``node_scale``.
+        """
+        s = self._node_scale(node_scale)
+        _, normed = self._run(*self._sources(s), None, final=True)
+        unembed = self.adapter.unembed
+        logits = normed @ unembed.weight.float().T.to(self.device)
+        if unembed.bias is not None:
+            logits = logits + unembed.bias.float().to(self.device)
+        cap = self.adapter.final_logit_softcap
+        if softcap and cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return logits if node_scale is not None and torch.as_tensor(node_scale).ndim == 2 else logits[0]
+
+    __call__ = forward
+
+    def _readout(self, targets: Sequence[Target]) -> _Readout:
+        layer, position, weight, const = [], [], [], []
+        unembed = self.adapter.unembed
+        for t in targets:
+            if not 0 <= t.position < self.n_positions:
+                msg = f"position {t.position} out of range for a prompt of {self.n_positions} tokens"
+                raise IndexError(msg)
+            if isinstance(t, FeatureTarget):
+                tc = self.transcoders[t.layer]
+                w = tc.W_enc[:, t.feature].float() * tc.input_scale.float()
+                c = tc.b_enc[t.feature].float()
+                layer.append(t.layer)
+            else:
+                comp = torch.tensor(list(t.competitors), dtype=torch.long, device=unembed.weight.device)
+                w = unembed.weight[t.token].float()
+                c = unembed.bias[t.token].float() if unembed.bias is not None else w.new_zeros(())
+                if len(comp):
+                    w = w - unembed.weight[comp].float().mean(0)
+                    c = c - (unembed.bias[comp].float().mean() if unembed.bias is not None else 0.0)
+                layer.append(self.n_layers)
+            position.append(t.position)
+            weight.append(w.detach().to(self.device))
+            const.append(c.detach().to(self.device))
+        as_long = {"dtype": torch.long, "device": self.device}
+        return _Readout(
+            torch.tensor(layer, **as_long), torch.tensor(position, **as_long), torch.stack(weight), torch.stack(const)
+        )
+
+    @torch.no_grad()
+    def evaluate(self, targets: Sequence[Target], node_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Target values in the frozen model, by a forward pass.
+
+        Parameters
+        ----------
+        targets
+            The targets.
+        node_scale
+            As for :meth:`forward`.
+
+        Returns
+        -------
+        ``(n_targets,)``, or ``(S, n_targets)`` for a 2-d ``node_scale``.
+        """
+        s = self._node_scale(node_scale)
+        values, _ = self._run(*self._sources(s), self._readout(targets))
+        return values if node_scale is not None and torch.as_tensor(node_scale).ndim == 2 else values[0]
+
+    # attribution
+    def _gradients(
+        self, readout: _Readout, *, probes: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
+        """Target values and their gradients, one target per batch row (each row seeds only its own target).
+
+        Returns the ``(B,)`` values, the gradients at the embedding and at each layer's MLP write (``(B, T, d)``
+        each, the embedding's first), and with ``probes`` at each layer's attention output before any post-norm.
+        """
+        B = len(readout.layer)
+        embed, writes = self._sources(self._node_scale(None))
+        leaves = [t.expand(B, *t.shape[1:]).clone().requires_grad_() for t in (embed, *writes)]
+        probe = [torch.zeros_like(leaves[0], requires_grad=True) for _ in range(self.n_layers)] if probes else None
+        with torch.enable_grad():
+            values, _ = self._run(leaves[0], leaves[1:], readout, probes=probe)
+            values = values.diagonal()
+            grads = torch.autograd.grad(values.sum(), leaves + (probe or []), allow_unused=True)
+        grads = [g if g is not None else torch.zeros_like(leaves[0]) for g in grads]
+        n = len(leaves)
+        return values.detach(), grads[:n], (grads[n:] if probes else None)
+
+    def _feature_dots(self, layer: int, grad: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """``(B, n_active)`` each active feature's source vector · ``grad`` (``(B, T, d)``) at its position."""
+        f, tc = self.features[layer], self.transcoders[layer]
+        out = []
+        for i in range(0, len(f.feature), chunk):
+            rows = tc.W_dec[f.feature[i : i + chunk].to(tc.W_dec.device)].float().to(self.device)
+            dots = torch.einsum("bnd,nd->bn", grad[:, f.position[i : i + chunk]], rows)
+            out.append(dots * f.activation[i : i + chunk])
+        out = torch.cat(out, 1) if out else grad.new_zeros(grad.shape[0], 0)
+        return out / tc.output_scale.float().to(self.device)
+
+    def _attribution_rows(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """``(B, n_nodes)`` direct attributions from the gradients at the embedding and the MLP writes."""
+        parts = [(self.embed * grads[0]).sum(-1)]
+        parts += [self._feature_dots(m, grads[m + 1]) for m in self.features]
+        parts += [(self.errors[m] * grads[m + 1]).sum(-1) for m in range(self.n_layers)]
+        return torch.cat(parts, 1)
+
+    def attribute(self, targets: Sequence[Target], *, batch_size: int = 32) -> Attribution:
+        """Direct attributions of each target to every node, by batched backward passes.
+
+        Parameters
+        ----------
+        targets
+            Feature pre-activations and/or logit targets.
+        batch_size
+            Targets per backward pass; memory grows with it (about ``(n_layers + 1) * batch_size * T * d`` floats).
+
+        Returns
+        -------
+        Values, the ``(n_targets, n_nodes)`` attribution matrix (on CPU) and the bias terms.
+        """
+        if batch_size < 1:
+            msg = f"batch_size must be a positive integer, got {batch_size!r}"
+            raise ValueError(msg)
+        targets = list(targets)
+        values, rows, bias = [], [], []
+        for start in range(0, len(targets), batch_size):
+            batch = targets[start : start + batch_size]
+            readout = self._readout(batch)
+            v, grads, _ = self._gradients(readout)
+            with torch.no_grad():
+                rows.append(self._attribution_rows(grads).cpu())
+                values.append(v.cpu())
+                # every source zeroed: by linearity, what the frozen model adds on its own
+                zero = torch.zeros(1, len(self.nodes), device=self.device)
+                bias.append(self._run(*self._sources(zero), readout)[0][0].cpu())
+        empty = torch.zeros(0)
+        return Attribution(
+            targets,
+            torch.cat(values) if values else empty,
+            torch.cat(rows) if rows else torch.zeros(0, len(self.nodes)),
+            torch.cat(bias) if bias else empty,
+        )
+
+    # attention-head split
+    def _source_vectors(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(S, d)`` what each node writes, the layer it writes after (-1: embedding) and its position."""
+        nodes, dev = self.nodes, self.device
+        layer = torch.as_tensor(nodes.layer[index], dtype=torch.long, device=dev)
+        position = torch.as_tensor(nodes.position[index], dtype=torch.long, device=dev)
+        kind = nodes.kind[index]
+        v = self.embed.new_zeros(len(index), self.embed.shape[1])
+        tok, err = (torch.as_tensor(kind == k, device=dev) for k in ("token", "error"))
+        v[tok] = self.embed[position[tok]]
+        v[err] = self.errors[layer[err], position[err]]
+        for m, where in nodes.feature_slices.items():
+            mine = (index >= where.start) & (index < where.stop)
+            local = torch.as_tensor(index[mine] - where.start, dtype=torch.long, device=dev)
+            f, tc = self.features[m], self.transcoders[m]
+            rows = tc.W_dec[f.feature[local].to(tc.W_dec.device)].float().to(dev)
+            v[torch.as_tensor(mine, device=dev)] = f.activation[local, None] * rows / tc.output_scale.float().to(dev)
+        return v, layer, position
+
+    def edge_via_heads(self, target: Target, sources: Sequence[int] | np.ndarray) -> ViaHeads:
+        """Split direct edges into the part through each attention head's OV circuit, and what stays in place.
+
+        Every path from a source (written at position ``q``) to the target either crosses attention or not; a
+        path that does is credited to the *first* head it crosses, ``(m, h)``: the source's vector, carried along
+        position ``q`` to layer ``m`` (through any transcoder skip connections on the way), normed by layer
+        ``m``'s frozen attention norm, sent through head ``h``'s frozen OV circuit to every query position ``p``
+        (``pattern[h, p, q]``) and dotted with the target's full gradient at head ``h``'s output at ``p``. Paths
+        that never cross attention reach the target only at position ``q``: ``"residual"`` when they go straight
+        there, ``"skip"`` when they go through a transcoder skip connection.
+
+        Parameters
+        ----------
+        target
+            The target.
+        sources
+            Node indices (any kind).
+
+        Returns
+        -------
+        The split, whose columns add up to the direct edge weights.
+        """
+        index = np.asarray(sources, dtype=np.int64).reshape(-1)
+        readout = self._readout([target])
+        _, grads, probe_grads = self._gradients(readout, probes=True)
+        v, src_layer, q = self._source_vectors(index)
+        H, L = self.adapter.n_heads, self.n_layers
+        with torch.no_grad():
+            total = self._attribution_rows(grads)[0, torch.as_tensor(index, device=self.device)]
+            heads = v.new_zeros(len(index), L * H)
+            skip = torch.zeros_like(v)  # what the skip connections have added so far, at the source's position
+            target_layer = int(readout.layer[0])
+            skip_at_target = skip
+            for m in range(L):
+                if m == target_layer:
+                    skip_at_target = skip.clone()
+                r = (v + skip) * (src_layer < m)[:, None]  # only sources written before layer m reach it
+                att = self.attention[m]
+                value_in = torch.einsum("sd,hde->she", self.norms[m, "attn_in_norm"](r, q, bias=False), att.W_V)
+                # sum_p pattern[h, p, q] grad[p] W_O[h]^T: the gradient at head h's value of key position q
+                back = torch.einsum("hpq,pd,hed->hqe", att.pattern, probe_grads[m][0], att.W_O)
+                heads[:, m * H : (m + 1) * H] = (value_in * back[:, q].transpose(0, 1)).sum(-1)
+                skip = skip + self._skip_out(m, self.norms[m, "mlp_in_norm"](r, q, bias=False))
+            if target_layer == L:
+                skip_at_target = skip
+            norm = self.norms["final"] if target_layer == L else self.norms[target_layer, "mlp_in_norm"]
+            here = ((q == readout.position[0]) & (src_layer < target_layer)).float()
+            residual = (norm(v, q, bias=False) @ readout.weight[0]) * here
+            skipped = (norm(skip_at_target, q, bias=False) @ readout.weight[0]) * here
+        columns = [f"L{m}.H{h}" for m in range(L) for h in range(H)] + ["residual", "skip"]
+        return ViaHeads(torch.cat([heads, residual[:, None], skipped[:, None]], 1).cpu(), columns, total.cpu())
+
+
+def _read(x: torch.Tensor, readout: _Readout, layer: int) -> torch.Tensor:
+    """``(B, K)`` the readouts taken at ``layer`` (zero for the others) from ``x`` (``(B, T, d)``)."""
+    k = (readout.layer == layer).nonzero().squeeze(1)
+    vals = (x[:, readout.position[k]] * readout.weight[k]).sum(-1)
+    return x.new_zeros(x.shape[0], len(readout.layer)).index_add(1, k, vals)
+
+
+@torch.no_grad()
+def _active_features(tc: Transcoder, x: torch.Tensor) -> tuple[_ActiveFeatures, torch.Tensor]:
+    """The active features of ``x`` (``(T, d)`` MLP inputs) and the transcoder's ``(T, d)`` prediction."""
+    out = tc(x.to(device=tc.W_enc.device, dtype=tc.W_enc.dtype))
+    position, feature = (out.features != 0).nonzero(as_tuple=True)  # row-major: by position, then feature
+    dev = x.device
+    act = out.features[position, feature].float().to(dev)
+    pre = out.pre_acts[position, feature].float().to(dev)
+    position, feature = position.to(dev), feature.to(dev)
+    offsets = torch.searchsorted(position, torch.arange(x.shape[0], device=dev))
+    return _ActiveFeatures(position, feature, act, pre, offsets), out.output.float().to(dev)

@@ -1,0 +1,415 @@
+"""The frozen replacement model reproduces the original model and splits every target exactly.
+
+Tiny random models of each architecture (norms and biases perturbed, weights large enough that attention is far
+from uniform and Gemma-2's softcaps bite) get random transcoders on some layers, the middle layer left uncovered.
+The shipped ``pbmc68k-tiny`` model is checked on one real prompt with a random transcoder set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from cellcircuits.circuits._replacement import (
+    Attribution,
+    FeatureTarget,
+    LogitTarget,
+    ReplacementModel,
+)
+from cellcircuits.models._adapter import HookPoint
+from cellcircuits.models._hooks import record
+from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet
+
+VOCAB, SEQ, N_LAYERS, D = 100, 20, 3, 32
+COVERED = (0, 2)  # layer 1 stays an error node
+ARCHS = ["gpt_neox", "gpt_neox_sequential", "llama", "gemma2"]
+# transcoder flavour per architecture: (activation, skip connection)
+FLAVOUR = {
+    "gpt_neox": ("topk", False),
+    "gpt_neox_sequential": ("relu", True),
+    "llama": ("jumprelu", True),
+    "gemma2": ("topk", True),
+    "shipped": ("topk", False),
+}
+
+
+def _model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = {
+        "vocab_size": VOCAB,
+        "num_hidden_layers": N_LAYERS,
+        "num_attention_heads": 4,
+        "hidden_size": D,
+        "max_position_embeddings": 64,
+    }
+    if arch.startswith("gpt_neox"):
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+        cfg = GPTNeoXConfig(
+            **common,
+            intermediate_size=64,
+            rope_parameters=rope,
+            use_parallel_residual=arch == "gpt_neox",
+            attention_bias=True,
+        )
+        cls = GPTNeoXForCausalLM
+    elif arch == "llama":
+        cfg = LlamaConfig(**common, intermediate_size=48, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+        cls = LlamaForCausalLM
+    else:
+        cfg = Gemma2Config(
+            **common,
+            intermediate_size=48,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=1.5,
+            final_logit_softcapping=2.0,
+            sliding_window=8,
+        )
+        cls = Gemma2ForCausalLM
+    # sdpa where the model has it: recording must switch to eager attention and back
+    cfg._attn_implementation = "eager" if arch == "gemma2" else "sdpa"
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def _transcoders(arch: str, d: int, layers, n_layers: int, n_features: int = 64, k: int = 4) -> TranscoderSet:
+    activation, skip = FLAVOUR[arch]
+    tcs = {}
+    for layer in layers:
+        cfg = TranscoderConfig(
+            d_in=d, d_out=d, n_features=n_features, k=k, activation=activation, skip=skip, layer=layer
+        )
+        tc = Transcoder(cfg)
+        with torch.no_grad():
+            # features of a size that matters next to the model's own MLPs (the init is small)
+            tc.W_enc.mul_(5.0)
+            tc.W_dec.mul_(10.0)
+            tc.b_enc.normal_(0, 0.05)
+            tc.b_dec.normal_(0, 0.5)
+            if skip:
+                tc.W_skip.normal_(0, 0.1)
+            tc.input_scale.fill_(1.7)
+            tc.output_scale.fill_(0.6)
+        tcs[layer] = tc
+    return TranscoderSet(tcs, n_layers_model=n_layers)
+
+
+@dataclass
+class Case:
+    arch: str
+    model: torch.nn.Module
+    transcoders: TranscoderSet
+    ids: torch.Tensor
+    rm: ReplacementModel
+
+
+_CASES: dict[str, Case] = {}
+
+
+def _tiny_case(arch: str) -> Case:
+    model = _model(arch)
+    ids = torch.randint(0, VOCAB, (SEQ,), generator=torch.Generator().manual_seed(1))
+    transcoders = _transcoders(arch, D, COVERED, N_LAYERS)
+    return Case(arch, model, transcoders, ids, ReplacementModel.record(model, transcoders, ids))
+
+
+def _shipped_case() -> Case:
+    import cellcircuits as cc
+
+    c2s = cc.models.load("pbmc68k-tiny", device="cpu")
+    adata = cc.ds.pbmc68k()
+    x = adata.raw.X[0]
+    x = x.toarray().ravel() if hasattr(x, "toarray") else np.asarray(x).ravel()
+    genes = list(adata.raw.var_names[np.argsort(-x, kind="stable")][: c2s.prompt.n_genes])
+    ids = torch.tensor(c2s.tokenizer(c2s.build_prompts([genes])[0].text)["input_ids"])
+    torch.manual_seed(0)
+    transcoders = _transcoders("shipped", c2s.adapter.d_model, range(4), 4, n_features=256, k=8)
+    return Case("shipped", c2s.model, transcoders, ids, ReplacementModel.record(c2s, transcoders, ids))
+
+
+def _case(name: str) -> Case:
+    if name not in _CASES:
+        _CASES[name] = _shipped_case() if name == "shipped" else _tiny_case(name)
+    return _CASES[name]
+
+
+@pytest.fixture(params=[*ARCHS, "shipped"])
+def case(request) -> Case:
+    return _case(request.param)
+
+
+@pytest.fixture(params=ARCHS)
+def tiny(request) -> Case:
+    return _case(request.param)
+
+
+def _feature_targets(rm: ReplacementModel, layer: int, n: int, seed: int) -> list[FeatureTarget]:
+    f = rm.features[layer]
+    pick = np.random.default_rng(seed).choice(len(f.feature), size=min(n, len(f.feature)), replace=False)
+    return [FeatureTarget(layer, int(f.position[i]), int(f.feature[i])) for i in pick]
+
+
+def _logit_targets(rm: ReplacementModel) -> list[LogitTarget]:
+    T = rm.n_positions
+    return [LogitTarget(T - 1, 3, (4, 5, 6)), LogitTarget(T // 2, 7), LogitTarget(0, 11, (12,))]
+
+
+def _tol(values: torch.Tensor) -> float:
+    return 1e-4 * max(1.0, float(values.abs().max()))
+
+
+# 1. the frozen forward pass
+def test_frozen_forward_reproduces_logits(case: Case):
+    with torch.no_grad():
+        logits = case.model(input_ids=case.ids[None]).logits[0].float()
+    frozen = case.rm.forward()
+    assert frozen.shape == logits.shape
+    assert_close(frozen, logits, rtol=0, atol=_tol(logits))
+    if case.arch == "gemma2":  # the softcap bites, and forward(softcap=False) gives the logits before it
+        assert (case.rm.forward(softcap=False) - frozen).abs().max() > 0.1
+
+
+def test_record_leaves_the_model_as_it_was(case: Case):
+    expected = "eager" if case.arch == "gemma2" else "sdpa"
+    assert case.model.config._attn_implementation == expected
+    leftover = [h for m in case.model.modules() for h in m._forward_hooks.values() if h.__module__ == record.__module__]
+    assert not leftover
+
+
+def test_recorded_features_and_errors(tiny: Case):
+    rm, adapter = tiny.rm, tiny.rm.adapter
+    points = [adapter.mlp_in(m) for m in range(N_LAYERS)] + [adapter.mlp_out(m) for m in range(N_LAYERS)]
+    with torch.no_grad(), record(tiny.model, points) as rec:
+        tiny.model(input_ids=tiny.ids[None])
+    assert rm.uncovered_layers == [1]
+    # (recorded with eager attention, compared with sdpa: equal up to float rounding)
+    assert_close(rm.errors[1], rec[adapter.mlp_out(1)][0][0], rtol=1e-5, atol=1e-5)  # uncovered: all error
+    for m in COVERED:
+        tc, x = tiny.transcoders[m], rec[adapter.mlp_in(m)][0][0]
+        out = tc(x)
+        f = rm.features[m]
+        assert_close(torch.zeros_like(out.features).index_put_((f.position, f.feature), f.activation), out.features)
+        assert_close(f.pre_activation, out.pre_acts[f.position, f.feature])
+        assert_close(rm.errors[m] + out.output, rec[adapter.mlp_out(m)][0][0], rtol=1e-5, atol=1e-5)
+    nodes = rm.nodes
+    n_active = sum(len(f.feature) for f in rm.features.values())
+    assert len(nodes) == SEQ + n_active + N_LAYERS * SEQ
+    assert (nodes.kind[nodes.feature_slices[2]] == "feature").all()
+    i = nodes.index("feature", 2, int(rm.features[2].position[0]), int(rm.features[2].feature[0]))
+    assert nodes.activation[i] == pytest.approx(float(rm.features[2].activation[0]))
+    assert nodes.index("error", 1, 4) == nodes.error_slices[1].start + 4
+    assert nodes.index("token", -1, 3) == 3
+    assert len(nodes.to_frame()) == len(nodes)
+    with pytest.raises(KeyError):
+        nodes.index("feature", 1, 0, 0)
+
+
+# 2. attribution
+def _all_targets(rm: ReplacementModel) -> list:
+    layers = sorted(rm.features)
+    return _feature_targets(rm, layers[-1], 6, 0) + _feature_targets(rm, layers[0], 2, 1) + _logit_targets(rm)
+
+
+def test_attribution_is_exact(case: Case):
+    rm = case.rm
+    targets = [*_all_targets(rm), FeatureTarget(sorted(rm.features)[-1], 5, 0)]  # feature 0 may well be inactive
+    attr = rm.attribute(targets, batch_size=5)  # several backward passes
+    assert isinstance(attr, Attribution)
+    assert attr.matrix.shape == (len(targets), len(rm.nodes))
+    # the target values are what the model computes: feature pre-activations, logit differences before softcap
+    expected = []
+    adapter = rm.adapter
+    points = [adapter.mlp_in(m) for m in rm.features]
+    cfg = case.model.config
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    try:
+        if cap is not None:
+            cfg.final_logit_softcapping = None  # Gemma-2: read the logits before the softcap
+        with torch.no_grad(), record(case.model, points) as rec:
+            logits = case.model(input_ids=case.ids[None]).logits[0].float()
+    finally:
+        if cap is not None:
+            cfg.final_logit_softcapping = cap
+    for t in targets:
+        if isinstance(t, FeatureTarget):
+            x = rec[adapter.mlp_in(t.layer)][0][0][t.position]
+            with torch.no_grad():
+                expected.append(case.transcoders[t.layer].pre_acts(x)[t.feature])
+        else:
+            row = logits[t.position]
+            comp = row[list(t.competitors)].mean() if t.competitors else 0.0
+            expected.append(row[t.token] - comp)
+    expected = torch.stack([torch.as_tensor(e, dtype=torch.float32) for e in expected])
+    assert_close(attr.values, expected, rtol=0, atol=_tol(expected))
+    # exactness: tokens + features + errors + bias = target; the bias, found with every source zeroed, agrees
+    assert attr.residual().abs().max() <= _tol(attr.values) / 10
+    assert_close(attr.values, rm.evaluate(targets).cpu(), rtol=0, atol=_tol(attr.values) / 10)
+    # the split is the same however targets are batched
+    one = rm.attribute(targets[:3], batch_size=1)
+    assert_close(one.matrix, attr.matrix[:3], rtol=0, atol=1e-5)
+
+
+def test_direct_edges_stop_at_features_and_respect_causality(tiny: Case):
+    rm, nodes = tiny.rm, tiny.rm.nodes
+    targets = _feature_targets(rm, 0, 3, 2) + _feature_targets(rm, 2, 3, 3)
+    attr = rm.attribute(targets)
+    for k, t in enumerate(targets):
+        row = attr.matrix[k].numpy()
+        # nothing written at or after the target's own layer, nor at a later position, reaches it
+        later = (nodes.layer >= t.layer) | (nodes.position > t.position)
+        assert np.abs(row[later]).max() == 0
+        assert np.abs(row[~later]).max() > 0
+    # a feature target is reached through upstream features' edges only: its value does not move when a
+    # feature of its own layer is ablated
+    zero = torch.ones(len(nodes))
+    zero[nodes.feature_slices[2]] = 0
+    assert_close(rm.evaluate(targets[3:], zero), rm.evaluate(targets[3:]), rtol=0, atol=0)
+
+
+# 3. interventions in the frozen model: a direct edge is what ablating its source takes from the target
+def _random_edges(rm: ReplacementModel, n: int, seed: int) -> tuple[list, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    layers = sorted(rm.features)
+    targets = _feature_targets(rm, layers[-1], 4, seed) + _logit_targets(rm)
+    kinds = rm.nodes.kind
+    sources, target_index = [], []
+    for _ in range(n):
+        k = int(rng.integers(len(targets)))
+        t = targets[k]
+        limit = t.layer if isinstance(t, FeatureTarget) else rm.n_layers
+        ok = np.flatnonzero((kinds == "feature") & (rm.nodes.layer < limit) & (rm.nodes.position <= t.position))
+        sources.append(int(rng.choice(ok)))
+        target_index.append(k)
+    return targets, np.array(sources), np.array(target_index)
+
+
+def test_interventions_match_edges(case: Case):
+    rm = case.rm
+    targets, sources, which = _random_edges(rm, 20, seed=4)
+    attr = rm.attribute(targets)
+    edges = attr.matrix[which, sources]
+    scale = torch.ones(len(sources), len(rm.nodes))
+    scale[torch.arange(len(sources)), torch.as_tensor(sources)] = 0.0
+    ablated = rm.evaluate(targets, scale).cpu()[torch.arange(len(sources)), torch.as_tensor(which)]
+    assert_close(attr.values[which] - ablated, edges, rtol=0, atol=_tol(attr.values))
+    assert edges.abs().max() > 1e-2  # the check has teeth
+    # doubling a source adds its edge once more; ablating an error node takes its attribution
+    scale[torch.arange(len(sources)), torch.as_tensor(sources)] = 2.0
+    doubled = rm.evaluate(targets, scale).cpu()[torch.arange(len(sources)), torch.as_tensor(which)]
+    assert_close(doubled - attr.values[which], edges, rtol=0, atol=_tol(attr.values))
+    err = rm.nodes.index("error", 1, targets[-3].position)
+    no_err = torch.ones(len(rm.nodes))
+    no_err[err] = 0
+    k = len(targets) - 3
+    assert_close(attr.values[k] - rm.evaluate(targets, no_err).cpu()[k], attr.matrix[k, err], rtol=0, atol=1e-4)
+
+
+# 4. attention-head split of direct edges
+def test_edge_via_heads_adds_up(case: Case):
+    rm, nodes = case.rm, case.rm.nodes
+    H = rm.adapter.n_heads
+    rng = np.random.default_rng(5)
+    layers = sorted(rm.features)
+    targets = [_logit_targets(rm)[0], _feature_targets(rm, layers[-1], 1, 6)[0]]
+    attr = rm.attribute(targets)
+    sources = np.arange(len(nodes)) if case.arch != "shipped" else rng.choice(len(nodes), 300, replace=False)
+    for k, t in enumerate(targets):
+        via = rm.edge_via_heads(t, sources)
+        assert via.values.shape == (len(sources), rm.n_layers * H + 2)
+        assert via.columns[:2] == ["L0.H0", "L0.H1"] and via.columns[-2:] == ["residual", "skip"]
+        assert_close(via.total, attr.matrix[k, sources], rtol=0, atol=1e-6)
+        scale = float(via.values.abs().max())
+        assert_close(via.values.sum(1), via.total, rtol=0, atol=1e-5 * max(1.0, scale))
+        # a source elsewhere than the target's position reaches it only through attention
+        off = nodes.position[sources] != t.position
+        assert via.values[torch.as_tensor(off), -2:].abs().max() == 0
+        # a head at or before the source's layer never carries it
+        head_layer = np.repeat(np.arange(rm.n_layers), H)
+        early = torch.as_tensor(head_layer[None, :] <= nodes.layer[sources][:, None])
+        assert via.values[:, :-2][early].abs().max() == 0
+        assert via.values[:, :-2].abs().max() > 1e-3
+        if not FLAVOUR[case.arch][1]:
+            assert via.values[:, -1].abs().max() == 0
+
+
+def test_last_layer_heads_are_ov_circuits():
+    """Rebuilt from the model's own weights and patterns: what a source sends through a head of the last layer.
+
+    Errors of layer 1 reach a logit only through layer 2: through head ``h`` it is ``pattern[h, t, q]`` times the
+    OV image of the layer-normed source, read through the final norm (both linear at their recorded scales).
+    """
+    tiny = _case("gpt_neox")  # parallel residual, no skip: layer 2's heads feed the final norm directly
+    rm, adapter = tiny.rm, tiny.rm.adapter
+    target = LogitTarget(SEQ - 1, 3, (4, 5, 6))
+    sources = np.arange(rm.nodes.error_slices[1].start, rm.nodes.error_slices[1].stop)
+    via = rm.edge_via_heads(target, sources)
+    attn_norm, final_norm = adapter.module(2, "attn_in_norm"), adapter.final_norm
+    points = [HookPoint(adapter.module_name(2, "attn_in_norm"), "input"), HookPoint(adapter.spec.final_norm, "input")]
+    config = tiny.model.config
+    config._attn_implementation = "eager"
+    try:
+        with torch.no_grad(), record(tiny.model, points) as rec:
+            pattern = tiny.model(input_ids=tiny.ids[None], output_attentions=True).attentions[2][0]
+    finally:
+        config._attn_implementation = "sdpa"
+
+    def linear_norm(norm: torch.nn.LayerNorm, x: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        return (x - x.mean(-1, keepdim=True)) / (seen.var(-1, unbiased=False) + norm.eps).sqrt() * norm.weight
+
+    W_U = adapter.unembed.weight
+    w = W_U[3] - W_U[[4, 5, 6]].mean(0)
+    weights = adapter.attention_weights(2)
+    t = SEQ - 1
+    with torch.no_grad():
+        for i, q in enumerate(rm.nodes.position[sources]):
+            normed = linear_norm(attn_norm, rm.errors[1, q], rec[points[0]][0][0, q])
+            for h in range(adapter.n_heads):
+                ov = normed @ weights.W_V[h] @ weights.W_O[h]
+                expected = pattern[h, t, q] * (linear_norm(final_norm, ov, rec[points[1]][0][0, t]) @ w)
+                assert float(via.values[i, via.columns.index(f"L2.H{h}")]) == pytest.approx(float(expected), abs=1e-5)
+    assert via.values[:, :-2].abs().max() > 1e-2
+
+
+# 5. devices and input checks
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda(tiny: Case):
+    model = _model(tiny.arch).cuda()
+    transcoders = _transcoders(tiny.arch, D, COVERED, N_LAYERS).cuda()
+    rm = ReplacementModel.record(model, transcoders, tiny.ids)
+    assert rm.device.type == "cuda"
+    with torch.no_grad():
+        logits = model(input_ids=tiny.ids[None].cuda()).logits[0]
+    assert_close(rm.forward(), logits, rtol=0, atol=_tol(logits))
+    attr = rm.attribute(_all_targets(rm), batch_size=4)
+    assert attr.residual().abs().max() <= _tol(attr.values) / 10
+
+
+def test_bad_inputs(tiny: Case):
+    rm = tiny.rm
+    with pytest.raises(ValueError, match="node_scale"):
+        rm.forward(torch.ones(3))
+    with pytest.raises(IndexError, match="position"):
+        rm.evaluate([LogitTarget(SEQ, 1)])
+    with pytest.raises(ValueError, match="batch_size"):
+        rm.attribute([LogitTarget(0, 1)], batch_size=0)
+    with pytest.raises(KeyError, match="no transcoder"):
+        rm.attribute([FeatureTarget(1, 0, 0)])
