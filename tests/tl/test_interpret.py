@@ -55,7 +55,7 @@ def test_planted_features_are_labelled(featured):
     # group 'a' holds all of feature 0's activation, so its share of the summed group means is 1
     assert f.loc[0, "specificity"] == pytest.approx(1.0)
     assert f.loc[1, "label"] == "S1" and f.loc[1, "dense"] and not f.loc[0, "dense"]
-    assert f.loc[9, "label"] == "dead" and not f.loc[9, "live"]
+    assert f.loc[9, "label"] == "" and not f.loc[9, "live"]
     # unenriched live features are labelled by their top input genes
     plain = f[f["live"] & ~f["enriched"]]
     assert len(plain) > 0

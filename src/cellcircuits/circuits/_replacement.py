@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from ..models._load import C2SModel
     from ..transcoders._transcoder import Transcoder, TranscoderSet
 
+#: Largest ``batch x positions x n_features`` for which feature attributions use one dense matmul.
+DENSE_DOTS_MAX = 2**26
+
 #: Node kinds, in the order they appear in :class:`Nodes`.
 KINDS = ("token", "feature", "error")
 
@@ -299,6 +302,7 @@ class ReplacementModel:
         self.n_positions = int(input_ids.shape[0])
         self.uncovered_layers = [m for m in range(self.n_layers) if m not in features]
         self.nodes = self._build_nodes()
+        self._decoders: dict[int, torch.Tensor] = {}
 
     @classmethod
     @torch.no_grad()
@@ -588,13 +592,26 @@ class ReplacementModel:
     def _feature_dots(self, layer: int, grad: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """``(B, n_active)`` each active feature's source vector · ``grad`` (``(B, T, d)``) at its position."""
         f, tc = self.features[layer], self.transcoders[layer]
-        out = []
-        for i in range(0, len(f.feature), chunk):
-            rows = tc.W_dec[f.feature[i : i + chunk].to(tc.W_dec.device)].float().to(self.device)
-            dots = torch.einsum("bnd,nd->bn", grad[:, f.position[i : i + chunk]], rows)
-            out.append(dots * f.activation[i : i + chunk])
-        out = torch.cat(out, 1) if out else grad.new_zeros(grad.shape[0], 0)
+        B, T, _ = grad.shape
+        if B * T * tc.cfg.n_features <= DENSE_DOTS_MAX:
+            # one matmul against every decoder row, then pick the active (position, feature) pairs: far cheaper
+            # than gathering a (B, n_active, d) block when the dictionary is small
+            dense = grad @ self._decoder(layer).T
+            out = dense[:, f.position, f.feature] * f.activation
+        else:
+            parts = []
+            for i in range(0, len(f.feature), chunk):
+                rows = tc.W_dec[f.feature[i : i + chunk].to(tc.W_dec.device)].float().to(self.device)
+                dots = torch.einsum("bnd,nd->bn", grad[:, f.position[i : i + chunk]], rows)
+                parts.append(dots * f.activation[i : i + chunk])
+            out = torch.cat(parts, 1) if parts else grad.new_zeros(grad.shape[0], 0)
         return out / tc.output_scale.float().to(self.device)
+
+    def _decoder(self, layer: int) -> torch.Tensor:
+        """``W_dec`` of a layer as float32 on the model's device, copied once."""
+        if layer not in self._decoders:
+            self._decoders[layer] = self.transcoders[layer].W_dec.detach().float().to(self.device)
+        return self._decoders[layer]
 
     def _attribution_rows(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """``(B, n_nodes)`` direct attributions from the gradients at the embedding and the MLP writes."""
@@ -699,7 +716,8 @@ class ReplacementModel:
                 att = self.attention[m]
                 value_in = torch.einsum("sd,hde->she", self.norms[m, "attn_in_norm"](r, q, bias=False), att.W_V)
                 # sum_p pattern[h, p, q] grad[p] W_O[h]^T: the gradient at head h's value of key position q
-                back = torch.einsum("hpq,pd,hed->hqe", att.pattern, probe_grads[m][0], att.W_O)
+                at_value = torch.einsum("pd,hed->hpe", probe_grads[m][0], att.W_O)  # gradient at each head's z
+                back = att.pattern.transpose(1, 2) @ at_value
                 heads[:, m * H : (m + 1) * H] = (value_in * back[:, q].transpose(0, 1)).sum(-1)
                 skip = skip + self._skip_out(m, self.norms[m, "mlp_in_norm"](r, q, bias=False))
             if target_layer == L:

@@ -1,5 +1,6 @@
 """Tools: where AnnData meets the model."""
 
+from ._circuits import trace_circuit
 from ._enrichment import feature_enrichment
 from ._evaluate import evaluate_transcoders
 from ._interpret import interpret_features
@@ -15,6 +16,7 @@ __all__ = [
     "interpret_features",
     "predict_cell_types",
     "rank_features_groups",
+    "trace_circuit",
     "train_transcoders",
     "transcode",
 ]

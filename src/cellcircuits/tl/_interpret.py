@@ -102,7 +102,7 @@ def feature_table(
                 scores[cols] = auroc(dense_X[:, cols], inside)
         df["cell_type_auroc"] = scores
     labels = np.where(df["enriched"], df["best_term"], df["top_input_genes"])
-    df["label"] = np.where(df["live"], labels, "dead")
+    df["label"] = np.where(df["live"], labels, "")  # no activity on gene tokens: nothing to name it by
     first = ["layer", "feature", "label", "enriched", "best_term", "enrichment_fdr", "enrichment_score", "cell_type"]
     return df[first + [c for c in df.columns if c not in first]]
 
@@ -178,7 +178,8 @@ def interpret_features(
     ``None``, or a copy of ``adata`` when ``copy=True``. Sets the following fields:
 
     ``.uns[key_added]["features"]`` : :class:`pandas.DataFrame`
-        One row per feature and layer: ``layer``, ``feature``, ``label``, ``enriched``, ``best_term``,
+        One row per feature and layer: ``layer``, ``feature``, ``label`` (empty for a feature that never fires on
+        gene tokens), ``enriched``, ``best_term``,
         ``enrichment_fdr``, ``enrichment_score``, ``cell_type`` (highest mean activation), ``specificity`` (that
         group's share of the summed group means), ``cell_type_auroc`` (that group against the rest),
         ``mean_activation``, ``frequency`` (fraction of cells where it fires), flags ``live`` and ``dense`` (fires in

@@ -1,0 +1,254 @@
+"""The attribution graph of one prompt: which sources, through which features, make up a target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from ._prune import completeness_score, prune_graph, replacement_score
+from ._replacement import FeatureTarget
+
+if TYPE_CHECKING:
+    from ._replacement import ReplacementModel, Target
+
+KIND_CODES = {"target": 3, "feature": 1, "token": 0, "error": 2}
+
+
+@dataclass(eq=False)
+class Graph:
+    """A pruned attribution graph of one prompt.
+
+    ``nodes`` has one row per kept node: ``node`` (index into the replacement model's nodes; -1 for the target),
+    ``kind``, ``layer``, ``position``, ``feature``, ``activation``, ``value`` (a feature's pre-activation, the target's
+    value), ``influence`` (on the target, through all paths of the whole graph) and ``effect`` (signed: the part of
+    the target's value that flows from the node, through the direct edge and through features). ``edges`` has
+    ``source`` and ``target`` (row numbers of ``nodes``), ``weight`` (direct attribution), ``via`` (the first attention
+    head the edge crosses, ``"residual"`` or ``"skip"``) and ``via_share`` (that part's share of the edge's absolute
+    split).
+    """
+
+    nodes: pd.DataFrame
+    edges: pd.DataFrame
+    target_value: float
+    scores: dict[str, float]
+    """``replacement`` and ``completeness`` of the whole graph, and of the pruned one (``*_pruned``)."""
+
+
+def _influence_of_rows(R: np.ndarray, selected_cols: np.ndarray) -> np.ndarray:
+    """Influence of every column node, given rows for the target (row 0) and the selected features (rows 1..).
+
+    ``R`` holds absolute row-normalised attributions ``(1 + S, n)``; ``selected_cols[k]`` is the column of row
+    ``k + 1``. Influence flows from the target (weight 1) down the rows; columns without a row are leaves.
+    """
+    C = R[:, selected_cols]  # (1 + S, S): share of each row's input from each selected feature
+    reach = np.zeros(R.shape[0])
+    frontier = np.zeros(R.shape[0])
+    frontier[0] = 1.0
+    for _ in range(R.shape[0]):  # a DAG: the frontier dies out within its depth
+        step = frontier @ C
+        if not np.any(step > 1e-15):
+            break
+        frontier = np.concatenate([[0.0], step])
+        reach += frontier
+    reach[0] = 1.0  # the target's own weight
+    return reach @ R
+
+
+def select_features(
+    rm: ReplacementModel, target_row: np.ndarray, *, max_feature_nodes: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pick the features with most influence on the target, computing their attribution rows in batches.
+
+    Starting from the direct attributions, the next batch is always the unselected features of highest influence
+    estimated through the rows computed so far (the circuit-tracing recipe, so features that act only through others
+    are found too). Returns the selected node indices and their ``(S, n_nodes)`` attribution rows.
+    """
+    nodes = rm.nodes
+    is_feature = nodes.kind == "feature"
+    rows = [target_row]
+    selected: list[int] = []
+    while len(selected) < max_feature_nodes:
+        A = np.abs(np.stack(rows))
+        R = A / np.maximum(A.sum(1, keepdims=True), 1e-30)
+        influence = _influence_of_rows(R, np.asarray(selected, dtype=np.int64))
+        influence[~is_feature] = -1.0
+        influence[selected] = -1.0
+        order = np.argsort(-influence, kind="stable")
+        take = [int(i) for i in order[: min(batch_size, max_feature_nodes - len(selected))] if influence[i] > 0]
+        if not take:
+            break
+        targets = [FeatureTarget(int(nodes.layer[i]), int(nodes.position[i]), int(nodes.feature[i])) for i in take]
+        rows += list(rm.attribute(targets, batch_size=batch_size).matrix.numpy())
+        selected += take
+    return np.asarray(selected, dtype=np.int64), np.stack(rows[1:]) if selected else np.zeros((0, len(nodes)))
+
+
+def compact_matrix(
+    rm: ReplacementModel, target_row: np.ndarray, selected: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The square adjacency matrix over ``[target, selected features, tokens, errors]`` and each row's node index.
+
+    Features that were not selected are folded into the error node of their layer and position: with the error,
+    they are the part of that MLP output the graph does not resolve into its features.
+    """
+    nodes = rm.nodes
+    tokens = np.arange(nodes.token_slice.start, nodes.token_slice.stop)
+    errors = np.concatenate([np.arange(s.start, s.stop) for s in nodes.error_slices.values()])
+    order = np.concatenate([[-1], selected, tokens, errors]).astype(np.int64)
+    column = np.full(len(nodes), -1, dtype=np.int64)
+    column[order[1:]] = np.arange(1, len(order))
+    unselected = np.flatnonzero((nodes.kind == "feature") & (column < 0))
+    errors_at = {(int(nodes.layer[e]), int(nodes.position[e])): column[e] for e in errors}
+    column[unselected] = [errors_at[int(nodes.layer[i]), int(nodes.position[i])] for i in unselected]
+    A = np.zeros((len(order), len(order)), dtype=np.float64)
+    for r, row in enumerate([target_row, *rows]):
+        np.add.at(A[r], column, row)
+    return A, order
+
+
+def total_effect(A: np.ndarray, values: np.ndarray, n_rows: int) -> np.ndarray:
+    """Signed part of the target (row 0) flowing from each node, through direct edges and through feature rows.
+
+    A feature passes on each source's share of its pre-activation (``A[i, j] / values[i]``) of the effect it has
+    itself, as an active feature's activation follows its pre-activation.
+    """
+    P = np.zeros_like(A)
+    P[0] = A[0]
+    scale = np.where(np.abs(values[1:n_rows]) > 1e-12, values[1:n_rows], np.inf)
+    P[1:n_rows] = A[1:n_rows] / scale[:, None]
+    effect = P[0].copy()
+    frontier = P[0].copy()
+    for _ in range(n_rows):
+        frontier = frontier[1:n_rows] @ P[1:n_rows]
+        if not np.any(np.abs(frontier) > 1e-15):
+            break
+        effect += frontier
+    return effect
+
+
+def attribution_graph(
+    rm: ReplacementModel,
+    target: Target,
+    *,
+    max_feature_nodes: int = 128,
+    batch_size: int = 32,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    via_heads: bool = True,
+) -> Graph:
+    """The pruned attribution graph of a target in one prompt's replacement model.
+
+    Parameters
+    ----------
+    rm
+        The prompt's replacement model (:meth:`~cellcircuits.circuits.ReplacementModel.record`).
+    target
+        A logit target (e.g. a cell-type label's distinguishing token) or a feature's pre-activation.
+    max_feature_nodes
+        Features given attribution rows, picked by estimated influence (:func:`select_features`).
+    batch_size
+        Targets per backward pass.
+    node_threshold, edge_threshold
+        Fractions of influence kept by pruning (:func:`cellcircuits.circuits._prune.prune_graph`), in ``(0, 1]``.
+    via_heads
+        Split each kept edge by the first attention head it crosses (one backward pass per kept node with inputs).
+
+    Returns
+    -------
+    The pruned graph with its scores.
+    """
+    for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if not 0 < value <= 1:
+            msg = f"{name} must be in (0, 1], got {value!r}"
+            raise ValueError(msg)
+    attribution = rm.attribute([target], batch_size=1)
+    target_row = attribution.matrix[0].numpy().astype(np.float64)
+    selected, rows = select_features(rm, target_row, max_feature_nodes=max_feature_nodes, batch_size=batch_size)
+    A, order = compact_matrix(rm, target_row, selected, rows.astype(np.float64))
+    n_rows = 1 + len(selected)
+    nodes = rm.nodes
+    kind = np.array(["target", *nodes.kind[order[1:]]], dtype=object)
+    codes = np.array([KIND_CODES[k] for k in kind])
+
+    pruned = prune_graph(A, codes, None, node_threshold, edge_threshold)
+    scores = {
+        "replacement": replacement_score(A, codes),
+        "completeness": completeness_score(A, codes),
+        "replacement_pruned": replacement_score(A, codes, node_mask=pruned.node_mask, edge_mask=pruned.edge_mask),
+        "completeness_pruned": completeness_score(A, codes, node_mask=pruned.node_mask, edge_mask=pruned.edge_mask),
+    }
+    values = np.concatenate([[float(attribution.values[0])], rows.sum(1) + _biases(rm, selected)])
+    values = np.concatenate([values, np.full(len(order) - n_rows, np.nan)])
+    effect = total_effect(A, values, n_rows)
+
+    keep = np.flatnonzero(pruned.node_mask)
+    # isolated tokens say nothing about this target: keep a token only when a kept edge leaves it
+    edge_mask = np.asarray(pruned.edge_mask.todense() if hasattr(pruned.edge_mask, "todense") else pruned.edge_mask)
+    has_edge = edge_mask.any(0) | edge_mask.any(1)
+    keep = keep[(kind[keep] != "token") | has_edge[keep]]
+    src_node = order[keep]
+    node_table = pd.DataFrame(
+        {
+            "node": src_node,
+            "kind": kind[keep].astype(str),
+            "layer": np.where(kind[keep] == "target", rm.n_layers, nodes.layer[np.maximum(src_node, 0)]),
+            "position": np.where(kind[keep] == "target", int(target.position), nodes.position[np.maximum(src_node, 0)]),
+            "feature": np.where(kind[keep] == "feature", nodes.feature[np.maximum(src_node, 0)], -1),
+            "activation": np.where(kind[keep] == "feature", nodes.activation[np.maximum(src_node, 0)], np.nan),
+            "value": values[keep],
+            "influence": np.where(kind[keep] == "target", 1.0, pruned.node_influence[keep]),
+            "effect": np.where(kind[keep] == "target", values[0], effect[keep]),
+        }
+    )
+    tgt, src = np.nonzero(edge_mask[np.ix_(keep, keep)])
+    edges = pd.DataFrame(
+        {
+            "source": src,
+            "target": tgt,
+            "weight": A[keep[tgt], keep[src]],
+            "via": "",
+            "via_share": np.nan,
+        }
+    )
+    if via_heads and len(edges):
+        _split_edges(rm, target, node_table, edges, order, keep)
+    return Graph(node_table, edges, float(attribution.values[0]), scores)
+
+
+def _biases(rm: ReplacementModel, selected: np.ndarray) -> np.ndarray:
+    """Each selected feature's pre-activation minus its sources: the constant part of it."""
+    if len(selected) == 0:
+        return np.zeros(0)
+    nodes = rm.nodes
+    targets = [FeatureTarget(int(nodes.layer[i]), int(nodes.position[i]), int(nodes.feature[i])) for i in selected]
+    # every source zeroed: by linearity, what the frozen model adds on its own
+    zero = np.zeros(len(rm.nodes), dtype=np.float32)
+    return rm.evaluate(targets, node_scale=zero).cpu().numpy().astype(np.float64)
+
+
+def _split_edges(
+    rm: ReplacementModel,
+    target: Target,
+    node_table: pd.DataFrame,
+    edges: pd.DataFrame,
+    order: np.ndarray,
+    keep: np.ndarray,
+) -> None:
+    """Fill ``via`` and ``via_share`` of every edge: one head split per node that has kept inputs."""
+    nodes = rm.nodes
+    for t_row, group in edges.groupby("target"):
+        node = int(order[keep[t_row]])
+        if node < 0:
+            readout = target
+        else:
+            readout = FeatureTarget(int(nodes.layer[node]), int(nodes.position[node]), int(nodes.feature[node]))
+        sources = order[keep[group["source"].to_numpy()]]
+        split = rm.edge_via_heads(readout, sources)
+        parts = split.values.numpy()
+        best = np.abs(parts).argmax(1)
+        share = np.abs(parts).max(1) / np.maximum(np.abs(parts).sum(1), 1e-30)
+        edges.loc[group.index, "via"] = [split.columns[b] for b in best]
+        edges.loc[group.index, "via_share"] = share

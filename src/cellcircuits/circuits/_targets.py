@@ -1,0 +1,64 @@
+"""Which logit a cell-type label's circuit is traced to."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, NamedTuple
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+
+class LabelTarget(NamedTuple):
+    """Where a label's logit target is read, given every label's answer tokens."""
+
+    prefix: list[int]
+    """Answer tokens teacher-forced after the prompt (the part the label shares with others)."""
+    token: int
+    """The label's token at the read position."""
+    competitors: tuple[int, ...]
+    """Tokens other labels sharing ``prefix`` have there; the target is ``logit[token] - mean(logit[competitors])``."""
+
+
+def label_target(
+    label_ids: Sequence[Sequence[int]], index: int, mode: Literal["distinguishing", "first_token"] = "distinguishing"
+) -> LabelTarget:
+    """The logit target of label ``index``.
+
+    Labels often share their first tokens ("CD14+ Monocyte", "CD19+ B" and "CD4+/CD25 T Reg" may all start with
+    " CD"), and then the first token says nothing about which one the model picks. With ``"distinguishing"`` the
+    target is read at the first token where the label's tokenization parts from every other label's: the shared
+    prefix is teacher-forced, and the target is the label's token's logit minus the mean logit of the tokens that
+    the labels still sharing the prefix have there. A label whose first token is its own competes with every other
+    label's first token. ``"first_token"`` gives the plain logit of the first token.
+
+    Parameters
+    ----------
+    label_ids
+        Every label's answer token ids (:func:`cellcircuits.models.label_token_ids`).
+    index
+        The label traced.
+    mode
+        ``"distinguishing"`` or ``"first_token"``.
+
+    Returns
+    -------
+    The teacher-forced prefix, the token and its competitors.
+
+    Raises
+    ------
+    ValueError
+        When two labels tokenize identically, or for an unknown mode.
+    """
+    ids = list(label_ids[index])
+    if mode == "first_token":
+        return LabelTarget([], ids[0], ())
+    if mode != "distinguishing":
+        msg = f"mode must be 'distinguishing' or 'first_token', got {mode!r}"
+        raise ValueError(msg)
+    others = [list(o) for k, o in enumerate(label_ids) if k != index]
+    for j in range(len(ids)):
+        sharing = [o for o in others if o[:j] == ids[:j] and len(o) > j]
+        if all(o[j] != ids[j] for o in sharing):
+            return LabelTarget(ids[:j], ids[j], tuple(sorted({o[j] for o in sharing})))
+    msg = f"label {index} tokenizes exactly like another label; their logits cannot be told apart"
+    raise ValueError(msg)

@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import cellcircuits as cc
+from cellcircuits.circuits._targets import label_target
+from cellcircuits.models import label_token_ids
+from cellcircuits.tl._circuits import aggregate
+from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet
+
+LABELS = ["CD14+ Monocyte", "CD19+ B", "CD56+ NK"]
+
+
+def _tset(layers=(0, 1)) -> TranscoderSet:
+    torch.manual_seed(3)
+    tcs = {}
+    for layer in layers:
+        cfg = TranscoderConfig(d_in=32, d_out=32, n_features=48, k=6, activation="topk", layer=layer)
+        tc = Transcoder(cfg)
+        with torch.no_grad():
+            tc.W_enc.mul_(5.0)
+            tc.W_dec.mul_(5.0)
+        tcs[layer] = tc
+    return TranscoderSet(tcs, n_layers_model=2)
+
+
+@pytest.fixture
+def cells(toy_adata) -> ad.AnnData:
+    return toy_adata[[i for i in range(12) if i != 3]].copy()  # cell 3 expresses nothing
+
+
+def test_trace_tables_and_target_values(cells, tiny_c2s):
+    tset = _tset()
+    cc.tl.trace_circuit(cells, tiny_c2s, tset, groupby="label", n_cells=2, max_feature_nodes=8, progress=False)
+    result = cells.uns["circuits"]["label"]
+    nodes, edges, table = result["nodes"], result["edges"], result["cells"]
+    assert set(table["group"]) == set(LABELS) and len(table) == 6
+    assert list(result["params"]["groups"]) == list(pd.unique(cells.obs["label"]))
+    for g in LABELS:
+        n = nodes[nodes["group"] == g]
+        target = n[n["kind"] == "target"]
+        assert list(target["node"]) == [f"target:{g}"] and target["frequency"].iloc[0] == 1.0
+        assert (n["influence"] >= 0).all() and (n["frequency"] <= 1).all()
+        e = edges[edges["group"] == g]
+        assert set(e["source"]) | set(e["target"]) <= set(n["node"])
+        # genes are named by the cell's sentence genes
+        genes = set(n.loc[n["kind"] == "gene", "gene"])
+        assert genes and genes <= {v.upper() for v in cells.var_names}
+    # the target value is the model's own logit difference at the first token telling the label apart
+    ids = label_token_ids(tiny_c2s.tokenizer, tiny_c2s.prompt, LABELS)
+    for row in table.itertuples():
+        lt = label_target(ids, LABELS.index(row.label))
+        prompt = cc.tl._cells.cell_prompts(cells, tiny_c2s, cells=np.array([cells.obs_names.get_loc(row.obs_name)]))[0]
+        with torch.no_grad():
+            logits = tiny_c2s.model(input_ids=torch.tensor([prompt.input_ids + lt.prefix])).logits[0, -1]
+        expected = logits[lt.token] - logits[list(lt.competitors)].mean()
+        assert row.target_value == pytest.approx(float(expected), rel=1e-3, abs=1e-4)
+        assert 0 <= row.replacement_score <= 1 and 0 <= row.completeness_score <= 1
+
+
+def test_one_target_for_chosen_cells_and_h5ad(cells, tiny_c2s, tmp_path):
+    out = cc.tl.trace_circuit(
+        cells, tiny_c2s, _tset(), "CD19+ B", cells=list(cells.obs_names[:3]), max_feature_nodes=8,
+        progress=False, copy=True,
+    )  # fmt: skip
+    assert "circuits" not in cells.uns
+    result = out.uns["circuits"]["CD19+ B"]
+    assert set(result["nodes"]["group"]) == {"all"}
+    assert (result["nodes"].loc[result["nodes"]["kind"] == "target", "node"] == "target:CD19+ B").all()
+    out.write_h5ad(tmp_path / "c.h5ad")
+    back = ad.read_h5ad(tmp_path / "c.h5ad").uns["circuits"]["CD19+ B"]
+    pd.testing.assert_frame_equal(
+        back["nodes"], result["nodes"], check_dtype=False, check_index_type=False, check_categorical=False
+    )
+    assert back["params"]["target"] == "CD19+ B"
+
+
+def test_aggregate_averages_over_cells_with_absence_as_zero():
+    def cell(influence: float, weight: float, via: str):
+        nodes = pd.DataFrame(
+            {
+                "node": ["target:X", "gene:A"], "kind": ["target", "gene"], "layer": [2, -1], "feature": [-1, -1],
+                "gene": ["", "A"], "role": ["target", "gene"], "influence": [1.0, influence],
+                "attribution": [3.0, weight], "activation": [np.nan, np.nan],
+            }
+        )  # fmt: skip
+        edges = pd.DataFrame({"source": ["gene:A"], "target": ["target:X"], "weight": [weight], "via": [via]})
+        return nodes, edges
+
+    empty = (
+        pd.DataFrame({"node": ["target:X"], "kind": ["target"], "layer": [2], "feature": [-1], "gene": [""],
+                      "role": ["target"], "influence": [1.0], "attribution": [1.0], "activation": [np.nan]}),
+        pd.DataFrame({"source": [], "target": [], "weight": [], "via": []}),
+    )  # fmt: skip
+    tables = [cell(0.4, 1.0, "L0.H1"), cell(0.2, 3.0, "residual"), empty, empty]
+    nodes, edges = aggregate(tables, np.array(["g", "g", "g", "h"]))
+    a = nodes[(nodes["group"] == "g") & (nodes["node"] == "gene:A")].iloc[0]
+    assert a["influence"] == pytest.approx(0.2) and a["frequency"] == pytest.approx(2 / 3)
+    e = edges[edges["group"] == "g"].iloc[0]
+    assert e["weight"] == pytest.approx(4.0 / 3) and e["frequency"] == pytest.approx(2 / 3)
+    assert e["via"] == "residual" and e["via_share"] == pytest.approx(0.75)
+    assert set(nodes.loc[nodes["group"] == "h", "node"]) == {"target:X"}
+
+
+def test_uncovered_layers_warn_and_bad_input(cells, tiny_c2s):
+    with pytest.warns(UserWarning, match=r"no transcoder for layer\(s\) \[1\]"):
+        cc.tl.trace_circuit(cells, tiny_c2s, _tset((0,)), "CD56+ NK", cells=[0], max_feature_nodes=4, progress=False)
+    err = cells.uns["circuits"]["CD56+ NK"]["nodes"]
+    assert (err.loc[err["kind"] == "error", "layer"] >= 0).all()
+    tset = _tset()
+    with pytest.raises(ValueError, match=r"not a label the model knows; its labels are \['CD14\+ Monocyte'"):
+        cc.tl.trace_circuit(cells, tiny_c2s, tset, "T cell", groupby="label")
+    with pytest.raises(ValueError, match="has no cells"):
+        cc.tl.trace_circuit(cells, tiny_c2s, tset, "CD19+ B", groupby="label", groups=["Platelet"])
+    with pytest.raises(KeyError, match="not in adata.obs_names"):
+        cc.tl.trace_circuit(cells, tiny_c2s, tset, "CD19+ B", cells=["nope"])
+    with pytest.raises(IndexError, match="outside"):
+        cc.tl.trace_circuit(cells, tiny_c2s, tset, "CD19+ B", cells=[99])
+    with pytest.raises(ValueError, match="node_threshold"):
+        cc.tl.trace_circuit(cells, tiny_c2s, tset, "CD19+ B", groupby="label", node_threshold=0)
+    with pytest.raises(ValueError, match="edge_threshold"):
+        cc.tl.trace_circuit(cells, tiny_c2s, tset, "CD19+ B", groupby="label", edge_threshold=2)
+    with pytest.raises(KeyError, match="not a column"):
+        cc.tl.trace_circuit(cells, tiny_c2s, tset, "CD19+ B", groupby="nope")
+    cells.obs["odd"] = "Platelet"
+    with pytest.raises(ValueError, match="not a label the model knows"):
+        cc.tl.trace_circuit(cells, tiny_c2s, tset, groupby="odd")  # each group traced to its own name
+    assert set(cells.uns["circuits"]) == {"CD56+ NK"}
