@@ -46,9 +46,10 @@ def test_every_kept_edge_equals_an_intervention(case):
     selected = set(nodes.loc[nodes["kind"] == "feature", "node"])
     for e in edges.sample(min(25, len(edges)), random_state=0).itertuples():
         src, dst = nodes.iloc[e.source], nodes.iloc[e.target]
-        readout = (
-            target if dst["kind"] == "target" else FeatureTarget(int(dst["layer"]), int(dst["position"]), int(dst["feature"]))
-        )
+        if dst["kind"] == "target":
+            readout = target
+        else:
+            readout = FeatureTarget(int(dst["layer"]), int(dst["position"]), int(dst["feature"]))
         scale = np.ones(len(rm.nodes), dtype=np.float32)
         scale[int(src["node"])] = 0.0
         if src["kind"] == "error":

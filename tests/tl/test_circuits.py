@@ -116,7 +116,7 @@ def test_uncovered_layers_warn_and_bad_input(cells, tiny_c2s):
         cc.tl.trace_circuit(cells, tiny_c2s, tset, "T cell", groupby="label")
     with pytest.raises(ValueError, match="has no cells"):
         cc.tl.trace_circuit(cells, tiny_c2s, tset, "CD19+ B", groupby="label", groups=["Platelet"])
-    with pytest.raises(KeyError, match="not in adata.obs_names"):
+    with pytest.raises(KeyError, match=r"not in adata\.obs_names"):
         cc.tl.trace_circuit(cells, tiny_c2s, tset, "CD19+ B", cells=["nope"])
     with pytest.raises(IndexError, match="outside"):
         cc.tl.trace_circuit(cells, tiny_c2s, tset, "CD19+ B", cells=[99])

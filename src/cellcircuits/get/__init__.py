@@ -1,6 +1,7 @@
 """Results from AnnData as DataFrames and graphs."""
 
+from ._circuit import circuit, circuit_df, write_circuit
 from ._predictions import cell_type_probabilities
 from ._rank_features import rank_features_groups_df
 
-__all__ = ["cell_type_probabilities", "rank_features_groups_df"]
+__all__ = ["cell_type_probabilities", "circuit", "circuit_df", "rank_features_groups_df", "write_circuit"]

@@ -1,6 +1,7 @@
 """Plots that read results from AnnData by key."""
 
+from ._circuit import circuit, circuit_genes
 from ._enrichment import enrichment
 from ._features import feature_embedding, feature_genes, rank_features_groups
 
-__all__ = ["enrichment", "feature_embedding", "feature_genes", "rank_features_groups"]
+__all__ = ["circuit", "circuit_genes", "enrichment", "feature_embedding", "feature_genes", "rank_features_groups"]
