@@ -8,6 +8,7 @@ from ._predict import predict_cell_types
 from ._rank_features import rank_features_groups
 from ._transcode import transcode
 from ._transcoders import collect_activations, train_transcoders
+from ._validate import validate_circuit
 
 __all__ = [
     "collect_activations",
@@ -19,4 +20,5 @@ __all__ = [
     "trace_circuit",
     "train_transcoders",
     "transcode",
+    "validate_circuit",
 ]

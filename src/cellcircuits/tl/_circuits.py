@@ -420,6 +420,13 @@ def trace_circuit(
             "n_layers": int(adapter.n_layers),
             "uncovered_layers": np.asarray(uncovered, dtype=np.int64),
             "random_state": int(random_state),
+            # how the cells' sentences were made, so validate_circuit rebuilds the same prompts
+            "sentences": {
+                "sentence_key": sentence_key,
+                "layer": layer or "",
+                "use_raw": {True: 1, False: 0, None: -1}[use_raw],
+                "gene_symbols": gene_symbols or "",
+            },
         },
     }
     adata.uns["circuits"] = circuits

@@ -1,0 +1,236 @@
+"""Traced circuits from AnnData: as a graph, as tidy tables, and as files for graph viewers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    import networkx as nx
+    from anndata import AnnData
+
+_EDGE_INDEX = ("group", "source", "target")
+_EDGE_COLUMNS = [*_EDGE_INDEX, "weight", "frequency", "via", "via_share"]
+
+
+def circuit_result(adata: AnnData, key: str) -> dict:
+    """The circuit :func:`cellcircuits.tl.trace_circuit` stored under ``key``, with a clear error when absent."""
+    store = adata.uns.get("circuits", {})
+    if key not in store or "nodes" not in store[key]:
+        have = sorted(store) if hasattr(store, "keys") else []
+        msg = f"No circuit under .uns['circuits'][{key!r}]; run cellcircuits.tl.trace_circuit first."
+        if have:
+            msg += f" Stored circuits: {have}."
+        raise KeyError(msg)
+    return store[key]
+
+
+def _table(value: Any) -> pd.DataFrame:
+    """A stored table as a DataFrame with plain columns (categoricals as their values)."""
+    df = value.copy() if isinstance(value, pd.DataFrame) else pd.DataFrame(dict(value))
+    for col in df.columns:
+        if isinstance(df[col].dtype, pd.CategoricalDtype):
+            df[col] = df[col].astype(df[col].cat.categories.dtype)
+    return df.reset_index(drop=True)
+
+
+def circuit_groups(result: dict) -> list[str]:
+    """The traced groups: ``params["groups"]`` when stored, else those in the nodes table, in order."""
+    groups = result.get("params", {}).get("groups")
+    if groups is None or len(np.atleast_1d(groups)) == 0:
+        groups = pd.unique(_table(result["nodes"])["group"].astype(str))
+    return [str(g) for g in np.atleast_1d(groups)]
+
+
+def resolve_group(result: dict, key: str, group: str | None) -> str:
+    """``group``, checked against the traced groups; the only group when ``None``."""
+    groups = circuit_groups(result)
+    if group is None:
+        if len(groups) != 1:
+            msg = f"circuit {key!r} was traced for {len(groups)} groups; pass group= one of {groups}"
+            raise ValueError(msg)
+        return groups[0]
+    if str(group) not in groups:
+        msg = f"group {group!r} was not traced in circuit {key!r}; traced groups are {groups}"
+        raise KeyError(msg)
+    return str(group)
+
+
+def plain(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays, tuples and pandas missing values as plain Python objects."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray | list | tuple | pd.Series | pd.Index):
+        return [plain(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode()
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _group_rows(df: pd.DataFrame, group: str) -> pd.DataFrame:
+    return df[df["group"].astype(str) == group].reset_index(drop=True)
+
+
+def circuit_df(
+    adata: AnnData, key: str, group: str | None = None, kind: Literal["nodes", "edges"] = "nodes"
+) -> pd.DataFrame:
+    """One group's circuit from :func:`cellcircuits.tl.trace_circuit` as a tidy table, strongest first.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix with a circuit in ``.uns["circuits"][key]``.
+    key
+        The ``key_added`` of the circuit.
+    group
+        The group whose circuit is returned; may be left out when the circuit has one group.
+    kind
+        ``"nodes"`` (sorted by ``influence``, highest first) or ``"edges"`` (sorted by ``|weight|``, strongest
+        first).
+
+    Returns
+    -------
+    A copy of the group's rows of the nodes or edges table with a fresh index; columns as stored (see
+    :func:`cellcircuits.tl.trace_circuit`).
+    """
+    if kind not in ("nodes", "edges"):
+        msg = f"kind must be 'nodes' or 'edges', got {kind!r}"
+        raise ValueError(msg)
+    result = circuit_result(adata, key)
+    group = resolve_group(result, key, group)
+    df = _group_rows(_table(result[kind]), group) if kind in result else pd.DataFrame(columns=_EDGE_COLUMNS)
+    score = df["influence"] if kind == "nodes" else df["weight"].abs()
+    order = np.argsort(-score.fillna(-np.inf).to_numpy(dtype=float), kind="stable")
+    return df.iloc[order].reset_index(drop=True)
+
+
+def circuit(adata: AnnData, key: str, group: str | None = None) -> nx.DiGraph:
+    """One group's circuit from :func:`cellcircuits.tl.trace_circuit` as a directed graph.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix with a circuit in ``.uns["circuits"][key]``.
+    key
+        The ``key_added`` of the circuit.
+    group
+        The group whose circuit is returned; may be left out when the circuit has one group.
+
+    Returns
+    -------
+    A :class:`networkx.DiGraph` whose nodes are the node ids, carrying every column of the nodes table (``kind``,
+    ``layer``, ``feature``, ``gene``, ``role``, ``influence``, ``attribution``, ``activation``, ``frequency``,
+    ``label``, ``is_marker``, ``marker_sets``, ...) as plain Python values; edges (source to target) carry
+    ``weight``, ``frequency``, ``via``, ``via_share`` and any other stored edge column. Edges whose ends are not in
+    the nodes table are left out. The graph's attributes hold the tracing parameters, ``circuit_key``, ``group`` and,
+    when stored, ``n_traced_cells`` (the group's traced cells).
+    """
+    import networkx as nx
+
+    result = circuit_result(adata, key)
+    group = resolve_group(result, key, group)
+    params = {k: plain(v) for k, v in dict(result.get("params", {})).items()}
+    graph = nx.DiGraph()
+    graph.graph.update(params)
+    graph.graph.update(circuit_key=key, group=group)
+    if "cells" in result:
+        cells = _table(result["cells"])
+        graph.graph["n_traced_cells"] = int((cells["group"].astype(str) == group).sum())
+    nodes = _group_rows(_table(result["nodes"]), group)
+    for record in nodes.to_dict("records"):
+        graph.add_node(str(record["node"]), **{k: plain(v) for k, v in record.items()})
+    if "edges" in result:
+        edges = _group_rows(_table(result["edges"]), group)
+        columns = [c for c in edges.columns if c not in _EDGE_INDEX]
+        for record in edges.to_dict("records"):
+            source, target = str(record["source"]), str(record["target"])
+            if source in graph and target in graph:
+                graph.add_edge(source, target, **{c: plain(record[c]) for c in columns})
+    return graph
+
+
+def _json_safe(value: Any) -> Any:
+    value = plain(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _graphml_safe(attrs: dict) -> dict:
+    """GraphML holds scalars only: missing values (None, NaN) are left out, lists written as JSON text."""
+    out = {}
+    for name, value in attrs.items():
+        value = _json_safe(value)
+        if value is None:
+            continue
+        out[name] = json.dumps(value) if isinstance(value, list | dict) else value
+    return out
+
+
+def write_circuit(
+    adata: AnnData,
+    key: str,
+    path: str | Path,
+    group: str | None = None,
+    format: Literal["json", "graphml"] | None = None,
+) -> Path:
+    """Write one group's circuit to a file for graph viewers (d3, Cytoscape, Gephi) or other tools.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix with a circuit in ``.uns["circuits"][key]``.
+    key
+        The ``key_added`` of the circuit.
+    path
+        File to write.
+    group
+        The group whose circuit is written; may be left out when the circuit has one group.
+    format
+        ``"json"``: node-link JSON (:func:`networkx.node_link_data` with ``"nodes"`` and ``"links"``, as d3 reads
+        it; graph attributes under ``"graph"``; missing values as ``null``). ``"graphml"``: GraphML
+        (:func:`networkx.write_graphml`; missing values are left out, list-valued graph attributes written as JSON
+        text). Default from the suffix of ``path`` (``.json`` or ``.graphml``).
+
+    Returns
+    -------
+    The path written. Read it back with ``networkx.node_link_graph(json.load(f), edges="links")`` or
+    ``networkx.read_graphml(path)``.
+    """
+    import networkx as nx
+
+    path = Path(path)
+    if format is None:
+        format = {".json": "json", ".graphml": "graphml"}.get(path.suffix.lower())
+        if format is None:
+            msg = f"cannot tell the format from {path.name!r}; use a .json or .graphml suffix or pass format="
+            raise ValueError(msg)
+    if format not in ("json", "graphml"):
+        msg = f"format must be 'json' or 'graphml', got {format!r}"
+        raise ValueError(msg)
+    graph = circuit(adata, key, group)
+    if format == "json":
+        try:
+            data = nx.node_link_data(graph, edges="links")
+        except TypeError:  # networkx < 3.4 writes "links" and knows no edges=
+            data = nx.node_link_data(graph)
+        path.write_text(json.dumps(_json_safe(data), indent=1, allow_nan=False))
+    else:
+        safe = nx.DiGraph(**_graphml_safe(graph.graph))
+        safe.add_nodes_from((n, _graphml_safe(a)) for n, a in graph.nodes(data=True))
+        safe.add_edges_from((u, v, _graphml_safe(a)) for u, v, a in graph.edges(data=True))
+        nx.write_graphml(safe, path)
+    return path
