@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..models._adapter import ModelAdapter
 from ..models._hooks import _input_tensor, _output_tensor, record
 from ..transcoders._splice import _replace_output
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
     from torch import nn
+    from transformers import PreTrainedModel
 
     from ..models._load import C2SModel
     from ..transcoders._transcoder import TranscoderSet
@@ -40,15 +42,24 @@ class CleanRun:
     """``(T, vocab)``"""
 
 
+def _parts(model: C2SModel | PreTrainedModel) -> tuple[PreTrainedModel, ModelAdapter]:
+    """The Hugging Face model and its adapter, from a C2S model or a bare causal LM."""
+    if isinstance(model, torch.nn.Module):
+        return model, ModelAdapter(model)
+    return model.model, model.adapter
+
+
 @torch.no_grad()
-def clean_run(model: C2SModel, transcoders: TranscoderSet, input_ids: Sequence[int] | torch.Tensor) -> CleanRun:
+def clean_run(
+    model: C2SModel | PreTrainedModel, transcoders: TranscoderSet, input_ids: Sequence[int] | torch.Tensor
+) -> CleanRun:
     """Run a prompt once, keeping each covered layer's feature activations and transcoder error."""
-    adapter = model.adapter
-    device = next(model.model.parameters()).device
+    hf, adapter = _parts(model)
+    device = next(hf.parameters()).device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(-1)
     points = {m: (adapter.mlp_in(m), adapter.mlp_out(m)) for m in transcoders.layers}
-    with record(model.model, [p for pair in points.values() for p in pair]) as rec:
-        logits = model.model(input_ids=ids[None], use_cache=False).logits[0].float()
+    with record(hf, [p for pair in points.values() for p in pair]) as rec:
+        logits = hf(input_ids=ids[None], use_cache=False).logits[0].float()
     errors, acts = {}, {}
     for m, (p_in, p_out) in points.items():
         tc = transcoders[m]
@@ -61,7 +72,7 @@ def clean_run(model: C2SModel, transcoders: TranscoderSet, input_ids: Sequence[i
 
 @contextmanager
 def edited_features(
-    model: C2SModel,
+    model: C2SModel | PreTrainedModel,
     transcoders: TranscoderSet,
     errors: dict[int, torch.Tensor],
     scale: dict[int, torch.Tensor],
@@ -84,13 +95,13 @@ def edited_features(
         Per layer, ``(B, T, n_features)`` values that replace the activations where they are not NaN (applied after
         ``scale``), e.g. a feature's mean activation.
     """
-    adapter = model.adapter
+    hf, adapter = _parts(model)
     handles = []
     override = override or {}
     try:
         for m in transcoders.layers:
             tc = transcoders[m]
-            out_module = model.model.get_submodule(adapter.mlp_out(m).module)
+            out_module = hf.get_submodule(adapter.mlp_out(m).module)
             mlp_module: nn.Module = adapter.module(m, "mlp")
             stash: dict[str, torch.Tensor] = {}
             if mlp_module is not out_module:  # Gemma-2: the output comes from the post-feedforward norm
@@ -129,7 +140,7 @@ def edited_features(
 
 @torch.no_grad()
 def run_edits(
-    model: C2SModel,
+    model: C2SModel | PreTrainedModel,
     transcoders: TranscoderSet,
     run: CleanRun,
     scale: dict[int, torch.Tensor],
@@ -138,5 +149,6 @@ def run_edits(
     """``(B, T, vocab)`` logits of the prompt under ``B`` edits at once (see :func:`edited_features`)."""
     batch = max([s.shape[0] for s in scale.values()] + [o.shape[0] for o in (override or {}).values()] + [1])
     ids = run.input_ids[None].expand(batch, -1)
+    hf, _ = _parts(model)
     with edited_features(model, transcoders, run.errors, scale, override):
-        return model.model(input_ids=ids, use_cache=False).logits.float()
+        return hf(input_ids=ids, use_cache=False).logits.float()

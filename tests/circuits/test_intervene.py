@@ -1,0 +1,68 @@
+"""Feature edits in the replacement model: exact without edits, and an ablation equal to a hand-made hook."""
+
+from __future__ import annotations
+
+import torch
+from torch.testing import assert_close
+
+from cellcircuits.circuits._intervene import clean_run, run_edits
+from cellcircuits.models._hooks import _output_tensor
+from cellcircuits.transcoders._splice import _replace_output
+
+from .test_graph import case  # noqa: F401  (fixture: every tiny architecture)
+
+
+def _ones(run, transcoders, batch: int) -> dict:
+    return {m: torch.ones(batch, len(run.input_ids), transcoders[m].cfg.n_features) for m in transcoders.layers}
+
+
+def test_no_edit_reproduces_the_model(case):  # noqa: F811
+    run = clean_run(case.model, case.transcoders, case.ids)
+    with torch.no_grad():
+        ref = case.model(input_ids=case.ids[None]).logits[0].float()
+    assert_close(run.logits, ref)
+    logits = run_edits(case.model, case.transcoders, run, _ones(run, case.transcoders, 3))
+    for b in range(3):
+        assert_close(logits[b], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ablating_a_last_layer_feature_equals_removing_its_decoder_row(case):  # noqa: F811
+    model, tset = case.model, case.transcoders
+    run = clean_run(model, tset, case.ids)
+    last = max(tset.layers)
+    acts = run.activations[last]
+    pos, feat = (acts > 0).nonzero(as_tuple=True)
+    p, f = int(pos[-1]), int(feat[-1])  # features of the last covered layer feed no other feature
+    scale = _ones(run, tset, 2)
+    scale[last][1, p, f] = 0.0
+    edited = run_edits(model, tset, run, scale)
+    tc = tset[last]
+    removed = acts[p, f] * tc.W_dec[f].float() / tc.output_scale.float()
+    adapter = case.rm.adapter
+    module = model.get_submodule(adapter.mlp_out(last).module)
+
+    def hook(_mod, _args, output):
+        y = _output_tensor(output).clone()
+        y[:, p] -= removed.to(y.dtype)
+        return _replace_output(output, y)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            expected = model(input_ids=case.ids[None]).logits[0].float()
+    finally:
+        handle.remove()
+    assert_close(edited[1], expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(edited[1], edited[0])
+
+
+def test_override_sets_values(case):  # noqa: F811
+    model, tset = case.model, case.transcoders
+    run = clean_run(model, tset, case.ids)
+    first = min(tset.layers)
+    scale = _ones(run, tset, 2)
+    scale[first][1] = 0.0  # every feature of the first covered layer off ...
+    override = {first: torch.full_like(scale[first], float("nan"))}
+    override[first][1] = run.activations[first]  # ... and set back to its clean value: nothing changes
+    logits = run_edits(model, tset, run, scale, override)
+    assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
