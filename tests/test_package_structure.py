@@ -10,7 +10,7 @@ import pytest
 
 import cellcircuits as cc
 
-NAMESPACES = ["pp", "tl", "pl", "get", "ds", "models", "transcoders"]
+NAMESPACES = ["pp", "tl", "pl", "get", "ds", "models", "transcoders", "circuits"]
 
 
 def public_functions():

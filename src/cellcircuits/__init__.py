@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 # Submodules load on first access, so `import cellcircuits` stays light (no torch until a model is needed).
-_SUBMODULES = ("ds", "get", "models", "pl", "pp", "tl", "transcoders")
+_SUBMODULES = ("circuits", "ds", "get", "models", "pl", "pp", "tl", "transcoders")
 # Classes and functions offered at the top level, each resolved from the submodule that defines it.
 _ATTRIBUTES = {"Transcoder": "transcoders", "TranscoderSet": "transcoders", "load_transcoders": "transcoders"}
 
 if TYPE_CHECKING:
-    from . import ds, get, models, pl, pp, tl, transcoders  # noqa: F401
+    from . import circuits, ds, get, models, pl, pp, tl, transcoders  # noqa: F401
     from .transcoders import Transcoder, TranscoderSet, load_transcoders  # noqa: F401
 
 __all__ = [*_SUBMODULES, *_ATTRIBUTES, "__version__"]

@@ -2,3 +2,41 @@
 
 Nothing here knows about AnnData; :mod:`cellcircuits.tl` maps cells to prompts and graphs back to genes.
 """
+
+from ._graph import Graph, attribution_graph
+from ._intervene import CleanRun, clean_run, edited_features, run_edits
+from ._prune import (
+    completeness_score,
+    edge_influence,
+    greedy_paths,
+    node_influence,
+    normalize_matrix,
+    prune_graph,
+    replacement_score,
+)
+from ._replacement import Attribution, FeatureTarget, LogitTarget, Nodes, ReplacementModel, ViaHeads
+from ._targets import LabelTarget, label_target
+
+__all__ = [
+    "Attribution",
+    "CleanRun",
+    "FeatureTarget",
+    "Graph",
+    "LabelTarget",
+    "LogitTarget",
+    "Nodes",
+    "ReplacementModel",
+    "ViaHeads",
+    "attribution_graph",
+    "clean_run",
+    "completeness_score",
+    "edge_influence",
+    "edited_features",
+    "greedy_paths",
+    "label_target",
+    "node_influence",
+    "normalize_matrix",
+    "prune_graph",
+    "replacement_score",
+    "run_edits",
+]

@@ -53,7 +53,21 @@ def _parts(model: C2SModel | PreTrainedModel) -> tuple[PreTrainedModel, ModelAda
 def clean_run(
     model: C2SModel | PreTrainedModel, transcoders: TranscoderSet, input_ids: Sequence[int] | torch.Tensor
 ) -> CleanRun:
-    """Run a prompt once, keeping each covered layer's feature activations and transcoder error."""
+    """Run a prompt once, keeping each covered layer's feature activations and transcoder error.
+
+    Parameters
+    ----------
+    model
+        A :class:`~cellcircuits.models.C2SModel` or a Hugging Face causal LM.
+    transcoders
+        Transcoders of some or all of its MLPs.
+    input_ids
+        ``(T,)`` token ids of one prompt.
+
+    Returns
+    -------
+    The clean run: ids, per covered layer the errors and activations, and the logits.
+    """
     hf, adapter = _parts(model)
     device = next(hf.parameters()).device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(-1)
@@ -146,7 +160,23 @@ def run_edits(
     scale: dict[int, torch.Tensor],
     override: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``(B, T, vocab)`` logits of the prompt under ``B`` edits at once (see :func:`edited_features`)."""
+    """Logits of a prompt under ``B`` edits at once.
+
+    Parameters
+    ----------
+    model
+        The model of the clean run.
+    transcoders
+        Its transcoders.
+    run
+        The prompt's clean run (:func:`clean_run`), whose errors are added back.
+    scale, override
+        Per layer, ``(B, T, n_features)`` edits (see :func:`edited_features`).
+
+    Returns
+    -------
+    ``(B, T, vocab)`` logits.
+    """
     batch = max([s.shape[0] for s in scale.values()] + [o.shape[0] for o in (override or {}).values()] + [1])
     ids = run.input_ids[None].expand(batch, -1)
     hf, _ = _parts(model)
