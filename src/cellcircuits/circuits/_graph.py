@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from ._prune import completeness_score, prune_graph, replacement_score
 from ._replacement import FeatureTarget
@@ -88,11 +89,12 @@ def select_features(
 
 def compact_matrix(
     rm: ReplacementModel, target_row: np.ndarray, selected: np.ndarray, rows: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[sparse.csr_array, np.ndarray]:
     """The square adjacency matrix over ``[target, selected features, tokens, errors]`` and each row's node index.
 
     Features that were not selected are folded into the error node of their layer and position: with the error,
-    they are the part of that MLP output the graph does not resolve into its features.
+    they are the part of that MLP output the graph does not resolve into its features. Only the target and the
+    selected features have inputs, so the matrix is kept sparse: ``(1 + S) x N`` values, not ``N x N``.
     """
     nodes = rm.nodes
     tokens = np.arange(nodes.token_slice.start, nodes.token_slice.stop)
@@ -103,18 +105,21 @@ def compact_matrix(
     unselected = np.flatnonzero((nodes.kind == "feature") & (column < 0))
     errors_at = {(int(nodes.layer[e]), int(nodes.position[e])): column[e] for e in errors}
     column[unselected] = [errors_at[int(nodes.layer[i]), int(nodes.position[i])] for i in unselected]
-    A = np.zeros((len(order), len(order)), dtype=np.float64)
+    block = np.zeros((1 + len(selected), len(order)), dtype=np.float64)
     for r, row in enumerate([target_row, *rows]):
-        np.add.at(A[r], column, row)
-    return A, order
+        np.add.at(block[r], column, row)
+    A = sparse.vstack([sparse.csr_array(block), sparse.csr_array((len(order) - len(block), len(order)))])
+    return sparse.csr_array(A), order
 
 
 def total_effect(A: np.ndarray, values: np.ndarray, n_rows: int) -> np.ndarray:
     """Signed part of the target (row 0) flowing from each node, through direct edges and through feature rows.
 
     A feature passes on each source's share of its pre-activation (``A[i, j] / values[i]``) of the effect it has
-    itself, as an active feature's activation follows its pre-activation.
+    itself, as an active feature's activation follows its pre-activation. ``A`` needs only its first ``n_rows``
+    rows (the target and the features).
     """
+    A = A[:n_rows]
     P = np.zeros_like(A)
     P[0] = A[0]
     scale = np.where(np.abs(values[1:n_rows]) > 1e-12, values[1:n_rows], np.inf)
@@ -182,12 +187,12 @@ def attribution_graph(
     }
     values = np.concatenate([[float(attribution.values[0])], rows.sum(1) + _biases(rm, selected)])
     values = np.concatenate([values, np.full(len(order) - n_rows, np.nan)])
-    effect = total_effect(A, values, n_rows)
+    effect = total_effect(A[:n_rows].toarray(), values, n_rows)
 
     keep = np.flatnonzero(pruned.node_mask)
     # isolated tokens say nothing about this target: keep a token only when a kept edge leaves it
-    edge_mask = np.asarray(pruned.edge_mask.todense() if hasattr(pruned.edge_mask, "todense") else pruned.edge_mask)
-    has_edge = edge_mask.any(0) | edge_mask.any(1)
+    edge_mask = sparse.csr_array(pruned.edge_mask)
+    has_edge = (np.asarray(edge_mask.sum(0)).ravel() > 0) | (np.asarray(edge_mask.sum(1)).ravel() > 0)
     keep = keep[(kind[keep] != "token") | has_edge[keep]]
     src_node = order[keep]
     node_table = pd.DataFrame(
@@ -203,12 +208,12 @@ def attribution_graph(
             "effect": np.where(kind[keep] == "target", values[0], effect[keep]),
         }
     )
-    tgt, src = np.nonzero(edge_mask[np.ix_(keep, keep)])
+    tgt, src = edge_mask[keep][:, keep].nonzero()
     edges = pd.DataFrame(
         {
             "source": src,
             "target": tgt,
-            "weight": A[keep[tgt], keep[src]],
+            "weight": np.asarray(A[keep[tgt], keep[src]]).ravel(),
             "via": "",
             "via_share": np.nan,
         }
