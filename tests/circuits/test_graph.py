@@ -102,3 +102,31 @@ def test_label_targets():
         label_target([[1, 2], [1, 2]], 0)
     with pytest.raises(ValueError, match="mode"):
         label_target(ids, 0, "best")
+
+
+def test_ablation_moves_the_target_as_the_graph_predicts(case):
+    """Shrink one early feature a little; let every later active feature follow its pre-activation (slope 1, as for
+    an active ReLU/TopK/JumpReLU feature) by forward passes alone; the target moves by the graph's total effect."""
+    rm, target = case.rm, _target(case.rm)
+    n_active = int((rm.nodes.kind == "feature").sum())
+    graph = attribution_graph(
+        rm, target, max_feature_nodes=n_active, batch_size=64, node_threshold=1.0, edge_threshold=1.0, via_heads=False
+    )
+    nodes = graph.nodes
+    first = min(case.transcoders.layers)
+    candidates = nodes[(nodes["kind"] == "feature") & (nodes["layer"] == first)]
+    src = candidates.loc[candidates["effect"].abs().idxmax()]
+    eps = 1e-2
+    scale = np.ones(len(rm.nodes), dtype=np.float32)
+    scale[int(src["node"])] = 1 - eps
+    for layer in sorted(m for m in case.transcoders.layers if m > first):
+        where = rm.nodes.feature_slices[layer]
+        idx = np.arange(where.start, where.stop)
+        feats = [FeatureTarget(layer, int(rm.nodes.position[i]), int(rm.nodes.feature[i])) for i in idx]
+        before = rm.evaluate(feats).numpy()
+        after = rm.evaluate(feats, node_scale=scale).numpy()
+        act = rm.nodes.activation[idx]
+        scale[idx] = (act + (after - before)) / act
+    moved = float(rm.evaluate([target])[0] - rm.evaluate([target], node_scale=scale)[0])
+    assert moved == pytest.approx(eps * src["effect"], rel=1e-3, abs=1e-6)
+    assert abs(src["effect"]) > 1e-3  # a feature that matters

@@ -14,12 +14,22 @@ from ._prune import (
     prune_graph,
     replacement_score,
 )
-from ._replacement import Attribution, FeatureTarget, LogitTarget, Nodes, ReplacementModel, ViaHeads
+from ._replacement import (
+    Attribution,
+    FeaturePair,
+    FeatureTarget,
+    LogitTarget,
+    Nodes,
+    ReplacementModel,
+    ViaHeads,
+    feature_pair,
+)
 from ._targets import LabelTarget, label_target
 
 __all__ = [
     "Attribution",
     "CleanRun",
+    "FeaturePair",
     "FeatureTarget",
     "Graph",
     "LabelTarget",
@@ -32,6 +42,7 @@ __all__ = [
     "completeness_score",
     "edge_influence",
     "edited_features",
+    "feature_pair",
     "greedy_paths",
     "label_target",
     "node_influence",
