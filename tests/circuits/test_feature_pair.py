@@ -35,13 +35,13 @@ def test_connection_is_the_weight_product(case):  # noqa: F811
     eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
     centred = isinstance(norm, torch.nn.LayerNorm)
     scale = ((x - x.mean()).pow(2).mean() if centred else x.pow(2).mean()).add(eps).sqrt()
-    gain = norm.weight.double() + (1.0 if rm.adapter.spec.name == "gemma2" else 0.0)
+    gain = norm.weight.detach().double() + (1.0 if rm.adapter.spec.name == "gemma2" else 0.0)
     f = int(rm.nodes.feature[src])
     early, late = tset[int(rm.nodes.layer[src])], tset[target.layer]
-    dec = early.W_dec[f].double() / early.output_scale.double()
+    dec = early.W_dec[f].detach().double() / early.output_scale.double()
     if centred:
         dec = dec - dec.mean()
-    enc = late.W_enc[:, target.feature].double() * late.input_scale.double()
+    enc = late.W_enc[:, target.feature].detach().double() * late.input_scale.double()
     expected = float((dec / scale * gain) @ enc)
     assert pair.connection == pytest.approx(expected, rel=1e-4, abs=1e-6)
     # same position: the residual stream carries the connection times the activation

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -50,6 +52,17 @@ def test_trace_tables_and_target_values(cells, tiny_c2s):
         # genes are named by the cell's sentence genes
         genes = set(n.loc[n["kind"] == "gene", "gene"])
         assert genes and genes <= {v.upper() for v in cells.var_names}
+    paths = result["paths"]
+    for g in LABELS:
+        mine = paths[paths["group"] == g]
+        assert 0 < len(mine) <= 10 and list(mine["rank"]) == list(range(len(mine)))
+        assert mine["score"].is_monotonic_decreasing and (mine["score"] <= 1).all()
+        for path in mine["path"]:
+            names = path.split(" -> ")
+            assert names[-1] == f"target:{g}" and names[0].startswith(("gene:", "token:", "err "))
+            e = edges[edges["group"] == g]
+            pairs = set(zip(e["source"], e["target"], strict=True))
+            assert all((a, b) in pairs for a, b in itertools.pairwise(names))
     # the target value is the model's own logit difference at the first token telling the label apart
     ids = label_token_ids(tiny_c2s.tokenizer, tiny_c2s.prompt, LABELS)
     for row in table.itertuples():

@@ -222,6 +222,37 @@ def aggregate(tables: list[tuple[pd.DataFrame, pd.DataFrame]], groups: np.ndarra
     return nodes, edges.drop(columns="_abs").reset_index(drop=True)
 
 
+def top_paths(nodes: pd.DataFrame, edges: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Per group, the ``k`` strongest source-to-target paths of its aggregated graph (greedy search)."""
+    from scipy import sparse
+
+    from ..circuits._prune import greedy_paths
+
+    kind_of = {"gene": "token", "token": "token", "feature": "feature", "error": "error", "target": "target"}
+    rows = []
+    for g, n in nodes.groupby("group", sort=False):
+        e = edges[edges["group"] == g]
+        index = {name: i for i, name in enumerate(n["node"])}
+        A = sparse.csr_array(
+            (e["weight"].to_numpy(), (e["target"].map(index).to_numpy(), e["source"].map(index).to_numpy())),
+            shape=(len(n), len(n)),
+        )
+        target = int(np.flatnonzero(n["kind"].to_numpy() == "target")[0])
+        names = n["node"].to_numpy()
+        for rank, path in enumerate(greedy_paths(A, n["kind"].map(kind_of).to_numpy(), target, k=k)):
+            rows.append(
+                {
+                    "group": g,
+                    "rank": rank,
+                    "path": " -> ".join(names[path.nodes]),
+                    "score": path.score,
+                    "sign": path.sign,
+                    "n_edges": len(path.nodes) - 1,
+                }
+            )
+    return pd.DataFrame(rows, columns=["group", "rank", "path", "score", "sign", "n_edges"])
+
+
 def annotate(nodes: pd.DataFrame, adata: AnnData, interpret_key: str) -> pd.DataFrame:
     """Add feature labels (from :func:`cellcircuits.tl.interpret_features` when present) and marker flags."""
     from .. import ds
@@ -258,6 +289,7 @@ def trace_circuit(
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     max_feature_nodes: int = 128,
+    n_paths: int = 10,
     batch_size: int = 32,
     sentence_key: str = "cell_sentence",
     layer: str | None = None,
@@ -303,6 +335,8 @@ def trace_circuit(
         Fractions of influence kept by pruning, in ``(0, 1]``.
     max_feature_nodes
         Features per cell given full attribution rows, chosen by estimated influence.
+    n_paths
+        Strongest source-to-target paths kept per group (greedy search over the aggregated graph).
     batch_size
         Targets per backward pass.
     sentence_key, layer, use_raw, gene_symbols, random_state
@@ -330,6 +364,10 @@ def trace_circuit(
     ``edges`` : :class:`pandas.DataFrame`
         ``group``, ``source``, ``target``, ``weight`` (mean direct attribution), ``frequency``, ``via`` (the
         attention head of the first hop, ``"residual"`` or ``"skip"``) and ``via_share``.
+    ``paths`` : :class:`pandas.DataFrame`
+        Per group, the ``n_paths`` strongest paths from a gene, token or error node to the target: ``rank``,
+        ``path`` (node names joined by ``" -> "``), ``score`` (product of the normalised absolute edge weights:
+        the path's share of the target's influence), ``sign`` and ``n_edges``.
     ``cells`` : :class:`pandas.DataFrame`
         Per traced cell: ``obs_name``, ``group``, ``label``, ``target_value`` and the graph's ``replacement_score``
         and ``completeness_score`` (whole graph, and ``*_pruned``).
@@ -396,6 +434,7 @@ def trace_circuit(
     columns = ["group", "node", "kind", "layer", "feature", "gene", "role", "influence", "attribution", "activation"]
     nodes = nodes[[*columns, "frequency", "label", "is_marker", "marker_sets"]]
     edges = edges[["group", "source", "target", "weight", "frequency", "via", "via_share"]]
+    paths = top_paths(nodes, edges, n_paths)
     cell_table = pd.DataFrame(cell_rows)
     cell_table.insert(1, "group", group_of.astype(str))
     nodes.loc[nodes["kind"] == "target", "layer"] = adapter.n_layers
@@ -406,6 +445,7 @@ def trace_circuit(
     circuits[key] = {
         "nodes": nodes.reset_index(drop=True),
         "edges": edges,
+        "paths": paths,
         "cells": cell_table,
         "params": {
             "target": target or "",
