@@ -17,26 +17,17 @@ figure can be read against them.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 import warnings
 
 import numpy as np
 import pandas as pd
 import torch
+from _common import transcoders
 
 import cellcircuits as cc
 
 COLUMNS = ["layer", "n_live_features", "n_dense_features", "fraction_enriched_top20", "fraction_enriched_live"]
-
-
-def transcoders(adata, model, path: str | None):
-    if path:
-        return cc.load_transcoders(path)
-    train = adata[adata.obs["split"] == "train"].copy()
-    with tempfile.TemporaryDirectory() as tmp:
-        store = cc.tl.collect_activations(train, model, tmp, progress=False)
-        return cc.tl.train_transcoders(train, model, store=store, progress=False)
 
 
 def summary(adata, **kwargs) -> tuple[pd.DataFrame, float]:

@@ -78,7 +78,8 @@ def validate_circuit(
     - zero-ablated, and separately mean-ablated (set to the feature's mean activation over all positions of the
       traced cells), measuring the drop of the target (the label's logit difference) and of the label's probability
       among the competing tokens; the same number of random active non-circuit features, ``n_random`` draws, gives
-      the baseline;
+      the baseline. A circuit holds the features of most *absolute* influence, those that push against the label
+      too, so the features that support it (positive mean attribution) are also ablated on their own;
     - kept alone (every other feature zeroed): faithfulness is ``(m(circuit) - m(none)) / (m(all) - m(none))``
       over the cells, with ``m`` the target and ``none`` every feature zeroed;
     - the most influential circuit feature is clamped to ``clamp_factor`` times its activation, and the shift of
@@ -111,9 +112,11 @@ def validate_circuit(
     -------
     One row per group: ``n_cells``, ``n_circuit_features`` (mean active circuit feature instances per cell),
     ``target_value``, ``probability``, ``zero_drop``, ``zero_prob_drop``, ``random_zero_drop`` (and ``_sd`` over
-    draws), ``mean_drop``, ``mean_prob_drop``, ``random_mean_drop`` (and ``_sd``), ``faithfulness``,
-    ``clamp_feature``, ``clamp_shift``, ``clamp_shift_predicted``, ``replacement_score``, ``completeness_score``
-    and their ``*_pruned`` forms. Drops are means over cells of (clean - edited). Also stored as
+    draws), ``n_support_features``, ``support_drop`` (zero-ablating the supporting features),
+    ``random_support_drop`` (as many random features), ``mean_drop``, ``mean_prob_drop``, ``random_mean_drop``
+    (and ``_sd``), ``faithfulness``, ``clamp_feature``, ``clamp_shift``, ``clamp_shift_predicted``,
+    ``replacement_score``, ``completeness_score`` and their ``*_pruned`` forms. Drops are means over cells of
+    (clean - edited). Also stored as
     ``.uns["circuits"][key]["validation"]``.
 
     Raises
@@ -168,14 +171,16 @@ def validate_circuit(
     for i in tqdm(range(len(cells)), desc="validate", disable=not progress):
         group, label = str(cells["group"].iloc[i]), str(cells["label"].iloc[i])
         g_nodes = nodes[(nodes["group"] == group) & (nodes["kind"] == "feature")]
-        circuit = set(g_nodes.loc[g_nodes["frequency"] >= min_frequency, "node"])
+        kept = g_nodes[g_nodes["frequency"] >= min_frequency]
+        circuit = set(kept["node"])
+        support = set(kept.loc[kept["attribution"] > 0, "node"])
         top = g_nodes.sort_values("influence", ascending=False).head(1)
         clamp_name = str(top["node"].iloc[0]) if len(top) else ""
         run = clean_run(model, transcoders, inputs[i])
         named = active_names(run.activations, prompts[i], label)
         edits = _edits_of_cell(
             model, transcoders, run, named, circuit, clamp_name, means, targets[i], len(inputs[i]) - 1,
-            n_random, clamp_factor, rng,
+            n_random, clamp_factor, rng, support=support,
         )  # fmt: skip
         per_cell.append({**edits, "group": group, "clamp_feature": clamp_name})
     table = pd.DataFrame(per_cell)
@@ -197,6 +202,9 @@ def validate_circuit(
                 "zero_prob_drop": (t["prob"] - t["zero_prob"]).mean(),
                 "random_zero_drop": np.mean(np.stack(t["random_zero"]).mean(0)),
                 "random_zero_drop_sd": np.std(np.stack(t["random_zero"]).mean(0)),
+                "n_support_features": t["n_support"].mean(),
+                "support_drop": (t["full"] - t["support"]).mean(),
+                "random_support_drop": np.mean(np.stack(t["random_support"]).mean(0)),
                 "mean_drop": (t["full"] - t["mean"]).mean(),
                 "mean_prob_drop": (t["prob"] - t["mean_prob"]).mean(),
                 "random_mean_drop": np.mean(np.stack(t["random_mean"]).mean(0)),
@@ -226,19 +234,25 @@ def _edits_of_cell(
     n_random: int,
     clamp_factor: float,
     rng: np.random.Generator,
+    support: set[str] | None = None,
 ) -> dict:
     """Every edit of one cell in one batch; the target and probability under each."""
     layers = transcoders.layers
     T = len(run.input_ids)
     in_circuit = {m: np.isin(named[m][2], list(circuit)) for m in layers}
+    in_support = {m: np.isin(named[m][2], list(support or ())) for m in layers}
     n_circuit = int(sum(v.sum() for v in in_circuit.values()))
+    n_support = int(sum(v.sum() for v in in_support.values()))
     # every active non-circuit feature instance, to draw the random baselines from
     pool = [(m, j) for m in layers for j in np.flatnonzero(~in_circuit[m])]
-    draws = [
-        [pool[k] for k in rng.choice(len(pool), size=min(n_circuit, len(pool)), replace=False)] for _ in range(n_random)
-    ]
-    rows = ["full", "zero", "mean", "only", "none", "clamp"] + [f"rz{d}" for d in range(n_random)]
-    rows += [f"rm{d}" for d in range(n_random)]
+
+    def draw(n: int) -> list:
+        return [pool[k] for k in rng.choice(len(pool), size=min(n, len(pool)), replace=False)]
+
+    draws = [draw(n_circuit) for _ in range(n_random)]
+    support_draws = [draw(n_support) for _ in range(n_random)]
+    rows = ["full", "zero", "mean", "only", "none", "clamp", "support"] + [f"rz{d}" for d in range(n_random)]
+    rows += [f"rm{d}" for d in range(n_random)] + [f"rs{d}" for d in range(n_random)]
     B = len(rows)
     scale, override = {}, {}
     for m in layers:
@@ -253,6 +267,8 @@ def _edits_of_cell(
         s[rows.index("only")] = 0.0
         s[rows.index("only"), cp, cf] = 1.0
         s[rows.index("none")] = 0.0
+        sup = torch.as_tensor(in_support[m])
+        s[rows.index("support"), pos[sup].cpu(), feat[sup].cpu()] = 0.0
         clamp = torch.as_tensor(names == clamp_name)
         s[rows.index("clamp"), pos[clamp].cpu(), feat[clamp].cpu()] = clamp_factor
         for d, draw in enumerate(draws):
@@ -260,6 +276,9 @@ def _edits_of_cell(
             rp, rf = pos.cpu()[mine], feat.cpu()[mine]
             s[rows.index(f"rz{d}"), rp, rf] = 0.0
             o[rows.index(f"rm{d}"), rp, rf] = means[m][rf].cpu().float()
+        for d, draw_ in enumerate(support_draws):
+            mine = [j for (mm, j) in draw_ if mm == m]
+            s[rows.index(f"rs{d}"), pos.cpu()[mine], feat.cpu()[mine]] = 0.0
         scale[m], override[m] = s, o
     logits = run_edits(model, transcoders, run, scale, override)
     value, prob = target_metrics(logits, position, target.token, target.competitors)
@@ -267,6 +286,9 @@ def _edits_of_cell(
     full = value[at["full"]]
     return {
         "n_circuit": n_circuit,
+        "n_support": n_support,
+        "support": value[at["support"]],
+        "random_support": np.array([full - value[at[f"rs{d}"]] for d in range(n_random)]),
         "full": full,
         "prob": prob[at["full"]],
         "zero": value[at["zero"]],
