@@ -7,7 +7,7 @@ import pytest
 from scipy import sparse
 
 import cellcircuits as cc
-from cellcircuits.tl._interpret import group_means
+from cellcircuits.tl._interpret import group_means, shared_spelling
 
 N_GENES, N_FEATURES = 300, 10
 
@@ -135,3 +135,9 @@ def test_copy_leaves_input_alone(featured):
     out = cc.tl.interpret_features(adata, groupby="type", net=sets, copy=True)
     assert "interpret_features" in out.uns and "interpret_features" not in adata.uns
     assert "transcoder_L0_in_enrichment" not in adata.uns
+
+
+def test_shared_spelling():
+    assert shared_spelling(["HNRNPA1", "HNRNPK", "HNRNPF", "LYZ"]) == ("HNR", 0.75)
+    assert shared_spelling(["CD14", "LYZ", "FCN1"]) == ("CD1", pytest.approx(1 / 3))  # ties: first in order
+    assert shared_spelling([]) == ("", 0.0)

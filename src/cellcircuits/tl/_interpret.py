@@ -43,6 +43,22 @@ def top_names(values: np.ndarray, names: np.ndarray, n: int) -> list[str]:
     return [", ".join(names[top[:, j]][values[top[:, j], j] > 0]) for j in range(values.shape[1])]
 
 
+def shared_spelling(genes: list[str], n: int = 3) -> tuple[str, float]:
+    """The letter ``n``-gram most of ``genes`` contain, and the fraction of them that do.
+
+    A feature whose top genes mostly share a piece of spelling ("HNRNPA1, HNRNPK, HNRNPF") may read the tokens
+    rather than the biology; gene families share both, so this is a flag, not a verdict.
+    """
+    counts: dict[str, int] = {}
+    for g in genes:
+        for gram in {g[i : i + n] for i in range(len(g) - n + 1)}:
+            counts[gram] = counts.get(gram, 0) + 1
+    if not counts:
+        return "", 0.0
+    best = max(sorted(counts), key=counts.__getitem__)
+    return best, counts[best] / len(genes)
+
+
 def feature_table(
     adata: AnnData,
     layer: int,
@@ -70,7 +86,11 @@ def feature_table(
             "dense": frequency > DENSE_FREQUENCY,
         }
     )
-    df["top_input_genes"] = top_names(gene_map(adata, key, layer, "in"), genes, n_genes)
+    in_map = gene_map(adata, key, layer, "in")
+    df["top_input_genes"] = top_names(in_map, genes, n_genes)
+    spelled = [shared_spelling(top.split(", ")) if top else ("", 0.0) for top in top_names(in_map, genes, 10)]
+    df["shared_spelling"] = [s for s, _ in spelled]
+    df["spelling_share"] = [f for _, f in spelled]
     out_key = f"{key}_L{layer}_out"
     df["top_output_genes"] = top_names(np.asarray(adata.varm[out_key]), genes, n_genes) if out_key in adata.varm else ""
 
@@ -183,7 +203,9 @@ def interpret_features(
         ``enrichment_fdr``, ``enrichment_score``, ``cell_type`` (highest mean activation), ``specificity`` (that
         group's share of the summed group means), ``cell_type_auroc`` (that group against the rest),
         ``mean_activation``, ``frequency`` (fraction of cells where it fires), flags ``live`` and ``dense`` (fires in
-        more than half the cells), ``top_input_genes`` and ``top_output_genes``.
+        more than half the cells), ``top_input_genes`` and ``top_output_genes``, and ``shared_spelling`` with
+        ``spelling_share``: the three letters most of its 10 top input genes contain and the fraction that do (a
+        feature reading tokens rather than biology has a high share; so do gene families).
     ``.uns[key_added]["summary"]`` : :class:`pandas.DataFrame`
         One row per layer: ``layer``, ``n_features``, ``n_live_features``, ``n_dense_features``,
         ``fraction_enriched_top{n_top}``, ``fraction_enriched_live``, ``n_enriched_live`` and
