@@ -85,3 +85,15 @@ def test_rank_features_errors(featured):
         cc.get.rank_features_groups_df(featured, "z")
     out = cc.tl.rank_features_groups(featured, "type", layer=2, key_added="copy", copy=True)
     assert "copy" in out.uns and "copy" not in featured.uns
+
+
+def test_torch_threads_survive_scanpy(featured):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cc.tl.rank_features_groups(featured, "type", layer=2)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

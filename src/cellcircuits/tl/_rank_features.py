@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -12,7 +14,21 @@ from scipy.stats import rankdata
 from .._keys import feature_matrix
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from anndata import AnnData
+
+
+@contextmanager
+def keep_torch_threads() -> Iterator[None]:
+    """Restore torch's thread count after the block: numba (scanpy's Wilcoxon test) resets it to every core."""
+    torch = sys.modules.get("torch")  # never import torch just for this
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if torch is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def auroc(X: np.ndarray, in_group: np.ndarray) -> np.ndarray:
@@ -105,16 +121,17 @@ def rank_features_groups(
         var=pd.DataFrame(index=features),
     )
     sc_method = "t-test" if method == "t-test" else "wilcoxon"  # auroc takes its p-values from wilcoxon
-    sc.tl.rank_genes_groups(
-        tmp,
-        groupby,
-        groups=groups,
-        reference=reference,
-        method=sc_method,
-        corr_method=corr_method,
-        use_raw=False,
-        key_added="result",
-    )
+    with keep_torch_threads():
+        sc.tl.rank_genes_groups(
+            tmp,
+            groupby,
+            groups=groups,
+            reference=reference,
+            method=sc_method,
+            corr_method=corr_method,
+            use_raw=False,
+            key_added="result",
+        )
     result = tmp.uns["result"]
     names = result["names"]
     order_groups = list(names.dtype.names)
