@@ -51,3 +51,83 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci == commands[1]
     assert "torch==2.13.0" in commands[0] and "torch==2.13.0" in commands[1]  # CPU build, no CUDA download
+
+
+@pytest.fixture(scope="module")
+def small_h5ad(tmp_path_factory) -> Path:
+    """24 cells of two types from the embedded data, as a user's .h5ad."""
+    import numpy as np
+
+    import cellcircuits as cc
+
+    adata = cc.ds.pbmc68k()
+    keep = np.concatenate([np.flatnonzero(adata.obs["bulk_labels"] == g)[:12] for g in ("CD14+ Monocyte", "CD19+ B")])
+    path = tmp_path_factory.mktemp("data") / "small.h5ad"
+    adata[keep].copy().write_h5ad(path)
+    return path
+
+
+def test_run_writes_every_result(small_h5ad, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["run", "--adata", str(small_h5ad), "--groupby", "bulk_labels", "--n-tokens", "20000"]
+    assert main([*argv, "--n-cells", "1", "--out", str(out), "--quiet"]) == 0
+    assert "circuits of 2 groups" in capsys.readouterr().out
+    back = ad.read_h5ad(out / "adata.h5ad")
+    nodes = back.uns["circuits"]["bulk_labels"]["nodes"]
+    assert set(nodes["group"]) == {"CD14+ Monocyte", "CD19+ B"}
+    assert "interpret_features" in back.uns and "validation" in back.uns["circuits"]["bulk_labels"]
+    for name in ("CD14_Monocyte", "CD19_B"):
+        assert (out / "circuits" / f"{name}.json").stat().st_size > 100
+        assert (out / "circuits" / f"{name}.graphml").stat().st_size > 100
+        assert (out / "figures" / f"circuit_{name}.png").stat().st_size > 10_000
+        assert (out / "figures" / f"genes_{name}.svg").exists()
+    import json
+
+    import pandas as pd
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accuracy"] == pytest.approx(
+        (back.obs["c2s_cell_type"].astype(str) == back.obs["bulk_labels"].astype(str)).mean()
+    )
+    validation = pd.read_csv(out / "tables" / "validation.csv")
+    assert set(validation["group"]) == {"CD14+ Monocyte", "CD19+ B"}
+    assert (out / "transcoders" / "transcoder_set.json").exists()
+    # the step commands, on the transcoders the run wrote
+    trans = tmp_path / "t.h5ad"
+    assert main(["transcode", "--adata", str(small_h5ad), "--transcoders", str(out / "transcoders"),
+                 "--groupby", "bulk_labels", "--out", str(trans), "--quiet"]) == 0  # fmt: skip
+    assert "X_transcoder_L0" in ad.read_h5ad(trans).obsm
+    traced = tmp_path / "trace"
+    assert main(["trace", "--adata", str(trans), "--transcoders", str(out / "transcoders"), "--groupby", "bulk_labels",
+                 "--groups", "CD19+ B", "--n-cells", "1", "--out", str(traced), "--quiet"]) == 0  # fmt: skip
+    assert (traced / "circuits" / "CD19_B.graphml").exists()
+    # an existing output directory is never silently replaced
+    assert main([*argv, "--out", str(out), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_sentences_and_step_errors(small_h5ad, tmp_path, capsys):
+    out = tmp_path / "s.h5ad"
+    assert main(["sentences", "--adata", str(small_h5ad), "--n-genes", "10", "--out", str(out)]) == 0
+    sentences = ad.read_h5ad(out).obs["cell_sentence"]
+    assert sentences.str.split().map(len).max() == 10
+    assert main(["run", "--adata", str(small_h5ad), "--out", str(tmp_path / "r")]) == 2
+    assert "--groupby is needed" in capsys.readouterr().err
+    assert main(["run", "--adata", str(small_h5ad), "--groupby", "nope", "--out", str(tmp_path / "r")]) == 2
+    assert "'nope' is not a column of .obs" in capsys.readouterr().err
+    assert main(["run", "--adata", str(tmp_path / "missing.h5ad"), "--groupby", "x", "--out", str(tmp_path / "r")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["transcode", "--adata", str(small_h5ad), "--transcoders", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "t.h5ad")]) == 2  # fmt: skip
+    assert "no such transcoder directory" in capsys.readouterr().err
+    bad = tmp_path / "bad_transcoders"
+    bad.mkdir()
+    assert (
+        main(["transcode", "--adata", str(small_h5ad), "--transcoders", str(bad), "--out", str(tmp_path / "t.h5ad")])
+        == 1
+    )
+    assert "cannot load transcoders" in capsys.readouterr().err
+    assert (
+        main(["train-transcoders", "--adata", str(small_h5ad), "--model", str(tmp_path), "--out", str(tmp_path / "x")])
+        == 1
+    )

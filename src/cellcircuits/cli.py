@@ -1,4 +1,8 @@
-"""Command line: ``cellcircuits predict`` (more subcommands arrive with the transcoder and circuit tools)."""
+"""Command line: ``cellcircuits run`` for the whole analysis, and one subcommand per step.
+
+Exit status: 0 on success, 2 for bad arguments (a missing file, a column not in ``.obs``, an output that exists
+without ``--overwrite``), 1 when the model or transcoders cannot be loaded.
+"""
 
 from __future__ import annotations
 
@@ -51,6 +55,179 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+class CliError(Exception):
+    """A problem with the arguments: printed as ``error: ...`` and exit status 2."""
+
+
+class LoadError(Exception):
+    """A model or transcoders that cannot be loaded: printed as ``error: ...`` and exit status 1."""
+
+
+def _read_adata(path: str | None, *, split: str = "all"):
+    """The .h5ad at ``path``, or the embedded pbmc68k data (its ``split`` cells, or all)."""
+    import anndata as ad
+
+    import cellcircuits as cc
+
+    if path is None:
+        adata = cc.ds.pbmc68k()
+        return adata if split == "all" else adata[adata.obs["split"] == split].copy()
+    file = Path(path)
+    if not file.is_file():
+        msg = f"no such file: {file}"
+        raise CliError(msg)
+    return ad.read_h5ad(file)
+
+
+def _check_column(adata, column: str | None) -> None:
+    if column is not None and column not in adata.obs.columns:
+        msg = f"{column!r} is not a column of .obs ({list(adata.obs.columns)})"
+        raise CliError(msg)
+
+
+def _check_out(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        msg = f"{path} exists; pass --overwrite to replace it"
+        raise CliError(msg)
+
+
+def _load_model(args: argparse.Namespace):
+    import cellcircuits as cc
+
+    try:
+        return cc.models.load(args.model, device=args.device)
+    except (OSError, ValueError) as err:
+        raise LoadError(str(err)) from err
+
+
+def _load_transcoders(path: str):
+    import cellcircuits as cc
+
+    if not Path(path).is_dir():
+        msg = f"no such transcoder directory: {path}"
+        raise CliError(msg)
+    try:
+        return cc.load_transcoders(path)
+    except (OSError, ValueError, KeyError) as err:
+        msg = f"cannot load transcoders from {path}: {err}"
+        raise LoadError(msg) from err
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", 0):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _sentences(args: argparse.Namespace) -> int:
+    import cellcircuits as cc
+
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    adata = _read_adata(args.adata)
+    cc.pp.cell_sentences(adata, args.n_genes, layer=args.layer, gene_symbols=args.gene_symbols)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(out)
+    print(f"wrote {adata.n_obs} cell sentences to {out}")
+    return 0
+
+
+def _train_transcoders(args: argparse.Namespace) -> int:
+    from ._pipeline import train_for
+
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    adata = _read_adata(args.adata)
+    _threads(args)
+    model = _load_model(args)
+    tset = train_for(adata, model, layers=args.layers, n_tokens=args.n_tokens, progress=not args.quiet)
+    tset.save(out)
+    print(f"wrote transcoders for layers {tset.layers} to {out}")
+    return 0
+
+
+def _transcode(args: argparse.Namespace) -> int:
+    import cellcircuits as cc
+
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    adata = _read_adata(args.adata)
+    _check_column(adata, args.groupby)
+    _threads(args)
+    tset = _load_transcoders(args.transcoders)
+    model = _load_model(args)
+    cc.tl.transcode(adata, model, tset, layers=args.layers, progress=not args.quiet)
+    if args.groupby:
+        cc.tl.interpret_features(adata, groupby=args.groupby)
+        print(adata.uns["interpret_features"]["summary"].to_string(index=False))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    import cellcircuits as cc
+
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    adata = _read_adata(args.adata)
+    _check_column(adata, args.groupby)
+    _threads(args)
+    tset = _load_transcoders(args.transcoders)
+    model = _load_model(args)
+    cc.tl.trace_circuit(
+        adata, model, tset, args.target, groupby=args.groupby, groups=args.groups, n_cells=args.n_cells,
+        progress=not args.quiet, key_added="circuit",
+    )  # fmt: skip
+    validation = cc.tl.validate_circuit(adata, model, tset, "circuit", progress=not args.quiet)
+    print(validation[["group", "faithfulness", "zero_drop", "random_zero_drop", "replacement_score"]].to_string())
+    (out / "circuits").mkdir(parents=True, exist_ok=True)
+    from ._pipeline import safe_name
+
+    for g in adata.uns["circuits"]["circuit"]["params"]["groups"]:
+        for suffix in (".json", ".graphml"):
+            cc.get.write_circuit(adata, "circuit", out / "circuits" / f"{safe_name(str(g))}{suffix}", group=str(g))
+    adata.write_h5ad(out / "adata.h5ad")
+    print(f"wrote {out}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ._pipeline import run_pipeline
+
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    adata = _read_adata(args.adata)
+    groupby = args.groupby or ("bulk_labels" if args.adata is None else None)
+    if groupby is None:
+        msg = "--groupby is needed with --adata: the .obs column of cell types to trace circuits for"
+        raise CliError(msg)
+    _check_column(adata, groupby)
+    _threads(args)
+    tset = _load_transcoders(args.transcoders) if args.transcoders else None
+    model = _load_model(args)
+    summary = run_pipeline(
+        adata, model, out, groupby=groupby, layers=args.layers, transcoders=tset, n_tokens=args.n_tokens,
+        n_cells=args.n_cells, groups=args.groups, progress=not args.quiet,
+        log=(lambda _msg: None) if args.quiet else print,
+    )  # fmt: skip
+    print(f"accuracy vs {groupby!r}: {summary['accuracy']:.3f}; circuits of {len(summary['groups_traced'])} groups")
+    print(f"wrote {out}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
+    p.add_argument("--adata", help=".h5ad file (default: the embedded pbmc68k data)")
+    if model:
+        p.add_argument("--model", default="pbmc68k-tiny", help="shipped model, local directory or hub id")
+        p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+        p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``cellcircuits`` command."""
     parser = argparse.ArgumentParser(prog="cellcircuits", description=__doc__)
@@ -69,10 +246,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("sentences", help="write cell sentences into .obs['cell_sentence']")
+    _common(p, model=False)
+    p.add_argument("--n-genes", type=int, default=None, help="genes kept per sentence (default: all expressed)")
+    p.add_argument("--layer", help="AnnData layer with expression (default: .raw when present, else .X)")
+    p.add_argument("--gene-symbols", help="column of .var with gene symbols")
+    p.add_argument("--out", default="cellcircuits_sentences.h5ad", help="output .h5ad")
+    p.set_defaults(func=_sentences)
+
+    p = sub.add_parser("train-transcoders", help="train one transcoder per MLP layer and save them")
+    _common(p)
+    p.add_argument("--layers", type=int, nargs="+", help="model layers (default: all)")
+    p.add_argument("--n-tokens", type=int, default=1_000_000, help="training tokens per layer")
+    p.add_argument("--out", default="cellcircuits_transcoders", help="output directory")
+    p.set_defaults(func=_train_transcoders)
+
+    p = sub.add_parser("transcode", help="put transcoder features (and their interpretation) into the .h5ad")
+    _common(p)
+    p.add_argument("--transcoders", required=True, help="directory written by train-transcoders")
+    p.add_argument("--layers", type=int, nargs="+", help="model layers (default: every layer with a transcoder)")
+    p.add_argument("--groupby", help="column of .obs with cell types; also labels the features automatically")
+    p.add_argument("--out", default="cellcircuits_transcoded.h5ad", help="output .h5ad")
+    p.set_defaults(func=_transcode)
+
+    p = sub.add_parser("trace", help="trace and validate cell-type circuits; write JSON and GraphML")
+    _common(p)
+    p.add_argument("--transcoders", required=True, help="directory written by train-transcoders")
+    p.add_argument("--groupby", help="column of .obs with cell types (default: bulk_labels of the embedded data)")
+    p.add_argument("--groups", nargs="+", help="groups to trace (default: all)")
+    p.add_argument("--target", help="one label traced for every group (default: each group's own name)")
+    p.add_argument("--n-cells", type=int, default=5, help="cells traced per group")
+    p.add_argument("--out", default="cellcircuits_circuits", help="output directory")
+    p.set_defaults(func=_trace)
+
+    p = sub.add_parser("run", help="the whole analysis: predict, transcoders, features, circuits, validation")
+    _common(p)
+    p.add_argument("--groupby", help="column of .obs with cell types (default: bulk_labels of the embedded data)")
+    p.add_argument("--groups", nargs="+", help="groups to trace (default: every group the model has a label for)")
+    p.add_argument("--layers", type=int, nargs="+", help="model layers given transcoders (default: all)")
+    p.add_argument("--transcoders", help="use these transcoders instead of training them")
+    p.add_argument("--n-tokens", type=int, default=1_000_000, help="training tokens per layer")
+    p.add_argument("--n-cells", type=int, default=2, help="cells traced per group")
+    p.add_argument("--out", default="cellcircuits_out", help="output directory")
+    p.set_defaults(func=_run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if args.command == "trace" and args.groupby is None and args.adata is None:
+        args.groupby = "bulk_labels"
+    try:
+        return args.func(args)
+    except CliError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except LoadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
