@@ -92,6 +92,26 @@ def test_run_writes_every_result(small_h5ad, tmp_path, capsys):
     validation = pd.read_csv(out / "tables" / "validation.csv")
     assert set(validation["group"]) == {"CD14+ Monocyte", "CD19+ B"}
     assert (out / "transcoders" / "transcoder_set.json").exists()
+    # the report's numbers are the .h5ad's
+    page = (out / "report.html").read_text()
+    data = json.loads(
+        re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page, re.S).group(1)
+    )
+    stored = back.uns["circuits"]["bulk_labels"]
+    assert page.count("<img ") == 4 and page.count("data:image/png;base64,") == 4
+    for g in ("CD14+ Monocyte", "CD19+ B"):
+        row = stored["validation"].set_index("group").loc[g]
+        assert data["groups"][g]["validation"]["faithfulness"] == pytest.approx(float(row["faithfulness"]))
+        assert f"<td>{float(row['faithfulness']):.3g}</td>" in page
+        nodes = stored["nodes"]
+        genes = nodes[(nodes["group"] == g) & (nodes["kind"] == "gene")]["gene"].head(10).tolist()
+        assert [r["gene"] for r in data["groups"][g]["genes"]] == genes
+    quality = back.uns["transcoder_quality"]
+    assert [r["fvu"] for r in data["transcoder_quality"]] == pytest.approx(quality["fvu"].tolist())
+    rebuilt = tmp_path / "again.html"
+    assert main(["report", "--adata", str(out / "adata.h5ad"), "--out", str(rebuilt)]) == 0
+    assert main(["report", "--adata", str(out / "adata.h5ad"), "--key", "nope", "--out", str(tmp_path / "x.html")]) == 2
+    assert "no circuit 'nope'" in capsys.readouterr().err
     # the step commands, on the transcoders the run wrote
     trans = tmp_path / "t.h5ad"
     assert main(["transcode", "--adata", str(small_h5ad), "--transcoders", str(out / "transcoders"),

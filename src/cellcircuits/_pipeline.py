@@ -49,8 +49,8 @@ def run_pipeline(
     """Predict, train and evaluate transcoders, transcode, interpret, trace and validate; write everything.
 
     Writes into ``out``: ``transcoders/``, ``circuits/<group>.json`` and ``.graphml``, ``figures/`` (PNG and SVG),
-    ``tables/`` (CSV) and ``adata.h5ad`` holding every result. Returns a summary of the run (also written as
-    ``summary.json``).
+    ``tables/`` (CSV), ``adata.h5ad`` holding every result and ``report.html`` (self-contained). Returns a summary
+    of the run (also written as ``summary.json``).
     """
     import matplotlib
 
@@ -79,6 +79,7 @@ def run_pipeline(
     test = adata[adata.obs["split"] == "test"].copy() if "split" in adata.obs.columns else adata
     quality = tl.evaluate_transcoders(test, model, transcoders, label_key=groupby, n_cells=50, progress=progress)
     quality.to_csv(out / "tables" / "transcoder_quality.csv", index=False)
+    adata.uns["transcoder_quality"] = quality.astype({"layer": str})
     done()
     done = step("transcode")
     tl.transcode(adata, model, transcoders, progress=progress)
@@ -114,6 +115,11 @@ def run_pipeline(
         plt.close("all")
     done()
     adata.write_h5ad(out / "adata.h5ad")
+    done = step("write report")
+    from ._report import write_report
+
+    write_report(adata, groupby, out / "report.html")
+    done()
     summary = {
         "n_cells": int(adata.n_obs),
         "groupby": groupby,

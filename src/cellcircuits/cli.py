@@ -218,6 +218,28 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    from ._report import write_report
+
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    if not Path(args.adata).is_file():
+        msg = f"no such file: {args.adata}"
+        raise CliError(msg)
+    adata = ad.read_h5ad(args.adata)
+    circuits = adata.uns.get("circuits", {})
+    key = args.key or (next(iter(circuits)) if len(circuits) == 1 else None)
+    if key not in circuits:
+        msg = f"no circuit {args.key!r} in {args.adata}; it holds {sorted(circuits)} (run `cellcircuits trace` first)"
+        raise CliError(msg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_report(adata, key, out)
+    print(f"wrote {out}")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     p.add_argument("--adata", help=".h5ad file (default: the embedded pbmc68k data)")
     if model:
@@ -279,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-cells", type=int, default=5, help="cells traced per group")
     p.add_argument("--out", default="cellcircuits_circuits", help="output directory")
     p.set_defaults(func=_trace)
+
+    p = sub.add_parser("report", help="write a self-contained HTML report of traced circuits")
+    p.add_argument("--adata", required=True, help=".h5ad written by `run` or `trace`")
+    p.add_argument("--key", help="circuit key in .uns['circuits'] (default: the only one)")
+    p.add_argument("--out", default="cellcircuits_report.html", help="output .html")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("run", help="the whole analysis: predict, transcoders, features, circuits, validation")
     _common(p)
