@@ -24,7 +24,8 @@ table { border-collapse: collapse; font-size: .85em; margin: .6em 0 1.2em; }
 th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
 th { background: #f4f4f4; } td.text, th.text { text-align: left; }
 img { max-width: 100%; border: 1px solid #eee; } .figs { display: flex; flex-wrap: wrap; gap: 1em; }
-.figs > div { flex: 1 1 45%; } .note { color: #555; font-size: .9em; } .marker { color: #c0580f; font-weight: 600; }
+.figs > div { flex: 1 1 40%; } .figs > div.wide { flex: 1 1 100%; }
+.note { color: #555; font-size: .9em; }
 nav a { margin-right: 1em; }
 """
 
@@ -40,16 +41,17 @@ def _png(fig) -> str:
 
 
 def _table(df: pd.DataFrame, digits: int = 3) -> str:
-    """An HTML table; numbers rounded to ``digits`` significant places, text left-aligned."""
-    head = "".join(f'<th class="{"text" if df[c].dtype == object else ""}">{html.escape(str(c))}</th>' for c in df)
+    """An HTML table; floats rounded to ``digits`` significant places, integers kept, text left-aligned."""
+    kinds = {c: ("int" if pd.api.types.is_integer_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c])
+                 else "float" if pd.api.types.is_float_dtype(df[c]) else "text") for c in df}  # fmt: skip
+    head = "".join(f'<th class="{"text" if kinds[c] == "text" else ""}">{html.escape(str(c))}</th>' for c in df)
     rows = []
-    for _, row in df.iterrows():
+    for values in zip(*(df[c].tolist() for c in df.columns), strict=True):
         cells = []
-        for c in df.columns:
-            v = row[c]
-            if isinstance(v, float | np.floating):
+        for c, v in zip(df.columns, values, strict=True):
+            if kinds[c] == "float":
                 cells.append(f"<td>{_fmt(float(v), digits)}</td>")
-            elif isinstance(v, bool | np.bool_) or isinstance(v, int | np.integer):
+            elif kinds[c] == "int":
                 cells.append(f"<td>{v}</td>")
             else:
                 cells.append(f'<td class="text">{html.escape(str(v))}</td>')
@@ -159,9 +161,10 @@ def write_report(adata: AnnData, key: str, path: str | Path, *, title: str = "ce
         parts.append(f'<h2 id="g{i}">{html.escape(g)}</h2>')
         circuit_fig = pl.circuit(adata, key, group=g, return_fig=True)
         genes_fig = pl.circuit_genes(adata, key, group=g, return_fig=True)
+        name = html.escape(g)
         parts.append(
-            f'<div class="figs"><div><img alt="circuit of {html.escape(g)}" src="{_png(circuit_fig)}"></div>'
-            f'<div><img alt="genes of {html.escape(g)}" src="{_png(genes_fig)}"></div></div>'
+            f'<div class="figs"><div class="wide"><img alt="circuit of {name}" src="{_png(circuit_fig)}"></div>'
+            f'<div><img alt="genes of {name}" src="{_png(genes_fig)}"></div></div>'
         )
         if "validation" in entry:
             v = entry["validation"]
