@@ -38,6 +38,8 @@ _HEADER = """# ---
 """
 for _src in sorted((_here.parent / "tutorials").glob("*.py")):
     (_here / "tutorials" / _src.name).write_text(_HEADER + _src.read_text())
+for _src in sorted((_here.parent / "tutorials").glob("*.md")):  # shown, not executed
+    (_here / "tutorials" / _src.name).write_text(_src.read_text())
 nb_custom_formats = {".py": ["jupytext.reads", {"fmt": "py:percent"}]}
 nb_execution_mode = os.environ.get("CELLCIRCUITS_DOCS_EXECUTE", "off")
 nb_execution_timeout = 900

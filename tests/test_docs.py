@@ -23,6 +23,7 @@ def test_docs_build_without_warnings(tmp_path):
         page = (out / "tutorials" / f"{tutorial.stem}.html").read_text()
         assert title.replace("&", "&amp;") in page
         assert 'class="cell_input' in page  # rendered as a notebook
+    assert "Your own data and a real C2S checkpoint" in (out / "tutorials" / "03_your_own_checkpoint.html").read_text()
     # every public function has its page, with its docstring
     page = (out / "generated" / "cellcircuits.tl.trace_circuit.html").read_text()
     assert "Trace the circuit" in page and "node_threshold" in page
