@@ -106,6 +106,10 @@ def test_run_writes_every_result(small_h5ad, tmp_path, capsys):
         nodes = stored["nodes"]
         genes = nodes[(nodes["group"] == g) & (nodes["kind"] == "gene")]["gene"].head(10).tolist()
         assert [r["gene"] for r in data["groups"][g]["genes"]] == genes
+    features = back.uns["interpret_features"]["features"].set_index(["layer", "feature"])
+    shown = data["groups"]["CD14+ Monocyte"]["features"][0]
+    layer, feature = (int(x) for x in shown["node"].split("@")[0].lstrip("L").split(".F"))
+    assert shown["best_term"] == features.loc[(layer, feature), "best_term"]
     quality = back.uns["transcoder_quality"]
     assert [r["fvu"] for r in data["transcoder_quality"]] == pytest.approx(quality["fvu"].tolist())
     rebuilt = tmp_path / "again.html"

@@ -75,10 +75,21 @@ def report_data(adata: AnnData, key: str, n_genes: int = 10, n_features: int = 8
         out["interpretation"] = summary.drop(columns=["enrichment_key"], errors="ignore").to_dict("records")
     if "transcoder_quality" in adata.uns:
         out["transcoder_quality"] = pd.DataFrame(adata.uns["transcoder_quality"]).to_dict("records")
+    enrichment = None
+    if "interpret_features" in adata.uns:
+        table = pd.DataFrame(adata.uns["interpret_features"]["features"])
+        enrichment = table.set_index(["layer", "feature"])[["best_term", "enrichment_fdr"]]
     for g in groups:
         n = nodes[nodes["group"] == g]
         genes = n[n["kind"] == "gene"].head(n_genes)[["gene", "influence", "attribution", "is_marker", "marker_sets"]]
-        feats = n[n["kind"] == "feature"].head(n_features)[["node", "label", "influence", "attribution", "frequency"]]
+        feats = n[n["kind"] == "feature"].head(n_features)
+        feats = feats[["node", "layer", "feature", "label", "influence", "attribution", "frequency"]].copy()
+        if enrichment is not None:
+            # the feature's best gene-set term and its FDR, whether or not it made the label
+            found = enrichment.reindex(list(zip(feats["layer"], feats["feature"], strict=True)))
+            feats["best_term"] = found["best_term"].fillna("").to_numpy()
+            feats["enrichment_fdr"] = found["enrichment_fdr"].to_numpy(dtype=float)
+        feats = feats.drop(columns=["layer", "feature"])
         entry = {"genes": genes.to_dict("records"), "features": feats.to_dict("records")}
         if len(validation):
             row = validation[validation["group"] == g]
