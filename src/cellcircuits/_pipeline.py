@@ -22,6 +22,16 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "group"
 
 
+def write_circuits(adata: AnnData, key: str, directory: Path) -> None:
+    """Each group's circuit under ``key`` as ``<group>.json`` (node-link) and ``<group>.graphml`` in ``directory``."""
+    from . import get
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for g in adata.uns["circuits"][key]["params"]["groups"]:
+        for suffix in (".json", ".graphml"):
+            get.write_circuit(adata, key, directory / f"{safe_name(str(g))}{suffix}", group=str(g))
+
+
 def train_for(
     adata: AnnData, model: C2SModel, *, layers: Sequence[int] | None, n_tokens: int, progress: bool
 ) -> TranscoderSet:
@@ -54,7 +64,7 @@ def run_pipeline(
     """
     import matplotlib
 
-    from . import get, pl, tl
+    from . import pl, tl
 
     matplotlib.use("Agg")
     timings: dict[str, float] = {}
@@ -103,10 +113,9 @@ def run_pipeline(
     validation.to_csv(out / "tables" / "validation.csv", index=False)
     done()
     done = step("write circuits and figures")
+    write_circuits(adata, groupby, out / "circuits")
     for g in chosen:
         name = safe_name(g)
-        for suffix in (".json", ".graphml"):
-            get.write_circuit(adata, groupby, out / "circuits" / f"{name}{suffix}", group=g)
         for fmt in ("png", "svg"):
             pl.circuit(adata, groupby, group=g, save=out / "figures" / f"circuit_{name}.{fmt}", show=False)
             pl.circuit_genes(adata, groupby, group=g, save=out / "figures" / f"genes_{name}.{fmt}", show=False)

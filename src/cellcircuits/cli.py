@@ -12,37 +12,15 @@ from pathlib import Path
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import anndata as ad
-    import torch
-
     import cellcircuits as cc
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.adata is None:
-        adata = cc.ds.pbmc68k()
-        label_key = args.label_key or "bulk_labels"
-        if args.split != "all":
-            adata = adata[adata.obs["split"] == args.split].copy()
-    else:
-        path = Path(args.adata)
-        if not path.is_file():
-            print(f"error: no such file: {path}", file=sys.stderr)
-            return 2
-        adata = ad.read_h5ad(path)
-        label_key = args.label_key
-    if label_key is not None and label_key not in adata.obs.columns:
-        print(f"error: {label_key!r} is not a column of .obs ({list(adata.obs.columns)})", file=sys.stderr)
-        return 2
+    _threads(args)
+    adata = _read_adata(args.adata, split=args.split)
+    label_key = args.label_key or ("bulk_labels" if args.adata is None else None)
+    _check_column(adata, label_key)
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
-        return 2
-    try:
-        model = cc.models.load(args.model, device=args.device)
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    _check_out(out, args.overwrite)
+    model = _load_model(args)
     cc.tl.predict_cell_types(adata, model, batch_size=args.batch_size, progress=not args.quiet)
     if label_key is not None:
         truth = adata.obs[label_key].astype(str)
@@ -147,16 +125,21 @@ def _train_transcoders(args: argparse.Namespace) -> int:
     return 0
 
 
-def _transcode(args: argparse.Namespace) -> int:
-    import cellcircuits as cc
-
+def _step_inputs(args: argparse.Namespace) -> tuple:
+    """Output path, data, transcoders and model of a step that reads all three, each checked before any work."""
     out = Path(args.out)
     _check_out(out, args.overwrite)
     adata = _read_adata(args.adata)
     _check_column(adata, args.groupby)
     _threads(args)
     tset = _load_transcoders(args.transcoders)
-    model = _load_model(args)
+    return out, adata, tset, _load_model(args)
+
+
+def _transcode(args: argparse.Namespace) -> int:
+    import cellcircuits as cc
+
+    out, adata, tset, model = _step_inputs(args)
     cc.tl.transcode(adata, model, tset, layers=args.layers, progress=not args.quiet)
     if args.groupby:
         cc.tl.interpret_features(adata, groupby=args.groupby)
@@ -170,25 +153,16 @@ def _transcode(args: argparse.Namespace) -> int:
 def _trace(args: argparse.Namespace) -> int:
     import cellcircuits as cc
 
-    out = Path(args.out)
-    _check_out(out, args.overwrite)
-    adata = _read_adata(args.adata)
-    _check_column(adata, args.groupby)
-    _threads(args)
-    tset = _load_transcoders(args.transcoders)
-    model = _load_model(args)
+    from ._pipeline import write_circuits
+
+    out, adata, tset, model = _step_inputs(args)
     cc.tl.trace_circuit(
         adata, model, tset, args.target, groupby=args.groupby, groups=args.groups, n_cells=args.n_cells,
         progress=not args.quiet, key_added="circuit",
     )  # fmt: skip
     validation = cc.tl.validate_circuit(adata, model, tset, "circuit", progress=not args.quiet)
     print(validation[["group", "faithfulness", "zero_drop", "random_zero_drop", "replacement_score"]].to_string())
-    (out / "circuits").mkdir(parents=True, exist_ok=True)
-    from ._pipeline import safe_name
-
-    for g in adata.uns["circuits"]["circuit"]["params"]["groups"]:
-        for suffix in (".json", ".graphml"):
-            cc.get.write_circuit(adata, "circuit", out / "circuits" / f"{safe_name(str(g))}{suffix}", group=str(g))
+    write_circuits(adata, "circuit", out / "circuits")
     adata.write_h5ad(out / "adata.h5ad")
     print(f"wrote {out}")
     return 0

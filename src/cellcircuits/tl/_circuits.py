@@ -127,6 +127,22 @@ def node_names(
     return np.asarray(names, dtype=object)
 
 
+def merge_nodes(table: pd.DataFrame, *, activation: str, **extra: tuple[str, str]) -> pd.DataFrame:
+    """Rows of one node name merged into one: description kept, influence and attribution summed.
+
+    Activations are combined by ``activation`` (``"max"`` over a cell's positions, ``"mean"`` over cells); ``extra``
+    adds named aggregations.
+    """
+    described = {c: (c, "first") for c in ("kind", "layer", "feature", "gene", "role")}
+    return table.groupby("node", sort=False).agg(
+        **described,
+        influence=("influence", "sum"),
+        attribution=("attribution", "sum"),
+        activation=("activation", activation),
+        **extra,
+    )
+
+
 # one cell
 def cell_graph_tables(
     graph: Graph, prompt: TokenizedPrompt, label: str, n_positions: int
@@ -154,16 +170,7 @@ def cell_graph_tables(
             "activation": nodes["activation"].to_numpy(),
         }
     )
-    merged = table.groupby("node", sort=False).agg(
-        kind=("kind", "first"),
-        layer=("layer", "first"),
-        feature=("feature", "first"),
-        gene=("gene", "first"),
-        role=("role", "first"),
-        influence=("influence", "sum"),
-        attribution=("attribution", "sum"),
-        activation=("activation", "max"),
-    )
+    merged = merge_nodes(table, activation="max")
     edges = graph.edges
     e = pd.DataFrame(
         {
@@ -189,17 +196,7 @@ def aggregate(tables: list[tuple[pd.DataFrame, pd.DataFrame]], groups: np.ndarra
         members = [tables[i] for i in np.flatnonzero(groups == g)]
         n = len(members)
         nodes = pd.concat([t[0] for t in members], ignore_index=True)
-        agg = nodes.groupby("node", sort=False).agg(
-            kind=("kind", "first"),
-            layer=("layer", "first"),
-            feature=("feature", "first"),
-            gene=("gene", "first"),
-            role=("role", "first"),
-            influence=("influence", "sum"),
-            attribution=("attribution", "sum"),
-            activation=("activation", "mean"),
-            frequency=("influence", "size"),
-        )
+        agg = merge_nodes(nodes, activation="mean", frequency=("influence", "size"))
         agg[["influence", "attribution"]] /= n
         agg["frequency"] = agg["frequency"] / n
         node_parts.append(agg.reset_index().assign(group=g))
