@@ -20,3 +20,15 @@ def feature_matrix(adata: AnnData, key: str, layer: int) -> np.ndarray | sparse.
         msg = f".obsm[{obsm_key!r}] not found; run cellcircuits.tl.transcode(adata, model, transcoders) first."
         raise KeyError(msg)
     return adata.obsm[obsm_key]
+
+
+def circuit_result(adata: AnnData, key: str) -> dict:
+    """The circuit :func:`cellcircuits.tl.trace_circuit` stored under ``key``, with a clear error when absent."""
+    store = adata.uns.get("circuits", {})
+    if key not in store or "nodes" not in store[key]:
+        have = sorted(store) if hasattr(store, "keys") else []
+        msg = f"No circuit under .uns['circuits'][{key!r}]; run cellcircuits.tl.trace_circuit first."
+        if have:
+            msg += f" Stored circuits: {have}."
+        raise KeyError(msg)
+    return store[key]

@@ -10,24 +10,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from .._keys import circuit_result
+
 if TYPE_CHECKING:
     import networkx as nx
     from anndata import AnnData
 
 _EDGE_INDEX = ("group", "source", "target")
 _EDGE_COLUMNS = [*_EDGE_INDEX, "weight", "frequency", "via", "via_share"]
-
-
-def circuit_result(adata: AnnData, key: str) -> dict:
-    """The circuit :func:`cellcircuits.tl.trace_circuit` stored under ``key``, with a clear error when absent."""
-    store = adata.uns.get("circuits", {})
-    if key not in store or "nodes" not in store[key]:
-        have = sorted(store) if hasattr(store, "keys") else []
-        msg = f"No circuit under .uns['circuits'][{key!r}]; run cellcircuits.tl.trace_circuit first."
-        if have:
-            msg += f" Stored circuits: {have}."
-        raise KeyError(msg)
-    return store[key]
 
 
 def _table(value: Any) -> pd.DataFrame:

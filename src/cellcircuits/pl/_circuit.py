@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 from .._docs import doc_params
-from ..get._circuit import circuit_df, circuit_result, resolve_group
+from .._keys import circuit_result
+from ..get._circuit import circuit_df, resolve_group
 from ._utils import finish, new_axes
 
 if TYPE_CHECKING:

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .._keys import circuit_result
 from ..circuits._intervene import clean_run, run_edits
 from ..circuits._targets import label_target
 from ..models._tokens import label_token_ids
@@ -20,15 +21,6 @@ if TYPE_CHECKING:
     from ..models._load import C2SModel
     from ..models._tokens import TokenizedPrompt
     from ..transcoders._transcoder import TranscoderSet
-
-
-def circuit_result(adata: AnnData, key: str) -> dict:
-    """The circuit :func:`cellcircuits.tl.trace_circuit` stored under ``key``; a clear error when absent."""
-    circuits = adata.uns.get("circuits", {})
-    if key not in circuits:
-        msg = f"No circuit under .uns['circuits'][{key!r}]; run cellcircuits.tl.trace_circuit first."
-        raise KeyError(msg)
-    return circuits[key]
 
 
 def active_names(run_acts: dict[int, torch.Tensor], prompt: TokenizedPrompt, label: str) -> dict[int, tuple]:
