@@ -7,7 +7,7 @@ import pytest
 from scipy import sparse
 
 import cellcircuits as cc
-from cellcircuits.tl._enrichment import as_net, fdr, ora, top_gene_mask
+from cellcircuits.tl._enrichment import as_net, fdr, one_sided, ora, top_gene_mask
 
 N_GENES, N_FEATURES = 400, 12
 
@@ -98,6 +98,36 @@ def test_gsea_finds_the_planted_set(mapped):
     assert best.loc[0, "term"] == "T3" and best.loc[0, "score"] > 1.5
     assert best.loc[0, "pval"] < 0.01
     assert best.loc[1, "fdr"] > 0.05
+
+
+def test_a_term_the_feature_avoids_is_not_an_enrichment(mapped):
+    adata, sets = mapped
+    values = np.asarray(adata.varm["transcoder_L1_in"]).copy()
+    name = max(sets, key=lambda k: len(sets[k]))
+    avoided = [adata.var_names.get_loc(g.lower()) for g in sets[name]]
+    values[:, 2] = 1.0 + np.random.default_rng(3).random(N_GENES)
+    values[avoided, 2] = 0.0  # active on every gene but those of one set
+    values[:, 4] = 0.0  # no slope to test: score 0, p-value 1 (decoupler alone would fail on it)
+    adata.varm["transcoder_L1_in"] = values
+    cc.tl.feature_enrichment(adata, sets, layer=1, method="ulm", features=[0, 2, 4], max_pval=1.0, key_added="ulm")
+    ulm = adata.uns["ulm"]["results"].set_index(["feature", "term"])
+    assert ulm.loc[(2, name), "score"] < -5  # a strongly negative slope: depletion, not enrichment
+    assert ulm.loc[(2, name), "pval"] > 0.99
+    assert ulm.loc[(0, "T3"), "fdr"] < 1e-4
+    assert (ulm.loc[4, "score"] == 0).all() and (ulm.loc[4, "pval"] == 1).all()
+    cc.tl.feature_enrichment(
+        adata, {name: sets[name], "T3": sets["T3"]}, layer=1, method="gsea", features=[2], permutations=100,
+        progress=False, max_pval=1.0, key_added="gsea",
+    )  # fmt: skip
+    gsea = adata.uns["gsea"]["results"].set_index("term")
+    assert gsea.loc[name, "score"] < 0 and gsea.loc[name, "pval"] == 1.0
+
+
+def test_one_sided_p_values():
+    score = np.array([2.0, -2.0, 0.0])
+    pvals = np.array([0.04, 0.04, 1.0])
+    np.testing.assert_allclose(one_sided(score, pvals, "ulm"), [0.02, 0.98, 1.0])
+    np.testing.assert_allclose(one_sided(score, pvals, "gsea"), [0.04, 1.0, 1.0])
 
 
 def test_fdr_is_corrected_across_features_and_terms(mapped):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from cellcircuits.transcoders._features import (
     direct_logit_effects,
     distinguishing_tokens,
     gene_logit_effects,
+    identifying_offsets,
     norm_scale,
 )
 
@@ -172,3 +175,94 @@ def test_output_map_reads_the_gene_tokens(toy_adata, tiny_c2s, tset):
     expected = gene_logit_effects(tiny_c2s.adapter, tset[0].W_dec.detach(), tokens, scale)
     np.testing.assert_allclose(toy_adata.varm["transcoder_L0_out"], expected, rtol=1e-5, atol=1e-6)
     assert len({tuple(r) for r in np.round(toy_adata.varm["transcoder_L0_out"], 6)}) == len(genes)  # all distinct
+
+
+def gene_token_inputs(adata, model, layer):
+    """MLP inputs at every gene token of every cell, with the gene, the token's index within it, and its cell."""
+    prompts = tokenize_prompts(model.tokenizer, model.build_prompts(adata.obs["cell_sentence"]))
+    point = model.adapter.mlp_in(layer)
+    xs, genes, index, cells = [], [], [], []
+    for c, p in enumerate(prompts):
+        with torch.no_grad(), record(model.model, [point]) as rec:
+            model.model(input_ids=torch.tensor([p.input_ids]))
+        for g, pos in zip(p.genes, p.gene_positions, strict=True):
+            xs.append(rec[point][0][0, pos])
+            genes += [g] * len(pos)
+            index += list(range(len(pos)))
+            cells += [c] * len(pos)
+    return torch.cat(xs), np.array(genes), np.array(index), np.array(cells)
+
+
+def plant(tc, feature, x, fires) -> bool:
+    """Make ``feature`` fire on exactly the rows of ``x`` where ``fires`` holds (a separating hyperplane)."""
+    from sklearn.svm import LinearSVC
+
+    x_n = tc._normalise_input(x).double().numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # whether it separates is checked below, converged or not
+        svm = LinearSVC(C=1e4, max_iter=20_000, tol=1e-8).fit(x_n, fires)
+    s = svm.decision_function(x_n)
+    low, high = float(s[~fires].max()), float(s[fires].min())
+    if high <= low:
+        return False
+    with torch.no_grad():
+        tc.W_enc[:, feature] = torch.as_tensor(svm.coef_[0], dtype=tc.W_enc.dtype)
+        tc.b_enc[feature] = float(svm.intercept_[0]) - (low + high) / 2
+    return True
+
+
+def test_planted_one_gene_feature_tops_its_input_map(toy_adata, tiny_c2s, tset):
+    cc.pp.cell_sentences(toy_adata)
+    x, genes, index, cells = gene_token_inputs(toy_adata, tiny_c2s, 0)
+    # the gene's last token, where the model has read all of it; the first gene for which the feature can fire
+    # there and on no other token (this toy tokenizer spells genes letter by letter: LYZ ends in the only "Z")
+    last = np.r_[index[1:] == 0, True]
+    candidates = [g for g in np.unique(genes) if len(np.unique(cells[genes == g])) >= 3]
+    target = next(g for g in candidates if plant(tset[0], 5, x, last & (genes == g)))
+    for gene_tokens in ("all", "identifying"):
+        cc.tl.transcode(toy_adata, tiny_c2s, tset, layers=[0], gene_tokens=gene_tokens, progress=False)
+        in_map = toy_adata.varm["transcoder_L0_in"][:, 5]
+        row = [g.upper() for g in toy_adata.var_names].index(target)
+        assert in_map.argmax() == row and in_map[row] > 0
+        assert np.count_nonzero(in_map) == 1  # no other gene's tokens activate it
+        pooled = toy_adata.obsm["X_transcoder_L0"][:, 5].toarray().ravel()
+        np.testing.assert_array_equal(np.flatnonzero(pooled), np.unique(cells[genes == target]))
+    assert toy_adata.uns["transcoder"]["params"]["gene_tokens"] == "identifying"
+
+
+def test_a_shared_prefix_feature_is_read_only_with_all_tokens(toy_adata, tiny_c2s, tset):
+    """A feature on the first token of genes that share it maps to them with every token, to none when identifying."""
+    cc.pp.cell_sentences(toy_adata)
+    x, genes, index, _ = gene_token_inputs(toy_adata, tiny_c2s, 0)
+    symbols = [g.upper() for g in toy_adata.var_names]
+    offsets = identifying_offsets(tiny_c2s.tokenizer, symbols)
+    first = {g: tiny_c2s.tokenizer(" " + g, add_special_tokens=False)["input_ids"][0] for g in symbols}
+    cd = first["CD14"]
+    shared = np.array([first[g] == cd for g in genes])  # CD14, CD79A and CD3E start with " CD"
+    assert all(offsets[g] >= 1 for g in genes[shared]) and len(set(genes[shared])) == 3
+    assert plant(tset[0], 7, x, shared & (index == 0))
+    cc.tl.transcode(toy_adata, tiny_c2s, tset, layers=[0], gene_tokens="all", progress=False)
+    prefixed = sorted({g for g, s in zip(genes, shared, strict=True) if s})
+    in_map = toy_adata.varm["transcoder_L0_in"][:, 7]
+    assert sorted(np.asarray(symbols)[in_map > 0]) == prefixed
+    cc.tl.transcode(toy_adata, tiny_c2s, tset, layers=[0], gene_tokens="identifying", progress=False)
+    assert np.count_nonzero(toy_adata.varm["transcoder_L0_in"][:, 7]) == 0
+
+
+def test_identifying_tokens_match_a_per_cell_reference(toy_adata, tiny_c2s, tset):
+    cc.pp.cell_sentences(toy_adata)
+    cc.tl.transcode(toy_adata, tiny_c2s, tset, layers=[1], gene_tokens="identifying", progress=False)
+    symbols = [g.upper() for g in toy_adata.var_names]
+    offsets = identifying_offsets(tiny_c2s.tokenizer, symbols)
+    x, genes, index, cells = gene_token_inputs(toy_adata, tiny_c2s, 1)
+    keep = np.array([i >= offsets[g] for g, i in zip(genes, index, strict=True)])
+    acts = tset[1].encode(x).detach().numpy()
+    for c in range(toy_adata.n_obs):
+        rows = keep & (cells == c)
+        expected = acts[rows].max(0) if rows.any() else np.zeros(acts.shape[1])
+        np.testing.assert_allclose(toy_adata.obsm["X_transcoder_L1"][c].toarray().ravel(), expected, atol=1e-5)
+    for g in np.unique(genes):
+        per_cell = [acts[keep & (genes == g) & (cells == c)].mean(0) for c in np.unique(cells[genes == g])]
+        np.testing.assert_allclose(
+            toy_adata.varm["transcoder_L1_in"][symbols.index(g)], np.mean(per_cell, 0), atol=1e-5
+        )

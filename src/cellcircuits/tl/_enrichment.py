@@ -150,9 +150,14 @@ def ulm(values: np.ndarray, net: pd.DataFrame, universe: Sequence[str], min_size
     import decoupler as dc
 
     rows = [str(i) for i in range(len(values))]
-    data = pd.DataFrame(values, index=rows, columns=list(universe))
-    es, pv = dc.mt.ulm(data, net[net["target"].isin(set(universe))], tmin=min_size)
-    es, pv = es.reindex(rows).fillna(0.0), pv.reindex(rows).fillna(1.0)  # decoupler drops empty rows
+    varies = np.ptp(values, axis=1) > 0 if values.size else np.zeros(len(values), dtype=bool)
+    data = pd.DataFrame(values[varies], index=np.asarray(rows)[varies], columns=list(universe))
+    names = np.asarray(sorted(net.loc[net["target"].isin(set(universe)), "source"].unique()))
+    if not varies.any():
+        return np.zeros((len(rows), len(names))), np.ones((len(rows), len(names))), names
+    # empty=False: a gene at 0 in every tested row stays in the universe (decoupler would drop it)
+    es, pv = dc.mt.ulm(data, net[net["target"].isin(set(universe))], tmin=min_size, empty=False)
+    es, pv = es.reindex(rows).fillna(0.0), pv.reindex(rows).fillna(1.0)  # a constant row has no slope
     return es.to_numpy(), pv.to_numpy(), np.asarray(es.columns)
 
 
@@ -177,8 +182,11 @@ def prerank(
     nes = np.zeros((len(values), len(names)))
     pvals = np.ones((len(values), len(names)))
     column = {t: j for j, t in enumerate(names)}
+    order = np.random.default_rng(seed).permutation(len(universe))
     for i in tqdm(range(len(values)), desc="prerank", disable=not progress):
-        rnk = pd.Series(values[i], index=list(universe)).sort_values(ascending=False)
+        # genes of equal value (most maps are 0 on most genes) in random order, not alphabetical: gene families
+        # share a prefix, and a stable sort would line their members up in the tail
+        rnk = pd.Series(values[i][order], index=np.asarray(universe)[order]).sort_values(ascending=False, kind="stable")
         res = gseapy.prerank(
             rnk, sets, min_size=min_size, max_size=max_size, permutation_num=permutations, seed=seed,
             threads=threads, no_plot=True, outdir=None, verbose=False,
@@ -187,6 +195,19 @@ def prerank(
         nes[i, cols] = res["NES"].astype(float).to_numpy()
         pvals[i, cols] = res["NOM p-val"].astype(float).to_numpy()
     return nes, pvals, names
+
+
+def one_sided(score: np.ndarray, pvals: np.ndarray, method: str) -> np.ndarray:
+    """P-values of enrichment among the genes that activate a feature (high map values), as ORA tests.
+
+    decoupler's ULM p-value is two-sided, so a term of genes where the feature is *least* active would count;
+    halving it for a positive slope and taking ``1 - p/2`` for a negative one gives the one-sided t-test (a zero
+    slope, or a row with nothing to test, keeps its p-value). GSEA's nominal p-value is already taken within the sign
+    of the enrichment score, so a negative score gets p = 1.
+    """
+    if method == "ulm":
+        return np.where(score > 0, pvals / 2, np.where(score < 0, 1 - pvals / 2, pvals))
+    return np.where(score > 0, pvals, 1.0)
 
 
 def _align(
@@ -235,8 +256,9 @@ def feature_enrichment(
     Each feature's map over genes (:func:`cellcircuits.tl.transcode`: ``side="in"``, the genes whose tokens activate
     it; ``side="out"``, the genes whose tokens it promotes) is tested against every gene set. The universe is the
     genes that both the model and the gene sets know (for ``side="in"``, the genes the model saw), symbols upper-cased
-    on both sides; sets are cut to the universe and kept when ``min_size <= size <= max_size``. P-values are
-    Benjamini-Hochberg corrected across all features and terms together.
+    on both sides; sets are cut to the universe and kept when ``min_size <= size <= max_size``. Every method tests
+    one side, enrichment among the genes with high map values (a term the feature avoids is not an enrichment);
+    p-values are Benjamini-Hochberg corrected across all features and terms together.
 
     Parameters
     ----------
@@ -254,8 +276,8 @@ def feature_enrichment(
     method
         ``"ora"``: over-representation (one-sided hypergeometric test, as ``gseapy.enrich``) of each feature's
         ``n_top_genes`` highest genes with a positive value; ``"ulm"``: decoupler's univariate linear model of the
-        whole map on set membership; ``"gsea"``: gseapy's pre-ranked GSEA (slow: one permutation test per feature,
-        best with ``features``).
+        whole map on set membership (its two-sided p-value made one-sided); ``"gsea"``: gseapy's pre-ranked GSEA
+        (slow: one permutation test per feature, best with ``features``).
     n_top_genes
         Genes per feature for ``"ora"``.
     features
@@ -376,6 +398,8 @@ def feature_enrichment(
         )  # fmt: skip
         score, pvals, M, terms = _align(score, pvals, names, M, terms)
         hits = None
+    if method != "ora":
+        pvals = one_sided(score, pvals, method)
     adjusted = fdr(pvals)
 
     def table(rows: np.ndarray, cols: np.ndarray) -> pd.DataFrame:

@@ -10,7 +10,12 @@ import numpy as np
 from scipy import sparse
 
 from ..pp._sentences import gene_names
-from ..transcoders._features import cell_and_gene_features, distinguishing_tokens, gene_logit_effects
+from ..transcoders._features import (
+    cell_and_gene_features,
+    distinguishing_tokens,
+    gene_logit_effects,
+    identifying_offsets,
+)
 from ._cells import cell_prompts, check_cells, check_data_layer
 
 if TYPE_CHECKING:
@@ -74,6 +79,7 @@ def transcode(
     *,
     layers: Sequence[int] | None = None,
     pool: Literal["max", "mean", "sum"] = "max",
+    gene_tokens: Literal["all", "identifying"] = "all",
     sentence_key: str = "cell_sentence",
     layer: str | None = None,
     use_raw: bool | None = None,
@@ -101,6 +107,14 @@ def transcode(
         Model layers to transcode; default every layer the set covers.
     pool
         How a cell's activations are pooled over its gene tokens: ``"max"``, ``"mean"`` or ``"sum"``.
+    gene_tokens
+        Which of a gene's tokens are read, for the pooled activations and the input map. ``"all"``: every token that
+        spells the gene. ``"identifying"``: from the first token whose prefix no other gene shares (genes of
+        ``var_names`` and the sentences) to the end of the gene, the tokens the output map uses. The model reads
+        causally: at ``" F"`` of ``" F" "OS"`` it has seen only what every F-gene shares, and at ``" HLA"`` what every
+        HLA gene shares, so a feature firing there reads the gene's name prefix (a letter, or a family such as MHC);
+        from the identifying token on the model can represent the gene itself. Comparing the two tells family- and
+        spelling-level features from gene-level ones.
     sentence_key, layer, use_raw, gene_symbols, random_state
         Cell sentences: ``.obs[sentence_key]`` when present, else built from this AnnData ``layer``/``.raw`` as in
         :func:`cellcircuits.pp.cell_sentences`. ``layer`` is an AnnData layer; model layers are ``layers``.
@@ -118,11 +132,11 @@ def transcode(
     ``None``, or a copy of ``adata`` when ``copy=True``. Sets the following fields, for each layer ``L``:
 
     ``.obsm[f"X_{key_added}_L{L}"]`` : :class:`scipy.sparse.csr_matrix` (n_obs x n_features)
-        Feature activations pooled over the cell's gene tokens.
+        Feature activations pooled over the cell's gene tokens (those ``gene_tokens`` reads).
     ``.varm[f"{key_added}_L{L}_in"]`` : :class:`numpy.ndarray` (n_vars x n_features)
-        Input map: the mean activation of each feature on the gene's tokens, averaged over the cells whose prompt
-        contains the gene (a gene spans several tokens; their activations are averaged first). 0 for genes the model
-        never saw; they are listed in ``.uns[key_added]['unseen_genes']``.
+        Input map: the mean activation of each feature on the gene's tokens (those ``gene_tokens`` reads), averaged
+        over the cells whose prompt contains the gene (a gene spans several tokens; their activations are averaged
+        first). 0 for genes the model never saw; they are listed in ``.uns[key_added]['unseen_genes']``.
     ``.varm[f"{key_added}_L{L}_out"]`` : :class:`numpy.ndarray` (n_vars x n_features)
         Output map: the direct effect of each feature's decoder vector on the logits of the tokens that name the
         gene, through the final layer norm with its scale frozen at its mean over the gene tokens. Many genes share
@@ -149,6 +163,9 @@ def transcode(
     if pool not in ("max", "mean", "sum"):
         msg = f"pool must be 'max', 'mean' or 'sum', got {pool!r}"
         raise ValueError(msg)
+    if gene_tokens not in ("identifying", "all"):
+        msg = f"gene_tokens must be 'identifying' or 'all', got {gene_tokens!r}"
+        raise ValueError(msg)
     check_cells(adata, batch_size)
 
     symbols = gene_names(adata.var, gene_symbols)
@@ -164,9 +181,13 @@ def transcode(
     )
     gene_index = [np.array([row_of.get(g, -1) for g in p.genes], dtype=np.int64) for p in prompts]
     outside = sorted({g for p in prompts for g in p.genes if g not in row_of})
+    skip = None
+    if gene_tokens == "identifying":
+        offset = identifying_offsets(model.tokenizer, [*symbols, *outside])
+        skip = [np.array([offset[g] for g in p.genes], dtype=np.int64) for p in prompts]
     features, scale = cell_and_gene_features(
-        model, transcoders, prompts, gene_index, len(symbols), layers=layers, pool=pool, batch_size=batch_size,
-        progress=progress,
+        model, transcoders, prompts, gene_index, len(symbols), layers=layers, pool=pool, skip_tokens=skip,
+        batch_size=batch_size, progress=progress,
     )  # fmt: skip
     tokens = distinguishing_tokens(model.tokenizer, list(symbols))
 
@@ -190,6 +211,7 @@ def transcode(
             "layers": np.asarray(layers, dtype=np.int64),
             "pool": pool,
             "positions": "gene tokens",
+            "gene_tokens": gene_tokens,
             "sentence_key": sentence_key if sentence_key in adata.obs.columns else "",
             "n_genes": int(model.prompt.n_genes),
             "final_norm_scale": float(scale),

@@ -29,9 +29,9 @@ class CellFeatures(NamedTuple):
     """Feature activations of one layer, per cell and per gene."""
 
     pooled: np.ndarray
-    """``(n_cells, n_features)`` activations pooled over each cell's gene tokens."""
+    """``(n_cells, n_features)`` activations pooled over each cell's read gene tokens."""
     gene_sum: np.ndarray
-    """``(n_genes, n_features)`` per gene, the sum over cells of its mean activation on the gene's tokens."""
+    """``(n_genes, n_features)`` per gene, the sum over cells of its mean activation on the gene's read tokens."""
     gene_cells: np.ndarray
     """``(n_genes,)`` number of cells whose prompt contains the gene."""
 
@@ -60,6 +60,7 @@ def cell_and_gene_features(
     *,
     layers: Sequence[int],
     pool: Pool = "max",
+    skip_tokens: Sequence[np.ndarray] | None = None,
     batch_size: int = 16,
     progress: bool = True,
 ) -> tuple[dict[int, CellFeatures], float]:
@@ -81,6 +82,9 @@ def cell_and_gene_features(
         Layers to encode.
     pool
         How to pool a cell's gene-token activations.
+    skip_tokens
+        Per prompt, how many leading tokens of each gene are not read (see :func:`identifying_offsets`); a gene keeps
+        at least its last token. Default: every token of every gene is read.
     batch_size
         Prompts per forward pass.
     progress
@@ -109,14 +113,19 @@ def cell_and_gene_features(
             for row, p in enumerate(batch):
                 cell = start + row
                 pos = np.concatenate(p.gene_positions) if p.gene_positions else np.zeros(0, dtype=np.int64)
-                pos_t = torch.as_tensor(pos, device=device, dtype=torch.long)
                 if len(pos):
-                    scale_sum += float(norm_scale(adapter, rec[norm_point][0][row, pos_t]).sum())
+                    pos_all = torch.as_tensor(pos, device=device, dtype=torch.long)
+                    scale_sum += float(norm_scale(adapter, rec[norm_point][0][row, pos_all]).sum())
                     scale_n += len(pos)
+                read = p.gene_positions
+                if skip_tokens is not None:
+                    read = [g[min(int(s), len(g) - 1) :] for g, s in zip(read, skip_tokens[cell], strict=True)]
+                    pos = np.concatenate(read) if read else pos
+                pos_t = torch.as_tensor(pos, device=device, dtype=torch.long)
                 rows = gene_index[cell]
                 keep = rows >= 0
                 gene_cells[rows[keep]] += 1
-                lengths = torch.as_tensor([len(g) for g in p.gene_positions], dtype=torch.long, device=device)
+                lengths = torch.as_tensor([len(g) for g in read], dtype=torch.long, device=device)
                 owner = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
                 keep_t = torch.as_tensor(keep, device=device)
                 for layer in layers:
@@ -164,6 +173,19 @@ def distinguishing_tokens(tokenizer: PreTrainedTokenizerFast, genes: Sequence[st
         j = next((j for j in range(len(ids)) if prefix_count[ids[: j + 1]] == 1), len(ids) - 1)
         out.append(list(ids[j:]))
     return out
+
+
+def identifying_offsets(tokenizer: PreTrainedTokenizerFast, genes: Sequence[str]) -> dict[str, int]:
+    """Per gene, how many of its leading tokens other genes share: the tokens before the model can know the gene.
+
+    A causal model reading ``" FOS"`` as ``" F" "OS"`` has seen, at ``" F"``, only a prefix that ``FDX1``, ``FGR``
+    and every other F-gene share; from the first token whose prefix is the gene's own it can represent the gene.
+    The offset is ``len(spelling) - len(distinguishing_tokens)`` (see :func:`distinguishing_tokens`).
+    """
+    genes = list(dict.fromkeys(genes))
+    spelled = [len(tokenizer(" " + g, add_special_tokens=False)["input_ids"]) for g in genes]
+    own = distinguishing_tokens(tokenizer, genes)
+    return {g: n - len(ids) for g, n, ids in zip(genes, spelled, own, strict=True)}
 
 
 def gene_logit_effects(
