@@ -40,7 +40,7 @@ print(f"{train.n_obs} train cells, {test.n_obs} held-out cells, {model.adapter.n
 #
 # `train_transcoders` runs the training cells through the model, records each MLP's input and output at the gene
 # tokens, the end of the prompt and the tokens of an appended label, and trains one TopK transcoder per layer
-# (1024 features, 32 active per token) to map the one to the other. The default `n_tokens=1_000_000` gives the
+# (1024 features, 32 active per token) to map the one to the other. The default `n_tokens=4_000_000` gives the
 # figures in the README; `300_000` keeps this tutorial quick (about a minute) at a somewhat higher FVU and more
 # dead features.
 

@@ -50,7 +50,7 @@ def run_pipeline(
     groupby: str,
     layers: Sequence[int] | None = None,
     transcoders: TranscoderSet | None = None,
-    n_tokens: int = 1_000_000,
+    n_tokens: int = 4_000_000,
     n_cells: int = 2,
     groups: Sequence[str] | None = None,
     progress: bool = True,

@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-transcoders", help="train one transcoder per MLP layer and save them")
     _common(p)
     p.add_argument("--layers", type=int, nargs="+", help="model layers (default: all)")
-    p.add_argument("--n-tokens", type=int, default=1_000_000, help="training tokens per layer")
+    p.add_argument("--n-tokens", type=int, default=4_000_000, help="training tokens per layer")
     p.add_argument("--out", default="cellcircuits_transcoders", help="output directory")
     p.set_defaults(func=_train_transcoders)
 
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", nargs="+", help="groups to trace (default: every group the model has a label for)")
     p.add_argument("--layers", type=int, nargs="+", help="model layers given transcoders (default: all)")
     p.add_argument("--transcoders", help="use these transcoders instead of training them")
-    p.add_argument("--n-tokens", type=int, default=1_000_000, help="training tokens per layer")
+    p.add_argument("--n-tokens", type=int, default=4_000_000, help="training tokens per layer")
     p.add_argument("--n-cells", type=int, default=2, help="cells traced per group")
     p.add_argument("--out", default="cellcircuits_out", help="output directory")
     p.set_defaults(func=_run)

@@ -127,7 +127,7 @@ def train_transcoders(
     l1_coefficient: float = 1e-3,
     l0_coefficient: float = 1e-3,
     skip: bool = False,
-    n_tokens: int = 1_000_000,
+    n_tokens: int = 4_000_000,
     batch_size: int = 1024,
     lr: float = 2e-3,
     dead_after_tokens: int = 200_000,
@@ -167,7 +167,8 @@ def train_transcoders(
     skip
         Add a linear skip connection from MLP input to output (skip transcoder).
     n_tokens
-        Training rows (token positions) seen per transcoder.
+        Training rows (token positions) seen per transcoder, repeating the store's rows as often as needed. On the
+        shipped model (212k rows from 558 cells) 4 million rows give about half the held-out FVU of 1 million.
     batch_size
         Rows per optimisation step.
     lr

@@ -36,7 +36,7 @@ def train_on_store(
     *,
     layers: Sequence[int] | None = None,
     n_layers_model: int,
-    n_tokens: int = 1_000_000,
+    n_tokens: int = 4_000_000,
     batch_size: int = 1024,
     lr: float = 1e-3,
     warmup_steps: int = 50,
