@@ -170,6 +170,11 @@ def interpret_features(
     else its top input genes. The summary gives, per layer, the fraction of the ``n_top`` most active live features
     and of all live features that are enriched: the automated counterpart of judging features by hand.
 
+    An enrichment says which genes activate a feature, not why. Genes are spelled in several tokens, and a feature
+    firing on a shared name prefix (" HLA" "-" "D", " RPL") maps to the whole family, which often shares a function;
+    to see which enrichments hold at the tokens that name single genes, run
+    ``cellcircuits.tl.transcode(..., gene_tokens="identifying")`` under another ``key_added`` and compare.
+
     Parameters
     ----------
     adata

@@ -176,7 +176,8 @@ def train_transcoders(
     dead_after_tokens
         A feature that has not fired for this many training rows counts as dead and joins the auxiliary loss.
     seed
-        Seed of initialisation and batch order; training is deterministic for a seed on CPU.
+        Seed of initialisation and batch order; on CPU, training is deterministic for a seed and a number of threads
+        (another thread count sums in another order, and the weights drift apart over a long run).
     store
         Activation store directory to create, resume or reuse (a store of other cells or settings is refused), or an
         opened store to train on as it is; default a temporary directory.

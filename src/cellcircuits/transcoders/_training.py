@@ -68,7 +68,7 @@ def train_on_store(
     warmup_steps
         Warm-up steps.
     seed
-        Seeds initialisation and the order of rows; training on CPU is deterministic for a seed.
+        Seeds initialisation and the order of rows; on CPU, training is deterministic for a seed and a thread count.
     device
         Where to train.
     rank, world_size
