@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import anndata as ad
+import numpy as np
 import pytest
 
 from cellcircuits.cli import main
@@ -121,6 +122,12 @@ def test_run_writes_every_result(small_h5ad, tmp_path, capsys):
     assert main(["transcode", "--adata", str(small_h5ad), "--transcoders", str(out / "transcoders"),
                  "--groupby", "bulk_labels", "--out", str(trans), "--quiet"]) == 0  # fmt: skip
     assert "X_transcoder_L0" in ad.read_h5ad(trans).obsm
+    strict = tmp_path / "identifying.h5ad"
+    assert main(["transcode", "--adata", str(small_h5ad), "--transcoders", str(out / "transcoders"),
+                 "--gene-tokens", "identifying", "--out", str(strict), "--quiet"]) == 0  # fmt: skip
+    back = ad.read_h5ad(strict)
+    assert back.uns["transcoder"]["params"]["gene_tokens"] == "identifying"
+    assert not np.array_equal(back.varm["transcoder_L0_in"], ad.read_h5ad(trans).varm["transcoder_L0_in"])
     traced = tmp_path / "trace"
     assert main(["trace", "--adata", str(trans), "--transcoders", str(out / "transcoders"), "--groupby", "bulk_labels",
                  "--groups", "CD19+ B", "--n-cells", "1", "--out", str(traced), "--quiet"]) == 0  # fmt: skip

@@ -140,7 +140,7 @@ def _transcode(args: argparse.Namespace) -> int:
     import cellcircuits as cc
 
     out, adata, tset, model = _step_inputs(args)
-    cc.tl.transcode(adata, model, tset, layers=args.layers, progress=not args.quiet)
+    cc.tl.transcode(adata, model, tset, layers=args.layers, gene_tokens=args.gene_tokens, progress=not args.quiet)
     if args.groupby:
         cc.tl.interpret_features(adata, groupby=args.groupby)
         print(adata.uns["interpret_features"]["summary"].to_string(index=False))
@@ -263,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transcoders", required=True, help="directory written by train-transcoders")
     p.add_argument("--layers", type=int, nargs="+", help="model layers (default: every layer with a transcoder)")
     p.add_argument("--groupby", help="column of .obs with cell types; also labels the features automatically")
+    p.add_argument(
+        "--gene-tokens", choices=["all", "identifying"], default="all",
+        help="read every token of a gene, or only those from the first its name does not share (default: all)",
+    )  # fmt: skip
     p.add_argument("--out", default="cellcircuits_transcoded.h5ad", help="output .h5ad")
     p.set_defaults(func=_transcode)
 
