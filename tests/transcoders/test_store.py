@@ -181,3 +181,36 @@ def test_rank_without_batches_raises(tiny_c2s, prompts, tmp_path):
     cfg = TranscoderConfig(d_in=32, d_out=32, n_features=16, k=2)
     with pytest.raises(ValueError, match="rank 1 of 2 has no full batch"):
         train_on_store(store, cfg, n_layers_model=2, n_tokens=100, batch_size=8, rank=1, world_size=2, progress=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_collection_runs_the_transformer_of_every_architecture(arch, tiny_tokenizer, prompts, tmp_path):
+    """Collection and transcoding call the model without its unembedding; the hooks still see every layer."""
+    from cellcircuits.models import C2SModel, ModelAdapter
+    from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet
+    from cellcircuits.transcoders._features import cell_and_gene_features
+
+    from ..conftest import LABELS, make_tiny
+
+    model = make_tiny(arch, len(tiny_tokenizer))  # eager attention: Gemma-2's softcap needs it
+    c2s = C2SModel(
+        model=model, tokenizer=tiny_tokenizer, adapter=ModelAdapter(model), name=arch,
+        prompt=cc.pp.PromptConfig(n_genes=8, labels=LABELS, append_eos=True),
+    )  # fmt: skip
+    store = collect_activations(c2s, prompts, tmp_path / "s", batch_size=5, dtype=torch.float32, progress=False)
+    rows = rows_by_index(store)
+    tc = Transcoder(TranscoderConfig(d_in=32, d_out=32, n_features=16, activation="relu", layer=1))
+    genes = [np.arange(len(p.genes)) for p in prompts]
+    features, _ = cell_and_gene_features(
+        c2s, TranscoderSet({1: tc}, n_layers_model=2), prompts, genes, 8, layers=[1], progress=False
+    )
+    points = [c2s.adapter.mlp_in(1), c2s.adapter.mlp_out(1)]
+    for cell in (0, 5):
+        p = prompts[cell]
+        with torch.no_grad(), record(model, points) as rec:
+            model(input_ids=torch.tensor([p.input_ids]))
+        for pos in kept_positions(p, "genes+answer"):
+            torch.testing.assert_close(rows[cell, int(pos)]["L1_out"], rec[points[1]][0][0, pos], atol=1e-5, rtol=1e-5)
+        gene_tokens = np.concatenate(p.gene_positions)
+        expected = tc.encode(rec[points[0]][0][0, gene_tokens]).amax(0).detach().numpy()
+        np.testing.assert_allclose(features[1].pooled[cell], expected, atol=1e-5)

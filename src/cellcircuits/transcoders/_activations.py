@@ -144,7 +144,8 @@ def collect_activations(
                 [p.input_ids + a for p, a in zip(batch, appended[b : b + batch_size], strict=True)], pad_id, "right"
             )
             with record(model.model, [pt for pair in points.values() for pt in pair]) as store:
-                model.model(input_ids=ids.to(device), attention_mask=mask.to(device))
+                # the transformer without its unembedding: batch x tokens x vocabulary logits are not needed
+                model.model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
             for row in range(len(batch)):
                 pos = torch.from_numpy(kept[b + row]).to(device)
                 cell: dict[str, torch.Tensor] = {}

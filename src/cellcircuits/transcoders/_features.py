@@ -109,7 +109,8 @@ def cell_and_gene_features(
             batch = prompts[start : start + batch_size]
             ids, mask = pad([p.input_ids for p in batch], model.tokenizer.pad_token_id, "right")
             with record(model.model, [*points, norm_point]) as rec:
-                model.model(input_ids=ids.to(device), attention_mask=mask.to(device))
+                # the transformer without its unembedding: batch x tokens x vocabulary logits are not needed
+                model.model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
             for row, p in enumerate(batch):
                 cell = start + row
                 pos = np.concatenate(p.gene_positions) if p.gene_positions else np.zeros(0, dtype=np.int64)
