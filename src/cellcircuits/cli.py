@@ -63,6 +63,13 @@ def _check_column(adata, column: str | None) -> None:
         raise CliError(msg)
 
 
+def _out_and_data(args: argparse.Namespace) -> tuple:
+    """The output path (refused when it exists, unless ``--overwrite``) and the input data."""
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    return out, _read_adata(args.adata)
+
+
 def _check_out(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         msg = f"{path} exists; pass --overwrite to replace it"
@@ -101,9 +108,7 @@ def _threads(args: argparse.Namespace) -> None:
 def _sentences(args: argparse.Namespace) -> int:
     import cellcircuits as cc
 
-    out = Path(args.out)
-    _check_out(out, args.overwrite)
-    adata = _read_adata(args.adata)
+    out, adata = _out_and_data(args)
     cc.pp.cell_sentences(adata, args.n_genes, layer=args.layer, gene_symbols=args.gene_symbols)
     out.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(out)
@@ -114,9 +119,7 @@ def _sentences(args: argparse.Namespace) -> int:
 def _train_transcoders(args: argparse.Namespace) -> int:
     from ._pipeline import train_for
 
-    out = Path(args.out)
-    _check_out(out, args.overwrite)
-    adata = _read_adata(args.adata)
+    out, adata = _out_and_data(args)
     _threads(args)
     model = _load_model(args)
     tset = train_for(adata, model, layers=args.layers, n_tokens=args.n_tokens, progress=not args.quiet)
@@ -127,9 +130,7 @@ def _train_transcoders(args: argparse.Namespace) -> int:
 
 def _step_inputs(args: argparse.Namespace) -> tuple:
     """Output path, data, transcoders and model of a step that reads all three, each checked before any work."""
-    out = Path(args.out)
-    _check_out(out, args.overwrite)
-    adata = _read_adata(args.adata)
+    out, adata = _out_and_data(args)
     _check_column(adata, args.groupby)
     _threads(args)
     tset = _load_transcoders(args.transcoders)
@@ -171,9 +172,7 @@ def _trace(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ._pipeline import run_pipeline
 
-    out = Path(args.out)
-    _check_out(out, args.overwrite)
-    adata = _read_adata(args.adata)
+    out, adata = _out_and_data(args)
     groupby = args.groupby or ("bulk_labels" if args.adata is None else None)
     if groupby is None:
         msg = "--groupby is needed with --adata: the .obs column of cell types to trace circuits for"

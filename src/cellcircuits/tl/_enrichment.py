@@ -152,11 +152,12 @@ def ulm(values: np.ndarray, net: pd.DataFrame, universe: Sequence[str], min_size
     rows = [str(i) for i in range(len(values))]
     varies = np.ptp(values, axis=1) > 0 if values.size else np.zeros(len(values), dtype=bool)
     data = pd.DataFrame(values[varies], index=np.asarray(rows)[varies], columns=list(universe))
-    names = np.asarray(sorted(net.loc[net["target"].isin(set(universe)), "source"].unique()))
+    net = net[net["target"].isin(set(universe))]
     if not varies.any():
+        names = np.asarray(sorted(net["source"].unique()))
         return np.zeros((len(rows), len(names))), np.ones((len(rows), len(names))), names
     # empty=False: a gene at 0 in every tested row stays in the universe (decoupler would drop it)
-    es, pv = dc.mt.ulm(data, net[net["target"].isin(set(universe))], tmin=min_size, empty=False)
+    es, pv = dc.mt.ulm(data, net, tmin=min_size, empty=False)
     es, pv = es.reindex(rows).fillna(0.0), pv.reindex(rows).fillna(1.0)  # a constant row has no slope
     return es.to_numpy(), pv.to_numpy(), np.asarray(es.columns)
 

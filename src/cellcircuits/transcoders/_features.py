@@ -155,6 +155,22 @@ def norm_scale(adapter: ModelAdapter, x: torch.Tensor) -> torch.Tensor:
     return (x.pow(2).mean(-1) + eps).sqrt()
 
 
+def _first_own_token(tokenizer: PreTrainedTokenizerFast, genes: Sequence[str]) -> list[tuple[tuple[int, ...], int]]:
+    """Per gene, its spelling in a cell sentence (after a space) and the index of its first own token.
+
+    The first token whose prefix no other gene shares; the last token for a gene whose whole spelling prefixes
+    another's.
+    """
+    spelled = [tuple(tokenizer(" " + g, add_special_tokens=False)["input_ids"]) for g in genes]
+    prefix_count: dict[tuple[int, ...], int] = {}
+    for ids in set(spelled):
+        for j in range(1, len(ids) + 1):
+            prefix_count[ids[:j]] = prefix_count.get(ids[:j], 0) + 1
+    return [
+        (ids, next((j for j in range(len(ids)) if prefix_count[ids[: j + 1]] == 1), len(ids) - 1)) for ids in spelled
+    ]
+
+
 def distinguishing_tokens(tokenizer: PreTrainedTokenizerFast, genes: Sequence[str]) -> list[list[int]]:
     """Per gene, the tokens that tell it apart: from the first one whose prefix no other gene shares, to the end.
 
@@ -164,16 +180,7 @@ def distinguishing_tokens(tokenizer: PreTrainedTokenizerFast, genes: Sequence[st
     alone ("D" in "ID2", "HSPD1", "MED28") would not tell genes apart; the rest of the spelling does. A gene whose
     whole spelling prefixes another's (``CD3`` and ``CD3E``) gets its last token.
     """
-    spelled = [tuple(tokenizer(" " + g, add_special_tokens=False)["input_ids"]) for g in genes]
-    prefix_count: dict[tuple[int, ...], int] = {}
-    for ids in set(spelled):
-        for j in range(1, len(ids) + 1):
-            prefix_count[ids[:j]] = prefix_count.get(ids[:j], 0) + 1
-    out = []
-    for ids in spelled:
-        j = next((j for j in range(len(ids)) if prefix_count[ids[: j + 1]] == 1), len(ids) - 1)
-        out.append(list(ids[j:]))
-    return out
+    return [list(ids[j:]) for ids, j in _first_own_token(tokenizer, genes)]
 
 
 def identifying_offsets(tokenizer: PreTrainedTokenizerFast, genes: Sequence[str]) -> dict[str, int]:
@@ -181,12 +188,10 @@ def identifying_offsets(tokenizer: PreTrainedTokenizerFast, genes: Sequence[str]
 
     A causal model reading ``" FOS"`` as ``" F" "OS"`` has seen, at ``" F"``, only a prefix that ``FDX1``, ``FGR``
     and every other F-gene share; from the first token whose prefix is the gene's own it can represent the gene.
-    The offset is ``len(spelling) - len(distinguishing_tokens)`` (see :func:`distinguishing_tokens`).
+    The tokens from the offset on are the gene's :func:`distinguishing_tokens`.
     """
     genes = list(dict.fromkeys(genes))
-    spelled = [len(tokenizer(" " + g, add_special_tokens=False)["input_ids"]) for g in genes]
-    own = distinguishing_tokens(tokenizer, genes)
-    return {g: n - len(ids) for g, n, ids in zip(genes, spelled, own, strict=True)}
+    return {g: j for g, (_, j) in zip(genes, _first_own_token(tokenizer, genes), strict=True)}
 
 
 def gene_logit_effects(
