@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # Submodules load on first access, so `import cellcircuits` stays light (no torch until a model is needed).
 _SUBMODULES = ("circuits", "ds", "get", "models", "pl", "pp", "tl", "transcoders")

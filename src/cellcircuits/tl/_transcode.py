@@ -150,7 +150,7 @@ def transcode(
         number and examples of sentence genes outside ``var_names``. Unseen and unspellable genes are also reported
         in a warning, with their count and examples.
     """
-    from .. import __version__
+    from .._version import __version__
 
     check_data_layer(layer)
     adapter = model.adapter

@@ -1,0 +1,41 @@
+"""Old spellings of arguments, kept working for one release with a warning."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: The release that drops the old spellings.
+REMOVED_IN = "0.3"
+
+
+def model_layers_renamed(func: Callable[P, R]) -> Callable[P, R]:
+    """Accept the old ``layer=`` (a model layer) of a function whose model layers are now ``layers=``.
+
+    ``layer`` means an AnnData layer across the package, as in scanpy; a function decorated here has no AnnData layer,
+    so a ``layer=`` passed to it is the old name of ``layers=``: it is forwarded with a :class:`FutureWarning`.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        if "layer" in kwargs:
+            if "layers" in kwargs:
+                msg = f"{func.__name__}() got both layer= and layers=; pass the model layer(s) as layers= alone."
+                raise TypeError(msg)
+            warnings.warn(
+                f"{func.__name__}(layer=...) is deprecated and will be removed in cellcircuits {REMOVED_IN}: model "
+                "layers are chosen with layers=; layer= names an AnnData layer, as in scanpy.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            kwargs["layers"] = kwargs.pop("layer")
+        return func(*args, **kwargs)
+
+    return wrapper
