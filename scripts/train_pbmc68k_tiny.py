@@ -46,7 +46,7 @@ def main() -> None:
     train = adata[adata.obs["split"] == "train"].copy()
     test = adata[adata.obs["split"] == "test"].copy()
     start = time.perf_counter()
-    model = cc.models.train_c2s(train, "bulk_labels", device="cpu", **recipe)
+    model = cc.tl.train_c2s(train, "bulk_labels", device="cpu", **recipe)
     minutes = (time.perf_counter() - start) / 60
     cc.tl.predict_cell_types(test, model)
     accuracy = float((test.obs["c2s_cell_type"].astype(str) == test.obs["bulk_labels"].astype(str)).mean())

@@ -82,7 +82,7 @@ print(adata.obsm["X_transcoder_L3"].shape, adata.varm["transcoder_L3_in"].shape)
 # scores each feature by how well its activation tells the group from the other cells (1 = perfectly).
 
 # %%
-cc.tl.rank_features_groups(adata, "bulk_labels", layer=3, method="auroc")
+cc.tl.rank_features_groups(adata, "bulk_labels", layers=3, method="auroc")
 mono_ranking = cc.get.rank_features_groups_df(adata, "CD14+ Monocyte")
 top_feature = int(mono_ranking["feature"].iloc[0])
 b_feature = int(cc.get.rank_features_groups_df(adata, "CD19+ B")["feature"].iloc[0])

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ._keys import INTERPRET, TRANSCODER_QUALITY
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
@@ -25,9 +27,10 @@ def safe_name(text: str) -> str:
 def write_circuits(adata: AnnData, key: str, directory: Path) -> None:
     """Each group's circuit under ``key`` as ``<group>.json`` (node-link) and ``<group>.graphml`` in ``directory``."""
     from . import get
+    from ._keys import circuit_result
 
     directory.mkdir(parents=True, exist_ok=True)
-    for g in adata.uns["circuits"][key]["params"]["groups"]:
+    for g in circuit_result(adata, key)["params"]["groups"]:
         for suffix in (".json", ".graphml"):
             get.write_circuit(adata, key, directory / f"{safe_name(str(g))}{suffix}", group=str(g))
 
@@ -89,15 +92,15 @@ def run_pipeline(
     test = adata[adata.obs["split"] == "test"].copy() if "split" in adata.obs.columns else adata
     quality = tl.evaluate_transcoders(test, model, transcoders, label_key=groupby, n_cells=50, progress=progress)
     quality.to_csv(out / "tables" / "transcoder_quality.csv", index=False)
-    adata.uns["transcoder_quality"] = quality.astype({"layer": str})
+    adata.uns[TRANSCODER_QUALITY] = quality.astype({"layer": str})
     done()
     done = step("transcode")
     tl.transcode(adata, model, transcoders, progress=progress)
     done()
     done = step("interpret features")
     tl.interpret_features(adata, groupby=groupby)
-    adata.uns["interpret_features"]["summary"].to_csv(out / "tables" / "interpretation_summary.csv", index=False)
-    adata.uns["interpret_features"]["features"].to_csv(out / "tables" / "features.csv", index=False)
+    adata.uns[INTERPRET]["summary"].to_csv(out / "tables" / "interpretation_summary.csv", index=False)
+    adata.uns[INTERPRET]["features"].to_csv(out / "tables" / "features.csv", index=False)
     done()
     labels = set(model.prompt.labels or [])
     present = [str(g) for g in adata.obs[groupby].dropna().astype(str).unique()]

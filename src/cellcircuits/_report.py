@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from ._keys import INTERPRET, TRANSCODER_QUALITY, circuit_result
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -65,19 +67,19 @@ def _fmt(value: float, digits: int = 3) -> str:
 
 def report_data(adata: AnnData, key: str, n_genes: int = 10, n_features: int = 8) -> dict:
     """The numbers the report shows, per group and overall, taken from ``adata`` (JSON-ready)."""
-    circuit = adata.uns["circuits"][key]
+    circuit = circuit_result(adata, key)
     nodes, validation = pd.DataFrame(circuit["nodes"]), pd.DataFrame(circuit.get("validation", pd.DataFrame()))
     paths = pd.DataFrame(circuit.get("paths", pd.DataFrame()))
     groups = [str(g) for g in circuit["params"]["groups"]]
     out: dict = {"key": key, "groups": {}, "n_cells": int(adata.n_obs)}
-    if "interpret_features" in adata.uns:
-        summary = pd.DataFrame(adata.uns["interpret_features"]["summary"])
+    if INTERPRET in adata.uns:
+        summary = pd.DataFrame(adata.uns[INTERPRET]["summary"])
         out["interpretation"] = summary.drop(columns=["enrichment_key"], errors="ignore").to_dict("records")
-    if "transcoder_quality" in adata.uns:
-        out["transcoder_quality"] = pd.DataFrame(adata.uns["transcoder_quality"]).to_dict("records")
+    if TRANSCODER_QUALITY in adata.uns:
+        out["transcoder_quality"] = pd.DataFrame(adata.uns[TRANSCODER_QUALITY]).to_dict("records")
     enrichment = None
-    if "interpret_features" in adata.uns:
-        table = pd.DataFrame(adata.uns["interpret_features"]["features"])
+    if INTERPRET in adata.uns:
+        table = pd.DataFrame(adata.uns[INTERPRET]["features"])
         enrichment = table.set_index(["layer", "feature"])[["best_term", "enrichment_fdr"]]
     for g in groups:
         n = nodes[nodes["group"] == g]
@@ -144,7 +146,7 @@ def write_report(adata: AnnData, key: str, path: str | Path, *, title: str = "ce
     from . import pl
 
     data = report_data(adata, key)
-    params = adata.uns["circuits"][key]["params"]
+    params = circuit_result(adata, key)["params"]
     parts = [f"<h1>{html.escape(title)}</h1>"]
     meta = {
         "model": params.get("model", ""),

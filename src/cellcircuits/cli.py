@@ -21,11 +21,13 @@ def _predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_out(out, args.overwrite)
     model = _load_model(args)
+    from ._keys import PREDICTION
+
     cc.tl.predict_cell_types(adata, model, batch_size=args.batch_size, progress=not args.quiet)
     if label_key is not None:
         truth = adata.obs[label_key].astype(str)
-        accuracy = float((adata.obs["c2s_cell_type"].astype(str) == truth).mean())
-        adata.uns["c2s_cell_type"]["accuracy"] = accuracy
+        accuracy = float((adata.obs[PREDICTION].astype(str) == truth).mean())
+        adata.uns[PREDICTION]["accuracy"] = accuracy
         print(f"accuracy vs {label_key!r} on {adata.n_obs} cells: {accuracy:.3f}")
     out.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(out)
@@ -140,11 +142,13 @@ def _step_inputs(args: argparse.Namespace) -> tuple:
 def _transcode(args: argparse.Namespace) -> int:
     import cellcircuits as cc
 
+    from ._keys import INTERPRET
+
     out, adata, tset, model = _step_inputs(args)
     cc.tl.transcode(adata, model, tset, layers=args.layers, gene_tokens=args.gene_tokens, progress=not args.quiet)
     if args.groupby:
         cc.tl.interpret_features(adata, groupby=args.groupby)
-        print(adata.uns["interpret_features"]["summary"].to_string(index=False))
+        print(adata.uns[INTERPRET]["summary"].to_string(index=False))
     out.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(out)
     print(f"wrote {out}")
@@ -194,6 +198,7 @@ def _run(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     import anndata as ad
 
+    from ._keys import circuit_keys
     from ._report import write_report
 
     out = Path(args.out)
@@ -202,10 +207,10 @@ def _report(args: argparse.Namespace) -> int:
         msg = f"no such file: {args.adata}"
         raise CliError(msg)
     adata = ad.read_h5ad(args.adata)
-    circuits = adata.uns.get("circuits", {})
-    key = args.key or (next(iter(circuits)) if len(circuits) == 1 else None)
+    circuits = circuit_keys(adata)
+    key = args.key or (circuits[0] if len(circuits) == 1 else None)
     if key not in circuits:
-        msg = f"no circuit {args.key!r} in {args.adata}; it holds {sorted(circuits)} (run `cellcircuits trace` first)"
+        msg = f"no circuit {args.key!r} in {args.adata}; it holds {circuits} (run `cellcircuits trace` first)"
         raise CliError(msg)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_report(adata, key, out)

@@ -50,7 +50,7 @@ def test_feature_embedding(featured, tmp_path):
 
 @pytest.mark.parametrize("kind", ["dotplot", "heatmap"])
 def test_rank_features_groups_plot(featured, tmp_path, kind):
-    cc.tl.rank_features_groups(featured, "type", layer=2, method="auroc")
+    cc.tl.rank_features_groups(featured, "type", layers=2, method="auroc")
     ax = cc.pl.rank_features_groups(featured, n_features=1, kind=kind, show=False, save=tmp_path / "r.pdf")
     assert (tmp_path / "r.pdf").stat().st_size > 1000
     labels = [t.get_text() for t in ax.get_yticklabels()]

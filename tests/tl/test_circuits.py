@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import cellcircuits as cc
+from cellcircuits.circuits._aggregate import aggregate
 from cellcircuits.circuits._targets import label_target
 from cellcircuits.models import label_token_ids
-from cellcircuits.tl._circuits import aggregate
 from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet
 
 LABELS = ["CD14+ Monocyte", "CD19+ B", "CD56+ NK"]

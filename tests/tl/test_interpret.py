@@ -85,7 +85,7 @@ def test_summary_counts(featured):
 def test_stored_enrichment_is_reused(featured):
     adata, sets = featured
     cc.tl.feature_enrichment(adata, {"S3": sets["S3"], "S0": sets["S0"]}, layer=0, n_top_genes=20)
-    cc.tl.interpret_features(adata, layer=0, net=sets, n_top_genes=20)
+    cc.tl.interpret_features(adata, layers=0, net=sets, n_top_genes=20)
     table = adata.uns["interpret_features"]["features"].set_index("feature")
     assert set(table.loc[table["live"], "best_term"]) <= {"S0", "S3"}
     assert table.loc[9, "best_term"] == ""  # a dead feature is not tested
@@ -121,7 +121,7 @@ def test_bad_input(featured):
     with pytest.raises(ValueError, match="1 group"):
         cc.tl.interpret_features(adata, groupby="one", net=sets)
     with pytest.raises(ValueError, match="were not transcoded"):
-        cc.tl.interpret_features(adata, layer=1, net=sets)
+        cc.tl.interpret_features(adata, layers=1, net=sets)
     with pytest.raises(ValueError, match="empty"):
         cc.tl.interpret_features(adata, net={})
     with pytest.raises(KeyError, match="transcode"):

@@ -33,7 +33,7 @@ def featured() -> ad.AnnData:
 
 def test_planted_feature_tops_its_group_with_every_method(featured):
     for method in ("wilcoxon", "t-test", "auroc"):
-        cc.tl.rank_features_groups(featured, "type", layer=2, method=method, key_added=method)
+        cc.tl.rank_features_groups(featured, "type", layers=2, method=method, key_added=method)
         df = cc.get.rank_features_groups_df(featured, "b", key=method)
         assert df["feature"].iloc[0] == 7, method
         assert df["pval_adj"].iloc[0] < 1e-6 and df["logfoldchange"].iloc[0] > 10
@@ -43,7 +43,7 @@ def test_planted_feature_tops_its_group_with_every_method(featured):
 
 
 def test_layout_and_statistics_equal_scanpy(featured):
-    cc.tl.rank_features_groups(featured, "type", layer=2, method="t-test")
+    cc.tl.rank_features_groups(featured, "type", layers=2, method="t-test")
     ours = featured.uns["rank_features_groups"]
     ref = ad.AnnData(featured.obsm["X_transcoder_L2"].toarray(), obs=featured.obs.copy())
     ref.var_names = [str(i) for i in range(20)]
@@ -61,7 +61,7 @@ def test_auroc_matches_sklearn_and_is_sorted(featured):
     X = featured.obsm["X_transcoder_L2"].toarray()
     inside = (featured.obs["type"] == "c").to_numpy()
     np.testing.assert_allclose(auroc(X, inside), [roc_auc_score(inside, X[:, j]) for j in range(20)], atol=1e-12)
-    cc.tl.rank_features_groups(featured, "type", layer=2, method="auroc")
+    cc.tl.rank_features_groups(featured, "type", layers=2, method="auroc")
     df = cc.get.rank_features_groups_df(featured, "c")
     assert np.all(np.diff(df["score"]) <= 0)
     ref = {j: roc_auc_score(inside, X[:, j]) for j in range(20)}
@@ -70,20 +70,20 @@ def test_auroc_matches_sklearn_and_is_sorted(featured):
 
 def test_rank_features_errors(featured):
     with pytest.raises(KeyError, match=r"run cellcircuits\.tl\.transcode"):
-        cc.tl.rank_features_groups(featured, "type", layer=0)
+        cc.tl.rank_features_groups(featured, "type", layers=0)
     with pytest.raises(KeyError, match="groupby 'cluster'"):
-        cc.tl.rank_features_groups(featured, "cluster", layer=2)
+        cc.tl.rank_features_groups(featured, "cluster", layers=2)
     featured.obs["one"] = "x"
     with pytest.raises(ValueError, match="1 group"):
-        cc.tl.rank_features_groups(featured, "one", layer=2)
+        cc.tl.rank_features_groups(featured, "one", layers=2)
     with pytest.raises(ValueError, match="method"):
-        cc.tl.rank_features_groups(featured, "type", layer=2, method="logreg")
+        cc.tl.rank_features_groups(featured, "type", layers=2, method="logreg")
     with pytest.raises(KeyError, match="No ranking"):
         cc.get.rank_features_groups_df(featured, "a", key="nothing")
-    cc.tl.rank_features_groups(featured, "type", layer=2)
+    cc.tl.rank_features_groups(featured, "type", layers=2)
     with pytest.raises(KeyError, match="was not ranked"):
         cc.get.rank_features_groups_df(featured, "z")
-    out = cc.tl.rank_features_groups(featured, "type", layer=2, key_added="copy", copy=True)
+    out = cc.tl.rank_features_groups(featured, "type", layers=2, key_added="copy", copy=True)
     assert "copy" in out.uns and "copy" not in featured.uns
 
 
@@ -93,7 +93,7 @@ def test_torch_threads_survive_scanpy(featured):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cc.tl.rank_features_groups(featured, "type", layer=2)
+        cc.tl.rank_features_groups(featured, "type", layers=2)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

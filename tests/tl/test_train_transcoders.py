@@ -64,7 +64,7 @@ def test_train_transcoders_errors(toy_adata, tiny_c2s):
 
 
 def test_collection_rotates_label_tokens(toy_adata, tiny_c2s, tmp_path):
-    from cellcircuits.tl._transcoders import rotating_answers
+    from cellcircuits.transcoders._activations import rotating_answers
 
     answers = rotating_answers(tiny_c2s, 7)
     ids = cc.models.label_token_ids(tiny_c2s.tokenizer, tiny_c2s.prompt, tiny_c2s.labels)

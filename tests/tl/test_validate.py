@@ -7,9 +7,9 @@ import pytest
 import cellcircuits as cc
 from cellcircuits.circuits._intervene import clean_run
 from cellcircuits.circuits._targets import label_target
+from cellcircuits.circuits._validate import active_names, cell_edits
 from cellcircuits.models import label_token_ids
 from cellcircuits.tl._cells import cell_prompts
-from cellcircuits.tl._validate import _edits_of_cell, active_names
 
 from .test_circuits import LABELS, _tset
 
@@ -54,10 +54,10 @@ def test_edits_with_known_outcomes(traced, tiny_c2s):
     rng = np.random.default_rng(0)
     pos = len(inputs) - 1
     # a circuit of every active feature: keeping only it changes nothing
-    full = _edits_of_cell(tiny_c2s, tset, run, named, everything, "", means, lt, pos, 2, 2.0, rng)
+    full = cell_edits(tiny_c2s, tset, run, named, everything, "", means, lt, pos, 2, 2.0, rng)
     assert full["only"] == pytest.approx(full["full"], abs=1e-4)
     # an empty circuit: ablating it changes nothing, and no random feature is drawn to match it
-    empty = _edits_of_cell(tiny_c2s, tset, run, named, set(), "", means, lt, pos, 2, 2.0, rng)
+    empty = cell_edits(tiny_c2s, tset, run, named, set(), "", means, lt, pos, 2, 2.0, rng)
     assert empty["zero"] == pytest.approx(empty["full"], abs=1e-5) and empty["n_circuit"] == 0
     np.testing.assert_allclose(empty["random_zero"], 0.0, atol=1e-5)
     assert empty["clamp"] == pytest.approx(0.0, abs=1e-5)

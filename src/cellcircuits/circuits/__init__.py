@@ -25,9 +25,12 @@ from ._replacement import (
     feature_pair,
 )
 from ._targets import LabelTarget, label_target
+from ._trace import CircuitTables, trace_prompts
+from ._validate import validate_prompts
 
 __all__ = [
     "Attribution",
+    "CircuitTables",
     "CleanRun",
     "FeaturePair",
     "FeatureTarget",
@@ -50,4 +53,6 @@ __all__ = [
     "prune_graph",
     "replacement_score",
     "run_edits",
+    "trace_prompts",
+    "validate_prompts",
 ]

@@ -6,12 +6,14 @@ from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
 
+from .._keys import PREDICTION, prediction_obsm
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
 
 def cell_type_probabilities(
-    adata: AnnData, key: str = "c2s_cell_type", kind: Literal["proba", "logprob"] = "proba"
+    adata: AnnData, key: str = PREDICTION, kind: Literal["proba", "logprob"] = "proba"
 ) -> pd.DataFrame:
     """Per-cell label probabilities (or log-likelihoods) from :func:`cellcircuits.tl.predict_cell_types`.
 
@@ -31,8 +33,8 @@ def cell_type_probabilities(
     if kind not in ("proba", "logprob"):
         msg = f"kind must be 'proba' or 'logprob', got {kind!r}"
         raise ValueError(msg)
-    if key not in adata.uns or f"{key}_{kind}" not in adata.obsm:
+    if key not in adata.uns or prediction_obsm(key, kind) not in adata.obsm:
         msg = f"No prediction under key {key!r}; run cellcircuits.tl.predict_cell_types(adata, model) first."
         raise KeyError(msg)
     labels = list(adata.uns[key]["params"]["labels"])
-    return pd.DataFrame(adata.obsm[f"{key}_{kind}"], index=adata.obs_names, columns=labels)
+    return pd.DataFrame(adata.obsm[prediction_obsm(key, kind)], index=adata.obs_names, columns=labels)

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .._keys import RANK_FEATURES, gene_map_varm
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
@@ -21,7 +23,7 @@ def ranking(adata: AnnData, key: str) -> dict:
 
 def top_input_genes(adata: AnnData, key: str, layer: int, features: np.ndarray, n: int) -> list[list[str]] | None:
     """Per feature, the ``n`` genes highest in its input map (``.varm[f"{key}_L{layer}_in"]``); ``None`` without it."""
-    in_map = adata.varm.get(f"{key}_L{layer}_in")
+    in_map = adata.varm.get(gene_map_varm(key, layer, "in"))
     if in_map is None:
         return None
     top = np.argsort(-np.asarray(in_map)[:, np.asarray(features)], axis=0, kind="stable")[:n]
@@ -30,7 +32,7 @@ def top_input_genes(adata: AnnData, key: str, layer: int, features: np.ndarray, 
 
 
 def rank_features_groups_df(
-    adata: AnnData, group: str, *, key: str = "rank_features_groups", n_top_genes: int = 5
+    adata: AnnData, group: str, *, key: str = RANK_FEATURES, n_top_genes: int = 5
 ) -> pd.DataFrame:
     """One group's ranked features from :func:`cellcircuits.tl.rank_features_groups`, with their top genes.
 

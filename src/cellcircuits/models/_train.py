@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from ..pp._prompts import PromptConfig, answer_text, build_prompt
-from ..pp._sentences import sentences_from_adata
 from ._adapter import ModelAdapter
 from ._load import C2SModel
 from ._scoring import pad
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Mapping, Sequence
 
-    from anndata import AnnData
     from transformers import PreTrainedTokenizerFast
 
 EOS, PAD = "<|endoftext|>", "<|padding|>"  # the GPT-NeoX/Pythia special tokens
@@ -84,13 +81,11 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> t
 
 
 def train_c2s(
-    adata: AnnData,
-    label_key: str,
+    sentences: Sequence[str] | Callable[[int], Sequence[str]],
+    labels: Sequence[str],
     *,
+    classes: Sequence[str] | None = None,
     n_genes: int = 100,
-    layer: str | None = None,
-    use_raw: bool | None = None,
-    gene_symbols: str | None = None,
     organism: str = "Homo sapiens",
     n_layers: int = 4,
     d_model: int = 128,
@@ -103,29 +98,32 @@ def train_c2s(
     weight_decay: float = 0.05,
     dropout: float = 0.1,
     answer_weight: float = 10.0,
-    resample_ties: bool = True,
     seed: int = 0,
     device: str | torch.device | None = None,
     output_dir: str | Path | None = None,
+    metadata: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> C2SModel:
-    """Train a small Cell2Sentence-style GPT-NeoX model and its tokenizer from scratch.
+    """Train a small Cell2Sentence-style GPT-NeoX model and its tokenizer from scratch on cell sentences.
 
     Each cell becomes the full C2S text: the cell-type prediction prompt with its sentence (cut to ``n_genes``)
     followed by its label and an end-of-sequence token. The model learns next-token prediction over the whole
     text, the label tokens weighted by ``answer_weight``. A byte-level BPE tokenizer with a small vocabulary is
-    trained first, so gene symbols are split into several tokens, as in C2S-Pythia.
+    trained first, so gene symbols are split into several tokens, as in C2S-Pythia. From an AnnData, use
+    :func:`cellcircuits.tl.train_c2s`.
 
     Parameters
     ----------
-    adata
-        Training cells (subset it to the training split first).
-    label_key
-        Column of ``.obs`` with the cell-type labels to learn.
+    sentences
+        The cells' sentences (gene symbols, most expressed first), or a function of the epoch returning them: it is
+        called for every epoch, so the random order of equally expressed genes can be redrawn (C2S breaks ties at
+        random), which teaches the model that the order within ties carries no information.
+    labels
+        Each cell's cell-type label.
+    classes
+        The labels the model knows, in order; default the sorted distinct ``labels``.
     n_genes
         Genes per cell sentence; recorded with the model and used for every prompt built for it.
-    layer, use_raw, gene_symbols
-        Which values and names to rank, as in :func:`cellcircuits.pp.cell_sentences`.
     organism
         Organism named in the prompt.
     n_layers, d_model, n_heads, d_mlp
@@ -136,48 +134,51 @@ def train_c2s(
         Optimisation (AdamW, linear warm-up then cosine decay); ``dropout`` applies to the residual branches.
     answer_weight
         Weight of the label tokens in the loss relative to the sentence tokens.
-    resample_ties
-        Redraw the random order of equally expressed genes every epoch (C2S breaks ties at random), which
-        teaches the model that the order within ties carries no information.
     seed
-        Seeds the weights, batches and tie-breaks; training on CPU is deterministic for a seed.
+        Seeds the weights and batches; training on CPU is deterministic for a seed.
     device
         Training device; default CUDA when available, else CPU.
     output_dir
         Save the trained model there (safetensors, tokenizer, ``cellcircuits.json``).
+    metadata
+        Extra entries recorded in the model's ``cellcircuits.json`` (e.g. where the labels came from).
     progress
         Show a progress bar with the loss.
 
     Returns
     -------
     The trained model, ready for :func:`cellcircuits.tl.predict_cell_types`.
+
+    Raises
+    ------
+    TypeError
+        When ``sentences`` is an AnnData (use :func:`cellcircuits.tl.train_c2s`).
+    ValueError
+        When ``labels`` and ``sentences`` differ in length, or there are fewer than two classes.
     """
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    if label_key not in adata.obs.columns:
-        msg = f"label_key {label_key!r} is not a column of adata.obs; columns are {list(adata.obs.columns)}."
-        raise KeyError(msg)
-    y = adata.obs[label_key]
-    if y.isna().any():
-        msg = f"adata.obs[{label_key!r}] has {int(y.isna().sum())} missing labels; drop those cells first."
-        raise ValueError(msg)
-    classes = list(y.cat.categories) if isinstance(y.dtype, pd.CategoricalDtype) else sorted(set(map(str, y)))
-    classes = [str(c) for c in classes if (y.astype(str) == str(c)).any()]
-    if len(classes) < 2:
-        msg = f"adata.obs[{label_key!r}] has fewer than two labels; nothing to learn."
-        raise ValueError(msg)
-    labels = y.astype(str).tolist()
-    config = PromptConfig(n_genes=n_genes, organism=organism, labels=classes, append_eos=True)
-
-    def sentences(epoch: int) -> list[str]:
-        state = seed + epoch if resample_ties else seed
-        return sentences_from_adata(
-            adata, n_genes=n_genes, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, random_state=state
+    if hasattr(sentences, "obs") and hasattr(sentences, "var_names"):
+        msg = (
+            "cellcircuits.models.train_c2s takes cell sentences and labels; to train from an AnnData use "
+            "cellcircuits.tl.train_c2s(adata, label_key, ...)."
         )
+        raise TypeError(msg)
+    labels = [str(y) for y in labels]
+    resample_ties = callable(sentences)
+    first_sentences = list(sentences(0) if callable(sentences) else sentences)
+    if len(first_sentences) != len(labels):
+        msg = f"{len(first_sentences)} sentences for {len(labels)} labels"
+        raise ValueError(msg)
+    classes = sorted(set(labels)) if classes is None else [str(c) for c in classes]
+    if len(classes) < 2:
+        msg = "fewer than two labels; nothing to learn."
+        raise ValueError(msg)
+    config = PromptConfig(n_genes=n_genes, organism=organism, labels=classes, append_eos=True)
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    first = training_texts(sentences(0), labels, config)
+    first = training_texts(first_sentences, labels, config)
     tokenizer = train_tokenizer((p + a for p, a in first), vocab_size=vocab_size)
     examples = encode_examples(tokenizer, first, config.append_eos)
     max_len = max(len(ids) for ids, _ in examples)
@@ -215,7 +216,7 @@ def train_c2s(
     model.train()
     with tqdm(total=total, desc="training C2S model", disable=not progress) as bar:
         for epoch in range(epochs):
-            if epoch > 0 and resample_ties:
+            if epoch > 0 and callable(sentences):
                 examples = encode_examples(tokenizer, training_texts(sentences(epoch), labels, config), True)
             losses = []
             for b in range(steps_per_epoch):
@@ -239,8 +240,8 @@ def train_c2s(
     model.eval()
     config.extra = {
         "trained_by": "cellcircuits.models.train_c2s",
-        "label_key": label_key,
-        "n_train_cells": int(adata.n_obs),
+        **(metadata or {}),
+        "n_train_cells": len(labels),
         "loss_history": history,
         "hyperparameters": {
             "n_layers": n_layers,

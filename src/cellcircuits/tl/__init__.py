@@ -6,6 +6,7 @@ from ._evaluate import evaluate_transcoders
 from ._interpret import interpret_features
 from ._predict import predict_cell_types
 from ._rank_features import rank_features_groups
+from ._train_c2s import train_c2s
 from ._transcode import transcode
 from ._transcoders import collect_activations, train_transcoders
 from ._validate import validate_circuit
@@ -18,6 +19,7 @@ __all__ = [
     "predict_cell_types",
     "rank_features_groups",
     "trace_circuit",
+    "train_c2s",
     "train_transcoders",
     "transcode",
     "validate_circuit",

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from ..circuits._graph import attribution_graph
-from ..circuits._replacement import LogitTarget, ReplacementModel
-from ..circuits._targets import label_target
-from ..models._tokens import label_token_ids
+from .._keys import SentenceSettings, store_circuit
+from ..circuits._trace import NODE_COLUMNS, check_thresholds, label_index, trace_prompts
 from ._cells import cell_prompts, check_cells
 
 if TYPE_CHECKING:
@@ -19,9 +16,8 @@ if TYPE_CHECKING:
 
     from anndata import AnnData
 
-    from ..circuits._graph import Graph
+    from ..circuits._trace import TargetMode
     from ..models._load import C2SModel
-    from ..models._tokens import TokenizedPrompt
     from ..transcoders._transcoder import TranscoderSet
 
 MARKER_COLLECTIONS = ("markers_immune", "markers_heart")
@@ -88,168 +84,6 @@ def _cell_rows(adata: AnnData, cells: Sequence | np.ndarray) -> np.ndarray:
     return rows
 
 
-def label_index(model: C2SModel, label: str) -> int:
-    """Position of ``label`` among the model's labels; a clear error listing them when it is not one."""
-    labels = list(model.prompt.labels or [])
-    if label not in labels:
-        msg = f"target {label!r} is not a label the model knows; its labels are {labels}"
-        raise ValueError(msg)
-    return labels.index(label)
-
-
-def position_roles(prompt: TokenizedPrompt, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per position, the gene it spells (``""`` if none) and its role: gene, template, answer or label prefix."""
-    gene = np.full(n_positions, "", dtype=object)
-    role = np.full(n_positions, "template", dtype=object)
-    for g, pos in zip(prompt.genes, prompt.gene_positions, strict=True):
-        gene[pos] = g
-        role[pos] = "gene"
-    role[prompt.answer_position] = "answer"
-    role[prompt.answer_position + 1 :] = "label"
-    return gene, role
-
-
-def node_names(
-    kind: np.ndarray, layer: np.ndarray, feature: np.ndarray, gene: np.ndarray, role: np.ndarray, label: str
-) -> np.ndarray:
-    """Names that identify a node across cells: a gene, a feature at a gene or role, an error at a gene or role."""
-    where = np.where(gene != "", gene, role)
-    names = []
-    for k, lay, f, w, g in zip(kind, layer, feature, where, gene, strict=True):
-        if k == "target":
-            names.append(f"target:{label}")
-        elif k == "token":
-            names.append(f"gene:{g}" if g else f"token:{w}")
-        elif k == "feature":
-            names.append(f"L{lay}.F{f}@{w}")
-        else:
-            names.append(f"err L{lay}@{w}")
-    return np.asarray(names, dtype=object)
-
-
-def merge_nodes(table: pd.DataFrame, *, activation: str, **extra: tuple[str, str]) -> pd.DataFrame:
-    """Rows of one node name merged into one: description kept, influence and attribution summed.
-
-    Activations are combined by ``activation`` (``"max"`` over a cell's positions, ``"mean"`` over cells); ``extra``
-    adds named aggregations.
-    """
-    described = {c: (c, "first") for c in ("kind", "layer", "feature", "gene", "role")}
-    return table.groupby("node", sort=False).agg(
-        **described,
-        influence=("influence", "sum"),
-        attribution=("attribution", "sum"),
-        activation=("activation", activation),
-        **extra,
-    )
-
-
-# one cell
-def cell_graph_tables(
-    graph: Graph, prompt: TokenizedPrompt, label: str, n_positions: int
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A cell's pruned graph with nodes named across cells; nodes of one name (a gene's tokens) are merged."""
-    nodes = graph.nodes
-    gene_at, role_at = position_roles(prompt, n_positions)
-    pos = nodes["position"].to_numpy()
-    gene, role = gene_at[pos], role_at[pos]
-    kind = nodes["kind"].to_numpy(dtype=object)
-    role = np.where(kind == "target", "target", role)
-    gene = np.where(kind == "target", "", gene)
-    names = node_names(kind, nodes["layer"].to_numpy(), nodes["feature"].to_numpy(), gene, role, label)
-    shown_kind = np.where((kind == "token") & (gene != ""), "gene", kind)
-    table = pd.DataFrame(
-        {
-            "node": names,
-            "kind": shown_kind,
-            "layer": np.where(kind == "token", -1, nodes["layer"].to_numpy()),
-            "feature": nodes["feature"].to_numpy(),
-            "gene": gene,
-            "role": role,
-            "influence": nodes["influence"].to_numpy(),
-            "attribution": nodes["effect"].to_numpy(),
-            "activation": nodes["activation"].to_numpy(),
-        }
-    )
-    merged = merge_nodes(table, activation="max")
-    edges = graph.edges
-    e = pd.DataFrame(
-        {
-            "source": names[edges["source"].to_numpy()],
-            "target": names[edges["target"].to_numpy()],
-            "weight": edges["weight"].to_numpy(),
-            "via": edges["via"].to_numpy(),
-            "abs": np.abs(edges["weight"].to_numpy()),
-        }
-    )
-    e = e[e["source"] != e["target"]]
-    # the via of a merged edge is that of its largest part
-    e = e.sort_values("abs", ascending=False)
-    merged_edges = e.groupby(["source", "target"], sort=False).agg(weight=("weight", "sum"), via=("via", "first"))
-    return merged.reset_index(), merged_edges.reset_index()
-
-
-# many cells
-def aggregate(tables: list[tuple[pd.DataFrame, pd.DataFrame]], groups: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per group: mean over its cells (absent counts as 0), the fraction of cells holding each node or edge."""
-    node_parts, edge_parts = [], []
-    for g in pd.unique(groups):
-        members = [tables[i] for i in np.flatnonzero(groups == g)]
-        n = len(members)
-        nodes = pd.concat([t[0] for t in members], ignore_index=True)
-        agg = merge_nodes(nodes, activation="mean", frequency=("influence", "size"))
-        agg[["influence", "attribution"]] /= n
-        agg["frequency"] = agg["frequency"] / n
-        node_parts.append(agg.reset_index().assign(group=g))
-        edges = pd.concat([t[1] for t in members], ignore_index=True)
-        edges["abs"] = edges["weight"].abs()
-        by_via = edges.groupby(["source", "target", "via"], sort=False)["abs"].sum().reset_index()
-        by_via = by_via.sort_values("abs", ascending=False)
-        via = by_via.groupby(["source", "target"], sort=False).agg(via=("via", "first"), top=("abs", "first"))
-        total = by_via.groupby(["source", "target"], sort=False)["abs"].sum()
-        e = edges.groupby(["source", "target"], sort=False).agg(weight=("weight", "sum"), frequency=("weight", "size"))
-        e["weight"] /= n
-        e["frequency"] /= n
-        e = e.join(via)
-        e["via_share"] = e.pop("top") / total.reindex(e.index).clip(lower=1e-30)
-        edge_parts.append(e.reset_index().assign(group=g))
-    nodes = pd.concat(node_parts, ignore_index=True)
-    edges = pd.concat(edge_parts, ignore_index=True)
-    nodes = nodes.sort_values(["group", "influence"], ascending=[True, False], kind="stable", ignore_index=True)
-    edges = edges.assign(_abs=-edges["weight"].abs()).sort_values(["group", "_abs"], kind="stable")
-    return nodes, edges.drop(columns="_abs").reset_index(drop=True)
-
-
-def top_paths(nodes: pd.DataFrame, edges: pd.DataFrame, k: int) -> pd.DataFrame:
-    """Per group, the ``k`` strongest source-to-target paths of its aggregated graph (greedy search)."""
-    from scipy import sparse
-
-    from ..circuits._prune import greedy_paths
-
-    kind_of = {"gene": "token", "token": "token", "feature": "feature", "error": "error", "target": "target"}
-    rows = []
-    for g, n in nodes.groupby("group", sort=False):
-        e = edges[edges["group"] == g]
-        index = {name: i for i, name in enumerate(n["node"])}
-        A = sparse.csr_array(
-            (e["weight"].to_numpy(), (e["target"].map(index).to_numpy(), e["source"].map(index).to_numpy())),
-            shape=(len(n), len(n)),
-        )
-        target = int(np.flatnonzero(n["kind"].to_numpy() == "target")[0])
-        names = n["node"].to_numpy()
-        for rank, path in enumerate(greedy_paths(A, n["kind"].map(kind_of).to_numpy(), target, k=k)):
-            rows.append(
-                {
-                    "group": g,
-                    "rank": rank,
-                    "path": " -> ".join(names[path.nodes]),
-                    "score": path.score,
-                    "sign": path.sign,
-                    "n_edges": len(path.nodes) - 1,
-                }
-            )
-    return pd.DataFrame(rows, columns=["group", "rank", "path", "score", "sign", "n_edges"])
-
-
 def annotate(nodes: pd.DataFrame, adata: AnnData, interpret_key: str) -> pd.DataFrame:
     """Add feature labels (from :func:`cellcircuits.tl.interpret_features` when present) and marker flags."""
     from .. import ds
@@ -282,7 +116,7 @@ def trace_circuit(
     groups: Sequence[str] | None = None,
     cells: Sequence | np.ndarray | None = None,
     n_cells: int = 20,
-    target_mode: Literal["distinguishing", "first_token"] = "distinguishing",
+    target_mode: TargetMode = "distinguishing",
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     max_feature_nodes: int = 128,
@@ -379,12 +213,7 @@ def trace_circuit(
     KeyError
         For a ``groupby`` column or ``cells`` not in ``adata``.
     """
-    from tqdm.auto import tqdm
-
-    for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
-        if not 0 < value <= 1:
-            msg = f"{name} must be in (0, 1] (a fraction of the influence to keep), got {value!r}"
-            raise ValueError(msg)
+    check_thresholds(node_threshold, edge_threshold)
     adapter = model.adapter
     transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
     check_cells(adata, batch_size)
@@ -394,77 +223,45 @@ def trace_circuit(
     cell_labels = np.full(len(rows), target, dtype=object) if target is not None else group_of
     for label in pd.unique(cell_labels):
         label_index(model, str(label))
-    uncovered = [m for m in range(adapter.n_layers) if m not in transcoders]
-    if uncovered:
-        warnings.warn(
-            f"no transcoder for layer(s) {uncovered}: their MLP outputs are frozen and enter the graph as error nodes",
-            stacklevel=2,
-        )
-
-    all_label_ids = label_token_ids(model.tokenizer, model.prompt, model.prompt.labels)
-    prompts = cell_prompts(
-        adata, model, sentence_key=sentence_key, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols,
-        random_state=random_state, cells=rows,
+    sentences = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state)
+    prompts = cell_prompts(adata, model, sentences, cells=rows)
+    traced = trace_prompts(
+        model, transcoders, prompts, [str(label) for label in cell_labels], group_of.astype(str),
+        target_mode=target_mode, node_threshold=node_threshold, edge_threshold=edge_threshold,
+        max_feature_nodes=max_feature_nodes, n_paths=n_paths, batch_size=batch_size, progress=progress,
     )  # fmt: skip
-    tables, cell_rows = [], []
-    for prompt, row, label in tqdm(
-        list(zip(prompts, rows, cell_labels, strict=True)), desc="trace", disable=not progress
-    ):
-        lt = label_target(all_label_ids, label_index(model, str(label)), target_mode)
-        ids = list(prompt.input_ids) + lt.prefix
-        rm = ReplacementModel.record(model, transcoders, ids)
-        graph = attribution_graph(
-            rm, LogitTarget(len(ids) - 1, lt.token, lt.competitors), max_feature_nodes=max_feature_nodes,
-            batch_size=batch_size, node_threshold=node_threshold, edge_threshold=edge_threshold,
-        )  # fmt: skip
-        tables.append(cell_graph_tables(graph, prompt, str(label), len(ids)))
-        cell_rows.append(
-            {
-                "obs_name": str(adata.obs_names[row]),
-                "label": str(label),
-                "target_value": graph.target_value,
-                **{f"{k}_score": v for k, v in graph.scores.items()},
-            }
-        )
-    nodes, edges = aggregate(tables, group_of.astype(str))
-    nodes = annotate(nodes, adata, interpret_key)
-    columns = ["group", "node", "kind", "layer", "feature", "gene", "role", "influence", "attribution", "activation"]
-    nodes = nodes[[*columns, "frequency", "label", "is_marker", "marker_sets"]]
-    edges = edges[["group", "source", "target", "weight", "frequency", "via", "via_share"]]
-    paths = top_paths(nodes, edges, n_paths)
-    cell_table = pd.DataFrame(cell_rows)
-    cell_table.insert(1, "group", group_of.astype(str))
-    nodes.loc[nodes["kind"] == "target", "layer"] = adapter.n_layers
+    nodes = annotate(traced.nodes, adata, interpret_key)[
+        [*NODE_COLUMNS, "frequency", "label", "is_marker", "marker_sets"]
+    ]
+    cell_table = traced.cells
+    cell_table.insert(0, "obs_name", adata.obs_names[rows].astype(str).to_numpy())
 
     adata = adata.copy() if copy else adata
     key = key_added or (target if target is not None else (groupby or "circuit"))
-    circuits = dict(adata.uns.get("circuits", {}))
-    circuits[key] = {
-        "nodes": nodes.reset_index(drop=True),
-        "edges": edges,
-        "paths": paths,
-        "cells": cell_table,
-        "params": {
-            "target": target or "",
-            "target_mode": target_mode,
-            "groupby": groupby or "",
-            "groups": np.asarray(pd.unique(group_of.astype(str)), dtype=str),
-            "n_cells": int(n_cells),
-            "node_threshold": float(node_threshold),
-            "edge_threshold": float(edge_threshold),
-            "max_feature_nodes": int(max_feature_nodes),
-            "model": model.name,
-            "n_layers": int(adapter.n_layers),
-            "uncovered_layers": np.asarray(uncovered, dtype=np.int64),
-            "random_state": int(random_state),
-            # how the cells' sentences were made, so validate_circuit rebuilds the same prompts
-            "sentences": {
-                "sentence_key": sentence_key,
-                "layer": layer or "",
-                "use_raw": {True: 1, False: 0, None: -1}[use_raw],
-                "gene_symbols": gene_symbols or "",
+    store_circuit(
+        adata,
+        key,
+        {
+            "nodes": nodes,
+            "edges": traced.edges,
+            "paths": traced.paths,
+            "cells": cell_table,
+            "params": {
+                "target": target or "",
+                "target_mode": target_mode,
+                "groupby": groupby or "",
+                "groups": np.asarray(pd.unique(group_of.astype(str)), dtype=str),
+                "n_cells": int(n_cells),
+                "node_threshold": float(node_threshold),
+                "edge_threshold": float(edge_threshold),
+                "max_feature_nodes": int(max_feature_nodes),
+                "model": model.name,
+                "n_layers": int(adapter.n_layers),
+                "uncovered_layers": np.asarray(traced.uncovered_layers, dtype=np.int64),
+                "random_state": int(random_state),
+                # how the cells' sentences were made, so validate_circuit rebuilds the same prompts
+                "sentences": sentences.to_params(),
             },
         },
-    }
-    adata.uns["circuits"] = circuits
+    )
     return adata if copy else None

@@ -8,8 +8,17 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._keys import feature_matrix
-from ._enrichment import feature_enrichment, gene_map
+from .._compat import model_layers_renamed
+from .._keys import (
+    INTERPRET,
+    TRANSCODE,
+    enrichment_uns,
+    feature_matrix,
+    gene_map,
+    gene_map_varm,
+    transcode_result,
+)
+from ._enrichment import feature_enrichment
 from ._rank_features import auroc
 
 if TYPE_CHECKING:
@@ -91,7 +100,7 @@ def feature_table(
     spelled = [shared_spelling(top.split(", ")) if top else ("", 0.0) for top in top_names(in_map, genes, 10)]
     df["shared_spelling"] = [s for s, _ in spelled]
     df["spelling_share"] = [f for _, f in spelled]
-    out_key = f"{key}_L{layer}_out"
+    out_key = gene_map_varm(key, layer, "out")
     df["top_output_genes"] = top_names(np.asarray(adata.varm[out_key]), genes, n_genes) if out_key in adata.varm else ""
 
     best = enrichment.set_index("feature")
@@ -145,12 +154,13 @@ def layer_summary(table: pd.DataFrame, n_top: int) -> dict:
     }
 
 
+@model_layers_renamed
 def interpret_features(
     adata: AnnData,
     *,
-    layer: int | Sequence[int] | None = None,
+    layers: int | Sequence[int] | None = None,
     groupby: str | None = None,
-    key: str = "transcoder",
+    key: str = TRANSCODE,
     net: NetLike = None,
     side: Literal["in", "out"] = "in",
     method: Literal["ora", "ulm", "gsea"] = "ora",
@@ -158,7 +168,7 @@ def interpret_features(
     n_top: int = 20,
     n_genes: int = 5,
     fdr_threshold: float = 0.05,
-    key_added: str = "interpret_features",
+    key_added: str = INTERPRET,
     copy: bool = False,
 ) -> AnnData | None:
     """Label every transcoder feature automatically and count how many carry a significant enrichment.
@@ -179,8 +189,9 @@ def interpret_features(
     ----------
     adata
         Annotated data matrix with transcoder features (:func:`cellcircuits.tl.transcode`).
-    layer
-        Model layer(s); default every layer ``transcode`` wrote.
+    layers
+        Model layer(s); default every layer ``transcode`` wrote. Formerly ``layer``, which still works with a
+        :class:`FutureWarning`.
     groupby
         Column of ``.obs`` with cell types; without it the cell-type columns stay empty.
     key
@@ -230,9 +241,7 @@ def interpret_features(
     >>> cc.tl.interpret_features(adata, groupby="bulk_labels")  # doctest: +SKIP
     >>> adata.uns["interpret_features"]["summary"]  # doctest: +SKIP
     """
-    if key not in adata.uns or "params" not in adata.uns[key]:
-        msg = f".uns[{key!r}] not found; run cellcircuits.tl.transcode(adata, model, transcoders) first."
-        raise KeyError(msg)
+    transcoded = transcode_result(adata, key)
     if groupby is not None:
         if groupby not in adata.obs.columns:
             msg = f"groupby {groupby!r} is not a column of .obs; columns are {list(adata.obs.columns)}"
@@ -247,17 +256,17 @@ def interpret_features(
     if not 0 < fdr_threshold <= 1:
         msg = f"fdr_threshold must be in (0, 1], got {fdr_threshold}"
         raise ValueError(msg)
-    done = [int(i) for i in np.atleast_1d(adata.uns[key]["params"]["layers"])]
-    layers = done if layer is None else [int(i) for i in np.atleast_1d(layer)]
-    missing = [i for i in layers if i not in done]
+    done = [int(i) for i in np.atleast_1d(transcoded["params"]["layers"])]
+    chosen = done if layers is None else [int(i) for i in np.atleast_1d(layers)]
+    missing = [i for i in chosen if i not in done]
     if missing:
         msg = f"layer(s) {missing} were not transcoded under {key!r}; transcoded layers are {done}"
         raise ValueError(msg)
 
     adata = adata.copy() if copy else adata
     tables, rows = [], []
-    for i in layers:
-        enrichment_key = f"{key}_L{i}_{side}_enrichment"
+    for i in chosen:
+        enrichment_key = enrichment_uns(key, i, side)
         if enrichment_key not in adata.uns:
             feature_enrichment(
                 adata, net, layer=i, side=side, method=method, n_top_genes=n_top_genes, key=key,
@@ -274,7 +283,7 @@ def interpret_features(
         "summary": pd.DataFrame(rows),
         "params": {
             "key": key,
-            "layers": np.asarray(layers, dtype=np.int64),
+            "layers": np.asarray(chosen, dtype=np.int64),
             "groupby": groupby or "",
             "side": side,
             "n_top": int(n_top),

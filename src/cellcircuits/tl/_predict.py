@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import softmax
 
+from .._keys import PREDICTION, SentenceSettings, prediction_obsm
 from ..models._scoring import score_continuations
 from ..models._tokens import label_token_ids
 from ._cells import check_cells, sentences_for
@@ -45,7 +46,7 @@ def predict_cell_types(
     random_state: int = 0,
     batch_size: int = 16,
     padding_side: Literal["left", "right"] = "left",
-    key_added: str = "c2s_cell_type",
+    key_added: str = PREDICTION,
     progress: bool = True,
     copy: bool = False,
 ) -> AnnData | None:
@@ -95,8 +96,9 @@ def predict_cell_types(
     ``.uns[key_added]['params']`` : :class:`dict`
         Model name, labels and settings.
     """
+    settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state)
     labels = candidate_labels(adata, model, labels, batch_size)
-    sentences = sentences_for(adata, model, sentence_key, layer, use_raw, gene_symbols, random_state)
+    sentences = sentences_for(adata, model, settings)
     tok = model.tokenizer
     prompt_ids = tok([p.text for p in model.build_prompts(sentences)])["input_ids"]
     logprob = score_continuations(
@@ -113,8 +115,8 @@ def predict_cell_types(
     adata = adata.copy() if copy else adata
     adata.obs[key_added] = pd.Categorical(np.asarray(labels, dtype=object)[proba.argmax(1)], categories=labels)
     # plain arrays: labels such as "CD4+/CD25 T Reg" would become h5 dataset names as DataFrame columns
-    adata.obsm[f"{key_added}_proba"] = proba
-    adata.obsm[f"{key_added}_logprob"] = logprob
+    adata.obsm[prediction_obsm(key_added, "proba")] = proba
+    adata.obsm[prediction_obsm(key_added, "logprob")] = logprob
     adata.uns[key_added] = {
         "params": {
             "model": model.name,

@@ -11,7 +11,8 @@ import pandas as pd
 from scipy import sparse
 from scipy.stats import rankdata
 
-from .._keys import feature_matrix
+from .._compat import model_layers_renamed
+from .._keys import RANK_FEATURES, TRANSCODE, feature_matrix, features_obsm
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -45,17 +46,27 @@ def auroc(X: np.ndarray, in_group: np.ndarray) -> np.ndarray:
     return (ranks[in_group].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
+def _one_layer(layers: object) -> int:
+    """The one model layer of a tool that reads one: an int, or a sequence holding one."""
+    value = np.atleast_1d(np.asarray(layers))
+    if value.shape != (1,) or not np.issubdtype(value.dtype, np.integer):
+        msg = f"layers must be one model layer (an int), got {layers!r}"
+        raise TypeError(msg)
+    return int(value[0])
+
+
+@model_layers_renamed
 def rank_features_groups(
     adata: AnnData,
     groupby: str,
     *,
-    layer: int,
-    key: str = "transcoder",
+    layers: int,
+    key: str = TRANSCODE,
     method: Literal["wilcoxon", "t-test", "auroc"] = "wilcoxon",
     groups: list[str] | Literal["all"] = "all",
     reference: str = "rest",
     corr_method: Literal["benjamini-hochberg", "bonferroni"] = "benjamini-hochberg",
-    key_added: str = "rank_features_groups",
+    key_added: str = RANK_FEATURES,
     copy: bool = False,
 ) -> AnnData | None:
     """Rank transcoder features by how well they tell each group of cells from the rest.
@@ -70,8 +81,9 @@ def rank_features_groups(
         Annotated data matrix with transcoder features.
     groupby
         Column of ``.obs`` with the groups (e.g. cell types).
-    layer
-        Model layer whose features are ranked (``.obsm[f"X_{key}_L{layer}"]``).
+    layers
+        The model layer whose features are ranked (``.obsm[f"X_{key}_L{layers}"]``). Formerly ``layer``, which
+        still works with a :class:`FutureWarning`.
     key
         The ``key_added`` of :func:`cellcircuits.tl.transcode`.
     method
@@ -100,7 +112,8 @@ def rank_features_groups(
     import anndata as ad
     import scanpy as sc
 
-    obsm_key = f"X_{key}_L{layer}"
+    layer = _one_layer(layers)
+    obsm_key = features_obsm(key, layer)
     X = feature_matrix(adata, key, layer)
     if groupby not in adata.obs.columns:
         msg = f"groupby {groupby!r} is not a column of .obs; columns are {list(adata.obs.columns)}"

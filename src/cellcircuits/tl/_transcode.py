@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from scipy import sparse
 
+from .._keys import TRANSCODE, SentenceSettings, features_obsm, gene_map_varm, h5ad_safe
 from ..pp._sentences import gene_names
 from ..transcoders._features import (
     cell_and_gene_features,
@@ -16,7 +17,7 @@ from ..transcoders._features import (
     gene_logit_effects,
     identifying_offsets,
 )
-from ._cells import cell_prompts, check_cells, check_data_layer
+from ._cells import cell_prompts, check_cells
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -65,13 +66,6 @@ def report_genes(unseen: Sequence[str], unspellable: Sequence[str], n_genes: int
         )
 
 
-def _h5ad_safe(value: object) -> object:
-    """``None`` cannot be written to .h5ad; store it as an empty string."""
-    if isinstance(value, dict):
-        return {str(k): _h5ad_safe(v) for k, v in value.items()}
-    return "" if value is None else value
-
-
 def transcode(
     adata: AnnData,
     model: C2SModel,
@@ -86,7 +80,7 @@ def transcode(
     gene_symbols: str | None = None,
     random_state: int = 0,
     batch_size: int = 16,
-    key_added: str = "transcoder",
+    key_added: str = TRANSCODE,
     progress: bool = True,
     copy: bool = False,
 ) -> AnnData | None:
@@ -152,7 +146,7 @@ def transcode(
     """
     from .._version import __version__
 
-    check_data_layer(layer)
+    settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state)
     adapter = model.adapter
     transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
     layers = transcoders.layers if layers is None else sorted({adapter._check_layer(int(i)) for i in layers})
@@ -170,15 +164,7 @@ def transcode(
 
     symbols = gene_names(adata.var, gene_symbols)
     row_of = {g: i for i, g in enumerate(symbols)}
-    prompts = cell_prompts(
-        adata,
-        model,
-        sentence_key=sentence_key,
-        layer=layer,
-        use_raw=use_raw,
-        gene_symbols=gene_symbols,
-        random_state=random_state,
-    )
+    prompts = cell_prompts(adata, model, settings)
     gene_index = [np.array([row_of.get(g, -1) for g in p.genes], dtype=np.int64) for p in prompts]
     outside = sorted({g for p in prompts for g in p.genes if g not in row_of})
     skip = None
@@ -194,13 +180,15 @@ def transcode(
     adata = adata.copy() if copy else adata
     for i in layers:
         f = features[i]
-        adata.obsm[f"X_{key_added}_L{i}"] = sparse.csr_matrix(f.pooled)
+        adata.obsm[features_obsm(key_added, i)] = sparse.csr_matrix(f.pooled)
         seen = f.gene_cells > 0
         mean_in = np.zeros_like(f.gene_sum, dtype=np.float32)
         mean_in[seen] = f.gene_sum[seen] / f.gene_cells[seen, None]
-        adata.varm[f"{key_added}_L{i}_in"] = mean_in
+        adata.varm[gene_map_varm(key_added, i, "in")] = mean_in
         W_dec = transcoders[i].W_dec.detach()
-        adata.varm[f"{key_added}_L{i}_out"] = gene_logit_effects(adapter, W_dec, tokens, scale).astype(np.float32)
+        adata.varm[gene_map_varm(key_added, i, "out")] = gene_logit_effects(adapter, W_dec, tokens, scale).astype(
+            np.float32
+        )
     unseen = symbols[features[layers[0]].gene_cells == 0] if layers else np.array([])
     unspellable = unspellable_genes(model.tokenizer, list(symbols))
     report_genes(unseen, unspellable, len(symbols))
@@ -216,7 +204,7 @@ def transcode(
             "n_genes": int(model.prompt.n_genes),
             "final_norm_scale": float(scale),
         },
-        "transcoders": {str(i): _h5ad_safe(transcoders[i].cfg.to_dict()) for i in layers},
+        "transcoders": {str(i): h5ad_safe(transcoders[i].cfg.to_dict()) for i in layers},
         "content_hash": content_hash(transcoders, layers),
         "version": __version__,
         "unseen_genes": np.asarray(unseen, dtype=str),

@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from ..models._tokens import label_token_ids
+from .._keys import SentenceSettings
 from ..transcoders._activations import collect_activations as _collect
+from ..transcoders._activations import rotating_answers
 from ..transcoders._config import TranscoderConfig
 from ..transcoders._store import ActivationStore
 from ..transcoders._training import train_on_store
-from ._cells import cell_prompts, check_data_layer
+from ._cells import cell_prompts
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -22,14 +23,6 @@ if TYPE_CHECKING:
 
     from ..models._load import C2SModel
     from ..transcoders._transcoder import TranscoderSet
-
-
-def rotating_answers(model: C2SModel, n_cells: int) -> list[list[int]] | None:
-    """Per cell, the tokens of one of the model's labels, in rotation, so each label's tokens are represented."""
-    if not model.labels:
-        return None
-    ids = label_token_ids(model.tokenizer, model.prompt, model.labels)
-    return [ids[i % len(ids)] for i in range(n_cells)]
 
 
 def collect_activations(
@@ -93,15 +86,8 @@ def collect_activations(
     if dtype not in ("float16", "bfloat16", "float32"):
         msg = f"dtype must be 'float16', 'bfloat16' or 'float32', got {dtype!r}"
         raise ValueError(msg)
-    prompts = cell_prompts(
-        adata,
-        model,
-        sentence_key=sentence_key,
-        layer=layer,
-        use_raw=use_raw,
-        gene_symbols=gene_symbols,
-        random_state=random_state,
-    )
+    settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state)
+    prompts = cell_prompts(adata, model, settings)
     return _collect(
         model,
         prompts,
@@ -192,7 +178,7 @@ def train_transcoders(
     -------
     The trained transcoders (save them with ``.save(directory)``).
     """
-    check_data_layer(layer)
+    SentenceSettings(sentence_key, layer, use_raw)  # checked before any work
     if layers is not None:
         layers = sorted({model.adapter._check_layer(int(i)) for i in layers})
     config = TranscoderConfig(

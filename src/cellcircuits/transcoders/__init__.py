@@ -2,6 +2,7 @@
 
 from ._activations import collect_activations
 from ._config import TranscoderConfig
+from ._evaluate import evaluate
 from ._io import load_transcoders, save_transcoders
 from ._splice import splice
 from ._store import ActivationStore, StoreManifest, StoreWriter
@@ -18,6 +19,7 @@ __all__ = [
     "TranscoderOutput",
     "TranscoderSet",
     "collect_activations",
+    "evaluate",
     "load_transcoders",
     "save_transcoders",
     "splice",

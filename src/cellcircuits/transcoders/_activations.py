@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..models._hooks import record
 from ..models._scoring import pad
+from ..models._tokens import label_token_ids
 from ._store import ActivationStore, StoreManifest, StoreWriter, tensor_names
 
 if TYPE_CHECKING:
@@ -159,3 +160,11 @@ def collect_activations(
             bar.update(len(batch))
     writer.flush()
     return ActivationStore(directory)
+
+
+def rotating_answers(model: C2SModel, n_cells: int) -> list[list[int]] | None:
+    """Per cell, the tokens of one of the model's labels, in rotation, so each label's tokens are represented."""
+    if not model.labels:
+        return None
+    ids = label_token_ids(model.tokenizer, model.prompt, model.labels)
+    return [ids[i % len(ids)] for i in range(n_cells)]

@@ -1,0 +1,177 @@
+"""Tracing cell-type calls over many prompts: one attribution graph per prompt, named by genes, aggregated per group.
+
+Works on tokenized prompts alone (circuit-tracer's ``attribute(prompt, model)`` habit);
+:func:`cellcircuits.tl.trace_circuit` is the AnnData adapter that picks cells, builds their prompts and stores the
+tables.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Literal, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from ..models._tokens import label_token_ids
+from ._aggregate import aggregate, cell_graph_tables, top_paths
+from ._graph import attribution_graph
+from ._replacement import LogitTarget, ReplacementModel
+from ._targets import label_target
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ..models._load import C2SModel
+    from ..models._tokens import TokenizedPrompt
+    from ..transcoders._transcoder import TranscoderSet
+
+TargetMode = Literal["distinguishing", "first_token"]
+
+#: Columns of the aggregated node and edge tables, in order.
+NODE_COLUMNS = ["group", "node", "kind", "layer", "feature", "gene", "role", "influence", "attribution", "activation"]
+EDGE_COLUMNS = ["group", "source", "target", "weight", "frequency", "via", "via_share"]
+
+
+class CircuitTables(NamedTuple):
+    """A circuit traced over many prompts: per-group node, edge and path tables and a per-prompt table."""
+
+    nodes: pd.DataFrame
+    """One row per group and node (``NODE_COLUMNS`` and ``frequency``), most influential first within a group."""
+    edges: pd.DataFrame
+    """One row per group and edge (``EDGE_COLUMNS``), strongest first within a group."""
+    paths: pd.DataFrame
+    """Per group, the strongest source-to-target paths (``group``, ``rank``, ``path``, ``score``, ``sign``,
+    ``n_edges``)."""
+    cells: pd.DataFrame
+    """Per prompt: ``group``, ``label``, ``target_value`` and the graph's ``*_score`` columns."""
+    uncovered_layers: list[int]
+    """Model layers without a transcoder: their MLPs entered the graphs as error nodes."""
+
+
+def label_index(model: C2SModel, label: str) -> int:
+    """Position of ``label`` among the model's labels; a clear error listing them when it is not one."""
+    labels = list(model.prompt.labels or [])
+    if label not in labels:
+        msg = f"target {label!r} is not a label the model knows; its labels are {labels}"
+        raise ValueError(msg)
+    return labels.index(label)
+
+
+def check_thresholds(node_threshold: float, edge_threshold: float) -> None:
+    """Refuse pruning thresholds outside ``(0, 1]``."""
+    for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if not 0 < value <= 1:
+            msg = f"{name} must be in (0, 1] (a fraction of the influence to keep), got {value!r}"
+            raise ValueError(msg)
+
+
+def uncovered_layers(model: C2SModel, transcoders: TranscoderSet, *, warn: bool = True) -> list[int]:
+    """Model layers without a transcoder, after checking the set fits the model; a warning names them."""
+    adapter = model.adapter
+    transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
+    uncovered = [m for m in range(adapter.n_layers) if m not in transcoders]
+    if uncovered and warn:
+        warnings.warn(
+            f"no transcoder for layer(s) {uncovered}: their MLP outputs are frozen and enter the graph as error nodes",
+            stacklevel=3,
+        )
+    return uncovered
+
+
+def trace_prompts(
+    model: C2SModel,
+    transcoders: TranscoderSet,
+    prompts: Sequence[TokenizedPrompt],
+    labels: Sequence[str],
+    groups: Sequence[str] | None = None,
+    *,
+    target_mode: TargetMode = "distinguishing",
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    max_feature_nodes: int = 128,
+    n_paths: int = 10,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> CircuitTables:
+    """Trace each prompt's call of its label and aggregate the graphs per group.
+
+    For each prompt, every MLP is replaced by its transcoder plus an error term, attention patterns and layer norm
+    scales are frozen, and the target (the label's logit difference at the token where it parts from the other
+    labels, :func:`cellcircuits.circuits.label_target`) is attributed exactly to gene tokens, transcoder features and
+    error nodes (:func:`cellcircuits.circuits.attribution_graph`). Nodes are named by the gene or prompt role at their
+    position, so prompts can be compared; per group, attributions are averaged over its prompts (a node absent from a
+    prompt counts 0) and each node's frequency is the fraction of prompts holding it.
+
+    Parameters
+    ----------
+    model
+        The C2S model (:func:`cellcircuits.models.load`).
+    transcoders
+        Transcoders of the model's MLPs; layers without one enter the graph as error nodes (with a warning).
+    prompts
+        Tokenized prompts (:func:`cellcircuits.models.tokenize_prompts`).
+    labels
+        Per prompt, the model label traced.
+    groups
+        Per prompt, the group it is aggregated in; default one group, ``"all"``.
+    target_mode
+        ``"distinguishing"`` or ``"first_token"`` (see :func:`cellcircuits.circuits.label_target`).
+    node_threshold, edge_threshold
+        Fractions of influence kept by pruning, in ``(0, 1]``.
+    max_feature_nodes
+        Features per prompt given full attribution rows, chosen by estimated influence.
+    n_paths
+        Strongest source-to-target paths kept per group.
+    batch_size
+        Targets per backward pass.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    The aggregated :class:`CircuitTables`.
+    """
+    from tqdm.auto import tqdm
+
+    check_thresholds(node_threshold, edge_threshold)
+    if len(labels) != len(prompts):
+        msg = f"labels has {len(labels)} entries for {len(prompts)} prompts"
+        raise ValueError(msg)
+    group_of = np.asarray(["all"] * len(prompts) if groups is None else [str(g) for g in groups], dtype=object)
+    if len(group_of) != len(prompts):
+        msg = f"groups has {len(group_of)} entries for {len(prompts)} prompts"
+        raise ValueError(msg)
+    if len(prompts) == 0:
+        msg = "no prompt to trace"
+        raise ValueError(msg)
+    for label in pd.unique(np.asarray(labels, dtype=object)):
+        label_index(model, str(label))
+    uncovered = uncovered_layers(model, transcoders)
+
+    all_label_ids = label_token_ids(model.tokenizer, model.prompt, model.prompt.labels)
+    tables, cell_rows = [], []
+    for prompt, label in tqdm(list(zip(prompts, labels, strict=True)), desc="trace", disable=not progress):
+        lt = label_target(all_label_ids, label_index(model, str(label)), target_mode)
+        ids = list(prompt.input_ids) + lt.prefix
+        rm = ReplacementModel.record(model, transcoders, ids)
+        graph = attribution_graph(
+            rm, LogitTarget(len(ids) - 1, lt.token, lt.competitors), max_feature_nodes=max_feature_nodes,
+            batch_size=batch_size, node_threshold=node_threshold, edge_threshold=edge_threshold,
+        )  # fmt: skip
+        tables.append(cell_graph_tables(graph, prompt, str(label), len(ids)))
+        cell_rows.append(
+            {
+                "label": str(label),
+                "target_value": graph.target_value,
+                **{f"{k}_score": v for k, v in graph.scores.items()},
+            }
+        )
+    nodes, edges = aggregate(tables, group_of.astype(str))
+    nodes = nodes[[*NODE_COLUMNS, "frequency"]].copy()
+    edges = edges[EDGE_COLUMNS]
+    paths = top_paths(nodes, edges, n_paths)
+    nodes.loc[nodes["kind"] == "target", "layer"] = model.adapter.n_layers
+    cells = pd.DataFrame(cell_rows)
+    cells.insert(0, "group", group_of.astype(str))
+    return CircuitTables(nodes.reset_index(drop=True), edges, paths, cells, uncovered)
