@@ -11,7 +11,7 @@ import pandas as pd
 from .._docs import doc_params
 from .._keys import circuit_result
 from ..get._circuit import circuit_df, resolve_group
-from ._utils import finish, new_axes
+from ._plotter import Plotter
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -312,12 +312,10 @@ def circuit(
     x_of, width = _layout(rows, list(zip(source, target, strength, strict=True)), row_of)
     xy = np.array([(x_of[n], row_of[n]) for n in ids], dtype=float).reshape(-1, 2)
 
-    size = figsize or (
-        float(np.clip(0.8 * width + 3.0, 6.0, 24.0)),
-        float(np.clip(1.25 * len(row_names) + 1.6, 3.5, 16.0)),
+    plot = Plotter(ax=ax, figsize=figsize, dpi=dpi, show=show, save=save, return_fig=return_fig)
+    fig, (axis,) = plot.subplots(
+        figsize=(float(np.clip(0.8 * width + 3.0, 6.0, 24.0)), float(np.clip(1.25 * len(row_names) + 1.6, 3.5, 16.0)))
     )
-    fig, axes = new_axes(ax, size, dpi)
-    axis = axes[0]
 
     # edges, strongest drawn last
     top = float(strength.max()) if len(strength) else 1.0
@@ -383,7 +381,7 @@ def circuit(
     axis.set_title(title, fontsize=10)
     axis.legend(handles=handles, loc="upper left", fontsize=7, frameon=False, borderaxespad=0.2)
     fig.colorbar(lines, ax=axis, shrink=0.5, pad=0.01, label="attribution")
-    return finish(fig, axes, show=show, save=save, return_fig=return_fig)
+    return plot.finish()
 
 
 @doc_params
@@ -447,8 +445,8 @@ def circuit_genes(
         .sort_values("influence", ascending=False, kind="stable")
         .head(n_genes)
     )
-    fig, axes = new_axes(ax, figsize or (5.6, 0.27 * len(table) + 1.3), dpi)
-    axis = axes[0]
+    plot = Plotter(ax=ax, figsize=figsize, dpi=dpi, show=show, save=save, return_fig=return_fig)
+    _, (axis,) = plot.subplots(figsize=(5.6, 0.27 * len(table) + 1.3))
     colours = np.where(table["is_marker"], _STYLE["marker"][0], _STYLE["gene"][0])
     axis.barh(range(len(table)), table["influence"], color=colours, edgecolor="0.3", linewidth=0.4)
     axis.set_yticks(range(len(table)), table.index, fontsize=8)
@@ -470,4 +468,4 @@ def circuit_genes(
                  for m, name in present if (table["is_marker"] == m).any()],
         loc="lower right", fontsize=7, frameon=False,
     )  # fmt: skip
-    return finish(fig, axes, show=show, save=save, return_fig=return_fig)
+    return plot.finish()
