@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from .._compat import model_layers_renamed
 from .._docs import doc_params
 from .._keys import feature_matrix, gene_map
 from ..get._rank_features import ranking
@@ -33,12 +34,13 @@ def _column(X: object, j: int) -> np.ndarray:
     return np.asarray(col.toarray() if sparse.issparse(col) else col).ravel()
 
 
+@model_layers_renamed
 @doc_params
 def feature_embedding(
     adata: AnnData,
     features: int | Sequence[int],
     *,
-    layer: int,
+    layers: int,
     key: str = "transcoder",
     basis: str = "umap",
     cmap: str = "viridis",
@@ -58,8 +60,8 @@ def feature_embedding(
         Annotated data matrix with features from :func:`cellcircuits.tl.transcode`.
     features
         Feature index or indices; one panel each.
-    layer
-        Model layer of the features.
+    layers
+        Model layer whose features are plotted.
     key
         The ``key_added`` of :func:`cellcircuits.tl.transcode`.
     basis
@@ -76,7 +78,7 @@ def feature_embedding(
     -------
     {plot_returns}
     """
-    X = feature_matrix(adata, key, layer)
+    X = feature_matrix(adata, key, layers)
     emb_key = _embedding_obsm(basis)
     if emb_key not in adata.obsm:
         msg = f".obsm[{emb_key!r}] not found; compute it (e.g. sc.tl.umap) or pass basis=<a key of .obsm without X_>."
@@ -84,7 +86,7 @@ def feature_embedding(
     features = [int(features)] if np.isscalar(features) else [int(f) for f in features]
     bad = [f for f in features if not 0 <= f < X.shape[1]]
     if bad:
-        msg = f"features {bad} out of range; layer {layer} has {X.shape[1]} features"
+        msg = f"features {bad} out of range; layer {layers} has {X.shape[1]} features"
         raise IndexError(msg)
     coords = np.asarray(adata.obsm[emb_key])[:, :2]
     plot = Plotter(ax=ax, figsize=figsize, dpi=dpi, show=show, save=save, return_fig=return_fig)
@@ -96,7 +98,7 @@ def feature_embedding(
         points = axis.scatter(
             coords[order, 0], coords[order, 1], c=values[order], cmap=cmap, s=size, linewidths=0, rasterized=True
         )
-        axis.set_title(feature_label(adata, key, layer, f), fontsize=10)
+        axis.set_title(feature_label(adata, key, layers, f), fontsize=10)
         axis.set_xticks([])
         axis.set_yticks([])
         axis.set_xlabel(f"{basis.upper()}1")
@@ -183,12 +185,13 @@ def rank_features_groups(
     return plot.finish()
 
 
+@model_layers_renamed
 @doc_params
 def feature_genes(
     adata: AnnData,
     feature: int,
     *,
-    layer: int,
+    layers: int,
     key: str = "transcoder",
     n_genes: int = 10,
     ax: Axes | None = None,
@@ -206,8 +209,8 @@ def feature_genes(
         Annotated data matrix with maps from :func:`cellcircuits.tl.transcode`.
     feature
         Feature index.
-    layer
-        Model layer of the feature.
+    layers
+        Model layer whose feature is plotted.
     key
         The ``key_added`` of :func:`cellcircuits.tl.transcode`.
     n_genes
@@ -220,9 +223,9 @@ def feature_genes(
     -------
     {plot_returns}
     """
-    maps = [gene_map(adata, key, layer, side) for side in ("in", "out")]
+    maps = [gene_map(adata, key, layers, side) for side in ("in", "out")]
     if not 0 <= feature < maps[0].shape[1]:
-        msg = f"feature {feature} out of range; layer {layer} has {maps[0].shape[1]} features"
+        msg = f"feature {feature} out of range; layer {layers} has {maps[0].shape[1]} features"
         raise IndexError(msg)
     plot = Plotter(ax=ax, figsize=figsize, dpi=dpi, show=show, save=save, return_fig=return_fig)
     fig, axes = plot.subplots(2, ncols=2, figsize=(8.4, 0.3 * n_genes + 1.4))
@@ -236,5 +239,5 @@ def feature_genes(
         axis.invert_yaxis()
         axis.set_title(title, fontsize=9)
         axis.axvline(0, color="0.3", linewidth=0.6)
-    fig.suptitle(f"layer {layer}, feature {feature}", fontsize=10)
+    fig.suptitle(f"layer {layers}, feature {feature}", fontsize=10)
     return plot.finish()

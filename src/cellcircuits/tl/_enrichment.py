@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from .._compat import model_layers_renamed
 from .._keys import enrichment_uns, features_obsm, gene_map
 from ..pp._sentences import gene_names
 from ._enrichment_methods import Tested, fdr, run_gsea, run_ora, run_ulm
@@ -100,11 +101,12 @@ def membership(net: pd.DataFrame, universe: Sequence[str]) -> tuple[sparse.csr_m
 
 
 # the tool
+@model_layers_renamed
 def feature_enrichment(
     adata: AnnData,
     net: NetLike = None,
     *,
-    layer: int,
+    layers: int,
     side: Literal["in", "out"] = "in",
     method: Literal["ora", "ulm", "gsea"] = "ora",
     n_top_genes: int = 50,
@@ -139,10 +141,10 @@ def feature_enrichment(
         genes, a GMT path, the name of a collection shipped with the package (:func:`cellcircuits.ds.gene_sets`), or
         ``None`` for every shipped collection (immune and heart markers, GO Biological Process 2023,
         WikiPathways 2023 Human).
-    layer
+    layers
         Model layer whose features are tested.
     side
-        ``"in"``: the input map ``.varm[f"{key}_L{layer}_in"]``; ``"out"``: the output map.
+        ``"in"``: the input map ``.varm[f"{key}_L{layers}_in"]``; ``"out"``: the output map.
     method
         ``"ora"``: over-representation (one-sided hypergeometric test, as ``gseapy.enrich``) of each feature's
         ``n_top_genes`` highest genes with a positive value; ``"ulm"``: decoupler's univariate linear model of the
@@ -152,7 +154,7 @@ def feature_enrichment(
         Genes per feature for ``"ora"``.
     features
         Feature indices to test; default every live feature (one that fires in some cell,
-        ``.obsm[f"X_{key}_L{layer}"]``, or has a non-zero map when that matrix is absent).
+        ``.obsm[f"X_{key}_L{layers}"]``, or has a non-zero map when that matrix is absent).
     key
         The ``key_added`` of :func:`cellcircuits.tl.transcode`.
     gene_symbols
@@ -164,7 +166,7 @@ def feature_enrichment(
     permutations, seed, threads
         For ``"gsea"``: permutations per feature, random seed, gseapy threads.
     key_added
-        Key in ``.uns``; default ``f"{key}_L{layer}_{side}_enrichment"``.
+        Key in ``.uns``; default ``f"{key}_L{layers}_{side}_enrichment"``.
     progress
         Show a progress bar (``"gsea"``).
     copy
@@ -181,8 +183,8 @@ def feature_enrichment(
     ``.uns[key_added]["results"]`` : :class:`pandas.DataFrame`
         The same columns for every feature-term pair with ``pval <= max_pval``, by p-value.
     ``.uns[key_added]["params"]`` : :class:`dict`
-        ``key``, ``layer``, ``side``, ``method``, ``net``, ``n_top_genes``, ``universe_size``, ``n_terms``,
-        ``n_features``, ``n_tests`` and the size limits.
+        ``key``, ``layer`` (the model layer), ``side``, ``method``, ``net``, ``n_top_genes``, ``universe_size``,
+        ``n_terms``, ``n_features``, ``n_tests`` and the size limits.
 
     Raises
     ------
@@ -194,15 +196,15 @@ def feature_enrichment(
 
     Examples
     --------
-    >>> cc.tl.feature_enrichment(adata, layer=2)  # doctest: +SKIP
+    >>> cc.tl.feature_enrichment(adata, layers=2)  # doctest: +SKIP
     >>> adata.uns["transcoder_L2_in_enrichment"]["best"].query("fdr < 0.05")  # doctest: +SKIP
     """
     _check_options(method, side, n_top_genes)
-    maps = gene_map(adata, key, layer, side)
+    maps = gene_map(adata, key, layers, side)
     net_df, net_label = as_net(net)
     keep, universe = gene_universe(adata, net_df, net_label, key=key, side=side, gene_symbols=gene_symbols)
     members, terms = sized_sets(net_df, net_label, universe, min_size=min_size, max_size=max_size)
-    features = tested_features(adata, maps, key, layer, features)
+    features = tested_features(adata, maps, key, layers, features)
     V = maps[keep][:, features].T  # (n_features, n_universe)
     if method == "ora":
         tested = run_ora(V, members, terms, n_top_genes=n_top_genes)
@@ -216,12 +218,12 @@ def feature_enrichment(
     best, results = result_tables(tested, V, universe, features, max_pval=max_pval)
 
     adata = adata.copy() if copy else adata
-    adata.uns[key_added or enrichment_uns(key, layer, side)] = {
+    adata.uns[key_added or enrichment_uns(key, layers, side)] = {
         "best": best,
         "results": results,
         "params": {
             "key": key,
-            "layer": int(layer),
+            "layer": int(layers),
             "side": side,
             "method": method,
             "net": net_label,
