@@ -95,14 +95,14 @@ mono_ranking.head()
 
 # %%
 sc.pl.umap(adata, color="bulk_labels", show=False)
-cc.pl.feature_embedding(adata, [top_feature, b_feature], layer=3, show=False)
+cc.pl.feature_embedding(adata, [top_feature, b_feature], layers=3, show=False)
 
 # %% [markdown]
 # What the feature reads (left: genes whose tokens activate it) and writes (right: genes whose tokens it promotes
 # as the next word of the sentence):
 
 # %%
-cc.pl.feature_genes(adata, top_feature, layer=3, show=False)
+cc.pl.feature_genes(adata, top_feature, layers=3, show=False)
 
 # %% [markdown]
 # ## Naming features automatically

@@ -22,7 +22,7 @@ def enriched() -> ad.AnnData:
     adata.var_names = genes
     adata.varm["transcoder_L1_in"] = in_map
     sets = {f"S{j}": genes[15 * j : 15 * j + 15] for j in range(10)}
-    cc.tl.feature_enrichment(adata, sets, layer=1, n_top_genes=15)
+    cc.tl.feature_enrichment(adata, sets, layers=1, n_top_genes=15)
     return adata
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import anndata as ad
 import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -29,7 +30,7 @@ def featured() -> ad.AnnData:
 
 
 def test_feature_embedding(featured, tmp_path):
-    fig = cc.pl.feature_embedding(featured, [7, 3], layer=2, return_fig=True, save=tmp_path / "e.png")
+    fig = cc.pl.feature_embedding(featured, [7, 3], layers=2, return_fig=True, save=tmp_path / "e.png")
     assert (tmp_path / "e.png").stat().st_size > 10_000
     axes = [a for a in fig.axes if a.get_label() != "<colorbar>"][:2]
     colours = axes[0].collections[0].get_array()
@@ -38,14 +39,14 @@ def test_feature_embedding(featured, tmp_path):
     assert np.all(np.diff(colours) >= 0)  # most active cells drawn last, on top
     top = featured.var_names[np.argsort(-featured.varm["transcoder_L2_in"][:, 7])[:3]]
     assert axes[0].get_title() == "L2 F7: " + ", ".join(top)
-    ax = cc.pl.feature_embedding(featured, 7, layer=2, show=False)
+    ax = cc.pl.feature_embedding(featured, 7, layers=2, show=False)
     assert ax.get_title().startswith("L2 F7")
     with pytest.raises(KeyError, match="X_tsne"):
-        cc.pl.feature_embedding(featured, 7, layer=2, basis="tsne")
+        cc.pl.feature_embedding(featured, 7, layers=2, basis="tsne")
     with pytest.raises(IndexError, match="out of range"):
-        cc.pl.feature_embedding(featured, 99, layer=2)
+        cc.pl.feature_embedding(featured, 99, layers=2)
     with pytest.raises(ValueError, match="one panel"):
-        cc.pl.feature_embedding(featured, [1, 2], layer=2, ax=ax)
+        cc.pl.feature_embedding(featured, [1, 2], layers=2, ax=ax)
 
 
 @pytest.mark.parametrize("kind", ["dotplot", "heatmap"])
@@ -71,7 +72,7 @@ def test_rank_features_groups_plot(featured, tmp_path, kind):
 
 
 def test_feature_genes(featured, tmp_path):
-    axes = cc.pl.feature_genes(featured, 7, layer=2, n_genes=4, show=False, save=tmp_path / "g.svg")
+    axes = cc.pl.feature_genes(featured, 7, layers=2, n_genes=4, show=False, save=tmp_path / "g.svg")
     assert (tmp_path / "g.svg").read_text().startswith("<?xml")
     for axis, side in zip(axes, ("in", "out"), strict=True):
         column = featured.varm[f"transcoder_L2_{side}"][:, 7]
@@ -79,4 +80,27 @@ def test_feature_genes(featured, tmp_path):
         np.testing.assert_allclose(heights, np.sort(column)[::-1][:4])
         assert [t.get_text() for t in axis.get_yticklabels()] == list(featured.var_names[np.argsort(-column)[:4]])
     with pytest.raises(KeyError, match="transcoder_L5_in"):
-        cc.pl.feature_genes(featured, 7, layer=5)
+        cc.pl.feature_genes(featured, 7, layers=5)
+
+
+def _pixels(fig) -> np.ndarray:
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba()).copy()
+    plt.close(fig)
+    return pixels
+
+
+def test_feature_embedding_layer_is_the_old_name_of_layers(featured):
+    new = cc.pl.feature_embedding(featured, [7, 3], layers=2, return_fig=True)
+    with pytest.warns(FutureWarning, match="layers="):
+        old = cc.pl.feature_embedding(featured, [7, 3], layer=2, return_fig=True)
+    assert [a.get_title() for a in old.axes] == [a.get_title() for a in new.axes]
+    np.testing.assert_array_equal(_pixels(old), _pixels(new))
+
+
+def test_feature_genes_layer_is_the_old_name_of_layers(featured):
+    new = cc.pl.feature_genes(featured, 7, layers=2, return_fig=True)
+    with pytest.warns(FutureWarning, match="layers="):
+        old = cc.pl.feature_genes(featured, 7, layer=2, return_fig=True)
+    assert old.get_suptitle() == new.get_suptitle() == "layer 2, feature 7"
+    np.testing.assert_array_equal(_pixels(old), _pixels(new))

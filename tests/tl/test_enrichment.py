@@ -75,7 +75,7 @@ def test_top_gene_mask_takes_the_largest_positive_values():
 def test_planted_feature_is_enriched_and_its_shuffled_control_is_not(mapped):
     adata, sets = mapped
     for method in ("ora", "ulm"):
-        cc.tl.feature_enrichment(adata, sets, layer=1, method=method, n_top_genes=30, key_added=method)
+        cc.tl.feature_enrichment(adata, sets, layers=1, method=method, n_top_genes=30, key_added=method)
         best = adata.uns[method]["best"].set_index("feature")
         assert best.loc[0, "term"] == "T3", method
         assert best.loc[0, "fdr"] < 1e-4, method
@@ -92,7 +92,7 @@ def test_gsea_finds_the_planted_set(mapped):
     adata, sets = mapped
     small = {k: sets[k] for k in ("T1", "T2", "T3", "T4")}
     cc.tl.feature_enrichment(
-        adata, small, layer=1, method="gsea", features=[0, 1], permutations=200, progress=False, key_added="gsea"
+        adata, small, layers=1, method="gsea", features=[0, 1], permutations=200, progress=False, key_added="gsea"
     )
     best = adata.uns["gsea"]["best"].set_index("feature")
     assert best.loc[0, "term"] == "T3" and best.loc[0, "score"] > 1.5
@@ -109,14 +109,14 @@ def test_a_term_the_feature_avoids_is_not_an_enrichment(mapped):
     values[avoided, 2] = 0.0  # active on every gene but those of one set
     values[:, 4] = 0.0  # no slope to test: score 0, p-value 1 (decoupler alone would fail on it)
     adata.varm["transcoder_L1_in"] = values
-    cc.tl.feature_enrichment(adata, sets, layer=1, method="ulm", features=[0, 2, 4], max_pval=1.0, key_added="ulm")
+    cc.tl.feature_enrichment(adata, sets, layers=1, method="ulm", features=[0, 2, 4], max_pval=1.0, key_added="ulm")
     ulm = adata.uns["ulm"]["results"].set_index(["feature", "term"])
     assert ulm.loc[(2, name), "score"] < -5  # a strongly negative slope: depletion, not enrichment
     assert ulm.loc[(2, name), "pval"] > 0.99
     assert ulm.loc[(0, "T3"), "fdr"] < 1e-4
     assert (ulm.loc[4, "score"] == 0).all() and (ulm.loc[4, "pval"] == 1).all()
     cc.tl.feature_enrichment(
-        adata, {name: sets[name], "T3": sets["T3"]}, layer=1, method="gsea", features=[2], permutations=100,
+        adata, {name: sets[name], "T3": sets["T3"]}, layers=1, method="gsea", features=[2], permutations=100,
         progress=False, max_pval=1.0, key_added="gsea",
     )  # fmt: skip
     gsea = adata.uns["gsea"]["results"].set_index("term")
@@ -132,7 +132,7 @@ def test_one_sided_p_values():
 
 def test_fdr_is_corrected_across_features_and_terms(mapped):
     adata, sets = mapped
-    cc.tl.feature_enrichment(adata, sets, layer=1, n_top_genes=30, max_pval=1.0)
+    cc.tl.feature_enrichment(adata, sets, layers=1, n_top_genes=30, max_pval=1.0)
     res = adata.uns["transcoder_L1_in_enrichment"]
     params = res["params"]
     assert params["n_tests"] == params["n_features"] * params["n_terms"]
@@ -152,7 +152,7 @@ def test_net_formats_agree(mapped, tmp_path):
     long = pd.DataFrame([(k, g.lower()) for k, v in sets.items() for g in v], columns=["source", "target"])
     results = []
     for i, net in enumerate((sets, str(path), long)):
-        cc.tl.feature_enrichment(adata, net, layer=1, key_added=f"e{i}")
+        cc.tl.feature_enrichment(adata, net, layers=1, key_added=f"e{i}")
         results.append(adata.uns[f"e{i}"]["best"])
     pd.testing.assert_frame_equal(results[0], results[1])
     pd.testing.assert_frame_equal(results[0], results[2])
@@ -168,7 +168,7 @@ def test_shipped_markers_and_side_out():
     small = ad.AnnData(np.zeros((2, len(genes))))
     small.var_names = genes
     small.varm["tc_L0_out"] = values
-    cc.tl.feature_enrichment(small, "markers_immune", layer=0, side="out", key="tc", n_top_genes=15)
+    cc.tl.feature_enrichment(small, "markers_immune", layers=0, side="out", key="tc", n_top_genes=15)
     best = small.uns["tc_L0_out_enrichment"]["best"].set_index("feature")
     assert best.loc[2, "term"] == mono and best.loc[2, "fdr"] < 1e-6
 
@@ -177,19 +177,19 @@ def test_bad_input(mapped):
     adata, sets = mapped
     before = {k: v.copy() for k, v in adata.varm.items()}
     with pytest.raises(ValueError, match="empty"):
-        cc.tl.feature_enrichment(adata, {}, layer=1)
+        cc.tl.feature_enrichment(adata, {}, layers=1)
     with pytest.raises(ValueError, match="no gene is shared"):
-        cc.tl.feature_enrichment(adata, {"A": ["CD3E", "CD4", "CD8A", "NKG7", "LYZ"]}, layer=1)
+        cc.tl.feature_enrichment(adata, {"A": ["CD3E", "CD4", "CD8A", "NKG7", "LYZ"]}, layers=1)
     with pytest.raises(ValueError, match="between 5 and 500"):
-        cc.tl.feature_enrichment(adata, {"A": ["GENE1", "GENE2"]}, layer=1)
+        cc.tl.feature_enrichment(adata, {"A": ["GENE1", "GENE2"]}, layers=1)
     with pytest.raises(KeyError, match="transcode"):
-        cc.tl.feature_enrichment(adata, sets, layer=3)
+        cc.tl.feature_enrichment(adata, sets, layers=3)
     with pytest.raises(ValueError, match="method"):
-        cc.tl.feature_enrichment(adata, sets, layer=1, method="fisher")
+        cc.tl.feature_enrichment(adata, sets, layers=1, method="fisher")
     with pytest.raises(ValueError, match="source"):
-        cc.tl.feature_enrichment(adata, pd.DataFrame({"a": [1]}), layer=1)
+        cc.tl.feature_enrichment(adata, pd.DataFrame({"a": [1]}), layers=1)
     with pytest.raises(FileNotFoundError):
-        cc.tl.feature_enrichment(adata, "missing.gmt", layer=1)
+        cc.tl.feature_enrichment(adata, "missing.gmt", layers=1)
     for k, v in before.items():
         np.testing.assert_array_equal(adata.varm[k], v)
     assert not any(k.endswith("enrichment") for k in adata.uns)
@@ -197,7 +197,7 @@ def test_bad_input(mapped):
 
 def test_copy_and_h5ad_round_trip(mapped, tmp_path):
     adata, sets = mapped
-    out = cc.tl.feature_enrichment(adata, sets, layer=1, copy=True)
+    out = cc.tl.feature_enrichment(adata, sets, layers=1, copy=True)
     assert "transcoder_L1_in_enrichment" not in adata.uns
     path = tmp_path / "e.h5ad"
     out.write_h5ad(path)
@@ -205,3 +205,13 @@ def test_copy_and_h5ad_round_trip(mapped, tmp_path):
     res, ref = back.uns["transcoder_L1_in_enrichment"], out.uns["transcoder_L1_in_enrichment"]
     pd.testing.assert_frame_equal(res["best"], ref["best"], check_dtype=False, check_index_type=False)
     assert res["params"]["method"] == "ora" and res["params"]["universe_size"] == ref["params"]["universe_size"]
+
+
+def test_layer_is_the_old_name_of_layers(mapped):
+    adata, sets = mapped
+    cc.tl.feature_enrichment(adata, sets, layers=1, key_added="new")
+    with pytest.warns(FutureWarning, match="layers="):
+        cc.tl.feature_enrichment(adata, sets, layer=1, key_added="old")
+    for part in ("best", "results"):
+        pd.testing.assert_frame_equal(adata.uns["old"][part], adata.uns["new"][part])
+    assert adata.uns["old"]["params"] == adata.uns["new"]["params"]

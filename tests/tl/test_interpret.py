@@ -84,7 +84,7 @@ def test_summary_counts(featured):
 
 def test_stored_enrichment_is_reused(featured):
     adata, sets = featured
-    cc.tl.feature_enrichment(adata, {"S3": sets["S3"], "S0": sets["S0"]}, layer=0, n_top_genes=20)
+    cc.tl.feature_enrichment(adata, {"S3": sets["S3"], "S0": sets["S0"]}, layers=0, n_top_genes=20)
     cc.tl.interpret_features(adata, layers=0, net=sets, n_top_genes=20)
     table = adata.uns["interpret_features"]["features"].set_index("feature")
     assert set(table.loc[table["live"], "best_term"]) <= {"S0", "S3"}

@@ -11,14 +11,19 @@ import pandas as pd
 from .._docs import doc_params
 from .._keys import circuit_result
 from ..get._circuit import circuit_df, resolve_group
-from ._utils import finish, new_axes
+from ._circuit_layout import CircuitLayout, circuit_layout
+from ._circuit_layout import _crossings as _crossings  # re-exported: the layout is tested from here
+from ._circuit_layout import _layout as _layout  # re-exported, as _crossings
+from ._plotter import Plotter
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from anndata import AnnData
     from matplotlib.axes import Axes
+    from matplotlib.collections import LineCollection
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
 # node categories in drawing order: colour, marker, legend name
 _STYLE = {
@@ -29,9 +34,6 @@ _STYLE = {
     "error": ("#7F7F7F", "s", "error"),
     "target": ("#222222", "D", "target"),
 }
-_SWEEPS = 8
-_CLEARANCE = 0.35  # edges passing closer than this (in node spacings) to a node of a row they skip are bent
-_MAX_CROSSING_EDGES = 2000  # beyond this, keep the last sweep's order instead of counting crossings
 
 
 def _truthy(values: pd.Series) -> np.ndarray:
@@ -96,101 +98,6 @@ def _category(node: pd.Series, marker: bool) -> str:
     return kind if kind in _STYLE else "feature"
 
 
-def _crossings(seg: np.ndarray, weight: np.ndarray) -> float:
-    """Sum over pairs of crossing segments ``(x1, y1, x2, y2)`` of the product of their weights."""
-    if len(seg) < 2:
-        return 0.0
-
-    def orient(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-        return np.sign(
-            (b[..., 0] - a[..., 0]) * (c[..., 1] - a[..., 1]) - (b[..., 1] - a[..., 1]) * (c[..., 0] - a[..., 0])
-        )
-
-    p1, p2 = seg[:, None, :2], seg[:, None, 2:]
-    q1, q2 = seg[None, :, :2], seg[None, :, 2:]
-    cross = (orient(p1, p2, q1) * orient(p1, p2, q2) < 0) & (orient(q1, q2, p1) * orient(q1, q2, p2) < 0)
-    return float((cross * np.outer(weight, weight)).sum() / 2)
-
-
-def _barycentre(node: str, near: list[tuple[str, float]], x: dict[str, float]) -> float:
-    """The weighted mean x of ``near``; the node's own x when it has no such neighbour."""
-    total = sum(w for _, w in near)
-    return sum(x[o] * w for o, w in near) / total if total > 0 else x[node]
-
-
-def _layout(
-    rows: list[list[str]], edges: list[tuple[str, str, float]], row_of: dict[str, int]
-) -> tuple[dict[str, float], float]:
-    """The x of every node: rows spread evenly over a common width, ordered by weighted barycentre sweeps.
-
-    Sweeps alternate upward (order a row by the mean x of its neighbours in lower rows) and downward (neighbours in
-    higher rows); the order with the fewest weighted edge crossings is kept.
-    """
-    width = float(max(len(r) for r in rows))
-    rows = [list(r) for r in rows]
-    neighbours: dict[str, list[tuple[str, float]]] = {n: [] for r in rows for n in r}
-    for u, v, w in edges:
-        neighbours[u].append((v, w))
-        neighbours[v].append((u, w))
-
-    def spread() -> dict[str, float]:
-        return {n: (k + 0.5) * width / len(r) for r in rows for k, n in enumerate(r)}
-
-    def score(x: dict[str, float]) -> float:
-        if len(edges) > _MAX_CROSSING_EDGES:
-            return 0.0
-        seg = np.array([(x[u], row_of[u], x[v], row_of[v]) for u, v, _ in edges], dtype=float).reshape(-1, 4)
-        return _crossings(seg, np.array([w for _, _, w in edges], dtype=float))
-
-    x = spread()
-    best_x, best = x, score(x)
-    for sweep in range(_SWEEPS):
-        upward = sweep % 2 == 0
-        for r in range(1, len(rows)) if upward else range(len(rows) - 2, -1, -1):
-            keys = {}
-            for n in rows[r]:
-                near = [(o, w) for o, w in neighbours[n] if (row_of[o] < r if upward else row_of[o] > r)]
-                keys[n] = _barycentre(n, near, x)
-            rows[r] = sorted(rows[r], key=keys.__getitem__)
-            x = spread()
-        if (current := score(x)) < best or len(edges) > _MAX_CROSSING_EDGES:
-            best_x, best = x, current
-    return best_x, width
-
-
-def _edge_path(
-    start: tuple[float, float], end: tuple[float, float], rows: list[list[str]], x_of: dict[str, float], width: float
-) -> np.ndarray:
-    """A straight line, or a quadratic Bézier bent around the nodes of the rows it skips when it would cross them."""
-    (x0, y0), (x1, y1) = start, end
-    low, high = sorted((round(y0), round(y1)))
-    bend = 0.0
-    for r in range(low + 1, high):
-        if not rows[r]:
-            continue
-        at = x0 + (x1 - x0) * (r - y0) / (y1 - y0)
-        near = min((x_of[n] for n in rows[r]), key=lambda xn: abs(xn - at))
-        if abs(near - at) < _CLEARANCE:
-            # the control point's shift (the curve moves up to half of it), away from the node and inside the plot
-            bend = -2 * _CLEARANCE if near >= at else 2 * _CLEARANCE
-            if not 0 < (x0 + x1) / 2 + bend / 2 < width:
-                bend = -bend
-            break
-    if bend == 0.0:
-        return np.array([start, end], dtype=float)
-    t = np.linspace(0.0, 1.0, 24)[:, None]
-    control = np.array([(x0 + x1) / 2 + bend, (y0 + y1) / 2])
-    return (1 - t) ** 2 * np.array(start) + 2 * (1 - t) * t * control + t**2 * np.array(end)
-
-
-def _middle_out(order: list[str]) -> list[str]:
-    """Most influential in the middle, the rest alternating outward (a start for the sweeps)."""
-    left, right = [], []
-    for k, node in enumerate(order):
-        (right if k % 2 == 0 else left).append(node)
-    return left[::-1] + right
-
-
 @doc_params
 def circuit(
     adata: AnnData,
@@ -249,10 +156,27 @@ def circuit(
     ValueError
         When no node other than the target is left after filtering.
     """
-    import matplotlib as mpl
-    from matplotlib.collections import LineCollection
-    from matplotlib.lines import Line2D
+    label = _check_circuit_options(label, max_nodes)
+    result = circuit_result(adata, key)
+    group = resolve_group(result, key, group)
+    nodes, edges = _circuit_graph(adata, key, group, max_nodes=max_nodes, min_frequency=min_frequency)
+    layout = circuit_layout(nodes, edges)
+    plot = Plotter(ax=ax, figsize=figsize, dpi=dpi, show=show, save=save, return_fig=return_fig)
+    fig, (axis,) = plot.subplots(figsize=_circuit_size(layout))
+    lines, segments = _draw_edges(axis, edges, layout, cmap)
+    area = _node_areas(nodes)
+    handles = _draw_nodes(axis, nodes, layout.xy, area)
+    _draw_labels(axis, nodes, layout.xy, area, label)
+    _draw_frame(axis, layout, segments)
+    axis.set_title(_circuit_title(result, nodes, group), fontsize=10)
+    axis.legend(handles=handles, loc="upper left", fontsize=7, frameon=False, borderaxespad=0.2)
+    fig.colorbar(lines, ax=axis, shrink=0.5, pad=0.01, label="attribution")
+    return plot.finish()
 
+
+# filtering: which nodes and edges are drawn
+def _check_circuit_options(label: str | None, max_nodes: int) -> str:
+    """``label`` (``None`` read as ``"none"``), checked with ``max_nodes``."""
     if label is None:
         label = "none"
     if label not in ("auto", "feature", "node", "none"):
@@ -261,12 +185,15 @@ def circuit(
     if max_nodes < 1:
         msg = f"max_nodes must be at least 1, got {max_nodes}"
         raise ValueError(msg)
-    result = circuit_result(adata, key)
-    group = resolve_group(result, key, group)
-    params = result.get("params", {})
+    return label
+
+
+def _circuit_graph(
+    adata: AnnData, key: str, group: str, *, max_nodes: int, min_frequency: float
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The nodes drawn (the target, then the most influential frequent others) and the nonzero edges among them."""
     nodes = circuit_df(adata, key, group, "nodes")
     edges = circuit_df(adata, key, group, "edges")
-
     is_target = (nodes["kind"] == "target").to_numpy()
     frequent = nodes["frequency"].fillna(1.0).to_numpy(dtype=float) >= min_frequency
     targets = nodes[is_target]
@@ -278,8 +205,7 @@ def circuit(
         )
         raise ValueError(msg)
     nodes = pd.concat([targets, others]).reset_index(drop=True)
-    ids = nodes["node"].astype(str).tolist()
-    keep = set(ids)
+    keep = set(nodes["node"].astype(str).tolist())
     weight = edges["weight"].to_numpy(dtype=float)
     edges = edges[
         edges["source"].astype(str).isin(keep)
@@ -288,55 +214,53 @@ def circuit(
         & np.isfinite(weight)
         & (weight != 0)
     ]
+    return nodes, edges
 
-    # rows: genes and tokens, then one per layer holding features or errors, then the target
-    kind = nodes["kind"].astype(str).to_numpy()
-    layer = nodes["layer"].to_numpy(dtype=int)
-    is_input = np.isin(kind, ["gene", "token"])
-    layers = sorted(set(layer[~is_input & (kind != "target")].tolist()))
-    row_names = (["genes"] if is_input.any() else []) + [f"layer {li}" for li in layers]
-    row_names += ["target"] if (kind == "target").any() else []
-    row_index = {name: i for i, name in enumerate(row_names)}
 
-    def row(i: int) -> int:
-        if is_input[i]:
-            return 0
-        if kind[i] == "target":
-            return row_index["target"]
-        return row_index[f"layer {layer[i]}"]
+# drawing
+def _circuit_size(layout: CircuitLayout) -> tuple[float, float]:
+    """Default figure size: wide enough for the widest row, tall enough for the rows."""
+    return (
+        float(np.clip(0.8 * layout.width + 3.0, 6.0, 24.0)),
+        float(np.clip(1.25 * len(layout.row_names) + 1.6, 3.5, 16.0)),
+    )
 
-    row_of = {n: row(i) for i, n in enumerate(ids)}
-    rows = [_middle_out([n for n in ids if row_of[n] == r]) for r in range(len(row_names))]
+
+def _draw_edges(
+    axis: Axes, edges: pd.DataFrame, layout: CircuitLayout, cmap: str
+) -> tuple[LineCollection, list[np.ndarray]]:
+    """The edges, strongest drawn last, coloured by signed weight on a scale centred on zero; and their paths."""
+    import matplotlib as mpl
+    from matplotlib.collections import LineCollection
+
     source, target = edges["source"].astype(str).tolist(), edges["target"].astype(str).tolist()
     strength = edges["weight"].abs().to_numpy(dtype=float)
-    x_of, width = _layout(rows, list(zip(source, target, strength, strict=True)), row_of)
-    xy = np.array([(x_of[n], row_of[n]) for n in ids], dtype=float).reshape(-1, 2)
-
-    size = figsize or (
-        float(np.clip(0.8 * width + 3.0, 6.0, 24.0)),
-        float(np.clip(1.25 * len(row_names) + 1.6, 3.5, 16.0)),
-    )
-    fig, axes = new_axes(ax, size, dpi)
-    axis = axes[0]
-
-    # edges, strongest drawn last
     top = float(strength.max()) if len(strength) else 1.0
     norm = mpl.colors.Normalize(-top, top)
     order = np.argsort(strength, kind="stable")
-    pos = dict(zip(ids, map(tuple, xy), strict=True))
-    segments = [_edge_path(pos[source[e]], pos[target[e]], rows, x_of, width) for e in order]
+    segments = [layout.edge_path(source[e], target[e]) for e in order]
     lines = LineCollection(
         segments, cmap=cmap, norm=norm, linewidths=0.5 + 3.5 * strength[order] / top, alpha=0.8, zorder=1,
         label="edges", capstyle="round",
     )  # fmt: skip
     lines.set_array(edges["weight"].to_numpy(dtype=float)[order])
     axis.add_collection(lines)
+    return lines, segments
 
-    # nodes, one scatter per category (its label names the category)
+
+def _node_areas(nodes: pd.DataFrame) -> np.ndarray:
+    """Marker areas: growing with influence on the target (relative to the most influential node), the target full."""
+    kind = nodes["kind"].astype(str).to_numpy()
     influence = nodes["influence"].to_numpy(dtype=float)
     finite = influence[(kind != "target") & np.isfinite(influence) & (influence > 0)]
     ref = float(finite.max()) if len(finite) else 1.0
-    area = np.where(kind == "target", 420.0, 25.0 + 375.0 * np.clip(np.nan_to_num(influence / ref), 0.0, 1.0))
+    return np.where(kind == "target", 420.0, 25.0 + 375.0 * np.clip(np.nan_to_num(influence / ref), 0.0, 1.0))
+
+
+def _draw_nodes(axis: Axes, nodes: pd.DataFrame, xy: np.ndarray, area: np.ndarray) -> list[Line2D]:
+    """The nodes, one scatter per category (its label names the category); legend handles of the categories."""
+    from matplotlib.lines import Line2D
+
     marker = _truthy(nodes["is_marker"]) if "is_marker" in nodes else np.zeros(len(nodes), bool)
     category = np.array([_category(nodes.iloc[i], marker[i]) for i in range(len(nodes))])
     handles = []
@@ -351,8 +275,13 @@ def circuit(
                 Line2D([], [], linestyle="", marker=shape, markersize=7, markerfacecolor=colour,
                        markeredgecolor="0.25", label=name)
             )  # fmt: skip
+    return handles
 
-    # labels: genes below their node, the target above, features and errors just below theirs
+
+def _draw_labels(axis: Axes, nodes: pd.DataFrame, xy: np.ndarray, area: np.ndarray, label: str) -> None:
+    """Node labels: genes below their node, the target above, features and errors just below theirs."""
+    kind = nodes["kind"].astype(str).to_numpy()
+    is_input = np.isin(kind, ["gene", "token"])
     for i, node in nodes.iterrows():
         text = _node_text(node, label)
         if not text:
@@ -366,13 +295,21 @@ def circuit(
             bbox={"boxstyle": "round,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.7},
         )  # fmt: skip
 
-    drawn = np.concatenate([*segments, xy])
-    axis.set_xlim(min(0.0, drawn[:, 0].min() - 0.2), max(width, drawn[:, 0].max() + 0.2))
-    axis.set_ylim(-0.6, len(row_names) - 0.35)
-    axis.set_yticks(range(len(row_names)), row_names)
+
+def _draw_frame(axis: Axes, layout: CircuitLayout, segments: list[np.ndarray]) -> None:
+    """Limits around everything drawn, the rows named on the y-axis, no x-axis."""
+    drawn = np.concatenate([*segments, layout.xy])
+    axis.set_xlim(min(0.0, drawn[:, 0].min() - 0.2), max(layout.width, drawn[:, 0].max() + 0.2))
+    axis.set_ylim(-0.6, len(layout.row_names) - 0.35)
+    axis.set_yticks(range(len(layout.row_names)), layout.row_names)
     axis.set_xticks([])
     for side in ("top", "right", "bottom"):
         axis.spines[side].set_visible(False)
+
+
+def _circuit_title(result: dict, nodes: pd.DataFrame, group: str) -> str:
+    """``"circuit of <target> in <groupby>: <group> (<n> cells)"``, the group left out when it is the target."""
+    params = result.get("params", {})
     groupby, target_name = str(params.get("groupby", "") or ""), _target_name(nodes, params)
     title = f"circuit of {target_name}"
     if target_name != group:
@@ -380,10 +317,7 @@ def circuit(
     if "cells" in result:
         cells = pd.DataFrame(result["cells"])
         title += f" ({int((cells['group'].astype(str) == group).sum())} cells)"
-    axis.set_title(title, fontsize=10)
-    axis.legend(handles=handles, loc="upper left", fontsize=7, frameon=False, borderaxespad=0.2)
-    fig.colorbar(lines, ax=axis, shrink=0.5, pad=0.01, label="attribution")
-    return finish(fig, axes, show=show, save=save, return_fig=return_fig)
+    return title
 
 
 @doc_params
@@ -447,8 +381,8 @@ def circuit_genes(
         .sort_values("influence", ascending=False, kind="stable")
         .head(n_genes)
     )
-    fig, axes = new_axes(ax, figsize or (5.6, 0.27 * len(table) + 1.3), dpi)
-    axis = axes[0]
+    plot = Plotter(ax=ax, figsize=figsize, dpi=dpi, show=show, save=save, return_fig=return_fig)
+    _, (axis,) = plot.subplots(figsize=(5.6, 0.27 * len(table) + 1.3))
     colours = np.where(table["is_marker"], _STYLE["marker"][0], _STYLE["gene"][0])
     axis.barh(range(len(table)), table["influence"], color=colours, edgecolor="0.3", linewidth=0.4)
     axis.set_yticks(range(len(table)), table.index, fontsize=8)
@@ -470,4 +404,4 @@ def circuit_genes(
                  for m, name in present if (table["is_marker"] == m).any()],
         loc="lower right", fontsize=7, frameon=False,
     )  # fmt: skip
-    return finish(fig, axes, show=show, save=save, return_fig=return_fig)
+    return plot.finish()

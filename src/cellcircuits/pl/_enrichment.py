@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 
 from .._docs import doc_params
-from ._utils import feature_label, finish, new_axes
+from ._plotter import Plotter
+from ._utils import feature_label
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -108,8 +109,9 @@ def enrichment(
     sig = sig[sig["term"].isin(terms)]
     features = [f for f in features if f in set(sig["feature"])]
 
-    fig, (axis,) = new_axes(
-        ax, figsize or (1.2 + 0.55 * len(features) + 0.09 * max_label, max(3.2, 1.6 + 0.35 * len(terms))), dpi
+    plot = Plotter(ax=ax, figsize=figsize, dpi=dpi, show=show, save=save, return_fig=return_fig)
+    fig, (axis,) = plot.subplots(
+        figsize=(1.2 + 0.55 * len(features) + 0.09 * max_label, max(3.2, 1.6 + 0.35 * len(terms)))
     )
     x = sig["feature"].map({f: i for i, f in enumerate(features)}).to_numpy()
     y = sig["term"].map({t: i for i, t in enumerate(terms)}).to_numpy()
@@ -139,4 +141,4 @@ def enrichment(
         handles, [f"{q * top:.3g}" for q in (0.25, 0.5, 1.0)], title="score", loc="lower left",
         bbox_to_anchor=(1.02, 0.0), frameon=False, labelspacing=1.2,
     )  # fmt: skip
-    return finish(fig, [axis], show=show, save=save, return_fig=return_fig)
+    return plot.finish()

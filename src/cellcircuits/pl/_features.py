@@ -8,10 +8,12 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from .._compat import model_layers_renamed
 from .._docs import doc_params
-from .._keys import feature_matrix
+from .._keys import feature_matrix, gene_map
 from ..get._rank_features import ranking
-from ._utils import feature_label, finish, new_axes
+from ._plotter import Plotter
+from ._utils import feature_label
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -22,17 +24,23 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
+def _embedding_obsm(basis: str) -> str:
+    """``.obsm`` key of an embedding, as scanpy names it (``"umap"``: ``"X_umap"``)."""
+    return f"X_{basis}"
+
+
 def _column(X: object, j: int) -> np.ndarray:
     col = X[:, j]
     return np.asarray(col.toarray() if sparse.issparse(col) else col).ravel()
 
 
+@model_layers_renamed
 @doc_params
 def feature_embedding(
     adata: AnnData,
     features: int | Sequence[int],
     *,
-    layer: int,
+    layers: int,
     key: str = "transcoder",
     basis: str = "umap",
     cmap: str = "viridis",
@@ -52,8 +60,8 @@ def feature_embedding(
         Annotated data matrix with features from :func:`cellcircuits.tl.transcode`.
     features
         Feature index or indices; one panel each.
-    layer
-        Model layer of the features.
+    layers
+        Model layer whose features are plotted.
     key
         The ``key_added`` of :func:`cellcircuits.tl.transcode`.
     basis
@@ -70,18 +78,19 @@ def feature_embedding(
     -------
     {plot_returns}
     """
-    X = feature_matrix(adata, key, layer)
-    emb_key = f"X_{basis}"
+    X = feature_matrix(adata, key, layers)
+    emb_key = _embedding_obsm(basis)
     if emb_key not in adata.obsm:
         msg = f".obsm[{emb_key!r}] not found; compute it (e.g. sc.tl.umap) or pass basis=<a key of .obsm without X_>."
         raise KeyError(msg)
     features = [int(features)] if np.isscalar(features) else [int(f) for f in features]
     bad = [f for f in features if not 0 <= f < X.shape[1]]
     if bad:
-        msg = f"features {bad} out of range; layer {layer} has {X.shape[1]} features"
+        msg = f"features {bad} out of range; layer {layers} has {X.shape[1]} features"
         raise IndexError(msg)
     coords = np.asarray(adata.obsm[emb_key])[:, :2]
-    fig, axes = new_axes(ax, figsize, dpi, len(features))
+    plot = Plotter(ax=ax, figsize=figsize, dpi=dpi, show=show, save=save, return_fig=return_fig)
+    fig, axes = plot.subplots(len(features))
     size = size if size is not None else min(30.0, 12000 / max(adata.n_obs, 1))
     for axis, f in zip(axes, features, strict=True):
         values = _column(X, f)
@@ -89,13 +98,13 @@ def feature_embedding(
         points = axis.scatter(
             coords[order, 0], coords[order, 1], c=values[order], cmap=cmap, s=size, linewidths=0, rasterized=True
         )
-        axis.set_title(feature_label(adata, key, layer, f), fontsize=10)
+        axis.set_title(feature_label(adata, key, layers, f), fontsize=10)
         axis.set_xticks([])
         axis.set_yticks([])
         axis.set_xlabel(f"{basis.upper()}1")
         axis.set_ylabel(f"{basis.upper()}2")
         fig.colorbar(points, ax=axis, shrink=0.7, label="activation")
-    return finish(fig, axes, show=show, save=save, return_fig=return_fig)
+    return plot.finish()
 
 
 @doc_params
@@ -156,9 +165,8 @@ def rank_features_groups(
     mean = pd.DataFrame({g: X[labels == g][:, features].mean(0) for g in groups}, index=features)
     frac = pd.DataFrame({g: (X[labels == g][:, features] > 0).mean(0) for g in groups}, index=features)
     scaled = mean.div(mean.max(axis=1).replace(0, 1), axis=0)
-    size = figsize or (1.0 + 0.55 * len(groups) + 2.6, 1.2 + 0.32 * len(features))
-    fig, axes = new_axes(ax, size, dpi)
-    axis = axes[0]
+    plot = Plotter(ax=ax, figsize=figsize, dpi=dpi, show=show, save=save, return_fig=return_fig)
+    fig, (axis,) = plot.subplots(figsize=(1.0 + 0.55 * len(groups) + 2.6, 1.2 + 0.32 * len(features)))
     names = [feature_label(adata, params["key"], params["layer"], f, n_genes=2) for f in features]
     if kind == "heatmap":
         image = axis.imshow(scaled.to_numpy(), aspect="auto", cmap="Reds", vmin=0, vmax=1)
@@ -174,15 +182,16 @@ def rank_features_groups(
     axis.set_yticks(range(len(features)), names, fontsize=8)
     axis.set_title(f"top features per {params['groupby']} ({params['method']}, layer {params['layer']})", fontsize=9)
     fig.colorbar(image, ax=axis, shrink=0.6, label="mean activation\n(scaled per feature)")
-    return finish(fig, axes, show=show, save=save, return_fig=return_fig)
+    return plot.finish()
 
 
+@model_layers_renamed
 @doc_params
 def feature_genes(
     adata: AnnData,
     feature: int,
     *,
-    layer: int,
+    layers: int,
     key: str = "transcoder",
     n_genes: int = 10,
     ax: Axes | None = None,
@@ -200,8 +209,8 @@ def feature_genes(
         Annotated data matrix with maps from :func:`cellcircuits.tl.transcode`.
     feature
         Feature index.
-    layer
-        Model layer of the feature.
+    layers
+        Model layer whose feature is plotted.
     key
         The ``key_added`` of :func:`cellcircuits.tl.transcode`.
     n_genes
@@ -214,17 +223,12 @@ def feature_genes(
     -------
     {plot_returns}
     """
-    maps = []
-    for side in ("in", "out"):
-        name = f"{key}_L{layer}_{side}"
-        if name not in adata.varm:
-            msg = f".varm[{name!r}] not found; run cellcircuits.tl.transcode(adata, model, transcoders) first."
-            raise KeyError(msg)
-        maps.append(np.asarray(adata.varm[name]))
+    maps = [gene_map(adata, key, layers, side) for side in ("in", "out")]
     if not 0 <= feature < maps[0].shape[1]:
-        msg = f"feature {feature} out of range; layer {layer} has {maps[0].shape[1]} features"
+        msg = f"feature {feature} out of range; layer {layers} has {maps[0].shape[1]} features"
         raise IndexError(msg)
-    fig, axes = new_axes(ax, figsize or (8.4, 0.3 * n_genes + 1.4), dpi, n=2, ncols=2)
+    plot = Plotter(ax=ax, figsize=figsize, dpi=dpi, show=show, save=save, return_fig=return_fig)
+    fig, axes = plot.subplots(2, ncols=2, figsize=(8.4, 0.3 * n_genes + 1.4))
     titles = ("input: mean activation on the gene", "output: direct effect on the gene's logit")
     colours = ("#4C72B0", "#C44E52")
     for axis, values, title, colour in zip(axes, maps, titles, colours, strict=True):
@@ -235,5 +239,5 @@ def feature_genes(
         axis.invert_yaxis()
         axis.set_title(title, fontsize=9)
         axis.axvline(0, color="0.3", linewidth=0.6)
-    fig.suptitle(f"layer {layer}, feature {feature}", fontsize=10)
-    return finish(fig, axes, show=show, save=save, return_fig=return_fig)
+    fig.suptitle(f"layer {layers}, feature {feature}", fontsize=10)
+    return plot.finish()

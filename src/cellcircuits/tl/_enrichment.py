@@ -9,9 +9,15 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
-from scipy import sparse, stats
+from scipy import sparse
 
+from .._compat import model_layers_renamed
+from .._keys import enrichment_uns, features_obsm, gene_map
 from ..pp._sentences import gene_names
+from ._enrichment_methods import Tested, fdr, run_gsea, run_ora, run_ulm
+from ._enrichment_methods import one_sided as one_sided  # re-exported here with ora and top_gene_mask
+from ._enrichment_methods import ora as ora
+from ._enrichment_methods import top_gene_mask as top_gene_mask
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -94,148 +100,13 @@ def membership(net: pd.DataFrame, universe: Sequence[str]) -> tuple[sparse.csr_m
     return M, terms
 
 
-# statistics
-def top_gene_mask(values: np.ndarray, n_top: int) -> sparse.csr_matrix:
-    """``(n_features, n_genes)`` 0/1: per row of ``values``, its ``n_top`` largest positive entries (ties by order)."""
-    n_top = min(n_top, values.shape[1])
-    top = np.argsort(-values, axis=1, kind="stable")[:, :n_top]
-    rows = np.repeat(np.arange(values.shape[0]), n_top)
-    keep = np.take_along_axis(values, top, axis=1).ravel() > 0
-    return sparse.csr_matrix(
-        (np.ones(int(keep.sum())), (rows[keep], top.ravel()[keep])), shape=values.shape, dtype=np.float64
-    )
-
-
-def ora(query: sparse.csr_matrix, terms: sparse.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Over-representation of every term in every query gene set: the one-sided hypergeometric test.
-
-    The same test as ``gseapy.enrich`` with a background and ``decoupler.mt.query_set`` (Fisher's exact test,
-    ``alternative="greater"``), for all query sets at once: the overlaps come from one sparse product, the p-values
-    from ``scipy.stats.hypergeom``.
-
-    Parameters
-    ----------
-    query
-        ``(n_queries, n_universe)`` 0/1, e.g. each feature's top genes.
-    terms
-        ``(n_terms, n_universe)`` 0/1 term membership.
-
-    Returns
-    -------
-    ``(n_queries, n_terms)`` overlaps, p-values and odds ratios (Haldane-Anscombe corrected, as gseapy's).
-    """
-    n_universe = query.shape[1]
-    x = np.asarray((query @ terms.T).todense())
-    k = np.asarray(query.sum(1)).reshape(-1, 1)  # query sizes
-    m = np.asarray(terms.sum(1)).reshape(1, -1)  # term sizes
-    pvals = stats.hypergeom.sf(x - 1, n_universe, m, k)
-    pvals = np.where(x > 0, pvals, 1.0)  # an empty overlap is never over-represented
-    odds = ((x + 0.5) * (n_universe - m - k + x + 0.5)) / ((m - x + 0.5) * (k - x + 0.5))
-    return x.astype(np.int64), np.clip(pvals, 0.0, 1.0), odds
-
-
-def fdr(pvals: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values over every entry of ``pvals`` at once (any shape)."""
-    flat = np.asarray(pvals, dtype=float).ravel()
-    if flat.size == 0:
-        return np.asarray(pvals, dtype=float)
-    return stats.false_discovery_control(flat, method="bh").reshape(np.shape(pvals))
-
-
-def ulm(values: np.ndarray, net: pd.DataFrame, universe: Sequence[str], min_size: int) -> tuple[np.ndarray, ...]:
-    """Univariate linear model (decoupler) of each row of ``values`` (genes in ``universe``) on each term.
-
-    A row that is constant over the universe has no slope to test: score 0, p-value 1.
-    """
-    import decoupler as dc
-
-    rows = [str(i) for i in range(len(values))]
-    varies = np.ptp(values, axis=1) > 0 if values.size else np.zeros(len(values), dtype=bool)
-    data = pd.DataFrame(values[varies], index=np.asarray(rows)[varies], columns=list(universe))
-    net = net[net["target"].isin(set(universe))]
-    if not varies.any():
-        names = np.asarray(sorted(net["source"].unique()))
-        return np.zeros((len(rows), len(names))), np.ones((len(rows), len(names))), names
-    # empty=False: a gene at 0 in every tested row stays in the universe (decoupler would drop it)
-    es, pv = dc.mt.ulm(data, net, tmin=min_size, empty=False)
-    es, pv = es.reindex(rows).fillna(0.0), pv.reindex(rows).fillna(1.0)  # a constant row has no slope
-    return es.to_numpy(), pv.to_numpy(), np.asarray(es.columns)
-
-
-def prerank(
-    values: np.ndarray,
-    net: pd.DataFrame,
-    universe: Sequence[str],
-    *,
-    min_size: int,
-    max_size: int,
-    permutations: int,
-    seed: int,
-    threads: int,
-    progress: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pre-ranked GSEA (gseapy) of each row of ``values``: normalised enrichment scores and nominal p-values."""
-    import gseapy
-    from tqdm.auto import tqdm
-
-    sets = net[net["target"].isin(set(universe))].groupby("source")["target"].apply(list).to_dict()
-    names = np.array(sorted(sets))
-    nes = np.zeros((len(values), len(names)))
-    pvals = np.ones((len(values), len(names)))
-    column = {t: j for j, t in enumerate(names)}
-    order = np.random.default_rng(seed).permutation(len(universe))
-    for i in tqdm(range(len(values)), desc="prerank", disable=not progress):
-        # genes of equal value (most maps are 0 on most genes) in random order, not alphabetical: gene families
-        # share a prefix, and a stable sort would line their members up in the tail
-        rnk = pd.Series(values[i][order], index=np.asarray(universe)[order]).sort_values(ascending=False, kind="stable")
-        res = gseapy.prerank(
-            rnk, sets, min_size=min_size, max_size=max_size, permutation_num=permutations, seed=seed,
-            threads=threads, no_plot=True, outdir=None, verbose=False,
-        ).res2d  # fmt: skip
-        cols = res["Term"].map(column).to_numpy()
-        nes[i, cols] = res["NES"].astype(float).to_numpy()
-        pvals[i, cols] = res["NOM p-val"].astype(float).to_numpy()
-    return nes, pvals, names
-
-
-def one_sided(score: np.ndarray, pvals: np.ndarray, method: str) -> np.ndarray:
-    """P-values of enrichment among the genes that activate a feature (high map values), as ORA tests.
-
-    decoupler's ULM p-value is two-sided, so a term of genes where the feature is *least* active would count;
-    halving it for a positive slope and taking ``1 - p/2`` for a negative one gives the one-sided t-test (a zero
-    slope, or a row with nothing to test, keeps its p-value). GSEA's nominal p-value is already taken within the sign
-    of the enrichment score, so a negative score gets p = 1.
-    """
-    if method == "ulm":
-        return np.where(score > 0, pvals / 2, np.where(score < 0, 1 - pvals / 2, pvals))
-    return np.where(score > 0, pvals, 1.0)
-
-
-def _align(
-    score: np.ndarray, pvals: np.ndarray, names: np.ndarray, M: sparse.csr_matrix, terms: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, sparse.csr_matrix, np.ndarray]:
-    """Results of a method that names its own terms, cut to the terms of ``M`` it tested, in ``M``'s order."""
-    column = {t: j for j, t in enumerate(names)}
-    rows = np.array([j for j, t in enumerate(terms) if t in column], dtype=np.int64)
-    cols = np.array([column[t] for t in terms[rows]], dtype=np.int64)
-    return score[:, cols], pvals[:, cols], M[rows], terms[rows]
-
-
-# AnnData
-def gene_map(adata: AnnData, key: str, layer: int, side: str) -> np.ndarray:
-    """The ``(n_vars, n_features)`` gene map :func:`cellcircuits.tl.transcode` wrote; clear error when absent."""
-    varm_key = f"{key}_L{layer}_{side}"
-    if varm_key not in adata.varm:
-        msg = f".varm[{varm_key!r}] not found; run cellcircuits.tl.transcode(adata, model, transcoders) first."
-        raise KeyError(msg)
-    return np.asarray(adata.varm[varm_key], dtype=np.float64)
-
-
+# the tool
+@model_layers_renamed
 def feature_enrichment(
     adata: AnnData,
     net: NetLike = None,
     *,
-    layer: int,
+    layers: int,
     side: Literal["in", "out"] = "in",
     method: Literal["ora", "ulm", "gsea"] = "ora",
     n_top_genes: int = 50,
@@ -270,10 +141,10 @@ def feature_enrichment(
         genes, a GMT path, the name of a collection shipped with the package (:func:`cellcircuits.ds.gene_sets`), or
         ``None`` for every shipped collection (immune and heart markers, GO Biological Process 2023,
         WikiPathways 2023 Human).
-    layer
+    layers
         Model layer whose features are tested.
     side
-        ``"in"``: the input map ``.varm[f"{key}_L{layer}_in"]``; ``"out"``: the output map.
+        ``"in"``: the input map ``.varm[f"{key}_L{layers}_in"]``; ``"out"``: the output map.
     method
         ``"ora"``: over-representation (one-sided hypergeometric test, as ``gseapy.enrich``) of each feature's
         ``n_top_genes`` highest genes with a positive value; ``"ulm"``: decoupler's univariate linear model of the
@@ -283,7 +154,7 @@ def feature_enrichment(
         Genes per feature for ``"ora"``.
     features
         Feature indices to test; default every live feature (one that fires in some cell,
-        ``.obsm[f"X_{key}_L{layer}"]``, or has a non-zero map when that matrix is absent).
+        ``.obsm[f"X_{key}_L{layers}"]``, or has a non-zero map when that matrix is absent).
     key
         The ``key_added`` of :func:`cellcircuits.tl.transcode`.
     gene_symbols
@@ -295,7 +166,7 @@ def feature_enrichment(
     permutations, seed, threads
         For ``"gsea"``: permutations per feature, random seed, gseapy threads.
     key_added
-        Key in ``.uns``; default ``f"{key}_L{layer}_{side}_enrichment"``.
+        Key in ``.uns``; default ``f"{key}_L{layers}_{side}_enrichment"``.
     progress
         Show a progress bar (``"gsea"``).
     copy
@@ -312,8 +183,8 @@ def feature_enrichment(
     ``.uns[key_added]["results"]`` : :class:`pandas.DataFrame`
         The same columns for every feature-term pair with ``pval <= max_pval``, by p-value.
     ``.uns[key_added]["params"]`` : :class:`dict`
-        ``key``, ``layer``, ``side``, ``method``, ``net``, ``n_top_genes``, ``universe_size``, ``n_terms``,
-        ``n_features``, ``n_tests`` and the size limits.
+        ``key``, ``layer`` (the model layer), ``side``, ``method``, ``net``, ``n_top_genes``, ``universe_size``,
+        ``n_terms``, ``n_features``, ``n_tests`` and the size limits.
 
     Raises
     ------
@@ -325,9 +196,52 @@ def feature_enrichment(
 
     Examples
     --------
-    >>> cc.tl.feature_enrichment(adata, layer=2)  # doctest: +SKIP
+    >>> cc.tl.feature_enrichment(adata, layers=2)  # doctest: +SKIP
     >>> adata.uns["transcoder_L2_in_enrichment"]["best"].query("fdr < 0.05")  # doctest: +SKIP
     """
+    _check_options(method, side, n_top_genes)
+    maps = gene_map(adata, key, layers, side)
+    net_df, net_label = as_net(net)
+    keep, universe = gene_universe(adata, net_df, net_label, key=key, side=side, gene_symbols=gene_symbols)
+    members, terms = sized_sets(net_df, net_label, universe, min_size=min_size, max_size=max_size)
+    features = tested_features(adata, maps, key, layers, features)
+    V = maps[keep][:, features].T  # (n_features, n_universe)
+    if method == "ora":
+        tested = run_ora(V, members, terms, n_top_genes=n_top_genes)
+    elif method == "ulm":
+        tested = run_ulm(V, net_df, universe, members, terms, min_size=min_size)
+    else:
+        tested = run_gsea(
+            V, net_df, universe, members, terms, min_size=min_size, max_size=max_size, permutations=permutations,
+            seed=seed, threads=threads, progress=progress,
+        )  # fmt: skip
+    best, results = result_tables(tested, V, universe, features, max_pval=max_pval)
+
+    adata = adata.copy() if copy else adata
+    adata.uns[key_added or enrichment_uns(key, layers, side)] = {
+        "best": best,
+        "results": results,
+        "params": {
+            "key": key,
+            "layer": int(layers),
+            "side": side,
+            "method": method,
+            "net": net_label,
+            "n_top_genes": int(n_top_genes),
+            "min_size": int(min_size),
+            "max_size": int(max_size),
+            "universe_size": len(universe),
+            "n_terms": len(tested.terms),
+            "n_features": len(features),
+            "n_tests": int(tested.pvals.size),
+        },
+    }
+    return adata if copy else None
+
+
+# inputs
+def _check_options(method: str, side: str, n_top_genes: int) -> None:
+    """Raise for an unknown ``method`` or ``side``, or fewer than one top gene."""
     if method not in ("ora", "ulm", "gsea"):
         msg = f"method must be 'ora', 'ulm' or 'gsea', got {method!r}"
         raise ValueError(msg)
@@ -337,16 +251,42 @@ def feature_enrichment(
     if n_top_genes < 1:
         msg = f"n_top_genes must be at least 1, got {n_top_genes}"
         raise ValueError(msg)
-    values = gene_map(adata, key, layer, side)
-    net_df, net_label = as_net(net)
 
+
+def tested_features(
+    adata: AnnData, maps: np.ndarray, key: str, layer: int, features: Sequence[int] | None
+) -> np.ndarray:
+    """``features`` as indices, checked; default the live ones (firing in some cell, else a non-zero map)."""
+    if features is None:
+        obsm_key = features_obsm(key, layer)
+        if obsm_key in adata.obsm:
+            X = adata.obsm[obsm_key]
+            live = np.asarray((X > 0).sum(0)).ravel() > 0
+        else:
+            live = np.abs(maps).sum(0) > 0
+        features = np.flatnonzero(live)
+    features = np.asarray(features, dtype=np.int64)
+    if features.size and (features.min() < 0 or features.max() >= maps.shape[1]):
+        msg = f"features must be in [0, {maps.shape[1]}); got {features.min()}..{features.max()}"
+        raise ValueError(msg)
+    return features
+
+
+# universe and gene sets
+def gene_universe(
+    adata: AnnData, net: pd.DataFrame, net_label: str, *, key: str, side: str, gene_symbols: str | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The var rows tested (a mask) and their symbols, the universe: genes both the model and the sets know.
+
+    For ``side="in"`` the genes the model never saw (``.uns[key]["unseen_genes"]``) are left out; a symbol shared by
+    several var rows keeps its first.
+    """
     symbols = np.asarray(gene_names(adata.var, gene_symbols))
     seen = np.ones(len(symbols), dtype=bool)
     if side == "in":
         unseen = set(np.asarray(adata.uns.get(key, {}).get("unseen_genes", []), dtype=str))
         seen = ~np.isin(symbols, list(unseen))
-    # one column per universe gene (a symbol shared by several var rows keeps its first)
-    in_sets = np.isin(symbols, net_df["target"].unique()) & seen
+    in_sets = np.isin(symbols, net["target"].unique()) & seen
     _, first = np.unique(symbols, return_index=True)
     keep = np.zeros(len(symbols), dtype=bool)
     keep[first] = True
@@ -358,7 +298,14 @@ def feature_enrichment(
             "same organism and use symbols (gene_symbols= names a .var column of symbols)"
         )
         raise ValueError(msg)
-    M, terms = membership(net_df, universe)
+    return keep, universe
+
+
+def sized_sets(
+    net: pd.DataFrame, net_label: str, universe: np.ndarray, *, min_size: int, max_size: int
+) -> tuple[sparse.csr_matrix, np.ndarray]:
+    """Membership (:func:`membership`) and names of the terms with ``min_size`` to ``max_size`` universe genes."""
+    M, terms = membership(net, universe)
     sizes = np.asarray(M.sum(1)).ravel()
     ok = (sizes >= min_size) & (sizes <= max_size)
     if not ok.any():
@@ -367,91 +314,63 @@ def feature_enrichment(
             "model and the sets share"
         )
         raise ValueError(msg)
-    M, terms = M[ok], terms[ok]
+    return M[ok], terms[ok]
 
-    if features is None:
-        obsm_key = f"X_{key}_L{layer}"
-        if obsm_key in adata.obsm:
-            X = adata.obsm[obsm_key]
-            live = np.asarray((X > 0).sum(0)).ravel() > 0
-        else:
-            live = np.abs(values).sum(0) > 0
-        features = np.flatnonzero(live)
-    features = np.asarray(features, dtype=np.int64)
-    if features.size and (features.min() < 0 or features.max() >= values.shape[1]):
-        msg = f"features must be in [0, {values.shape[1]}); got {features.min()}..{features.max()}"
-        raise ValueError(msg)
-    V = values[keep][:, features].T  # (n_features, n_universe)
 
-    overlap = None
-    if method == "ora":
-        query = top_gene_mask(V, n_top_genes)
-        overlap, pvals, score = ora(query, M)
-        hits = query
-    elif method == "ulm":
-        score, pvals, names = ulm(V, net_df, universe, min_size)
-        score, pvals, M, terms = _align(score, pvals, names, M, terms)
-        hits = None
-    else:
-        score, pvals, names = prerank(
-            V, net_df, universe, min_size=min_size, max_size=max_size, permutations=permutations, seed=seed,
-            threads=threads, progress=progress,
-        )  # fmt: skip
-        score, pvals, M, terms = _align(score, pvals, names, M, terms)
-        hits = None
-    if method != "ora":
-        pvals = one_sided(score, pvals, method)
-    adjusted = fdr(pvals)
+# results
+def result_tables(
+    tested: Tested, maps: np.ndarray, universe: np.ndarray, features: np.ndarray, *, max_pval: float
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``best`` (each feature's lowest p-value, ties to the larger score) and ``results`` (``pval <= max_pval``).
 
-    def table(rows: np.ndarray, cols: np.ndarray) -> pd.DataFrame:
-        genes = []
-        for i, j in zip(rows, cols, strict=True):
-            members = M[j].indices
-            if hits is not None:
-                members = np.intersect1d(members, hits[i].indices)
-            members = members[np.argsort(-V[i, members], kind="stable")]
-            genes.append(";".join(universe[members[:20]]))
-        return pd.DataFrame(
-            {
-                "feature": features[rows],
-                "term": terms[cols].astype(str),
-                "score": score[rows, cols].astype(float),
-                "pval": pvals[rows, cols].astype(float),
-                "fdr": adjusted[rows, cols].astype(float),
-                "n_overlap": overlap[rows, cols] if overlap is not None else np.full(len(rows), -1),
-                "genes": genes,
-            }
-        )
-
+    ``maps`` is ``(n_features, n_universe)``; p-values are FDR-corrected across all features and terms together.
+    """
+    adjusted = fdr(tested.pvals)
     n = len(features)
-    if n:
-        # lowest p-value per feature; ties go to the larger score
-        best_cols = np.array([np.lexsort((-np.nan_to_num(score[i]), pvals[i]))[0] for i in range(n)])
-        best = table(np.arange(n), best_cols)
-        r, c = np.nonzero(pvals <= max_pval)
-        order = np.lexsort((-score[r, c], pvals[r, c]))
-        results = table(r[order], c[order])
-    else:
-        best = results = table(np.zeros(0, dtype=int), np.zeros(0, dtype=int))
+    if not n:
+        empty = _pair_table(tested, adjusted, maps, universe, features, np.zeros(0, dtype=int), np.zeros(0, dtype=int))
+        return empty, empty.reset_index(drop=True)
+    best_cols = np.array([np.lexsort((-np.nan_to_num(tested.score[i]), tested.pvals[i]))[0] for i in range(n)])
+    best = _pair_table(tested, adjusted, maps, universe, features, np.arange(n), best_cols)
+    r, c = np.nonzero(tested.pvals <= max_pval)
+    order = np.lexsort((-tested.score[r, c], tested.pvals[r, c]))
+    results = _pair_table(tested, adjusted, maps, universe, features, r[order], c[order])
+    return best, results.reset_index(drop=True)
 
-    adata = adata.copy() if copy else adata
-    key_added = key_added or f"{key}_L{layer}_{side}_enrichment"
-    adata.uns[key_added] = {
-        "best": best,
-        "results": results.reset_index(drop=True),
-        "params": {
-            "key": key,
-            "layer": int(layer),
-            "side": side,
-            "method": method,
-            "net": net_label,
-            "n_top_genes": int(n_top_genes),
-            "min_size": int(min_size),
-            "max_size": int(max_size),
-            "universe_size": len(universe),
-            "n_terms": len(terms),
-            "n_features": n,
-            "n_tests": int(pvals.size),
-        },
-    }
-    return adata if copy else None
+
+def _pair_table(
+    tested: Tested,
+    adjusted: np.ndarray,
+    maps: np.ndarray,
+    universe: np.ndarray,
+    features: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+) -> pd.DataFrame:
+    """One row per feature-term pair ``(rows[k], cols[k])`` (indices into ``tested``)."""
+    overlap = tested.overlap[rows, cols] if tested.overlap is not None else np.full(len(rows), -1)
+    return pd.DataFrame(
+        {
+            "feature": features[rows],
+            "term": tested.terms[cols].astype(str),
+            "score": tested.score[rows, cols].astype(float),
+            "pval": tested.pvals[rows, cols].astype(float),
+            "fdr": adjusted[rows, cols].astype(float),
+            "n_overlap": overlap,
+            "genes": _pair_genes(tested, maps, universe, rows, cols),
+        }
+    )
+
+
+def _pair_genes(
+    tested: Tested, maps: np.ndarray, universe: np.ndarray, rows: np.ndarray, cols: np.ndarray
+) -> list[str]:
+    """Per pair, up to 20 of the term's genes (ORA: those among the feature's top genes), highest in the map first."""
+    genes = []
+    for i, j in zip(rows, cols, strict=True):
+        members = tested.members[j].indices
+        if tested.hits is not None:
+            members = np.intersect1d(members, tested.hits[i].indices)
+        members = members[np.argsort(-maps[i, members], kind="stable")]
+        genes.append(";".join(universe[members[:20]]))
+    return genes

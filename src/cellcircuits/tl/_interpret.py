@@ -269,7 +269,7 @@ def interpret_features(
         enrichment_key = enrichment_uns(key, i, side)
         if enrichment_key not in adata.uns:
             feature_enrichment(
-                adata, net, layer=i, side=side, method=method, n_top_genes=n_top_genes, key=key,
+                adata, net, layers=i, side=side, method=method, n_top_genes=n_top_genes, key=key,
                 key_added=enrichment_key,
             )  # fmt: skip
         best = adata.uns[enrichment_key]["best"]
