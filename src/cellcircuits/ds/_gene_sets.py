@@ -285,7 +285,8 @@ def list_gene_sets() -> pd.DataFrame:
     ['markers_immune', 'markers_heart']
     """
     rows = []
-    for name, info in {**_COLLECTIONS, **_INSTALLED}.items():
+    collections: dict[str, _Collection | _Installed] = {**_COLLECTIONS, **_INSTALLED}
+    for name, info in collections.items():
         try:
             sets = _read_shipped(name)[0] if name in _COLLECTIONS else _read_installed(name)[0]
         except (ModuleNotFoundError, FileNotFoundError):

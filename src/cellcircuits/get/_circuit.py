@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 _EDGE_INDEX = ("group", "source", "target")
+_SUFFIX_FORMATS: dict[str, Literal["json", "graphml"]] = {".json": "json", ".graphml": "graphml"}
 _EDGE_COLUMNS = [*_EDGE_INDEX, "weight", "frequency", "via", "via_share"]
 
 
@@ -204,7 +205,7 @@ def write_circuit(
 
     path = Path(path)
     if format is None:
-        format = {".json": "json", ".graphml": "graphml"}.get(path.suffix.lower())
+        format = _SUFFIX_FORMATS.get(path.suffix.lower())
         if format is None:
             msg = f"cannot tell the format from {path.name!r}; use a .json or .graphml suffix or pass format="
             raise ValueError(msg)

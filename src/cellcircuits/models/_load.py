@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -165,7 +165,7 @@ def load(
             raise ModelLoadError(msg)
     source = str(local) if local is not None else name
     offline = bool(local_files_only) if local_files_only is not None else local is not None
-    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": offline, "revision": revision}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": offline, "revision": revision}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model_kwargs = dict(kwargs)
@@ -187,5 +187,8 @@ def load(
     adapter = ModelAdapter(model)
     prompt = PromptConfig.from_dir(local) if local is not None else _prompt_config_from_hub(name, revision, offline)
     device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    return C2SModel(model=model, tokenizer=tokenizer, adapter=adapter, prompt=prompt, name=name)
+    module: torch.nn.Module = model  # PreTrainedModel.to is typed through @wraps, which hides its binding
+    module.to(device).eval()
+    # a fast tokenizer, as checked above (is_fast)
+    fast_tokenizer = cast("PreTrainedTokenizerFast", tokenizer)
+    return C2SModel(model=model, tokenizer=fast_tokenizer, adapter=adapter, prompt=prompt, name=name)

@@ -182,6 +182,8 @@ def train_c2s(
     tokenizer = train_tokenizer((p + a for p, a in first), vocab_size=vocab_size)
     examples = encode_examples(tokenizer, first, config.append_eos)
     max_len = max(len(ids) for ids, _ in examples)
+    # rotary_pct is a named argument in transformers 4.x and a legacy keyword (read into rope_parameters) in 5.x
+    legacy_kwargs: dict[str, Any] = {"rotary_pct": 0.25}
     hf_config = GPTNeoXConfig(
         vocab_size=len(tokenizer),
         hidden_size=d_model,
@@ -190,7 +192,6 @@ def train_c2s(
         intermediate_size=d_mlp or 4 * d_model,
         # room for longer sentences than seen in training; rotary positions extrapolate poorly, so not much more
         max_position_embeddings=2 ** math.ceil(math.log2(max_len * 2)),
-        rotary_pct=0.25,
         use_parallel_residual=True,
         hidden_dropout=dropout,
         attention_dropout=0.0,  # dropout inside attention pushes SDPA onto a path ~3x slower on CPU
@@ -198,9 +199,12 @@ def train_c2s(
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **legacy_kwargs,
     )
     device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = GPTNeoXForCausalLM(hf_config).to(device)
+    model = GPTNeoXForCausalLM(hf_config)
+    module: torch.nn.Module = model  # PreTrainedModel.to is typed through @wraps, which hides its binding
+    module.to(device)  # in place, as Module.to is
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(

@@ -11,7 +11,7 @@ import pandas as pd
 from scipy import sparse
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Collection, Iterator, Sequence
 
     from anndata import AnnData
 
@@ -24,7 +24,7 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 
 
-def name_hashes(names: Sequence[str]) -> np.ndarray:
+def name_hashes(names: Collection[str]) -> np.ndarray:
     """Stable 64-bit hashes of strings (Python's ``hash`` is salted per process, so it would not reproduce)."""
     return np.fromiter(
         (int.from_bytes(hashlib.blake2b(str(n).encode(), digest_size=8).digest(), "little") for n in names),
@@ -83,7 +83,7 @@ def rank_genes(
 
 
 def _check_block(block: np.ndarray | sparse.spmatrix, where: str) -> None:
-    values = block.data if sparse.issparse(block) else np.asarray(block)
+    values = np.asarray(block.data if sparse.issparse(block) else block)
     if values.size == 0:
         return
     if not np.all(np.isfinite(values)):
