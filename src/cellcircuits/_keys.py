@@ -64,6 +64,11 @@ def enrichment_uns(key: str, layer: int, side: Literal["in", "out"]) -> str:
     return f"{gene_map_varm(key, layer, side)}_enrichment"
 
 
+def embedding_obsm(basis: str) -> str:
+    """``.obsm`` key of an embedding, as scanpy names it (``"umap"``: ``"X_umap"``)."""
+    return f"X_{basis}"
+
+
 # lookups with clear errors
 def feature_matrix(adata: AnnData, key: str, layer: int) -> np.ndarray | sparse.spmatrix:
     """The cells x features activations :func:`cellcircuits.tl.transcode` wrote for a layer; clear error if absent."""
@@ -81,6 +86,14 @@ def gene_map(adata: AnnData, key: str, layer: int, side: Literal["in", "out"]) -
         msg = f".varm[{varm_key!r}] not found; run cellcircuits.tl.transcode(adata, model, transcoders) first."
         raise KeyError(msg)
     return np.asarray(adata.varm[varm_key], dtype=np.float64)
+
+
+def enrichment_result(adata: AnnData, key: str) -> dict:
+    """The result :func:`cellcircuits.tl.feature_enrichment` stored under ``key``, with a clear error when absent."""
+    if key not in adata.uns or "results" not in adata.uns[key]:
+        msg = f"No enrichment under .uns[{key!r}]; run cellcircuits.tl.feature_enrichment first."
+        raise KeyError(msg)
+    return adata.uns[key]
 
 
 def transcode_result(adata: AnnData, key: str) -> dict:

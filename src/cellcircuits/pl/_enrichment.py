@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .._docs import doc_params
+from .._keys import enrichment_result
 from ._plotter import Plotter
 from ._utils import feature_label
 
@@ -18,14 +19,6 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
-
-
-def enrichment_result(adata: AnnData, key: str) -> dict:
-    """The result :func:`cellcircuits.tl.feature_enrichment` stored under ``key``, with a clear error when absent."""
-    if key not in adata.uns or "results" not in adata.uns[key]:
-        msg = f"No enrichment under .uns[{key!r}]; run cellcircuits.tl.feature_enrichment first."
-        raise KeyError(msg)
-    return adata.uns[key]
 
 
 def _shorten(text: str, width: int) -> str:

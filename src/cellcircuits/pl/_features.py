@@ -10,7 +10,7 @@ from scipy import sparse
 
 from .._compat import model_layers_renamed
 from .._docs import doc_params
-from .._keys import feature_matrix, gene_map
+from .._keys import embedding_obsm, feature_matrix, gene_map
 from ..get._rank_features import ranking
 from ._plotter import Plotter
 from ._utils import feature_label
@@ -22,11 +22,6 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
-
-
-def _embedding_obsm(basis: str) -> str:
-    """``.obsm`` key of an embedding, as scanpy names it (``"umap"``: ``"X_umap"``)."""
-    return f"X_{basis}"
 
 
 def _column(X: object, j: int) -> np.ndarray:
@@ -79,7 +74,7 @@ def feature_embedding(
     {plot_returns}
     """
     X = feature_matrix(adata, key, layers)
-    emb_key = _embedding_obsm(basis)
+    emb_key = embedding_obsm(basis)
     if emb_key not in adata.obsm:
         msg = f".obsm[{emb_key!r}] not found; compute it (e.g. sc.tl.umap) or pass basis=<a key of .obsm without X_>."
         raise KeyError(msg)
