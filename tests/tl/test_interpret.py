@@ -141,3 +141,12 @@ def test_shared_spelling():
     assert shared_spelling(["HNRNPA1", "HNRNPK", "HNRNPF", "LYZ"]) == ("HNR", 0.75)
     assert shared_spelling(["CD14", "LYZ", "FCN1"]) == ("CD1", pytest.approx(1 / 3))  # ties: first in order
     assert shared_spelling([]) == ("", 0.0)
+
+
+def test_old_layer_spelling_warns_and_gives_the_same_table(featured):
+    adata, sets = featured
+    cc.tl.interpret_features(adata, layers=0, net=sets, n_top_genes=20, key_added="new")
+    with pytest.warns(FutureWarning, match=r"interpret_features\(layer=\.\.\.\) is deprecated"):
+        cc.tl.interpret_features(adata, layer=0, net=sets, n_top_genes=20, key_added="old")
+    pd.testing.assert_frame_equal(adata.uns["old"]["features"], adata.uns["new"]["features"])
+    np.testing.assert_array_equal(adata.uns["old"]["params"]["layers"], [0])

@@ -97,3 +97,18 @@ def test_torch_threads_survive_scanpy(featured):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_old_layer_spelling_warns_and_gives_the_same_ranking(featured):
+    cc.tl.rank_features_groups(featured, "type", layers=2, key_added="new")
+    with pytest.warns(FutureWarning, match=r"rank_features_groups\(layer=\.\.\.\) is deprecated"):
+        cc.tl.rank_features_groups(featured, "type", layer=2, key_added="old")
+    for g in ("a", "b", "c"):
+        new = cc.get.rank_features_groups_df(featured, g, key="new")
+        pd.testing.assert_frame_equal(cc.get.rank_features_groups_df(featured, g, key="old"), new)
+    cc.tl.rank_features_groups(featured, "type", layers=[2], key_added="one")  # one layer in a list
+    assert featured.uns["one"]["params"]["layer"] == 2
+    with pytest.raises(TypeError, match="both layer= and layers="):
+        cc.tl.rank_features_groups(featured, "type", layer=2, layers=2)
+    with pytest.raises(TypeError, match="one model layer"):
+        cc.tl.rank_features_groups(featured, "type", layers=[1, 2])
