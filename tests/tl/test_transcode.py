@@ -8,15 +8,9 @@ import pytest
 import torch
 
 import cellcircuits as cc
-from cellcircuits.models import record, tokenize_prompts
+from cellcircuits.models import distinguishing_tokens, identifying_offsets, record, tokenize_prompts
 from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet
-from cellcircuits.transcoders._features import (
-    direct_logit_effects,
-    distinguishing_tokens,
-    gene_logit_effects,
-    identifying_offsets,
-    norm_scale,
-)
+from cellcircuits.transcoders._features import direct_logit_effects, gene_logit_effects, norm_scale
 
 
 @pytest.fixture

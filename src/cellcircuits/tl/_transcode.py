@@ -9,13 +9,9 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from scipy import sparse
 
+from ..models._spelling import distinguishing_tokens, identifying_offsets
 from ..pp._sentences import gene_names
-from ..transcoders._features import (
-    cell_and_gene_features,
-    distinguishing_tokens,
-    gene_logit_effects,
-    identifying_offsets,
-)
+from ..transcoders._features import cell_and_gene_features, gene_logit_effects
 from ._cells import cell_prompts, check_cells, check_data_layer
 
 if TYPE_CHECKING:
@@ -143,7 +139,7 @@ def transcode(
         their first tokens (" HLA", " RPL", " CD"), which do not tell them apart, so the effects are averaged over
         the gene's tokens from the first one whose prefix no other gene shares to the end of the gene (the last token
         for a gene whose spelling prefixes another's); see
-        :func:`cellcircuits.transcoders._features.distinguishing_tokens`.
+        :func:`cellcircuits.models.distinguishing_tokens`.
     ``.uns[key_added]`` : :class:`dict`
         ``params``, each layer's transcoder config, a ``content_hash`` of the transcoder weights, the package
         ``version``, ``unseen_genes``, ``unspellable_genes`` (spelled with the tokenizer's unknown token), and the
