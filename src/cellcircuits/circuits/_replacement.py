@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from ..models._load import C2SModel
-    from ..transcoders._transcoder import Transcoder, TranscoderSet
+    from ..transcoders._transcoder import Transcoder
+    from ..transcoders._transcoder_set import TranscoderSet
 
 #: Largest ``batch x positions x n_features`` for which feature attributions use one dense matmul.
 DENSE_DOTS_MAX = 2**26

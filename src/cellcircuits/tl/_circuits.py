@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ..circuits._graph import Graph
     from ..models._load import C2SModel
     from ..models._tokens import TokenizedPrompt
-    from ..transcoders._transcoder import TranscoderSet
+    from ..transcoders._transcoder_set import TranscoderSet
 
 MARKER_COLLECTIONS = ("markers_immune", "markers_heart")
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from ..models._load import C2SModel
-    from ..transcoders._transcoder import TranscoderSet
+    from ..transcoders._transcoder_set import TranscoderSet
 
 
 def rotating_answers(model: C2SModel, n_cells: int) -> list[list[int]] | None:

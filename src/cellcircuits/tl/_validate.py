@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from ..models._load import C2SModel
     from ..models._tokens import TokenizedPrompt
-    from ..transcoders._transcoder import TranscoderSet
+    from ..transcoders._transcoder_set import TranscoderSet
 
 
 def active_names(run_acts: dict[int, torch.Tensor], prompt: TokenizedPrompt, label: str) -> dict[int, tuple]:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..models._adapter import ModelAdapter
     from ..models._load import C2SModel
     from ..models._tokens import TokenizedPrompt
-    from ._transcoder import TranscoderSet
+    from ._transcoder_set import TranscoderSet
 
 Pool = Literal["max", "mean", "sum"]
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..models._load import C2SModel
-    from ._transcoder import TranscoderSet
+    from ._transcoder_set import TranscoderSet
 
 MODES = ("transcoder", "zero", "mean")
 
