@@ -5,6 +5,7 @@ Nothing here knows about AnnData; :mod:`cellcircuits.tl` maps cells to prompts a
 
 from ._graph import Graph, attribution_graph
 from ._intervene import CleanRun, clean_run, edited_features, run_edits
+from ._kinds import NodeKind
 from ._prune import (
     completeness_score,
     edge_influence,
@@ -34,6 +35,7 @@ __all__ = [
     "Graph",
     "LabelTarget",
     "LogitTarget",
+    "NodeKind",
     "Nodes",
     "ReplacementModel",
     "ViaHeads",

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from ..models._adapter import HookPoint, ModelAdapter
 from ..models._hooks import record
+from ._kinds import NodeKind
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -38,9 +39,6 @@ if TYPE_CHECKING:
 
 #: Largest ``batch x positions x n_features`` for which feature attributions use one dense matmul.
 DENSE_DOTS_MAX = 2**26
-
-#: Node kinds, in the order they appear in :class:`Nodes`.
-KINDS = ("token", "feature", "error")
 
 
 # targets
@@ -91,7 +89,7 @@ class Nodes:
     """
 
     kind: np.ndarray
-    """``(n_nodes,)`` ``"token"``, ``"feature"`` or ``"error"``."""
+    """``(n_nodes,)`` ``"token"``, ``"feature"`` or ``"error"`` (:attr:`NodeKind.tag`)."""
     layer: np.ndarray
     """Layer whose MLP writes the node; -1 for tokens."""
     position: np.ndarray
@@ -369,10 +367,11 @@ class ReplacementModel:
 
     def _build_nodes(self) -> Nodes:
         T = self.n_positions
-        blocks: list[tuple] = [("token", -1, np.arange(T), np.full(T, -1), np.full(T, np.nan))]
+        token, feature, error = NodeKind.TOKEN.tag, NodeKind.FEATURE.tag, NodeKind.ERROR.tag
+        blocks: list[tuple] = [(token, -1, np.arange(T), np.full(T, -1), np.full(T, np.nan))]
         for m, f in self.features.items():
-            blocks.append(("feature", m, f.position.cpu().numpy(), f.feature.cpu().numpy(), f.activation.cpu().numpy()))
-        blocks += [("error", m, np.arange(T), np.full(T, -1), np.full(T, np.nan)) for m in range(self.n_layers)]
+            blocks.append((feature, m, f.position.cpu().numpy(), f.feature.cpu().numpy(), f.activation.cpu().numpy()))
+        blocks += [(error, m, np.arange(T), np.full(T, -1), np.full(T, np.nan)) for m in range(self.n_layers)]
         sizes = np.array([len(b[2]) for b in blocks])
         starts = np.concatenate([[0], sizes.cumsum()])
         where = {(b[0], b[1]): slice(int(starts[i]), int(starts[i + 1])) for i, b in enumerate(blocks)}
@@ -382,9 +381,9 @@ class ReplacementModel:
             position=np.concatenate([b[2] for b in blocks]).astype(np.int64),
             feature=np.concatenate([b[3] for b in blocks]).astype(np.int64),
             activation=np.concatenate([b[4] for b in blocks]).astype(np.float32),
-            token_slice=where["token", -1],
-            feature_slices={m: where["feature", m] for m in self.features},
-            error_slices={m: where["error", m] for m in range(self.n_layers)},
+            token_slice=where[token, -1],
+            feature_slices={m: where[feature, m] for m in self.features},
+            error_slices={m: where[error, m] for m in range(self.n_layers)},
         )
 
     @property
