@@ -6,6 +6,7 @@ Nothing here knows about AnnData; :mod:`cellcircuits.tl` maps cells to prompts a
 from ._graph import Graph, attribution_graph
 from ._intervene import CleanRun, clean_run, edited_features, run_edits
 from ._kinds import NodeKind
+from ._nodes import Nodes
 from ._prune import (
     completeness_score,
     edge_influence,
@@ -15,17 +16,8 @@ from ._prune import (
     prune_graph,
     replacement_score,
 )
-from ._replacement import (
-    Attribution,
-    FeaturePair,
-    FeatureTarget,
-    LogitTarget,
-    Nodes,
-    ReplacementModel,
-    ViaHeads,
-    feature_pair,
-)
-from ._targets import LabelTarget, label_target
+from ._replacement import Attribution, FeaturePair, ReplacementModel, ViaHeads, feature_pair
+from ._targets import FeatureTarget, LabelTarget, LogitTarget, label_target
 
 __all__ = [
     "Attribution",

@@ -11,10 +11,11 @@ from scipy import sparse
 
 from ._kinds import NodeKind
 from ._prune import completeness_score, prune_graph, replacement_score
-from ._replacement import FeatureTarget
+from ._targets import FeatureTarget
 
 if TYPE_CHECKING:
-    from ._replacement import ReplacementModel, Target
+    from ._replacement import ReplacementModel
+    from ._targets import Target
 
 
 @dataclass(eq=False)

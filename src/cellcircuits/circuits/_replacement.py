@@ -14,8 +14,7 @@ Gemma-2's final logit softcap is not affine: logit targets are read *before* the
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -25,191 +24,23 @@ from torch.nn import functional as F
 
 from ..models._adapter import HookPoint, ModelAdapter
 from ..models._hooks import record
-from ._kinds import NodeKind
+from ._frozen import eager_attention, freeze_attention, freeze_norm
+from ._nodes import active_features, build_nodes
+from ._targets import FeatureTarget, Readout
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Sequence
 
-    import pandas as pd
     from transformers import PreTrainedModel
 
     from ..models._load import C2SModel
-    from ..transcoders._transcoder import Transcoder
     from ..transcoders._transcoder_set import TranscoderSet
+    from ._frozen import FrozenAttention
+    from ._nodes import ActiveFeatures
+    from ._targets import Target
 
 #: Largest ``batch x positions x n_features`` for which feature attributions use one dense matmul.
 DENSE_DOTS_MAX = 2**26
-
-
-# targets
-@dataclass(frozen=True)
-class FeatureTarget:
-    """The pre-activation of one transcoder feature at one position (read at its layer's MLP input)."""
-
-    layer: int
-    position: int
-    feature: int
-
-
-@dataclass(frozen=True)
-class LogitTarget:
-    """``logit[token] - mean(logit[competitors])`` at one position, before any final logit softcap.
-
-    With no competitors it is the plain logit of ``token``.
-    """
-
-    position: int
-    token: int
-    competitors: tuple[int, ...] = ()
-
-
-Target = FeatureTarget | LogitTarget
-
-
-class _Readout(NamedTuple):
-    """``K`` targets as linear readouts: ``weight[k] · point[layer[k]][position[k]] + const[k]``.
-
-    ``layer[k]`` is a layer index for a feature target (its MLP input) or ``n_layers`` for a logit target (the
-    final norm's output).
-    """
-
-    layer: torch.Tensor
-    position: torch.Tensor
-    weight: torch.Tensor
-    const: torch.Tensor
-
-
-# nodes
-@dataclass(frozen=True, eq=False)
-class Nodes:
-    """The sources of one prompt's replacement model, indexed once: tokens, then features, then errors.
-
-    Features are ordered by layer, then position, then feature id; there is one error node per (layer, position)
-    for every layer, covered or not.
-    """
-
-    kind: np.ndarray
-    """``(n_nodes,)`` ``"token"``, ``"feature"`` or ``"error"`` (:attr:`NodeKind.tag`)."""
-    layer: np.ndarray
-    """Layer whose MLP writes the node; -1 for tokens."""
-    position: np.ndarray
-    """Token position."""
-    feature: np.ndarray
-    """Feature id; -1 for tokens and errors."""
-    activation: np.ndarray
-    """Feature activation; NaN for tokens and errors."""
-    token_slice: slice
-    """Where the token nodes are (the first ``n_positions``)."""
-    feature_slices: dict[int, slice]
-    """Per covered layer, where its feature nodes are."""
-    error_slices: dict[int, slice]
-    """Per layer, where its ``n_positions`` error nodes are."""
-    _lookup: dict[tuple, int] = field(default_factory=dict, repr=False, compare=False)
-
-    def __len__(self) -> int:
-        return len(self.kind)
-
-    def index(self, kind: str, layer: int = -1, position: int = 0, feature: int = -1) -> int:
-        """Index of a node, e.g. ``nodes.index("feature", 2, 15, 301)``; a KeyError when there is none."""
-        if not self._lookup:
-            keys = zip(
-                self.kind.tolist(), self.layer.tolist(), self.position.tolist(), self.feature.tolist(), strict=True
-            )
-            self._lookup.update({key: i for i, key in enumerate(keys)})
-        key = (kind, int(layer), int(position), int(feature))
-        if key not in self._lookup:
-            msg = f"no {kind} node at layer {layer}, position {position}, feature {feature} (inactive?)"
-            raise KeyError(msg)
-        return self._lookup[key]
-
-    def to_frame(self) -> pd.DataFrame:
-        """The node table as a ``pandas.DataFrame``."""
-        import pandas as pd
-
-        cols = ("kind", "layer", "position", "feature", "activation")
-        return pd.DataFrame({c: getattr(self, c) for c in cols})
-
-
-class _ActiveFeatures(NamedTuple):
-    """The active features of one layer, sorted by position then feature id."""
-
-    position: torch.Tensor
-    feature: torch.Tensor
-    activation: torch.Tensor
-    pre_activation: torch.Tensor
-    offsets: torch.Tensor
-    """``(n_positions,)`` index of each position's first entry (bags for ``embedding_bag``)."""
-
-
-# frozen nonlinearities
-@dataclass
-class _FrozenNorm:
-    """A layer norm with its per-position scale frozen: an affine map of its input."""
-
-    scale: torch.Tensor
-    """``(n_positions,)`` recorded ``sqrt(var + eps)`` (LayerNorm) or ``sqrt(mean(x^2) + eps)`` (RMSNorm)."""
-    gain: torch.Tensor
-    bias: torch.Tensor | None
-    centre: bool
-
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor | None = None, *, bias: bool = True) -> torch.Tensor:
-        """Normalise ``x`` (``(..., n_positions, d)``, or ``(S, d)`` at ``positions``); ``bias=False``: linear part."""
-        if self.centre:
-            x = x - x.mean(-1, keepdim=True)
-        scale = self.scale if positions is None else self.scale[positions]
-        y = x / scale[:, None] * self.gain
-        return y + self.bias if bias and self.bias is not None else y
-
-
-def _freeze_norm(module: nn.Module, x: torch.Tensor, *, gemma: bool) -> _FrozenNorm:
-    """Freeze ``module`` at the scales of its recorded input ``x`` (``(n_positions, d)``)."""
-    centre = isinstance(module, nn.LayerNorm)
-    eps = next(float(getattr(module, n)) for n in ("eps", "variance_epsilon") if hasattr(module, n))
-    x = x.float()
-    var = x.var(-1, unbiased=False) if centre else x.pow(2).mean(-1)
-    weight = module.weight
-    gain = weight.detach().float() if weight is not None else x.new_ones(x.shape[-1])
-    if gemma:
-        gain = 1.0 + gain  # Gemma's RMSNorm scales by (1 + weight)
-    b = getattr(module, "bias", None)
-    return _FrozenNorm((var + eps).sqrt(), gain, b.detach().float() if b is not None else None, centre)
-
-
-class _FrozenAttention(NamedTuple):
-    """One layer's attention with its patterns frozen: affine in its (normed) input."""
-
-    pattern: torch.Tensor
-    """``(n_heads, n_positions, n_positions)`` recorded pattern, ``[head, query, key]``."""
-    W_V: torch.Tensor
-    """``(n_heads, d_model, d_head)``, the key/value head each query head reads (GQA expanded)."""
-    W_O: torch.Tensor
-    b_V: torch.Tensor
-    b_O: torch.Tensor
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, T, d)`` output of the attention block (before any post-attention norm)."""
-        H, T = self.pattern.shape[:2]
-        v = torch.einsum("btd,hde->htbe", x, self.W_V) + self.b_V[:, None, None]
-        # batch rows side by side: one (T, T) @ (T, B * d_head) product per head, the pattern never copied
-        z = (self.pattern @ v.reshape(H, T, -1)).view(v.shape)
-        return torch.einsum("htbe,hed->btd", z, self.W_O) + self.b_O
-
-
-def _freeze_attention(adapter: ModelAdapter, layer: int, pattern: torch.Tensor) -> _FrozenAttention:
-    w = adapter.attention_weights(layer)
-    kv = torch.tensor([adapter.kv_head(h) for h in range(adapter.n_heads)], device=w.W_V.device)
-    return _FrozenAttention(pattern.float(), w.W_V[kv].float(), w.W_O.float(), w.b_V[kv].float(), w.b_O.float())
-
-
-@contextmanager
-def _eager_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Run the model with eager attention (the only kind that returns patterns), then restore its setting."""
-    old = model.config._attn_implementation
-    model.config._attn_implementation = "eager"
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = old
 
 
 # results
@@ -224,7 +55,8 @@ class Attribution:
     values: torch.Tensor
     """``(n_targets,)`` target values in the frozen model (logit targets before the softcap)."""
     matrix: torch.Tensor
-    """``(n_targets, n_nodes)`` direct attribution of each target to each node (:class:`Nodes` order)."""
+    """``(n_targets, n_nodes)`` direct attribution of each target to each node (in the order of
+    :class:`~cellcircuits.circuits.Nodes`)."""
     bias: torch.Tensor
     """``(n_targets,)`` the constant part: the target in the frozen model with every source zeroed."""
 
@@ -284,9 +116,9 @@ class ReplacementModel:
         transcoders: TranscoderSet,
         input_ids: torch.Tensor,
         embed: torch.Tensor,
-        attention: list[_FrozenAttention],
+        attention: list[FrozenAttention],
         norms: dict,
-        features: dict[int, _ActiveFeatures],
+        features: dict[int, ActiveFeatures],
         errors: torch.Tensor,
     ) -> None:
         self.adapter = adapter
@@ -300,7 +132,7 @@ class ReplacementModel:
         self.n_layers = adapter.n_layers
         self.n_positions = int(input_ids.shape[0])
         self.uncovered_layers = [m for m in range(self.n_layers) if m not in features]
-        self.nodes = self._build_nodes()
+        self.nodes = build_nodes(features, self.n_positions, self.n_layers)
         self._decoders: dict[int, torch.Tensor] = {}
 
     @classmethod
@@ -347,44 +179,23 @@ class ReplacementModel:
             **{(m, "mlp_in"): adapter.mlp_in(m) for m in range(adapter.n_layers)},
             **{(m, "mlp_out"): adapter.mlp_out(m) for m in range(adapter.n_layers)},
         }
-        with _eager_attention(hf), record(hf, list(points.values())) as rec:
+        with eager_attention(hf), record(hf, list(points.values())) as rec:
             out = hf(input_ids=ids[None], output_attentions=True, use_cache=False)
         got = {key: rec[p][0][0].float() for key, p in points.items()}
         if out.attentions is None or len(out.attentions) != adapter.n_layers:
             msg = "the model did not return its attention patterns (output_attentions=True with eager attention)"
             raise RuntimeError(msg)
         layer_norms = [key for key in got if isinstance(key, tuple) and key[1] in norm_parts]
-        norms: dict = {(m, p): _freeze_norm(adapter.module(m, p), got[m, p], gemma=gemma) for m, p in layer_norms}
-        norms["final"] = _freeze_norm(adapter.final_norm, got["final"], gemma=gemma)
-        attention = [_freeze_attention(adapter, m, out.attentions[m][0]) for m in range(adapter.n_layers)]
+        norms: dict = {(m, p): freeze_norm(adapter.module(m, p), got[m, p], gemma=gemma) for m, p in layer_norms}
+        norms["final"] = freeze_norm(adapter.final_norm, got["final"], gemma=gemma)
+        attention = [freeze_attention(adapter, m, out.attentions[m][0]) for m in range(adapter.n_layers)]
         errors = torch.stack([got[m, "mlp_out"] for m in range(adapter.n_layers)])
         features = {}
         for m, tc in transcoders.items():
-            feats, prediction = _active_features(tc, got[m, "mlp_in"])
+            feats, prediction = active_features(tc, got[m, "mlp_in"])
             features[m] = feats
             errors[m] -= prediction
         return cls(adapter, transcoders, ids, got["embed"], attention, norms, features, errors)
-
-    def _build_nodes(self) -> Nodes:
-        T = self.n_positions
-        token, feature, error = NodeKind.TOKEN.tag, NodeKind.FEATURE.tag, NodeKind.ERROR.tag
-        blocks: list[tuple] = [(token, -1, np.arange(T), np.full(T, -1), np.full(T, np.nan))]
-        for m, f in self.features.items():
-            blocks.append((feature, m, f.position.cpu().numpy(), f.feature.cpu().numpy(), f.activation.cpu().numpy()))
-        blocks += [(error, m, np.arange(T), np.full(T, -1), np.full(T, np.nan)) for m in range(self.n_layers)]
-        sizes = np.array([len(b[2]) for b in blocks])
-        starts = np.concatenate([[0], sizes.cumsum()])
-        where = {(b[0], b[1]): slice(int(starts[i]), int(starts[i + 1])) for i, b in enumerate(blocks)}
-        return Nodes(
-            kind=np.concatenate([np.full(n, b[0], dtype=object) for b, n in zip(blocks, sizes, strict=True)]),
-            layer=np.concatenate([np.full(n, b[1]) for b, n in zip(blocks, sizes, strict=True)]).astype(np.int64),
-            position=np.concatenate([b[2] for b in blocks]).astype(np.int64),
-            feature=np.concatenate([b[3] for b in blocks]).astype(np.int64),
-            activation=np.concatenate([b[4] for b in blocks]).astype(np.float32),
-            token_slice=where[token, -1],
-            feature_slices={m: where[feature, m] for m in self.features},
-            error_slices={m: where[error, m] for m in range(self.n_layers)},
-        )
 
     @property
     def device(self) -> torch.device:
@@ -449,7 +260,7 @@ class ReplacementModel:
         self,
         embed: torch.Tensor,
         writes: list[torch.Tensor],
-        readout: _Readout | None,
+        readout: Readout | None,
         *,
         probes: list[torch.Tensor] | None = None,
         final: bool = False,
@@ -521,7 +332,7 @@ class ReplacementModel:
 
     __call__ = forward
 
-    def _readout(self, targets: Sequence[Target]) -> _Readout:
+    def _readout(self, targets: Sequence[Target]) -> Readout:
         layer, position, weight, const = [], [], [], []
         unembed = self.adapter.unembed
         for t in targets:
@@ -545,7 +356,7 @@ class ReplacementModel:
             weight.append(w.detach().to(self.device))
             const.append(c.detach().to(self.device))
         as_long = {"dtype": torch.long, "device": self.device}
-        return _Readout(
+        return Readout(
             torch.tensor(layer, **as_long), torch.tensor(position, **as_long), torch.stack(weight), torch.stack(const)
         )
 
@@ -570,7 +381,7 @@ class ReplacementModel:
 
     # attribution
     def _gradients(
-        self, readout: _Readout, *, probes: bool = False
+        self, readout: Readout, *, probes: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
         """Target values and their gradients, one target per batch row (each row seeds only its own target).
 
@@ -730,24 +541,11 @@ class ReplacementModel:
         return ViaHeads(torch.cat([heads, residual[:, None], skipped[:, None]], 1).cpu(), columns, total.cpu())
 
 
-def _read(x: torch.Tensor, readout: _Readout, layer: int) -> torch.Tensor:
+def _read(x: torch.Tensor, readout: Readout, layer: int) -> torch.Tensor:
     """``(B, K)`` the readouts taken at ``layer`` (zero for the others) from ``x`` (``(B, T, d)``)."""
     k = (readout.layer == layer).nonzero().squeeze(1)
     vals = (x[:, readout.position[k]] * readout.weight[k]).sum(-1)
     return x.new_zeros(x.shape[0], len(readout.layer)).index_add(1, k, vals)
-
-
-@torch.no_grad()
-def _active_features(tc: Transcoder, x: torch.Tensor) -> tuple[_ActiveFeatures, torch.Tensor]:
-    """The active features of ``x`` (``(T, d)`` MLP inputs) and the transcoder's ``(T, d)`` prediction."""
-    out = tc(x.to(device=tc.W_enc.device, dtype=tc.W_enc.dtype))
-    position, feature = (out.features != 0).nonzero(as_tuple=True)  # row-major: by position, then feature
-    dev = x.device
-    act = out.features[position, feature].float().to(dev)
-    pre = out.pre_acts[position, feature].float().to(dev)
-    position, feature = position.to(dev), feature.to(dev)
-    offsets = torch.searchsorted(position, torch.arange(x.shape[0], device=dev))
-    return _ActiveFeatures(position, feature, act, pre, offsets), out.output.float().to(dev)
 
 
 class FeaturePair(NamedTuple):

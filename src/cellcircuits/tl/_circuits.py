@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from ..circuits._graph import attribution_graph
-from ..circuits._replacement import LogitTarget, ReplacementModel
-from ..circuits._targets import label_target
+from ..circuits._replacement import ReplacementModel
+from ..circuits._targets import LogitTarget, label_target
 from ..models._tokens import label_token_ids
 from ._cells import cell_prompts, check_cells
 
