@@ -3,6 +3,7 @@
 Nothing here knows about AnnData; :mod:`cellcircuits.tl` maps cells to prompts and graphs back to genes.
 """
 
+from ._feature_pair import FeaturePair, feature_pair
 from ._graph import Graph, attribution_graph
 from ._intervene import CleanRun, clean_run, edited_features, run_edits
 from ._kinds import NodeKind
@@ -16,7 +17,7 @@ from ._prune import (
     prune_graph,
     replacement_score,
 )
-from ._replacement import Attribution, FeaturePair, ReplacementModel, ViaHeads, feature_pair
+from ._replacement import Attribution, ReplacementModel, ViaHeads
 from ._targets import FeatureTarget, LabelTarget, LogitTarget, label_target
 
 __all__ = [
