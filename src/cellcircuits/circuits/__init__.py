@@ -3,6 +3,7 @@
 Nothing here knows about AnnData; :mod:`cellcircuits.tl` maps cells to prompts and graphs back to genes.
 """
 
+from ._attribute import Attribution
 from ._feature_pair import FeaturePair, feature_pair
 from ._graph import Graph, attribution_graph
 from ._intervene import CleanRun, clean_run, edited_features, run_edits
@@ -17,8 +18,9 @@ from ._prune import (
     prune_graph,
     replacement_score,
 )
-from ._replacement import Attribution, ReplacementModel, ViaHeads
+from ._replacement import ReplacementModel
 from ._targets import FeatureTarget, LabelTarget, LogitTarget, label_target
+from ._via_heads import ViaHeads
 
 __all__ = [
     "Attribution",

@@ -10,23 +10,26 @@ difference) is a linear readout of it, so its value splits exactly into one attr
 · gradient of the target at the point the source writes to) plus a constant bias term.
 
 Gemma-2's final logit softcap is not affine: logit targets are read *before* the softcap.
+
+This module holds the recorded model and its frozen forward pass; :class:`ReplacementModel` takes its attribution
+methods from :mod:`._attribute` (direct attributions) and :mod:`._via_heads` (direct edges split by attention head).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..models._adapter import HookPoint, ModelAdapter
 from ..models._hooks import record
+from ._attribute import AttributionMixin
 from ._frozen import eager_attention, freeze_attention, freeze_norm
 from ._nodes import active_features, build_nodes
 from ._targets import FeatureTarget, Readout
+from ._via_heads import ViaHeadsMixin
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -39,47 +42,8 @@ if TYPE_CHECKING:
     from ._nodes import ActiveFeatures
     from ._targets import Target
 
-#: Largest ``batch x positions x n_features`` for which feature attributions use one dense matmul.
-DENSE_DOTS_MAX = 2**26
 
-
-# results
-@dataclass(eq=False)
-class Attribution:
-    """Direct attributions of targets to the nodes of one prompt's replacement model.
-
-    ``values[k] == matrix[k].sum() + bias[k]`` up to float rounding (see :meth:`residual`).
-    """
-
-    targets: list[Target]
-    values: torch.Tensor
-    """``(n_targets,)`` target values in the frozen model (logit targets before the softcap)."""
-    matrix: torch.Tensor
-    """``(n_targets, n_nodes)`` direct attribution of each target to each node (in the order of
-    :class:`~cellcircuits.circuits.Nodes`)."""
-    bias: torch.Tensor
-    """``(n_targets,)`` the constant part: the target in the frozen model with every source zeroed."""
-
-    def residual(self) -> torch.Tensor:
-        """``values - matrix.sum(1) - bias``: zero up to float rounding."""
-        return self.values - self.matrix.sum(1) - self.bias
-
-
-@dataclass(eq=False)
-class ViaHeads:
-    """Direct edges split by the first attention head they pass through."""
-
-    values: torch.Tensor
-    """``(n_sources, n_layers * n_heads + 2)``; the columns add up to :attr:`total`."""
-    columns: list[str]
-    """``"L{layer}.H{head}"`` per head, then ``"residual"`` (no attention, no skip) and ``"skip"`` (no attention,
-    through at least one transcoder skip connection)."""
-    total: torch.Tensor
-    """``(n_sources,)`` the direct edge weights."""
-
-
-# the model
-class ReplacementModel:
+class ReplacementModel(AttributionMixin, ViaHeadsMixin):
     """The frozen linear replacement model of one prompt; build it with :meth:`record`.
 
     Parameters
@@ -378,167 +342,6 @@ class ReplacementModel:
         s = self._node_scale(node_scale)
         values, _ = self._run(*self._sources(s), self._readout(targets))
         return values if node_scale is not None and torch.as_tensor(node_scale).ndim == 2 else values[0]
-
-    # attribution
-    def _gradients(
-        self, readout: Readout, *, probes: bool = False
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
-        """Target values and their gradients, one target per batch row (each row seeds only its own target).
-
-        Returns the ``(B,)`` values, the gradients at the embedding and at each layer's MLP write (``(B, T, d)``
-        each, the embedding's first), and with ``probes`` at each layer's attention output before any post-norm.
-        """
-        B = len(readout.layer)
-        embed, writes = self._sources(self._node_scale(None))
-        leaves = [t.expand(B, *t.shape[1:]).clone().requires_grad_() for t in (embed, *writes)]
-        probe = [torch.zeros_like(leaves[0], requires_grad=True) for _ in range(self.n_layers)] if probes else None
-        with torch.enable_grad():
-            values, _ = self._run(leaves[0], leaves[1:], readout, probes=probe)
-            values = values.diagonal()
-            grads = torch.autograd.grad(values.sum(), leaves + (probe or []), allow_unused=True)
-        grads = [g if g is not None else torch.zeros_like(leaves[0]) for g in grads]
-        n = len(leaves)
-        return values.detach(), grads[:n], (grads[n:] if probes else None)
-
-    def _feature_dots(self, layer: int, grad: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-        """``(B, n_active)`` each active feature's source vector · ``grad`` (``(B, T, d)``) at its position."""
-        f, tc = self.features[layer], self.transcoders[layer]
-        B, T, _ = grad.shape
-        if B * T * tc.cfg.n_features <= DENSE_DOTS_MAX:
-            # one matmul against every decoder row, then pick the active (position, feature) pairs: far cheaper
-            # than gathering a (B, n_active, d) block when the dictionary is small
-            dense = grad @ self._decoder(layer).T
-            out = dense[:, f.position, f.feature] * f.activation
-        else:
-            parts = []
-            for i in range(0, len(f.feature), chunk):
-                rows = tc.W_dec[f.feature[i : i + chunk].to(tc.W_dec.device)].float().to(self.device)
-                dots = torch.einsum("bnd,nd->bn", grad[:, f.position[i : i + chunk]], rows)
-                parts.append(dots * f.activation[i : i + chunk])
-            out = torch.cat(parts, 1) if parts else grad.new_zeros(grad.shape[0], 0)
-        return out / tc.output_scale.float().to(self.device)
-
-    def _decoder(self, layer: int) -> torch.Tensor:
-        """``W_dec`` of a layer as float32 on the model's device, copied once."""
-        if layer not in self._decoders:
-            self._decoders[layer] = self.transcoders[layer].W_dec.detach().float().to(self.device)
-        return self._decoders[layer]
-
-    def _attribution_rows(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """``(B, n_nodes)`` direct attributions from the gradients at the embedding and the MLP writes."""
-        parts = [(self.embed * grads[0]).sum(-1)]
-        parts += [self._feature_dots(m, grads[m + 1]) for m in self.features]
-        parts += [(self.errors[m] * grads[m + 1]).sum(-1) for m in range(self.n_layers)]
-        return torch.cat(parts, 1)
-
-    def attribute(self, targets: Sequence[Target], *, batch_size: int = 32) -> Attribution:
-        """Direct attributions of each target to every node, by batched backward passes.
-
-        Parameters
-        ----------
-        targets
-            Feature pre-activations and/or logit targets.
-        batch_size
-            Targets per backward pass; memory grows with it (about ``(n_layers + 1) * batch_size * T * d`` floats).
-
-        Returns
-        -------
-        Values, the ``(n_targets, n_nodes)`` attribution matrix (on CPU) and the bias terms.
-        """
-        if batch_size < 1:
-            msg = f"batch_size must be a positive integer, got {batch_size!r}"
-            raise ValueError(msg)
-        targets = list(targets)
-        values, rows, bias = [], [], []
-        for start in range(0, len(targets), batch_size):
-            batch = targets[start : start + batch_size]
-            readout = self._readout(batch)
-            v, grads, _ = self._gradients(readout)
-            with torch.no_grad():
-                rows.append(self._attribution_rows(grads).cpu())
-                values.append(v.cpu())
-                # every source zeroed: by linearity, what the frozen model adds on its own
-                zero = torch.zeros(1, len(self.nodes), device=self.device)
-                bias.append(self._run(*self._sources(zero), readout)[0][0].cpu())
-        empty = torch.zeros(0)
-        return Attribution(
-            targets,
-            torch.cat(values) if values else empty,
-            torch.cat(rows) if rows else torch.zeros(0, len(self.nodes)),
-            torch.cat(bias) if bias else empty,
-        )
-
-    # attention-head split
-    def _source_vectors(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(S, d)`` what each node writes, the layer it writes after (-1: embedding) and its position."""
-        nodes, dev = self.nodes, self.device
-        layer = torch.as_tensor(nodes.layer[index], dtype=torch.long, device=dev)
-        position = torch.as_tensor(nodes.position[index], dtype=torch.long, device=dev)
-        kind = nodes.kind[index]
-        v = self.embed.new_zeros(len(index), self.embed.shape[1])
-        tok, err = (torch.as_tensor(kind == k, device=dev) for k in ("token", "error"))
-        v[tok] = self.embed[position[tok]]
-        v[err] = self.errors[layer[err], position[err]]
-        for m, where in nodes.feature_slices.items():
-            mine = (index >= where.start) & (index < where.stop)
-            local = torch.as_tensor(index[mine] - where.start, dtype=torch.long, device=dev)
-            f, tc = self.features[m], self.transcoders[m]
-            rows = tc.W_dec[f.feature[local].to(tc.W_dec.device)].float().to(dev)
-            v[torch.as_tensor(mine, device=dev)] = f.activation[local, None] * rows / tc.output_scale.float().to(dev)
-        return v, layer, position
-
-    def edge_via_heads(self, target: Target, sources: Sequence[int] | np.ndarray) -> ViaHeads:
-        """Split direct edges into the part through each attention head's OV circuit, and what stays in place.
-
-        Every path from a source (written at position ``q``) to the target either crosses attention or not; a
-        path that does is credited to the *first* head it crosses, ``(m, h)``: the source's vector, carried along
-        position ``q`` to layer ``m`` (through any transcoder skip connections on the way), normed by layer
-        ``m``'s frozen attention norm, sent through head ``h``'s frozen OV circuit to every query position ``p``
-        (``pattern[h, p, q]``) and dotted with the target's full gradient at head ``h``'s output at ``p``. Paths
-        that never cross attention reach the target only at position ``q``: ``"residual"`` when they go straight
-        there, ``"skip"`` when they go through a transcoder skip connection.
-
-        Parameters
-        ----------
-        target
-            The target.
-        sources
-            Node indices (any kind).
-
-        Returns
-        -------
-        The split, whose columns add up to the direct edge weights.
-        """
-        index = np.asarray(sources, dtype=np.int64).reshape(-1)
-        readout = self._readout([target])
-        _, grads, probe_grads = self._gradients(readout, probes=True)
-        v, src_layer, q = self._source_vectors(index)
-        H, L = self.adapter.n_heads, self.n_layers
-        with torch.no_grad():
-            total = self._attribution_rows(grads)[0, torch.as_tensor(index, device=self.device)]
-            heads = v.new_zeros(len(index), L * H)
-            skip = torch.zeros_like(v)  # what the skip connections have added so far, at the source's position
-            target_layer = int(readout.layer[0])
-            skip_at_target = skip
-            for m in range(L):
-                if m == target_layer:
-                    skip_at_target = skip.clone()
-                r = (v + skip) * (src_layer < m)[:, None]  # only sources written before layer m reach it
-                att = self.attention[m]
-                value_in = torch.einsum("sd,hde->she", self.norms[m, "attn_in_norm"](r, q, bias=False), att.W_V)
-                # sum_p pattern[h, p, q] grad[p] W_O[h]^T: the gradient at head h's value of key position q
-                at_value = torch.einsum("pd,hed->hpe", probe_grads[m][0], att.W_O)  # gradient at each head's z
-                back = att.pattern.transpose(1, 2) @ at_value
-                heads[:, m * H : (m + 1) * H] = (value_in * back[:, q].transpose(0, 1)).sum(-1)
-                skip = skip + self._skip_out(m, self.norms[m, "mlp_in_norm"](r, q, bias=False))
-            if target_layer == L:
-                skip_at_target = skip
-            norm = self.norms["final"] if target_layer == L else self.norms[target_layer, "mlp_in_norm"]
-            here = ((q == readout.position[0]) & (src_layer < target_layer)).float()
-            residual = (norm(v, q, bias=False) @ readout.weight[0]) * here
-            skipped = (norm(skip_at_target, q, bias=False) @ readout.weight[0]) * here
-        columns = [f"L{m}.H{h}" for m in range(L) for h in range(H)] + ["residual", "skip"]
-        return ViaHeads(torch.cat([heads, residual[:, None], skipped[:, None]], 1).cpu(), columns, total.cpu())
 
 
 def _read(x: torch.Tensor, readout: Readout, layer: int) -> torch.Tensor:
