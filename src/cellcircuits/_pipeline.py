@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from .models._load import C2SModel
-    from .transcoders._transcoder import TranscoderSet
+    from .transcoders._transcoder_set import TranscoderSet
 
 
 def safe_name(text: str) -> str:

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from cellcircuits.circuits._graph import attribution_graph, compact_matrix, select_features, total_effect
-from cellcircuits.circuits._replacement import FeatureTarget, LogitTarget
-from cellcircuits.circuits._targets import label_target
+from cellcircuits.circuits._targets import FeatureTarget, LogitTarget, label_target
 
 from .test_replacement import ARCHS, _case
 

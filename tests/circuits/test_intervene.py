@@ -6,8 +6,8 @@ import torch
 from torch.testing import assert_close
 
 from cellcircuits.circuits._intervene import clean_run, run_edits
-from cellcircuits.models._hooks import _output_tensor
-from cellcircuits.transcoders._splice import _replace_output
+from cellcircuits.models._hooks import output_tensor as _output_tensor
+from cellcircuits.transcoders._splice import replace_output as _replace_output
 
 from .test_graph import case  # noqa: F401  (fixture: every tiny architecture)
 

@@ -7,8 +7,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from cellcircuits.circuits._kinds import NodeKind
 from cellcircuits.circuits._prune import (
-    NodeKind,
     completeness_score,
     edge_influence,
     greedy_paths,

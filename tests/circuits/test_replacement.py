@@ -22,12 +22,9 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from cellcircuits.circuits._replacement import (
-    Attribution,
-    FeatureTarget,
-    LogitTarget,
-    ReplacementModel,
-)
+from cellcircuits.circuits._attribute import Attribution
+from cellcircuits.circuits._replacement import ReplacementModel
+from cellcircuits.circuits._targets import FeatureTarget, LogitTarget
 from cellcircuits.models._adapter import HookPoint
 from cellcircuits.models._hooks import record
 from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from cellcircuits.models import HookPoint, ModelAdapter, record
-from cellcircuits.models._hooks import _input_tensor
+from cellcircuits.models._hooks import input_tensor as _input_tensor
 
 from ..conftest import make_tiny
 

@@ -8,15 +8,9 @@ import pytest
 import torch
 
 import cellcircuits as cc
-from cellcircuits.models import record, tokenize_prompts
+from cellcircuits.models import distinguishing_tokens, identifying_offsets, record, tokenize_prompts
 from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet
-from cellcircuits.transcoders._features import (
-    direct_logit_effects,
-    distinguishing_tokens,
-    gene_logit_effects,
-    identifying_offsets,
-    norm_scale,
-)
+from cellcircuits.transcoders._features import direct_logit_effects, gene_logit_effects, norm_scale
 
 
 @pytest.fixture
@@ -101,7 +95,7 @@ def test_genes_outside_var_are_reported(toy_adata, tiny_c2s, tset):
 
 
 def test_unspellable_genes_are_found():
-    from cellcircuits.tl._transcode import unspellable_genes
+    from cellcircuits.models._spelling import unspellable_genes
 
     class Letters:
         """Knows upper-case letters only; anything else is token 0, the unknown token."""

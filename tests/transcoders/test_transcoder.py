@@ -380,7 +380,7 @@ def test_check_compatible():
     ("shape", "k"), [((64, 256), 8), ((3, 5, 128), 4), ((16, 96), 4), ((16, 100), 8), ((8, 64), 32)]
 )
 def test_topk_indices_selects_the_k_largest(shape, k):
-    from cellcircuits.transcoders._transcoder import topk_indices
+    from cellcircuits.transcoders._kernels import topk_indices
 
     pre = torch.randn(*shape) @ torch.randn(shape[-1], shape[-1]) + torch.randn(shape[-1])  # correlated columns
     indices = topk_indices(pre, k)
@@ -390,7 +390,7 @@ def test_topk_indices_selects_the_k_largest(shape, k):
 
 
 def test_topk_indices_falls_back_on_nan_rows():
-    from cellcircuits.transcoders._transcoder import topk_indices
+    from cellcircuits.transcoders._kernels import topk_indices
 
     pre = torch.randn(8, 256)
     pre[3, 10] = torch.nan
@@ -459,7 +459,7 @@ def test_topk_loss_features_are_sparse_rows_of_the_forward_features():
 @pytest.mark.parametrize("n_dead", [0, 5, 12, 150], ids=["none_dead", "few_dead", "all_dead_used", "many_dead"])
 def test_topk_gathered_backward_matches_dense_autograd(monkeypatch, backward, skip, n_dead):
     """The sparse-gradient TopK training path against plain dense autograd, parameters and input, in float64."""
-    from cellcircuits.transcoders import _transcoder
+    from cellcircuits.transcoders import _kernels as _transcoder
 
     # force one backward formulation of _GatheredEncode: sparse products or the dense scatter
     monkeypatch.setattr(_transcoder, "_DENSE_BACKWARD_FRACTION", 0 if backward == "sparse" else 10**9)

@@ -3,8 +3,12 @@
 Nothing here knows about AnnData; :mod:`cellcircuits.tl` maps cells to prompts and graphs back to genes.
 """
 
+from ._attribute import Attribution
+from ._feature_pair import FeaturePair, feature_pair
 from ._graph import Graph, attribution_graph
 from ._intervene import CleanRun, clean_run, edited_features, run_edits
+from ._kinds import NodeKind
+from ._nodes import Nodes
 from ._prune import (
     completeness_score,
     edge_influence,
@@ -14,19 +18,11 @@ from ._prune import (
     prune_graph,
     replacement_score,
 )
-from ._replacement import (
-    Attribution,
-    FeaturePair,
-    FeatureTarget,
-    LogitTarget,
-    Nodes,
-    ReplacementModel,
-    ViaHeads,
-    feature_pair,
-)
-from ._targets import LabelTarget, label_target
+from ._replacement import ReplacementModel
+from ._targets import FeatureTarget, LabelTarget, LogitTarget, label_target
 from ._trace import CircuitTables, trace_prompts
 from ._validate import validate_prompts
+from ._via_heads import ViaHeads
 
 __all__ = [
     "Attribution",
@@ -37,6 +33,7 @@ __all__ = [
     "Graph",
     "LabelTarget",
     "LogitTarget",
+    "NodeKind",
     "Nodes",
     "ReplacementModel",
     "ViaHeads",

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from ._kinds import NodeKind
 from ._prune import greedy_paths
 
 if TYPE_CHECKING:
@@ -144,7 +145,6 @@ def aggregate(tables: list[tuple[pd.DataFrame, pd.DataFrame]], groups: np.ndarra
 
 def top_paths(nodes: pd.DataFrame, edges: pd.DataFrame, k: int) -> pd.DataFrame:
     """Per group, the ``k`` strongest source-to-target paths of its aggregated graph (greedy search)."""
-    kind_of = {"gene": "token", "token": "token", "feature": "feature", "error": "error", "target": "target"}
     rows = []
     for g, n in nodes.groupby("group", sort=False):
         e = edges[edges["group"] == g]
@@ -155,7 +155,9 @@ def top_paths(nodes: pd.DataFrame, edges: pd.DataFrame, k: int) -> pd.DataFrame:
         )
         target = int(np.flatnonzero(n["kind"].to_numpy() == "target")[0])
         names = n["node"].to_numpy()
-        for rank, path in enumerate(greedy_paths(A, n["kind"].map(kind_of).to_numpy(), target, k=k)):
+        for rank, path in enumerate(
+            greedy_paths(A, NodeKind.codes(n["kind"].to_numpy(), aliases={"gene": "token"}), target, k=k)
+        ):
             rows.append(
                 {
                     "group": g,

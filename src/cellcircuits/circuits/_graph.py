@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from ._kinds import NodeKind
 from ._prune import completeness_score, prune_graph, replacement_score
-from ._replacement import FeatureTarget
+from ._targets import FeatureTarget
 
 if TYPE_CHECKING:
-    from ._replacement import ReplacementModel, Target
-
-KIND_CODES = {"target": 3, "feature": 1, "token": 0, "error": 2}
+    from ._replacement import ReplacementModel
+    from ._targets import Target
 
 
 @dataclass(eq=False)
@@ -175,8 +175,8 @@ def attribution_graph(
     A, order = compact_matrix(rm, target_row, selected, rows.astype(np.float64))
     n_rows = 1 + len(selected)
     nodes = rm.nodes
-    kind = np.array(["target", *nodes.kind[order[1:]]], dtype=object)
-    codes = np.array([KIND_CODES[k] for k in kind])
+    kind = np.array([NodeKind.TARGET.tag, *nodes.kind[order[1:]]], dtype=object)
+    codes = NodeKind.codes(kind)
 
     pruned = prune_graph(A, codes, None, node_threshold, edge_threshold)
     scores = {

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..models._adapter import ModelAdapter
-from ..models._hooks import _input_tensor, _output_tensor, record
-from ..transcoders._splice import _replace_output
+from ..models._hooks import input_tensor, output_tensor, record
+from ..transcoders._splice import replace_output
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from ..models._load import C2SModel
-    from ..transcoders._transcoder import TranscoderSet
+    from ..transcoders._transcoder_set import TranscoderSet
 
 
 @dataclass(eq=False)
@@ -121,7 +121,7 @@ def edited_features(
             if mlp_module is not out_module:  # Gemma-2: the output comes from the post-feedforward norm
 
                 def keep(_mod: nn.Module, args: tuple, kwargs: dict, _stash: dict = stash) -> None:
-                    _stash["x"] = _input_tensor(args, kwargs)
+                    _stash["x"] = input_tensor(args, kwargs)
 
                 handles.append(mlp_module.register_forward_pre_hook(keep, with_kwargs=True))
 
@@ -135,15 +135,15 @@ def edited_features(
                 _stash: dict = stash,
                 _own: bool = mlp_module is out_module,
             ) -> object:
-                x = (_input_tensor(args, kwargs) if _own else _stash.pop("x")).to(_tc.W_enc.device)
-                ref = _output_tensor(output)
+                x = (input_tensor(args, kwargs) if _own else _stash.pop("x")).to(_tc.W_enc.device)
+                ref = output_tensor(output)
                 acts = _tc.encode(x).float()
                 if _m in scale:
                     acts = acts * scale[_m].to(acts.device)
                 if _m in override:
                     acts = torch.where(torch.isnan(override[_m]), acts, override[_m].to(acts.device))
                 y = _tc.decode(acts.to(_tc.W_dec.dtype), x).float() + errors[_m].to(x.device)
-                return _replace_output(output, y.to(device=ref.device, dtype=ref.dtype))
+                return replace_output(output, y.to(device=ref.device, dtype=ref.dtype))
 
             handles.append(out_module.register_forward_hook(replace, with_kwargs=True, prepend=True))
         yield

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
@@ -31,25 +30,14 @@ import scipy.sparse as sp
 import scipy.sparse.csgraph as csgraph
 import scipy.sparse.linalg as spla
 
+from ._kinds import NodeKind
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
 Matrix = Any
 """A square matrix: a NumPy array, a torch tensor or a SciPy sparse matrix/array."""
 Method = Literal["series", "solve"]
-
-
-class NodeKind(IntEnum):
-    """Kind of a node of an attribution graph (the codes of a ``kinds`` array)."""
-
-    TOKEN = 0
-    """An input embedding: outputs only."""
-    FEATURE = 1
-    """A transcoder feature: inputs and outputs."""
-    ERROR = 2
-    """A reconstruction error: outputs only."""
-    TARGET = 3
-    """A quantity being explained (a logit): inputs only."""
 
 
 class PruneResult(NamedTuple):
@@ -501,19 +489,7 @@ def _as_kinds(kinds: np.ndarray | Sequence[int] | Sequence[str], n: int) -> np.n
     if arr.shape != (n,):
         msg = f"kinds must have one entry per node ({n}), got shape {arr.shape}"
         raise ValueError(msg)
-    if arr.dtype.kind in "OUS":
-        names = {kind.name.lower(): kind.value for kind in NodeKind}
-        lowered = [str(x).lower() for x in arr]
-        unknown = sorted(set(lowered) - names.keys())
-        if unknown:
-            msg = f"unknown node kinds {unknown}; expected {sorted(names)}"
-            raise ValueError(msg)
-        return np.array([names[x] for x in lowered], dtype=np.int8)
-    codes = arr.astype(np.int64)
-    if arr.dtype.kind not in "iu" or (codes < 0).any() or (codes > max(NodeKind)).any():
-        msg = f"kinds must be NodeKind codes 0..{max(NodeKind)} or kind names, got {arr.dtype} values"
-        raise ValueError(msg)
-    return codes.astype(np.int8)
+    return NodeKind.codes(arr)
 
 
 def _weight_vector(weights: np.ndarray | Sequence[float], n: int) -> np.ndarray:

@@ -10,245 +10,40 @@ difference) is a linear readout of it, so its value splits exactly into one attr
 · gradient of the target at the point the source writes to) plus a constant bias term.
 
 Gemma-2's final logit softcap is not affine: logit targets are read *before* the softcap.
+
+This module holds the recorded model and its frozen forward pass; :class:`ReplacementModel` takes its attribution
+methods from :mod:`._attribute` (direct attributions) and :mod:`._via_heads` (direct edges split by attention head).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..models._adapter import HookPoint, ModelAdapter
 from ..models._hooks import record
+from ._attribute import AttributionMixin
+from ._frozen import eager_attention, freeze_attention, freeze_norm
+from ._nodes import active_features, build_nodes
+from ._targets import FeatureTarget, Readout
+from ._via_heads import ViaHeadsMixin
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Sequence
 
-    import pandas as pd
     from transformers import PreTrainedModel
 
     from ..models._load import C2SModel
-    from ..transcoders._transcoder import Transcoder, TranscoderSet
-
-#: Largest ``batch x positions x n_features`` for which feature attributions use one dense matmul.
-DENSE_DOTS_MAX = 2**26
-
-#: Node kinds, in the order they appear in :class:`Nodes`.
-KINDS = ("token", "feature", "error")
+    from ..transcoders._transcoder_set import TranscoderSet
+    from ._frozen import FrozenAttention
+    from ._nodes import ActiveFeatures
+    from ._targets import Target
 
 
-# targets
-@dataclass(frozen=True)
-class FeatureTarget:
-    """The pre-activation of one transcoder feature at one position (read at its layer's MLP input)."""
-
-    layer: int
-    position: int
-    feature: int
-
-
-@dataclass(frozen=True)
-class LogitTarget:
-    """``logit[token] - mean(logit[competitors])`` at one position, before any final logit softcap.
-
-    With no competitors it is the plain logit of ``token``.
-    """
-
-    position: int
-    token: int
-    competitors: tuple[int, ...] = ()
-
-
-Target = FeatureTarget | LogitTarget
-
-
-class _Readout(NamedTuple):
-    """``K`` targets as linear readouts: ``weight[k] · point[layer[k]][position[k]] + const[k]``.
-
-    ``layer[k]`` is a layer index for a feature target (its MLP input) or ``n_layers`` for a logit target (the
-    final norm's output).
-    """
-
-    layer: torch.Tensor
-    position: torch.Tensor
-    weight: torch.Tensor
-    const: torch.Tensor
-
-
-# nodes
-@dataclass(frozen=True, eq=False)
-class Nodes:
-    """The sources of one prompt's replacement model, indexed once: tokens, then features, then errors.
-
-    Features are ordered by layer, then position, then feature id; there is one error node per (layer, position)
-    for every layer, covered or not.
-    """
-
-    kind: np.ndarray
-    """``(n_nodes,)`` ``"token"``, ``"feature"`` or ``"error"``."""
-    layer: np.ndarray
-    """Layer whose MLP writes the node; -1 for tokens."""
-    position: np.ndarray
-    """Token position."""
-    feature: np.ndarray
-    """Feature id; -1 for tokens and errors."""
-    activation: np.ndarray
-    """Feature activation; NaN for tokens and errors."""
-    token_slice: slice
-    """Where the token nodes are (the first ``n_positions``)."""
-    feature_slices: dict[int, slice]
-    """Per covered layer, where its feature nodes are."""
-    error_slices: dict[int, slice]
-    """Per layer, where its ``n_positions`` error nodes are."""
-    _lookup: dict[tuple, int] = field(default_factory=dict, repr=False, compare=False)
-
-    def __len__(self) -> int:
-        return len(self.kind)
-
-    def index(self, kind: str, layer: int = -1, position: int = 0, feature: int = -1) -> int:
-        """Index of a node, e.g. ``nodes.index("feature", 2, 15, 301)``; a KeyError when there is none."""
-        if not self._lookup:
-            keys = zip(
-                self.kind.tolist(), self.layer.tolist(), self.position.tolist(), self.feature.tolist(), strict=True
-            )
-            self._lookup.update({key: i for i, key in enumerate(keys)})
-        key = (kind, int(layer), int(position), int(feature))
-        if key not in self._lookup:
-            msg = f"no {kind} node at layer {layer}, position {position}, feature {feature} (inactive?)"
-            raise KeyError(msg)
-        return self._lookup[key]
-
-    def to_frame(self) -> pd.DataFrame:
-        """The node table as a ``pandas.DataFrame``."""
-        import pandas as pd
-
-        cols = ("kind", "layer", "position", "feature", "activation")
-        return pd.DataFrame({c: getattr(self, c) for c in cols})
-
-
-class _ActiveFeatures(NamedTuple):
-    """The active features of one layer, sorted by position then feature id."""
-
-    position: torch.Tensor
-    feature: torch.Tensor
-    activation: torch.Tensor
-    pre_activation: torch.Tensor
-    offsets: torch.Tensor
-    """``(n_positions,)`` index of each position's first entry (bags for ``embedding_bag``)."""
-
-
-# frozen nonlinearities
-@dataclass
-class _FrozenNorm:
-    """A layer norm with its per-position scale frozen: an affine map of its input."""
-
-    scale: torch.Tensor
-    """``(n_positions,)`` recorded ``sqrt(var + eps)`` (LayerNorm) or ``sqrt(mean(x^2) + eps)`` (RMSNorm)."""
-    gain: torch.Tensor
-    bias: torch.Tensor | None
-    centre: bool
-
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor | None = None, *, bias: bool = True) -> torch.Tensor:
-        """Normalise ``x`` (``(..., n_positions, d)``, or ``(S, d)`` at ``positions``); ``bias=False``: linear part."""
-        if self.centre:
-            x = x - x.mean(-1, keepdim=True)
-        scale = self.scale if positions is None else self.scale[positions]
-        y = x / scale[:, None] * self.gain
-        return y + self.bias if bias and self.bias is not None else y
-
-
-def _freeze_norm(module: nn.Module, x: torch.Tensor, *, gemma: bool) -> _FrozenNorm:
-    """Freeze ``module`` at the scales of its recorded input ``x`` (``(n_positions, d)``)."""
-    centre = isinstance(module, nn.LayerNorm)
-    eps = next(float(getattr(module, n)) for n in ("eps", "variance_epsilon") if hasattr(module, n))
-    x = x.float()
-    var = x.var(-1, unbiased=False) if centre else x.pow(2).mean(-1)
-    weight = module.weight
-    gain = weight.detach().float() if weight is not None else x.new_ones(x.shape[-1])
-    if gemma:
-        gain = 1.0 + gain  # Gemma's RMSNorm scales by (1 + weight)
-    b = getattr(module, "bias", None)
-    return _FrozenNorm((var + eps).sqrt(), gain, b.detach().float() if b is not None else None, centre)
-
-
-class _FrozenAttention(NamedTuple):
-    """One layer's attention with its patterns frozen: affine in its (normed) input."""
-
-    pattern: torch.Tensor
-    """``(n_heads, n_positions, n_positions)`` recorded pattern, ``[head, query, key]``."""
-    W_V: torch.Tensor
-    """``(n_heads, d_model, d_head)``, the key/value head each query head reads (GQA expanded)."""
-    W_O: torch.Tensor
-    b_V: torch.Tensor
-    b_O: torch.Tensor
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, T, d)`` output of the attention block (before any post-attention norm)."""
-        H, T = self.pattern.shape[:2]
-        v = torch.einsum("btd,hde->htbe", x, self.W_V) + self.b_V[:, None, None]
-        # batch rows side by side: one (T, T) @ (T, B * d_head) product per head, the pattern never copied
-        z = (self.pattern @ v.reshape(H, T, -1)).view(v.shape)
-        return torch.einsum("htbe,hed->btd", z, self.W_O) + self.b_O
-
-
-def _freeze_attention(adapter: ModelAdapter, layer: int, pattern: torch.Tensor) -> _FrozenAttention:
-    w = adapter.attention_weights(layer)
-    kv = torch.tensor([adapter.kv_head(h) for h in range(adapter.n_heads)], device=w.W_V.device)
-    return _FrozenAttention(pattern.float(), w.W_V[kv].float(), w.W_O.float(), w.b_V[kv].float(), w.b_O.float())
-
-
-@contextmanager
-def _eager_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Run the model with eager attention (the only kind that returns patterns), then restore its setting."""
-    old = model.config._attn_implementation
-    model.config._attn_implementation = "eager"
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = old
-
-
-# results
-@dataclass(eq=False)
-class Attribution:
-    """Direct attributions of targets to the nodes of one prompt's replacement model.
-
-    ``values[k] == matrix[k].sum() + bias[k]`` up to float rounding (see :meth:`residual`).
-    """
-
-    targets: list[Target]
-    values: torch.Tensor
-    """``(n_targets,)`` target values in the frozen model (logit targets before the softcap)."""
-    matrix: torch.Tensor
-    """``(n_targets, n_nodes)`` direct attribution of each target to each node (:class:`Nodes` order)."""
-    bias: torch.Tensor
-    """``(n_targets,)`` the constant part: the target in the frozen model with every source zeroed."""
-
-    def residual(self) -> torch.Tensor:
-        """``values - matrix.sum(1) - bias``: zero up to float rounding."""
-        return self.values - self.matrix.sum(1) - self.bias
-
-
-@dataclass(eq=False)
-class ViaHeads:
-    """Direct edges split by the first attention head they pass through."""
-
-    values: torch.Tensor
-    """``(n_sources, n_layers * n_heads + 2)``; the columns add up to :attr:`total`."""
-    columns: list[str]
-    """``"L{layer}.H{head}"`` per head, then ``"residual"`` (no attention, no skip) and ``"skip"`` (no attention,
-    through at least one transcoder skip connection)."""
-    total: torch.Tensor
-    """``(n_sources,)`` the direct edge weights."""
-
-
-# the model
-class ReplacementModel:
+class ReplacementModel(AttributionMixin, ViaHeadsMixin):
     """The frozen linear replacement model of one prompt; build it with :meth:`record`.
 
     Parameters
@@ -285,9 +80,9 @@ class ReplacementModel:
         transcoders: TranscoderSet,
         input_ids: torch.Tensor,
         embed: torch.Tensor,
-        attention: list[_FrozenAttention],
+        attention: list[FrozenAttention],
         norms: dict,
-        features: dict[int, _ActiveFeatures],
+        features: dict[int, ActiveFeatures],
         errors: torch.Tensor,
     ) -> None:
         self.adapter = adapter
@@ -301,7 +96,7 @@ class ReplacementModel:
         self.n_layers = adapter.n_layers
         self.n_positions = int(input_ids.shape[0])
         self.uncovered_layers = [m for m in range(self.n_layers) if m not in features]
-        self.nodes = self._build_nodes()
+        self.nodes = build_nodes(features, self.n_positions, self.n_layers)
         self._decoders: dict[int, torch.Tensor] = {}
 
     @classmethod
@@ -348,43 +143,23 @@ class ReplacementModel:
             **{(m, "mlp_in"): adapter.mlp_in(m) for m in range(adapter.n_layers)},
             **{(m, "mlp_out"): adapter.mlp_out(m) for m in range(adapter.n_layers)},
         }
-        with _eager_attention(hf), record(hf, list(points.values())) as rec:
+        with eager_attention(hf), record(hf, list(points.values())) as rec:
             out = hf(input_ids=ids[None], output_attentions=True, use_cache=False)
         got = {key: rec[p][0][0].float() for key, p in points.items()}
         if out.attentions is None or len(out.attentions) != adapter.n_layers:
             msg = "the model did not return its attention patterns (output_attentions=True with eager attention)"
             raise RuntimeError(msg)
         layer_norms = [key for key in got if isinstance(key, tuple) and key[1] in norm_parts]
-        norms: dict = {(m, p): _freeze_norm(adapter.module(m, p), got[m, p], gemma=gemma) for m, p in layer_norms}
-        norms["final"] = _freeze_norm(adapter.final_norm, got["final"], gemma=gemma)
-        attention = [_freeze_attention(adapter, m, out.attentions[m][0]) for m in range(adapter.n_layers)]
+        norms: dict = {(m, p): freeze_norm(adapter.module(m, p), got[m, p], gemma=gemma) for m, p in layer_norms}
+        norms["final"] = freeze_norm(adapter.final_norm, got["final"], gemma=gemma)
+        attention = [freeze_attention(adapter, m, out.attentions[m][0]) for m in range(adapter.n_layers)]
         errors = torch.stack([got[m, "mlp_out"] for m in range(adapter.n_layers)])
         features = {}
         for m, tc in transcoders.items():
-            feats, prediction = _active_features(tc, got[m, "mlp_in"])
+            feats, prediction = active_features(tc, got[m, "mlp_in"])
             features[m] = feats
             errors[m] -= prediction
         return cls(adapter, transcoders, ids, got["embed"], attention, norms, features, errors)
-
-    def _build_nodes(self) -> Nodes:
-        T = self.n_positions
-        blocks: list[tuple] = [("token", -1, np.arange(T), np.full(T, -1), np.full(T, np.nan))]
-        for m, f in self.features.items():
-            blocks.append(("feature", m, f.position.cpu().numpy(), f.feature.cpu().numpy(), f.activation.cpu().numpy()))
-        blocks += [("error", m, np.arange(T), np.full(T, -1), np.full(T, np.nan)) for m in range(self.n_layers)]
-        sizes = np.array([len(b[2]) for b in blocks])
-        starts = np.concatenate([[0], sizes.cumsum()])
-        where = {(b[0], b[1]): slice(int(starts[i]), int(starts[i + 1])) for i, b in enumerate(blocks)}
-        return Nodes(
-            kind=np.concatenate([np.full(n, b[0], dtype=object) for b, n in zip(blocks, sizes, strict=True)]),
-            layer=np.concatenate([np.full(n, b[1]) for b, n in zip(blocks, sizes, strict=True)]).astype(np.int64),
-            position=np.concatenate([b[2] for b in blocks]).astype(np.int64),
-            feature=np.concatenate([b[3] for b in blocks]).astype(np.int64),
-            activation=np.concatenate([b[4] for b in blocks]).astype(np.float32),
-            token_slice=where["token", -1],
-            feature_slices={m: where["feature", m] for m in self.features},
-            error_slices={m: where["error", m] for m in range(self.n_layers)},
-        )
 
     @property
     def device(self) -> torch.device:
@@ -449,7 +224,7 @@ class ReplacementModel:
         self,
         embed: torch.Tensor,
         writes: list[torch.Tensor],
-        readout: _Readout | None,
+        readout: Readout | None,
         *,
         probes: list[torch.Tensor] | None = None,
         final: bool = False,
@@ -521,7 +296,7 @@ class ReplacementModel:
 
     __call__ = forward
 
-    def _readout(self, targets: Sequence[Target]) -> _Readout:
+    def _readout(self, targets: Sequence[Target]) -> Readout:
         layer, position, weight, const = [], [], [], []
         unembed = self.adapter.unembed
         for t in targets:
@@ -545,7 +320,7 @@ class ReplacementModel:
             weight.append(w.detach().to(self.device))
             const.append(c.detach().to(self.device))
         as_long = {"dtype": torch.long, "device": self.device}
-        return _Readout(
+        return Readout(
             torch.tensor(layer, **as_long), torch.tensor(position, **as_long), torch.stack(weight), torch.stack(const)
         )
 
@@ -568,244 +343,9 @@ class ReplacementModel:
         values, _ = self._run(*self._sources(s), self._readout(targets))
         return values if node_scale is not None and torch.as_tensor(node_scale).ndim == 2 else values[0]
 
-    # attribution
-    def _gradients(
-        self, readout: _Readout, *, probes: bool = False
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
-        """Target values and their gradients, one target per batch row (each row seeds only its own target).
 
-        Returns the ``(B,)`` values, the gradients at the embedding and at each layer's MLP write (``(B, T, d)``
-        each, the embedding's first), and with ``probes`` at each layer's attention output before any post-norm.
-        """
-        B = len(readout.layer)
-        embed, writes = self._sources(self._node_scale(None))
-        leaves = [t.expand(B, *t.shape[1:]).clone().requires_grad_() for t in (embed, *writes)]
-        probe = [torch.zeros_like(leaves[0], requires_grad=True) for _ in range(self.n_layers)] if probes else None
-        with torch.enable_grad():
-            values, _ = self._run(leaves[0], leaves[1:], readout, probes=probe)
-            values = values.diagonal()
-            grads = torch.autograd.grad(values.sum(), leaves + (probe or []), allow_unused=True)
-        grads = [g if g is not None else torch.zeros_like(leaves[0]) for g in grads]
-        n = len(leaves)
-        return values.detach(), grads[:n], (grads[n:] if probes else None)
-
-    def _feature_dots(self, layer: int, grad: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-        """``(B, n_active)`` each active feature's source vector · ``grad`` (``(B, T, d)``) at its position."""
-        f, tc = self.features[layer], self.transcoders[layer]
-        B, T, _ = grad.shape
-        if B * T * tc.cfg.n_features <= DENSE_DOTS_MAX:
-            # one matmul against every decoder row, then pick the active (position, feature) pairs: far cheaper
-            # than gathering a (B, n_active, d) block when the dictionary is small
-            dense = grad @ self._decoder(layer).T
-            out = dense[:, f.position, f.feature] * f.activation
-        else:
-            parts = []
-            for i in range(0, len(f.feature), chunk):
-                rows = tc.W_dec[f.feature[i : i + chunk].to(tc.W_dec.device)].float().to(self.device)
-                dots = torch.einsum("bnd,nd->bn", grad[:, f.position[i : i + chunk]], rows)
-                parts.append(dots * f.activation[i : i + chunk])
-            out = torch.cat(parts, 1) if parts else grad.new_zeros(grad.shape[0], 0)
-        return out / tc.output_scale.float().to(self.device)
-
-    def _decoder(self, layer: int) -> torch.Tensor:
-        """``W_dec`` of a layer as float32 on the model's device, copied once."""
-        if layer not in self._decoders:
-            self._decoders[layer] = self.transcoders[layer].W_dec.detach().float().to(self.device)
-        return self._decoders[layer]
-
-    def _attribution_rows(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """``(B, n_nodes)`` direct attributions from the gradients at the embedding and the MLP writes."""
-        parts = [(self.embed * grads[0]).sum(-1)]
-        parts += [self._feature_dots(m, grads[m + 1]) for m in self.features]
-        parts += [(self.errors[m] * grads[m + 1]).sum(-1) for m in range(self.n_layers)]
-        return torch.cat(parts, 1)
-
-    def attribute(self, targets: Sequence[Target], *, batch_size: int = 32) -> Attribution:
-        """Direct attributions of each target to every node, by batched backward passes.
-
-        Parameters
-        ----------
-        targets
-            Feature pre-activations and/or logit targets.
-        batch_size
-            Targets per backward pass; memory grows with it (about ``(n_layers + 1) * batch_size * T * d`` floats).
-
-        Returns
-        -------
-        Values, the ``(n_targets, n_nodes)`` attribution matrix (on CPU) and the bias terms.
-        """
-        if batch_size < 1:
-            msg = f"batch_size must be a positive integer, got {batch_size!r}"
-            raise ValueError(msg)
-        targets = list(targets)
-        values, rows, bias = [], [], []
-        for start in range(0, len(targets), batch_size):
-            batch = targets[start : start + batch_size]
-            readout = self._readout(batch)
-            v, grads, _ = self._gradients(readout)
-            with torch.no_grad():
-                rows.append(self._attribution_rows(grads).cpu())
-                values.append(v.cpu())
-                # every source zeroed: by linearity, what the frozen model adds on its own
-                zero = torch.zeros(1, len(self.nodes), device=self.device)
-                bias.append(self._run(*self._sources(zero), readout)[0][0].cpu())
-        empty = torch.zeros(0)
-        return Attribution(
-            targets,
-            torch.cat(values) if values else empty,
-            torch.cat(rows) if rows else torch.zeros(0, len(self.nodes)),
-            torch.cat(bias) if bias else empty,
-        )
-
-    # attention-head split
-    def _source_vectors(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(S, d)`` what each node writes, the layer it writes after (-1: embedding) and its position."""
-        nodes, dev = self.nodes, self.device
-        layer = torch.as_tensor(nodes.layer[index], dtype=torch.long, device=dev)
-        position = torch.as_tensor(nodes.position[index], dtype=torch.long, device=dev)
-        kind = nodes.kind[index]
-        v = self.embed.new_zeros(len(index), self.embed.shape[1])
-        tok, err = (torch.as_tensor(kind == k, device=dev) for k in ("token", "error"))
-        v[tok] = self.embed[position[tok]]
-        v[err] = self.errors[layer[err], position[err]]
-        for m, where in nodes.feature_slices.items():
-            mine = (index >= where.start) & (index < where.stop)
-            local = torch.as_tensor(index[mine] - where.start, dtype=torch.long, device=dev)
-            f, tc = self.features[m], self.transcoders[m]
-            rows = tc.W_dec[f.feature[local].to(tc.W_dec.device)].float().to(dev)
-            v[torch.as_tensor(mine, device=dev)] = f.activation[local, None] * rows / tc.output_scale.float().to(dev)
-        return v, layer, position
-
-    def edge_via_heads(self, target: Target, sources: Sequence[int] | np.ndarray) -> ViaHeads:
-        """Split direct edges into the part through each attention head's OV circuit, and what stays in place.
-
-        Every path from a source (written at position ``q``) to the target either crosses attention or not; a
-        path that does is credited to the *first* head it crosses, ``(m, h)``: the source's vector, carried along
-        position ``q`` to layer ``m`` (through any transcoder skip connections on the way), normed by layer
-        ``m``'s frozen attention norm, sent through head ``h``'s frozen OV circuit to every query position ``p``
-        (``pattern[h, p, q]``) and dotted with the target's full gradient at head ``h``'s output at ``p``. Paths
-        that never cross attention reach the target only at position ``q``: ``"residual"`` when they go straight
-        there, ``"skip"`` when they go through a transcoder skip connection.
-
-        Parameters
-        ----------
-        target
-            The target.
-        sources
-            Node indices (any kind).
-
-        Returns
-        -------
-        The split, whose columns add up to the direct edge weights.
-        """
-        index = np.asarray(sources, dtype=np.int64).reshape(-1)
-        readout = self._readout([target])
-        _, grads, probe_grads = self._gradients(readout, probes=True)
-        v, src_layer, q = self._source_vectors(index)
-        H, L = self.adapter.n_heads, self.n_layers
-        with torch.no_grad():
-            total = self._attribution_rows(grads)[0, torch.as_tensor(index, device=self.device)]
-            heads = v.new_zeros(len(index), L * H)
-            skip = torch.zeros_like(v)  # what the skip connections have added so far, at the source's position
-            target_layer = int(readout.layer[0])
-            skip_at_target = skip
-            for m in range(L):
-                if m == target_layer:
-                    skip_at_target = skip.clone()
-                r = (v + skip) * (src_layer < m)[:, None]  # only sources written before layer m reach it
-                att = self.attention[m]
-                value_in = torch.einsum("sd,hde->she", self.norms[m, "attn_in_norm"](r, q, bias=False), att.W_V)
-                # sum_p pattern[h, p, q] grad[p] W_O[h]^T: the gradient at head h's value of key position q
-                at_value = torch.einsum("pd,hed->hpe", probe_grads[m][0], att.W_O)  # gradient at each head's z
-                back = att.pattern.transpose(1, 2) @ at_value
-                heads[:, m * H : (m + 1) * H] = (value_in * back[:, q].transpose(0, 1)).sum(-1)
-                skip = skip + self._skip_out(m, self.norms[m, "mlp_in_norm"](r, q, bias=False))
-            if target_layer == L:
-                skip_at_target = skip
-            norm = self.norms["final"] if target_layer == L else self.norms[target_layer, "mlp_in_norm"]
-            here = ((q == readout.position[0]) & (src_layer < target_layer)).float()
-            residual = (norm(v, q, bias=False) @ readout.weight[0]) * here
-            skipped = (norm(skip_at_target, q, bias=False) @ readout.weight[0]) * here
-        columns = [f"L{m}.H{h}" for m in range(L) for h in range(H)] + ["residual", "skip"]
-        return ViaHeads(torch.cat([heads, residual[:, None], skipped[:, None]], 1).cpu(), columns, total.cpu())
-
-
-def _read(x: torch.Tensor, readout: _Readout, layer: int) -> torch.Tensor:
+def _read(x: torch.Tensor, readout: Readout, layer: int) -> torch.Tensor:
     """``(B, K)`` the readouts taken at ``layer`` (zero for the others) from ``x`` (``(B, T, d)``)."""
     k = (readout.layer == layer).nonzero().squeeze(1)
     vals = (x[:, readout.position[k]] * readout.weight[k]).sum(-1)
     return x.new_zeros(x.shape[0], len(readout.layer)).index_add(1, k, vals)
-
-
-@torch.no_grad()
-def _active_features(tc: Transcoder, x: torch.Tensor) -> tuple[_ActiveFeatures, torch.Tensor]:
-    """The active features of ``x`` (``(T, d)`` MLP inputs) and the transcoder's ``(T, d)`` prediction."""
-    out = tc(x.to(device=tc.W_enc.device, dtype=tc.W_enc.dtype))
-    position, feature = (out.features != 0).nonzero(as_tuple=True)  # row-major: by position, then feature
-    dev = x.device
-    act = out.features[position, feature].float().to(dev)
-    pre = out.pre_acts[position, feature].float().to(dev)
-    position, feature = position.to(dev), feature.to(dev)
-    offsets = torch.searchsorted(position, torch.arange(x.shape[0], device=dev))
-    return _ActiveFeatures(position, feature, act, pre, offsets), out.output.float().to(dev)
-
-
-class FeaturePair(NamedTuple):
-    """How an earlier feature feeds a later one (Dunefsky et al. 2024's split, plus the attention-mediated part)."""
-
-    connection: float
-    """Input-invariant term: the later feature's encoder row · the frozen MLP-input norm of the earlier feature's
-    decoder row (per unit of the earlier activation), through the residual stream alone."""
-    attribution: float
-    """Input-dependent term: ``connection`` times the earlier activation, when both sit at one position (the
-    residual stream carries nothing across positions); else 0."""
-    attention: float
-    """The part of the direct edge that crosses attention heads (see :meth:`ReplacementModel.edge_via_heads`)."""
-    skip: float
-    """The part through transcoder skip connections."""
-    total: float
-    """The direct edge: ``attribution + attention + skip``."""
-
-
-def feature_pair(rm: ReplacementModel, source: int, target: FeatureTarget) -> FeaturePair:
-    """Split the direct edge from an active feature to a later feature's pre-activation.
-
-    Parameters
-    ----------
-    rm
-        The prompt's replacement model.
-    source
-        Node index of the earlier feature (:attr:`ReplacementModel.nodes`).
-    target
-        The later feature (its layer must come after the source's).
-
-    Returns
-    -------
-    The input-invariant connection, the input-dependent attribution through the residual stream, and the parts
-    through attention and skip connections, which add up to the direct edge.
-
-    Raises
-    ------
-    ValueError
-        When ``source`` is not a feature node, or ``target`` does not come after it.
-    """
-    nodes = rm.nodes
-    if nodes.kind[source] != "feature":
-        msg = f"node {source} is a {nodes.kind[source]} node, not a feature"
-        raise ValueError(msg)
-    layer = int(nodes.layer[source])
-    if target.layer <= layer:
-        msg = f"the target feature (layer {target.layer}) must come after the source (layer {layer})"
-        raise ValueError(msg)
-    src_tc, dst_tc = rm.transcoders[layer], rm.transcoders[target.layer]
-    dev = rm.device
-    decoder = src_tc.W_dec[int(nodes.feature[source])].float().to(dev) / src_tc.output_scale.float().to(dev)
-    encoder = dst_tc.W_enc[:, target.feature].float().to(dev) * dst_tc.input_scale.float().to(dev)
-    norm = rm.norms[target.layer, "mlp_in_norm"]
-    at = torch.tensor([target.position], device=dev)
-    with torch.no_grad():
-        connection = float(norm(decoder[None], at, bias=False)[0] @ encoder)
-    split = rm.edge_via_heads(target, [source])
-    parts = dict(zip(split.columns, split.values[0].tolist(), strict=True))
-    residual, skip = parts.pop("residual"), parts.pop("skip")
-    return FeaturePair(connection, residual, float(sum(parts.values())), skip, float(split.total[0]))

@@ -1,11 +1,54 @@
-"""Which logit a cell-type label's circuit is traced to."""
+"""What a circuit is traced to: a feature's pre-activation, a logit (difference), a cell-type label's logit.
+
+Each target is a linear readout of one point of the residual stream (:class:`Readout`).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    import torch
+
+
+@dataclass(frozen=True)
+class FeatureTarget:
+    """The pre-activation of one transcoder feature at one position (read at its layer's MLP input)."""
+
+    layer: int
+    position: int
+    feature: int
+
+
+@dataclass(frozen=True)
+class LogitTarget:
+    """``logit[token] - mean(logit[competitors])`` at one position, before any final logit softcap.
+
+    With no competitors it is the plain logit of ``token``.
+    """
+
+    position: int
+    token: int
+    competitors: tuple[int, ...] = ()
+
+
+Target = FeatureTarget | LogitTarget
+
+
+class Readout(NamedTuple):
+    """``K`` targets as linear readouts: ``weight[k] · point[layer[k]][position[k]] + const[k]``.
+
+    ``layer[k]`` is a layer index for a feature target (its MLP input) or ``n_layers`` for a logit target (the
+    final norm's output).
+    """
+
+    layer: torch.Tensor
+    position: torch.Tensor
+    weight: torch.Tensor
+    const: torch.Tensor
 
 
 class LabelTarget(NamedTuple):

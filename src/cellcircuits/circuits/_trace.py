@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from ..models._load import C2SModel
     from ..models._tokens import TokenizedPrompt
-    from ..transcoders._transcoder import TranscoderSet
+    from ..transcoders._transcoder_set import TranscoderSet
 
 TargetMode = Literal["distinguishing", "first_token"]
 

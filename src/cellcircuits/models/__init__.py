@@ -1,9 +1,10 @@
-"""Causal-LM loading, architecture adapters, hooks, gene <-> token alignment and the shipped model."""
+"""Causal-LM loading, architecture adapters, hooks, gene <-> token alignment, gene spelling and the shipped model."""
 
 from ._adapter import AttentionWeights, HookPoint, ModelAdapter, spec_for
 from ._hooks import record
 from ._load import SHIPPED_MODELS, C2SModel, ModelLoadError, load, shipped_model_path
 from ._scoring import score_continuations
+from ._spelling import distinguishing_tokens, identifying_offsets
 from ._tokens import TokenizedPrompt, gene_token_positions, label_token_ids, tokenize_prompts
 from ._train import train_c2s, train_tokenizer
 
@@ -15,7 +16,9 @@ __all__ = [
     "ModelAdapter",
     "ModelLoadError",
     "TokenizedPrompt",
+    "distinguishing_tokens",
     "gene_token_positions",
+    "identifying_offsets",
     "label_token_ids",
     "load",
     "record",

@@ -177,7 +177,23 @@ class ModelAdapter:
             f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, d_mlp={self.d_mlp})"
         )
 
-    def _check_layer(self, layer: int) -> int:
+    def check_layer(self, layer: int) -> int:
+        """A layer index, negative ones counted from the end, as ``0..n_layers - 1``.
+
+        Parameters
+        ----------
+        layer
+            The index, in ``-n_layers..n_layers - 1``.
+
+        Returns
+        -------
+        The non-negative index.
+
+        Raises
+        ------
+        IndexError
+            When the model has no such layer.
+        """
         if not -self.n_layers <= layer < self.n_layers:
             msg = f"layer {layer} out of range for a model with {self.n_layers} layers"
             raise IndexError(msg)
@@ -217,7 +233,7 @@ class ModelAdapter:
     # per-layer parts
     def layer_name(self, layer: int) -> str:
         """Full module name of a decoder layer."""
-        return f"{self.spec.layers}.{self._check_layer(layer)}"
+        return f"{self.spec.layers}.{self.check_layer(layer)}"
 
     def module_name(self, layer: int, part: str) -> str:
         """Full module name of a part (``attn``, ``mlp``, ``mlp_in_norm``, ...) of a layer."""

@@ -14,7 +14,20 @@ if TYPE_CHECKING:
     from ._adapter import HookPoint
 
 
-def _input_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+def input_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a module was called with, from a forward hook's ``args`` and ``kwargs``.
+
+    Parameters
+    ----------
+    args
+        The positional arguments of the call.
+    kwargs
+        The keyword arguments of the call.
+
+    Returns
+    -------
+    The first positional argument, else ``hidden_states``, else the first keyword argument that is a tensor.
+    """
     if args:
         return args[0]
     # Llama and Gemma-2 call their attention with hidden_states=... as a keyword
@@ -23,7 +36,8 @@ def _input_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
     return next(v for v in kwargs.values() if hasattr(v, "shape"))
 
 
-def _output_tensor(output: object) -> torch.Tensor:
+def output_tensor(output: object) -> torch.Tensor:
+    """The hidden states in a module's output (modules may return a tuple whose first entry they are)."""
     return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
 
 
@@ -52,7 +66,7 @@ def record(model: nn.Module, points: Sequence[HookPoint], *, detach: bool = True
             module = model.get_submodule(point.module)
 
             def hook(_mod: nn.Module, args: tuple, kwargs: dict, output: object, _point: HookPoint = point) -> None:
-                t = _input_tensor(args, kwargs) if _point.side == "input" else _output_tensor(output)
+                t = input_tensor(args, kwargs) if _point.side == "input" else output_tensor(output)
                 store[_point].append(t.detach() if detach else t)
 
             handles.append(module.register_forward_hook(hook, with_kwargs=True))

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from ..circuits._trace import TargetMode
     from ..models._load import C2SModel
-    from ..transcoders._transcoder import TranscoderSet
+    from ..transcoders._transcoder_set import TranscoderSet
 
 MARKER_COLLECTIONS = ("markers_immune", "markers_heart")
 

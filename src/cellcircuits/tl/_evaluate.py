@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from ..models._load import C2SModel
-    from ..transcoders._transcoder import TranscoderSet
+    from ..transcoders._transcoder_set import TranscoderSet
 
 
 def _cells(adata: AnnData, n_cells: int | None, random_state: int) -> np.ndarray:

@@ -10,13 +10,9 @@ import numpy as np
 from scipy import sparse
 
 from .._keys import TRANSCODE, SentenceSettings, features_obsm, gene_map_varm, h5ad_safe
+from ..models._spelling import distinguishing_tokens, identifying_offsets, unspellable_genes
 from ..pp._sentences import gene_names
-from ..transcoders._features import (
-    cell_and_gene_features,
-    distinguishing_tokens,
-    gene_logit_effects,
-    identifying_offsets,
-)
+from ..transcoders._features import cell_and_gene_features, gene_logit_effects
 from ._cells import cell_prompts, check_cells
 
 if TYPE_CHECKING:
@@ -25,7 +21,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from ..models._load import C2SModel
-    from ..transcoders._transcoder import TranscoderSet
+    from ..transcoders._transcoder_set import TranscoderSet
 
 
 def content_hash(transcoders: TranscoderSet, layers: Sequence[int]) -> str:
@@ -38,14 +34,6 @@ def content_hash(transcoders: TranscoderSet, layers: Sequence[int]) -> str:
             h.update(f"{layer}.{name}".encode())
             h.update(tensor.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
-
-
-def unspellable_genes(tokenizer: object, genes: Sequence[str]) -> list[str]:
-    """Genes whose spelling in a cell sentence holds the tokenizer's unknown token (never for byte-level BPE)."""
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is None:
-        return []
-    return [g for g in genes if unk in tokenizer(" " + g, add_special_tokens=False)["input_ids"]]
 
 
 def report_genes(unseen: Sequence[str], unspellable: Sequence[str], n_genes: int) -> None:
@@ -137,7 +125,7 @@ def transcode(
         their first tokens (" HLA", " RPL", " CD"), which do not tell them apart, so the effects are averaged over
         the gene's tokens from the first one whose prefix no other gene shares to the end of the gene (the last token
         for a gene whose spelling prefixes another's); see
-        :func:`cellcircuits.transcoders._features.distinguishing_tokens`.
+        :func:`cellcircuits.models.distinguishing_tokens`.
     ``.uns[key_added]`` : :class:`dict`
         ``params``, each layer's transcoder config, a ``content_hash`` of the transcoder weights, the package
         ``version``, ``unseen_genes``, ``unspellable_genes`` (spelled with the tokenizer's unknown token), and the
@@ -149,7 +137,7 @@ def transcode(
     settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state)
     adapter = model.adapter
     transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
-    layers = transcoders.layers if layers is None else sorted({adapter._check_layer(int(i)) for i in layers})
+    layers = transcoders.layers if layers is None else sorted({adapter.check_layer(int(i)) for i in layers})
     missing = [i for i in layers if i not in transcoders]
     if missing:
         msg = f"no transcoder for layers {missing}; the set covers layers {transcoders.layers}"

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from ..models._load import C2SModel
-    from ..transcoders._transcoder import TranscoderSet
+    from ..transcoders._transcoder_set import TranscoderSet
 
 
 def collect_activations(
@@ -180,7 +180,7 @@ def train_transcoders(
     """
     SentenceSettings(sentence_key, layer, use_raw)  # checked before any work
     if layers is not None:
-        layers = sorted({model.adapter._check_layer(int(i)) for i in layers})
+        layers = sorted({model.adapter.check_layer(int(i)) for i in layers})
     config = TranscoderConfig(
         d_in=model.adapter.d_model,
         d_out=model.adapter.d_model,

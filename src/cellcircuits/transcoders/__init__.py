@@ -7,7 +7,8 @@ from ._io import load_transcoders, save_transcoders
 from ._splice import splice
 from ._store import ActivationStore, StoreManifest, StoreWriter
 from ._training import train_on_store
-from ._transcoder import LossOutput, Transcoder, TranscoderOutput, TranscoderSet
+from ._transcoder import LossOutput, Transcoder, TranscoderOutput
+from ._transcoder_set import TranscoderSet
 
 __all__ = [
     "ActivationStore",

@@ -111,7 +111,7 @@ def collect_activations(
     The store, opened for reading.
     """
     adapter = model.adapter
-    layers = list(range(adapter.n_layers)) if layers is None else sorted({adapter._check_layer(i) for i in layers})
+    layers = list(range(adapter.n_layers)) if layers is None else sorted({adapter.check_layer(i) for i in layers})
     if not prompts:
         msg = "no prompts to collect activations from"
         raise ValueError(msg)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from ..models._load import C2SModel
     from ..models._tokens import TokenizedPrompt
-    from ._transcoder import TranscoderSet
+    from ._transcoder_set import TranscoderSet
 
 #: A feature active on more than this fraction of the evaluated tokens counts as dense.
 DENSE_THRESHOLD = 0.5

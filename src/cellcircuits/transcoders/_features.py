@@ -15,12 +15,10 @@ from ..models._scoring import pad
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from transformers import PreTrainedTokenizerFast
-
     from ..models._adapter import ModelAdapter
     from ..models._load import C2SModel
     from ..models._tokens import TokenizedPrompt
-    from ._transcoder import TranscoderSet
+    from ._transcoder_set import TranscoderSet
 
 Pool = Literal["max", "mean", "sum"]
 
@@ -83,8 +81,9 @@ def cell_and_gene_features(
     pool
         How to pool a cell's gene-token activations.
     skip_tokens
-        Per prompt, how many leading tokens of each gene are not read (see :func:`identifying_offsets`); a gene keeps
-        at least its last token. Default: every token of every gene is read.
+        Per prompt, how many leading tokens of each gene are not read (see
+        :func:`cellcircuits.models.identifying_offsets`); a gene keeps at least its last token. Default: every token
+        of every gene is read.
     batch_size
         Prompts per forward pass.
     progress
@@ -155,45 +154,6 @@ def norm_scale(adapter: ModelAdapter, x: torch.Tensor) -> torch.Tensor:
     return (x.pow(2).mean(-1) + eps).sqrt()
 
 
-def _first_own_token(tokenizer: PreTrainedTokenizerFast, genes: Sequence[str]) -> list[tuple[tuple[int, ...], int]]:
-    """Per gene, its spelling in a cell sentence (after a space) and the index of its first own token.
-
-    The first token whose prefix no other gene shares; the last token for a gene whose whole spelling prefixes
-    another's.
-    """
-    spelled = [tuple(tokenizer(" " + g, add_special_tokens=False)["input_ids"]) for g in genes]
-    prefix_count: dict[tuple[int, ...], int] = {}
-    for ids in set(spelled):
-        for j in range(1, len(ids) + 1):
-            prefix_count[ids[:j]] = prefix_count.get(ids[:j], 0) + 1
-    return [
-        (ids, next((j for j in range(len(ids)) if prefix_count[ids[: j + 1]] == 1), len(ids) - 1)) for ids in spelled
-    ]
-
-
-def distinguishing_tokens(tokenizer: PreTrainedTokenizerFast, genes: Sequence[str]) -> list[list[int]]:
-    """Per gene, the tokens that tell it apart: from the first one whose prefix no other gene shares, to the end.
-
-    Genes are spelled as in a cell sentence (after a space). Many genes share their first tokens (" HLA", " RPL",
-    " CD"), and those say nothing about which gene is named; from the first position at which the gene's token
-    prefix is its own, its tokens name it. A small vocabulary reuses single letters across genes, so one token
-    alone ("D" in "ID2", "HSPD1", "MED28") would not tell genes apart; the rest of the spelling does. A gene whose
-    whole spelling prefixes another's (``CD3`` and ``CD3E``) gets its last token.
-    """
-    return [list(ids[j:]) for ids, j in _first_own_token(tokenizer, genes)]
-
-
-def identifying_offsets(tokenizer: PreTrainedTokenizerFast, genes: Sequence[str]) -> dict[str, int]:
-    """Per gene, how many of its leading tokens other genes share: the tokens before the model can know the gene.
-
-    A causal model reading ``" FOS"`` as ``" F" "OS"`` has seen, at ``" F"``, only a prefix that ``FDX1``, ``FGR``
-    and every other F-gene share; from the first token whose prefix is the gene's own it can represent the gene.
-    The tokens from the offset on are the gene's :func:`distinguishing_tokens`.
-    """
-    genes = list(dict.fromkeys(genes))
-    return {g: j for g, (_, j) in zip(genes, _first_own_token(tokenizer, genes), strict=True)}
-
-
 def gene_logit_effects(
     adapter: ModelAdapter, W_dec: torch.Tensor, gene_tokens: Sequence[Sequence[int]], scale: float
 ) -> np.ndarray:
@@ -208,7 +168,7 @@ def gene_logit_effects(
     W_dec
         ``(n_features, d_model)`` decoder vectors.
     gene_tokens
-        Per gene, its distinguishing tokens (:func:`distinguishing_tokens`).
+        Per gene, its distinguishing tokens (:func:`cellcircuits.models.distinguishing_tokens`).
     scale
         The frozen scale of the final norm's input.
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from ..models._hooks import _input_tensor, _output_tensor
+from ..models._hooks import input_tensor, output_tensor
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
@@ -15,12 +15,12 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..models._load import C2SModel
-    from ._transcoder import TranscoderSet
+    from ._transcoder_set import TranscoderSet
 
 MODES = ("transcoder", "zero", "mean")
 
 
-def _replace_output(output: object, new: torch.Tensor) -> object:
+def replace_output(output: object, new: torch.Tensor) -> object:
     """``output`` with its hidden states swapped for ``new`` (modules may return a tuple)."""
     if isinstance(output, tuple):
         return (new, *output[1:])
@@ -148,7 +148,7 @@ def splice(
                 if mlp_module is not out_module:
 
                     def keep_input(_mod: nn.Module, args: tuple, kwargs: dict, _stash: dict = stash) -> None:
-                        _stash["x"] = _input_tensor(args, kwargs)
+                        _stash["x"] = input_tensor(args, kwargs)
 
                     handles.append(mlp_module.register_forward_pre_hook(keep_input, with_kwargs=True))
 
@@ -161,24 +161,24 @@ def splice(
                     _stash: dict = stash,
                     _own_input: bool = mlp_module is out_module,
                 ) -> object:
-                    x = _input_tensor(args, kwargs) if _own_input else _stash.pop("x")
-                    ref = _output_tensor(output)
+                    x = input_tensor(args, kwargs) if _own_input else _stash.pop("x")
+                    ref = output_tensor(output)
                     y = _tc(x.to(_tc.W_enc.device)).output
-                    return _replace_output(output, y.to(device=ref.device, dtype=ref.dtype))
+                    return replace_output(output, y.to(device=ref.device, dtype=ref.dtype))
 
             elif mode == "zero":
 
                 def replace(_mod: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
-                    return _replace_output(output, torch.zeros_like(_output_tensor(output)))
+                    return replace_output(output, torch.zeros_like(output_tensor(output)))
 
             else:
 
                 def replace(
                     _mod: nn.Module, args: tuple, kwargs: dict, output: object, _mean: torch.Tensor = means[layer]
                 ) -> object:
-                    ref = _output_tensor(output)
+                    ref = output_tensor(output)
                     mean = _mean.to(device=ref.device, dtype=ref.dtype)
-                    return _replace_output(output, mean.expand_as(ref).contiguous())
+                    return replace_output(output, mean.expand_as(ref).contiguous())
 
             handles.append(out_module.register_forward_hook(replace, with_kwargs=True, prepend=True))
         yield chosen

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from ._config import TranscoderConfig
 from ._store import tensor_names
-from ._transcoder import Transcoder, TranscoderSet
+from ._transcoder import Transcoder
+from ._transcoder_set import TranscoderSet
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -1,4 +1,4 @@
-"""The transcoder: a wide, sparse stand-in for one MLP block, and the set of them covering a model.
+"""The transcoder: a wide, sparse stand-in for one MLP block.
 
 A transcoder reads the MLP's input ``x`` and predicts its output ``y``::
 
@@ -14,19 +14,14 @@ outputs in the model's units, and :meth:`Transcoder.fold_scales` moves the scale
 from __future__ import annotations
 
 import math
-import warnings
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from ._config import TranscoderConfig
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
-    from pathlib import Path
+from ._kernels import DecoderGrad, GatheredEncode, JumpReLU, Step, sparse_rows, topk_indices
 
 #: Norm of each decoder row at initialisation.
 DECODER_INIT_NORM = 0.1
@@ -61,195 +56,6 @@ class LossOutput(NamedTuple):
     features: torch.Tensor
     """``(rows, n_features)`` feature activations of the batch, detached (for dead-feature tracking); with ``topk`` a
     sparse CSR tensor holding each row's ``k`` selected features (``.to_dense()`` gives the dense one)."""
-
-
-def topk_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """``(..., k)`` indices of the ``k`` largest entries of each row of ``pre``, in no particular order.
-
-    The same selection as ``pre.topk(k, sorted=False).indices`` (up to the order of the indices and the choice
-    among tied values), found faster on CPU: the row's ``n`` entries are split into ``2k`` strided groups, and the
-    ``k``-th largest group maximum is a floor that at least ``k`` entries reach, so only the entries at or above
-    it (a few times ``k`` in practice) are searched. Falls back to ``torch.topk`` when ``n`` is not a multiple of
-    ``2k`` of at least ``4k`` or when a row has fewer than ``k`` entries at or above its floor (NaNs).
-    """
-    n = pre.shape[-1]
-    n_groups = 2 * k
-    if n % n_groups != 0 or n < 2 * n_groups:
-        return pre.topk(k, dim=-1, sorted=False).indices
-    with torch.no_grad():
-        flat = pre.detach().reshape(-1, n)
-        rows = flat.shape[0]
-        group_max = flat.view(rows, n // n_groups, n_groups).amax(1)
-        floor = group_max.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-        row, col = (flat >= floor).nonzero(as_tuple=True)
-        counts = torch.bincount(row, minlength=rows)
-        if rows == 0 or int(counts.min()) < k:
-            return pre.topk(k, dim=-1, sorted=False).indices
-        # pack each row's candidates to the left of a (rows, width) block padded with -inf
-        width = int(counts.max())
-        slot = torch.arange(row.numel(), device=pre.device) - (counts.cumsum(0) - counts)[row]
-        packed = row * width + slot
-        cand = flat.new_full((rows * width,), -torch.inf)
-        cand[packed] = flat[row, col]
-        cand_col = torch.zeros(rows * width, dtype=torch.long, device=pre.device)
-        cand_col[packed] = col
-        best = cand.view(rows, width).topk(k, dim=-1, sorted=False).indices
-        return cand_col.view(rows, width).gather(-1, best).view(*pre.shape[:-1], k)
-
-
-def _sparse_rows(values: torch.Tensor, indices: torch.Tensor, n: int) -> torch.Tensor:
-    """``(rows, n)`` sparse CSR tensor with ``values[i]`` at columns ``indices[i]`` of row ``i`` (``(rows, k)``)."""
-    rows, k = indices.shape
-    indices, order = indices.sort(-1)
-    crow = torch.arange(0, rows * k + 1, k, device=indices.device)
-    with warnings.catch_warnings():
-        # torch warns once that sparse CSR is beta; only its documented accessors are used here
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        return torch.sparse_csr_tensor(
-            crow, indices.reshape(-1), values.gather(-1, order).reshape(-1), size=(rows, n), check_invariants=False
-        )
-
-
-def _rectangle(u: torch.Tensor) -> torch.Tensor:
-    return (u.abs() < 0.5).to(u.dtype)
-
-
-def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    # the threshold is broadcast over leading batch dimensions; its gradient sums over them
-    return grad.reshape(-1, *shape).sum(0) if grad.shape != shape else grad
-
-
-class _JumpReLU(torch.autograd.Function):
-    """``pre * H(pre - threshold)``; the threshold's gradient through a rectangle-kernel straight-through estimator."""
-
-    @staticmethod
-    def forward(ctx, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_pre = grad * (pre > threshold).to(grad.dtype)
-        # d/dθ [z H(z - θ)] = -z δ(z - θ) ≈ -(θ / ε) K((z - θ) / ε)
-        grad_threshold = -(threshold / eps) * _rectangle((pre - threshold) / eps) * grad
-        return grad_pre, _sum_to(grad_threshold, threshold.shape), None
-
-
-class _Step(torch.autograd.Function):
-    """``H(pre - threshold)``; only the threshold gets a (straight-through) gradient."""
-
-    @staticmethod
-    def forward(ctx, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        # d/dθ H(z - θ) = -δ(z - θ) ≈ -(1 / ε) K((z - θ) / ε)
-        grad_threshold = -(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad
-        return None, _sum_to(grad_threshold, threshold.shape), None
-
-
-def _transposed_rows(values: torch.Tensor, indices: torch.Tensor, n: int) -> torch.Tensor:
-    """``(n, rows)`` sparse CSR tensor, the transpose of the ``(rows, n)`` one with ``values[i]`` at ``indices[i]``.
-
-    ``S.T @ A`` for such a row-sparse ``S`` is the gradient of a weight read at ``indices`` (encoder columns, decoder
-    rows); a stable sort of the column indices gives the transpose's rows, and the product then costs one pass over
-    ``rows * k`` entries.
-    """
-    rows, k = indices.shape
-    flat = indices.reshape(-1)
-    order = flat.argsort(stable=True)
-    crow = torch.zeros(n + 1, dtype=torch.long, device=indices.device)
-    crow[1:] = torch.bincount(flat, minlength=n).cumsum(0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        return torch.sparse_csr_tensor(
-            crow, order // k, values.reshape(-1)[order], size=(n, rows), check_invariants=False
-        )
-
-
-class _DecoderGrad(torch.autograd.Function):
-    """Identity on ``out``, the sparse decoder's output, that gives ``W_dec`` its gradient through a sparse product.
-
-    ``out = embedding_bag(indices, W_dec.detach(), acts)`` already carries the gradient of ``acts``; the decoder
-    rows' gradient ``S.T @ grad`` (``S`` holding ``acts`` at ``indices``) is added here, cheaper on CPU than
-    ``embedding_bag``'s own backward.
-    """
-
-    @staticmethod
-    def forward(ctx, out: torch.Tensor, W_dec: torch.Tensor, acts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(acts, indices)
-        ctx.n = W_dec.shape[0]
-        return out.view_as(out)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None]:
-        acts, indices = ctx.saved_tensors
-        grad_W = _transposed_rows(acts, indices, ctx.n) @ grad if ctx.needs_input_grad[1] else None
-        return grad, grad_W, None, None
-
-
-#: :class:`_GatheredEncode` takes the dense backward when a row holds more than ``n_features / 16`` entries, about
-#: where a sparse product stopped being faster than the dense one on CPU (1024 rows, ``d_in`` 128, measured roughly).
-_DENSE_BACKWARD_FRACTION = 16
-
-
-class _GatheredEncode(torch.autograd.Function):
-    """``relu(values)`` for ``values = (x_n @ W_enc + b_enc).gather(-1, indices)``, computed by the caller.
-
-    The pre-activations are found without autograd (they are only needed to choose ``indices``); this function puts
-    back the gradient of the gathered entries alone. With ``m`` indices per row the weight gradient
-    ``x_n.T @ G`` (``G`` the ``(rows, n_features)`` gradient of the pre-activations, ``m`` non-zero entries per
-    row) is a sparse product of ``rows * m * d_in`` multiply-adds instead of a dense one of
-    ``rows * n_features * d_in``. Repeated indices in a row add up, as they would through ``gather``.
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        values: torch.Tensor,
-        indices: torch.Tensor,
-        x_n: torch.Tensor,
-        W_enc: torch.Tensor,
-        b_enc: torch.Tensor,
-    ) -> torch.Tensor:
-        acts = torch.relu(values)
-        ctx.save_for_backward(acts, indices, x_n, W_enc)
-        return acts
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, torch.Tensor | None, ...]:
-        acts, indices, x_n, W_enc = ctx.saved_tensors
-        _, _, need_x, need_W, need_b = ctx.needs_input_grad
-        n = W_enc.shape[1]
-        rows, m = indices.shape
-        g = torch.where(acts > 0, grad, 0)  # relu's gradient, zero where the activation is zero
-        grad_x = grad_W = grad_b = None
-        if m * _DENSE_BACKWARD_FRACTION > n:
-            dense = g.new_zeros(rows, n).scatter_add_(-1, indices, g)
-            if need_W:
-                grad_W = x_n.T @ dense
-            if need_b:
-                grad_b = dense.sum(0)
-            if need_x:
-                grad_x = dense @ W_enc.T
-            return None, None, grad_x, grad_W, grad_b
-        if need_W:
-            grad_W = (_transposed_rows(g, indices, n) @ x_n).T.contiguous()
-        if need_b:
-            grad_b = g.new_zeros(n).index_add_(0, indices.reshape(-1), g.reshape(-1))
-        if need_x:
-            grad_x = F.embedding_bag(indices, W_enc.T.contiguous(), per_sample_weights=g, mode="sum")
-        return None, None, grad_x, grad_W, grad_b
 
 
 class Transcoder(nn.Module):
@@ -322,7 +128,7 @@ class Transcoder(nn.Module):
         if act == "topk":
             acts, indices = self._topk(pre)
             return torch.zeros_like(pre).scatter(-1, indices, acts)
-        return _JumpReLU.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth)
+        return JumpReLU.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth)
 
     def _decode_normalised(self, features: torch.Tensor, x_n: torch.Tensor | None) -> torch.Tensor:
         out = features @ self.W_dec + self.b_dec
@@ -343,7 +149,7 @@ class Transcoder(nn.Module):
         """
         if torch.is_grad_enabled() and self.W_dec.requires_grad:
             out = F.embedding_bag(indices, self.W_dec.detach(), per_sample_weights=acts, mode="sum")
-            out = _DecoderGrad.apply(out, self.W_dec, acts.detach(), indices) + self.b_dec
+            out = DecoderGrad.apply(out, self.W_dec, acts.detach(), indices) + self.b_dec
         else:
             out = F.embedding_bag(indices, self.W_dec, per_sample_weights=acts, mode="sum") + self.b_dec
         if self.W_skip is not None and x_n is not None:
@@ -403,11 +209,11 @@ class Transcoder(nn.Module):
         y_n = y.to(x_n.dtype).reshape(-1, cfg.d_out) * self.output_scale
         if cfg.activation == "topk":
             # decode the k active features sparsely, and hand them back sparse: no dense (rows, n_features) tensor
-            # takes part in autograd (see _GatheredEncode)
+            # takes part in autograd (see GatheredEncode)
             acts, indices, aux_acts, aux_indices, aux_dead = self._topk_train(x_n)
             y_hat_n = self._decode_sparse(acts, indices, x_n)
             with torch.no_grad():
-                features = _sparse_rows(acts, indices, cfg.n_features)
+                features = sparse_rows(acts, indices, cfg.n_features)
                 l0_mean = (acts != 0).sum(-1).to(x_n.dtype).mean()
         else:
             pre = self._pre_acts(x_n)
@@ -420,7 +226,7 @@ class Transcoder(nn.Module):
             # weighting by decoder norms stops the L1 penalty from being dodged by shrinking f and growing W_dec
             sparsity = cfg.l1_coefficient * (features * self.W_dec.norm(dim=1)).sum(-1).mean()
         elif cfg.activation == "jumprelu":
-            l0 = _Step.apply(pre, self.threshold, cfg.jumprelu_bandwidth)
+            l0 = Step.apply(pre, self.threshold, cfg.jumprelu_bandwidth)
             sparsity = cfg.l0_coefficient * l0.sum(-1).mean()
         else:
             sparsity = mse.new_zeros(())
@@ -445,7 +251,7 @@ class Transcoder(nn.Module):
 
         Gives the ``(rows, k)`` activations and indices, then (``None`` when AuxK is off) AuxK's ``(rows, m)``
         activations and feature indices and, when every dead feature takes part, the dead features' indices. The
-        dense pre-activations are found without autograd; one :class:`_GatheredEncode` gives the gradient of
+        dense pre-activations are found without autograd; one :class:`GatheredEncode` gives the gradient of
         both selections.
         """
         k = self.cfg.k
@@ -456,9 +262,9 @@ class Transcoder(nn.Module):
             selected = self._aux_select(pre)
             del pre
         if selected is None:
-            return _GatheredEncode.apply(values, indices, x_n, self.W_enc, self.b_enc), indices, None, None, None
+            return GatheredEncode.apply(values, indices, x_n, self.W_enc, self.b_enc), indices, None, None, None
         aux_values, aux_indices, aux_dead = selected
-        both = _GatheredEncode.apply(
+        both = GatheredEncode.apply(
             torch.cat((values, aux_values), -1),
             torch.cat((indices, aux_indices), -1),
             x_n,
@@ -568,130 +374,3 @@ class Transcoder(nn.Module):
     def normalize_decoder_(self) -> None:
         """Rescale every decoder row to unit norm, in place (outputs change; meant for use during training)."""
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
-
-
-class TranscoderSet(nn.Module):
-    """Transcoders for the MLPs of one model, ordered by layer.
-
-    Parameters
-    ----------
-    transcoders
-        Transcoder of each layer; every one reads and writes ``d_model`` wide vectors and has its layer in
-        ``cfg.layer``.
-    n_layers_model
-        Number of layers of the model (the set may cover only some).
-    model_name
-        Name of the model; by default the first transcoder's ``cfg.model_name``.
-    architecture
-        Architecture tag of the model; by default the first transcoder's ``cfg.architecture``.
-    d_model
-        Residual width of the model; by default the first transcoder's ``cfg.d_in``.
-    """
-
-    def __init__(
-        self,
-        transcoders: Mapping[int, Transcoder],
-        *,
-        n_layers_model: int,
-        model_name: str | None = None,
-        architecture: str | None = None,
-        d_model: int | None = None,
-    ) -> None:
-        super().__init__()
-        if not transcoders:
-            msg = "a TranscoderSet needs at least one transcoder"
-            raise ValueError(msg)
-        first = next(iter(transcoders.values())).cfg
-        self.model_name = first.model_name if model_name is None else model_name
-        self.architecture = first.architecture if architecture is None else architecture
-        self.n_layers_model = int(n_layers_model)
-        self.d_model = first.d_in if d_model is None else int(d_model)
-        self.transcoders = nn.ModuleDict()
-        for layer in sorted(transcoders):
-            tc = transcoders[layer]
-            cfg = tc.cfg
-            if not 0 <= layer < self.n_layers_model:
-                msg = f"layer {layer} out of range for a model with {self.n_layers_model} layers"
-                raise ValueError(msg)
-            if cfg.layer != layer:
-                msg = f"the transcoder given for layer {layer} was made for layer {cfg.layer} (cfg.layer)"
-                raise ValueError(msg)
-            if (cfg.d_in, cfg.d_out) != (self.d_model, self.d_model):
-                msg = f"layer {layer}: d_in={cfg.d_in}, d_out={cfg.d_out}, but d_model is {self.d_model}"
-                raise ValueError(msg)
-            if cfg.model_name and self.model_name and cfg.model_name != self.model_name:
-                msg = f"layer {layer} was trained on {cfg.model_name!r}, not {self.model_name!r}"
-                raise ValueError(msg)
-            self.transcoders[str(layer)] = tc
-
-    def extra_repr(self) -> str:
-        return (
-            f"model_name={self.model_name!r}, architecture={self.architecture!r}, "
-            f"n_layers_model={self.n_layers_model}, d_model={self.d_model}, layers={self.layers}"
-        )
-
-    @property
-    def layers(self) -> list[int]:
-        """The covered layers, ascending."""
-        return [int(key) for key in self.transcoders]
-
-    def __getitem__(self, layer: int) -> Transcoder:
-        key = str(int(layer))
-        if key not in self.transcoders:
-            msg = f"no transcoder for layer {layer}; the set covers layers {self.layers}"
-            raise KeyError(msg)
-        return self.transcoders[key]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.layers)
-
-    def __len__(self) -> int:
-        return len(self.transcoders)
-
-    def __contains__(self, layer: object) -> bool:
-        return isinstance(layer, int) and str(layer) in self.transcoders
-
-    def items(self) -> Iterator[tuple[int, Transcoder]]:
-        """``(layer, transcoder)`` pairs, ascending by layer."""
-        return ((int(key), tc) for key, tc in self.transcoders.items())
-
-    def check_compatible(
-        self, model_name: str | None = None, n_layers: int | None = None, d_model: int | None = None
-    ) -> None:
-        """Raise a ValueError naming every difference between this set's model and the given one.
-
-        Parameters
-        ----------
-        model_name
-            The model's name; not compared when ``None``.
-        n_layers
-            The model's number of layers; not compared when ``None``.
-        d_model
-            The model's residual width; not compared when ``None``.
-        """
-        trained, given = [], []
-        if model_name is not None and model_name != self.model_name:
-            trained.append(f"name {self.model_name!r}")
-            given.append(f"name {model_name!r}")
-        if n_layers is not None and int(n_layers) != self.n_layers_model:
-            trained.append(f"{self.n_layers_model} layers")
-            given.append(f"{n_layers} layers")
-        if d_model is not None and int(d_model) != self.d_model:
-            trained.append(f"d_model {self.d_model}")
-            given.append(f"d_model {d_model}")
-        if trained:
-            msg = (
-                f"transcoders were trained for a model with {' and '.join(trained)}; "
-                f"this model has {' and '.join(given)}"
-            )
-            raise ValueError(msg)
-
-    def save(self, directory: str | Path) -> None:
-        """Write the set to ``directory`` (see :func:`cellcircuits.transcoders.load_transcoders` for the layout).
-
-        Scales are folded into a copy of each transcoder first, so the files hold weights in model units; the
-        live modules are left as they are.
-        """
-        from ._io import save_transcoders
-
-        save_transcoders(self, directory)

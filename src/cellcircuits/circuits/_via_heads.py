@@ -1,0 +1,107 @@
+"""Direct edges split by the first attention head they pass through (or none: the residual stream, skip connections)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ._targets import Target
+
+
+@dataclass(eq=False)
+class ViaHeads:
+    """Direct edges split by the first attention head they pass through."""
+
+    values: torch.Tensor
+    """``(n_sources, n_layers * n_heads + 2)``; the columns add up to :attr:`total`."""
+    columns: list[str]
+    """``"L{layer}.H{head}"`` per head, then ``"residual"`` (no attention, no skip) and ``"skip"`` (no attention,
+    through at least one transcoder skip connection)."""
+    total: torch.Tensor
+    """``(n_sources,)`` the direct edge weights."""
+
+
+class ViaHeadsMixin:
+    """The per-head split of :class:`~cellcircuits.circuits.ReplacementModel`'s direct edges.
+
+    It runs the model's backward passes with probes at each attention output (``_readout``, ``_gradients``,
+    ``_attribution_rows``, ``_skip_out``) and reads its frozen ``attention`` and ``norms``, ``nodes``, ``embed``,
+    ``errors``, ``features`` and ``transcoders``.
+    """
+
+    def _source_vectors(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(S, d)`` what each node writes, the layer it writes after (-1: embedding) and its position."""
+        nodes, dev = self.nodes, self.device
+        layer = torch.as_tensor(nodes.layer[index], dtype=torch.long, device=dev)
+        position = torch.as_tensor(nodes.position[index], dtype=torch.long, device=dev)
+        kind = nodes.kind[index]
+        v = self.embed.new_zeros(len(index), self.embed.shape[1])
+        tok, err = (torch.as_tensor(kind == k, device=dev) for k in ("token", "error"))
+        v[tok] = self.embed[position[tok]]
+        v[err] = self.errors[layer[err], position[err]]
+        for m, where in nodes.feature_slices.items():
+            mine = (index >= where.start) & (index < where.stop)
+            local = torch.as_tensor(index[mine] - where.start, dtype=torch.long, device=dev)
+            f, tc = self.features[m], self.transcoders[m]
+            rows = tc.W_dec[f.feature[local].to(tc.W_dec.device)].float().to(dev)
+            v[torch.as_tensor(mine, device=dev)] = f.activation[local, None] * rows / tc.output_scale.float().to(dev)
+        return v, layer, position
+
+    def edge_via_heads(self, target: Target, sources: Sequence[int] | np.ndarray) -> ViaHeads:
+        """Split direct edges into the part through each attention head's OV circuit, and what stays in place.
+
+        Every path from a source (written at position ``q``) to the target either crosses attention or not; a
+        path that does is credited to the *first* head it crosses, ``(m, h)``: the source's vector, carried along
+        position ``q`` to layer ``m`` (through any transcoder skip connections on the way), normed by layer
+        ``m``'s frozen attention norm, sent through head ``h``'s frozen OV circuit to every query position ``p``
+        (``pattern[h, p, q]``) and dotted with the target's full gradient at head ``h``'s output at ``p``. Paths
+        that never cross attention reach the target only at position ``q``: ``"residual"`` when they go straight
+        there, ``"skip"`` when they go through a transcoder skip connection.
+
+        Parameters
+        ----------
+        target
+            The target.
+        sources
+            Node indices (any kind).
+
+        Returns
+        -------
+        The split, whose columns add up to the direct edge weights.
+        """
+        index = np.asarray(sources, dtype=np.int64).reshape(-1)
+        readout = self._readout([target])
+        _, grads, probe_grads = self._gradients(readout, probes=True)
+        v, src_layer, q = self._source_vectors(index)
+        H, L = self.adapter.n_heads, self.n_layers
+        with torch.no_grad():
+            total = self._attribution_rows(grads)[0, torch.as_tensor(index, device=self.device)]
+            heads = v.new_zeros(len(index), L * H)
+            skip = torch.zeros_like(v)  # what the skip connections have added so far, at the source's position
+            target_layer = int(readout.layer[0])
+            skip_at_target = skip
+            for m in range(L):
+                if m == target_layer:
+                    skip_at_target = skip.clone()
+                r = (v + skip) * (src_layer < m)[:, None]  # only sources written before layer m reach it
+                att = self.attention[m]
+                value_in = torch.einsum("sd,hde->she", self.norms[m, "attn_in_norm"](r, q, bias=False), att.W_V)
+                # sum_p pattern[h, p, q] grad[p] W_O[h]^T: the gradient at head h's value of key position q
+                at_value = torch.einsum("pd,hed->hpe", probe_grads[m][0], att.W_O)  # gradient at each head's z
+                back = att.pattern.transpose(1, 2) @ at_value
+                heads[:, m * H : (m + 1) * H] = (value_in * back[:, q].transpose(0, 1)).sum(-1)
+                skip = skip + self._skip_out(m, self.norms[m, "mlp_in_norm"](r, q, bias=False))
+            if target_layer == L:
+                skip_at_target = skip
+            norm = self.norms["final"] if target_layer == L else self.norms[target_layer, "mlp_in_norm"]
+            here = ((q == readout.position[0]) & (src_layer < target_layer)).float()
+            residual = (norm(v, q, bias=False) @ readout.weight[0]) * here
+            skipped = (norm(skip_at_target, q, bias=False) @ readout.weight[0]) * here
+        columns = [f"L{m}.H{h}" for m in range(L) for h in range(H)] + ["residual", "skip"]
+        return ViaHeads(torch.cat([heads, residual[:, None], skipped[:, None]], 1).cpu(), columns, total.cpu())
