@@ -7,16 +7,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from cellcircuits.circuits._influence import edge_influence, node_influence, normalize_matrix
 from cellcircuits.circuits._kinds import NodeKind
-from cellcircuits.circuits._prune import (
-    completeness_score,
-    edge_influence,
-    greedy_paths,
-    node_influence,
-    normalize_matrix,
-    prune_graph,
-    replacement_score,
-)
+from cellcircuits.circuits._paths import greedy_paths
+from cellcircuits.circuits._prune import completeness_score, prune_graph, replacement_score
 
 T, F, E, L = NodeKind.TOKEN, NodeKind.FEATURE, NodeKind.ERROR, NodeKind.TARGET
 

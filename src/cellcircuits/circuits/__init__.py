@@ -6,18 +6,12 @@ Nothing here knows about AnnData; :mod:`cellcircuits.tl` maps cells to prompts a
 from ._attribute import Attribution
 from ._feature_pair import FeaturePair, feature_pair
 from ._graph import Graph, attribution_graph
+from ._influence import edge_influence, node_influence, normalize_matrix
 from ._intervene import CleanRun, clean_run, edited_features, run_edits
 from ._kinds import NodeKind
 from ._nodes import Nodes
-from ._prune import (
-    completeness_score,
-    edge_influence,
-    greedy_paths,
-    node_influence,
-    normalize_matrix,
-    prune_graph,
-    replacement_score,
-)
+from ._paths import greedy_paths
+from ._prune import completeness_score, prune_graph, replacement_score
 from ._replacement import ReplacementModel
 from ._targets import FeatureTarget, LabelTarget, LogitTarget, label_target
 from ._trace import CircuitTables, trace_prompts

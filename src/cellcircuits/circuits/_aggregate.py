@@ -14,7 +14,7 @@ import pandas as pd
 from scipy import sparse
 
 from ._kinds import NodeKind
-from ._prune import greedy_paths
+from ._paths import greedy_paths
 
 if TYPE_CHECKING:
     from ..models._tokens import TokenizedPrompt

@@ -157,7 +157,7 @@ def attribution_graph(
     batch_size
         Targets per backward pass.
     node_threshold, edge_threshold
-        Fractions of influence kept by pruning (:func:`cellcircuits.circuits._prune.prune_graph`), in ``(0, 1]``.
+        Fractions of influence kept by pruning (:func:`cellcircuits.circuits.prune_graph`), in ``(0, 1]``.
     via_heads
         Split each kept edge by the first attention head it crosses (one backward pass per kept node with inputs).
 

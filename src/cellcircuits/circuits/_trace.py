@@ -16,8 +16,8 @@ import pandas as pd
 from ..models._tokens import label_token_ids
 from ._aggregate import aggregate, cell_graph_tables, top_paths
 from ._graph import attribution_graph
-from ._replacement import LogitTarget, ReplacementModel
-from ._targets import label_target
+from ._replacement import ReplacementModel
+from ._targets import LogitTarget, label_target
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
