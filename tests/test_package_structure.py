@@ -61,3 +61,12 @@ def test_version():
     from importlib.metadata import version
 
     assert cc.__version__ == version("cellcircuits")
+
+
+@pytest.mark.parametrize(("name", "func"), list(public_functions()))
+def test_layer_is_an_anndata_layer_and_layers_are_model_layers(name, func):
+    params = inspect.signature(func).parameters
+    if "layer" in params:
+        assert str(params["layer"].annotation) == "str | None", f"{name}: layer= names an AnnData layer"
+    if "layers" in params:
+        assert "int" in str(params["layers"].annotation), f"{name}: layers= are model layers"
