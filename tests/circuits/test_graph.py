@@ -9,13 +9,6 @@ from cellcircuits.circuits._graph import attribution_graph, compact_matrix, sele
 from cellcircuits.circuits._replacement import FeatureTarget, LogitTarget
 from cellcircuits.circuits._targets import label_target
 
-from .test_replacement import ARCHS, _case
-
-
-@pytest.fixture(params=ARCHS)
-def case(request):
-    return _case(request.param)
-
 
 def _target(rm):
     return LogitTarget(rm.n_positions - 1, 3, (4, 5, 6))
