@@ -20,8 +20,18 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+import cellcircuits as cc
 from cellcircuits.circuits._replacement import ReplacementModel
 from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet
+
+
+def public_object(dotted: str):
+    """The object ``cellcircuits.<dotted>`` (``"tl.trace_circuit"``); AttributeError when there is none."""
+    obj = cc
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
 
 # Tiny models: the toy data's genes, the labels of ``tiny_c2s``
 
@@ -175,8 +185,6 @@ def _tiny_case(arch: str) -> Case:
 
 
 def _shipped_case() -> Case:
-    import cellcircuits as cc
-
     c2s = cc.models.load("pbmc68k-tiny", device="cpu")
     adata = cc.ds.pbmc68k()
     x = adata.raw.X[0]

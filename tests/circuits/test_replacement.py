@@ -269,7 +269,7 @@ def test_last_layer_heads_are_ov_circuits():
 
 
 # 5. devices and input checks
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda(tiny: Case):
     model = random_model(tiny.arch).cuda()
     transcoders = random_transcoders(tiny.arch, D, COVERED, N_LAYERS).cuda()
