@@ -10,8 +10,17 @@ from scipy import sparse
 from cellcircuits.models import C2SModel, ModelAdapter, train_tokenizer
 from cellcircuits.pp import PromptConfig, build_prompt
 
-GENES = ["CD14", "LYZ", "HLA-DRA", "MS4A1", "CD79A", "NKG7", "GNLY", "CD3E", "IL7R", "S100A8", "FCGR3A", "PPBP"]
-LABELS = ["CD14+ Monocyte", "CD19+ B", "CD56+ NK"]
+from .helpers import GENES, LABELS, make_circuit_adata, make_tiny
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked ``gpu`` when CUDA is not available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -41,39 +50,15 @@ def tiny_tokenizer():
     return train_tokenizer(texts, vocab_size=320)
 
 
-def make_tiny(arch: str, vocab_size: int, *, seed: int = 0, attn: str = "eager"):
-    """A tiny randomly initialised causal LM of the given architecture."""
-    from transformers import (
-        Gemma2Config,
-        Gemma2ForCausalLM,
-        GPTNeoXConfig,
-        GPTNeoXForCausalLM,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
-
-    torch.manual_seed(seed)
-    common = {"vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
-    if arch == "gpt_neox":
-        cfg = GPTNeoXConfig(**common, intermediate_size=64, max_position_embeddings=256, rotary_pct=0.25)
-        model = GPTNeoXForCausalLM(cfg)
-    elif arch == "llama":
-        cfg = LlamaConfig(**common, intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256)
-        model = LlamaForCausalLM(cfg)
-    elif arch == "gemma2":
-        cfg = Gemma2Config(
-            **common, intermediate_size=64, num_key_value_heads=2, head_dim=8, max_position_embeddings=256
-        )
-        model = Gemma2ForCausalLM(cfg)
-    else:
-        raise ValueError(arch)
-    model.config._attn_implementation = attn
-    return model.eval()
-
-
 @pytest.fixture
 def tiny_c2s(tiny_tokenizer) -> C2SModel:
     """A tiny random GPT-NeoX C2S model with the BPE tokenizer and three labels."""
     model = make_tiny("gpt_neox", len(tiny_tokenizer), attn="sdpa")
     prompt = PromptConfig(n_genes=8, labels=LABELS, append_eos=True)
     return C2SModel(model=model, tokenizer=tiny_tokenizer, adapter=ModelAdapter(model), prompt=prompt, name="tiny")
+
+
+@pytest.fixture
+def circ() -> ad.AnnData:
+    """A synthetic traced circuit of two groups (see ``helpers.make_circuit_adata``)."""
+    return make_circuit_adata()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 
 from cellcircuits.cli import main
+
+from .helpers import LABELS, tiny_tset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,8 +52,9 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     commands = re.search(r"```bash\n(.*?)```", readme, re.S).group(1).strip().splitlines()
     assert len(commands) == 2  # exactly two set-up commands
-    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert ci == commands[1]
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    # its steps one a line (so that `set -e` stops at any failing one), then the slow tests
+    assert ci[-3:] == [*commands[1].split(" && "), "python -m pytest -m slow"]
     assert "torch==2.13.0" in commands[0] and "torch==2.13.0" in commands[1]  # CPU build, no CUDA download
 
 
@@ -68,6 +72,7 @@ def small_h5ad(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_run_writes_every_result(small_h5ad, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["run", "--adata", str(small_h5ad), "--groupby", "bulk_labels", "--n-tokens", "20000"]
@@ -162,3 +167,80 @@ def test_sentences_and_step_errors(small_h5ad, tmp_path, capsys):
         main(["train-transcoders", "--adata", str(small_h5ad), "--model", str(tmp_path), "--out", str(tmp_path / "x")])
         == 1
     )
+
+
+@pytest.fixture
+def tiny_inputs(toy_adata, tiny_c2s, tmp_path) -> tuple[Path, Path, Path]:
+    """The toy data as a user's .h5ad, and the tiny model and transcoders for it as directories."""
+    data = tmp_path / "toy.h5ad"
+    toy_adata[[i for i in range(12) if i != 3]].copy().write_h5ad(data)  # cell 3 expresses nothing
+    tiny_c2s.save(tmp_path / "model")
+    tiny_tset((1,)).save(tmp_path / "transcoders")  # with layer 1 alone, every group's circuit keeps gene nodes
+    return data, tmp_path / "model", tmp_path / "transcoders"
+
+
+@pytest.mark.filterwarnings("ignore:no transcoder for layer:UserWarning")  # layer 0 is left uncovered on purpose
+def test_run_and_step_commands_at_toy_scale(tiny_inputs, tmp_path, capsys):
+    """`run` and the step commands end to end on the tiny model, in seconds (the slow test runs them on pbmc68k)."""
+    data, model, transcoders = tiny_inputs
+    common = ["--model", str(model), "--device", "cpu", "--quiet"]
+    out = tmp_path / "run"
+    argv = ["run", "--adata", str(data), *common, "--groupby", "label", "--transcoders", str(transcoders)]
+    assert main([*argv, "--groups", *LABELS[:2], "--n-cells", "1", "--out", str(out)]) == 0
+    assert "circuits of 2 groups" in capsys.readouterr().out
+    back = ad.read_h5ad(out / "adata.h5ad")
+    stored = back.uns["circuits"]["label"]
+    assert set(stored["nodes"]["group"]) == set(LABELS[:2])
+    assert "interpret_features" in back.uns and "validation" in stored and "transcoder_quality" in back.uns
+    for name in ("CD14_Monocyte", "CD19_B"):
+        assert (out / "circuits" / f"{name}.json").stat().st_size > 100
+        assert (out / "circuits" / f"{name}.graphml").stat().st_size > 100
+        assert (out / "figures" / f"circuit_{name}.png").stat().st_size > 1000
+        assert (out / "figures" / f"genes_{name}.svg").exists()
+    for table in ("transcoder_quality", "interpretation_summary", "features", "validation"):
+        assert (out / "tables" / f"{table}.csv").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["groups_traced"] == LABELS[:2] and summary["n_cells"] == back.n_obs
+    assert summary["accuracy"] == pytest.approx((back.obs["c2s_cell_type"] == back.obs["label"]).mean())
+    assert (out / "transcoders" / "transcoder_set.json").exists()
+    # the report's numbers are the .h5ad's
+    page = (out / "report.html").read_text()
+    report = json.loads(
+        re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page, re.S).group(1)
+    )
+    for g, row in stored["validation"].set_index("group").iterrows():
+        assert report["groups"][g]["validation"]["faithfulness"] == pytest.approx(float(row["faithfulness"]))
+    rebuilt = tmp_path / "again.html"
+    assert main(["report", "--adata", str(out / "adata.h5ad"), "--key", "label", "--out", str(rebuilt)]) == 0
+    assert 'id="report-data"' in rebuilt.read_text()
+    assert main(["report", "--adata", str(out / "adata.h5ad"), "--key", "nope", "--out", str(tmp_path / "x.html")]) == 2
+    assert "no circuit 'nope'" in capsys.readouterr().err
+    # the step commands, on the transcoders the run wrote
+    trained = ["--transcoders", str(out / "transcoders"), *common]
+    trans = tmp_path / "t.h5ad"
+    transcode = ["transcode", "--adata", str(data), *trained]
+    assert main([*transcode, "--groupby", "label", "--out", str(trans)]) == 0
+    back = ad.read_h5ad(trans)
+    assert "X_transcoder_L1" in back.obsm and "interpret_features" in back.uns
+    strict = tmp_path / "identifying.h5ad"
+    assert main([*transcode, "--gene-tokens", "identifying", "--out", str(strict)]) == 0
+    assert ad.read_h5ad(strict).uns["transcoder"]["params"]["gene_tokens"] == "identifying"
+    traced = tmp_path / "trace"
+    trace = ["trace", "--adata", str(trans), *trained, "--groupby", "label", "--groups", "CD19+ B", "--n-cells", "1"]
+    assert main([*trace, "--out", str(traced)]) == 0
+    assert (traced / "circuits" / "CD19_B.graphml").exists()
+    assert list(ad.read_h5ad(traced / "adata.h5ad").uns["circuits"]["circuit"]["params"]["groups"]) == ["CD19+ B"]
+    # an existing output directory is never silently replaced
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_train_transcoders_at_toy_scale(tiny_inputs, tmp_path):
+    import cellcircuits as cc
+
+    data, model, _ = tiny_inputs
+    out = tmp_path / "trained"
+    argv = ["train-transcoders", "--adata", str(data), "--model", str(model), "--device", "cpu", "--quiet"]
+    assert main([*argv, "--layers", "1", "--n-tokens", "2000", "--out", str(out)]) == 0
+    assert cc.load_transcoders(out).layers == [1]
+    assert main([*argv, "--out", str(out)]) == 2  # never silently replaced

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import ast
+import inspect
 import runpy
 from pathlib import Path
 
@@ -8,6 +10,8 @@ import pytest
 import torch
 
 import cellcircuits as cc
+
+from .helpers import public_object
 
 TUTORIALS = sorted((Path(__file__).resolve().parents[1] / "tutorials").glob("*.py"))
 
@@ -43,6 +47,7 @@ CHECKS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.name)
 def test_tutorial_runs(path, capsys):
     import matplotlib.pyplot as plt
@@ -63,3 +68,28 @@ def test_there_are_tutorials():
 
 def test_every_tutorial_is_checked():
     assert {p.name for p in TUTORIALS} == set(CHECKS)
+
+
+def _dotted(node: ast.expr) -> str | None:
+    """``"tl.trace_circuit"`` for the expression ``cc.tl.trace_circuit``, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join(reversed(parts)) if isinstance(node, ast.Name) and node.id == "cc" and parts else None
+
+
+@pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.name)
+def test_tutorial_calls_the_api_as_it_is(path):
+    """Fast counterpart of running the tutorials: every ``cc.`` name exists and takes the keywords it is given."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    used = [node for node in ast.walk(tree) if _dotted(node) is not None]
+    assert used
+    for node in used:
+        public_object(_dotted(node))
+    for call in (node for node in ast.walk(tree) if isinstance(node, ast.Call) and _dotted(node.func)):
+        params = inspect.signature(public_object(_dotted(call.func))).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            continue
+        for keyword in call.keywords:
+            assert keyword.arg is None or keyword.arg in params, f"{_dotted(call.func)}() takes no {keyword.arg!r}"

@@ -9,8 +9,6 @@ import torch
 from cellcircuits.circuits import FeatureTarget, feature_pair
 from cellcircuits.models._hooks import record
 
-from .test_graph import case  # noqa: F401  (fixture: every tiny architecture)
-
 
 def _pair_nodes(rm, transcoders, same_position: bool):
     early, late = min(transcoders.layers), max(transcoders.layers)
@@ -22,7 +20,7 @@ def _pair_nodes(rm, transcoders, same_position: bool):
     return src, FeatureTarget(late, int(positions[j]), int(later.feature[j]))
 
 
-def test_connection_is_the_weight_product(case):  # noqa: F811
+def test_connection_is_the_weight_product(case):
     rm, tset, model = case.rm, case.transcoders, case.model
     src, target = _pair_nodes(rm, tset, same_position=True)
     pair = feature_pair(rm, src, target)
@@ -51,7 +49,7 @@ def test_connection_is_the_weight_product(case):  # noqa: F811
     assert pair.total == pytest.approx(row, rel=1e-4, abs=1e-6)
 
 
-def test_other_positions_go_through_attention_only(case):  # noqa: F811
+def test_other_positions_go_through_attention_only(case):
     rm, tset = case.rm, case.transcoders
     src, target = _pair_nodes(rm, tset, same_position=False)
     pair = feature_pair(rm, src, target)

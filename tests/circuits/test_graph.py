@@ -8,13 +8,6 @@ import pytest
 from cellcircuits.circuits._graph import attribution_graph, compact_matrix, select_features, total_effect
 from cellcircuits.circuits._targets import FeatureTarget, LogitTarget, label_target
 
-from .test_replacement import ARCHS, _case
-
-
-@pytest.fixture(params=ARCHS)
-def case(request):
-    return _case(request.param)
-
 
 def _target(rm):
     return LogitTarget(rm.n_positions - 1, 3, (4, 5, 6))

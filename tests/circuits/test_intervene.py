@@ -9,14 +9,12 @@ from cellcircuits.circuits._intervene import clean_run, run_edits
 from cellcircuits.models._hooks import output_tensor as _output_tensor
 from cellcircuits.transcoders._splice import replace_output as _replace_output
 
-from .test_graph import case  # noqa: F401  (fixture: every tiny architecture)
-
 
 def _ones(run, transcoders, batch: int) -> dict:
     return {m: torch.ones(batch, len(run.input_ids), transcoders[m].cfg.n_features) for m in transcoders.layers}
 
 
-def test_no_edit_reproduces_the_model(case):  # noqa: F811
+def test_no_edit_reproduces_the_model(case):
     run = clean_run(case.model, case.transcoders, case.ids)
     with torch.no_grad():
         ref = case.model(input_ids=case.ids[None]).logits[0].float()
@@ -26,7 +24,7 @@ def test_no_edit_reproduces_the_model(case):  # noqa: F811
         assert_close(logits[b], ref, rtol=1e-4, atol=1e-4)
 
 
-def test_ablating_a_last_layer_feature_equals_removing_its_decoder_row(case):  # noqa: F811
+def test_ablating_a_last_layer_feature_equals_removing_its_decoder_row(case):
     model, tset = case.model, case.transcoders
     run = clean_run(model, tset, case.ids)
     last = max(tset.layers)
@@ -56,7 +54,7 @@ def test_ablating_a_last_layer_feature_equals_removing_its_decoder_row(case):  #
     assert not torch.allclose(edited[1], edited[0])
 
 
-def test_override_sets_values(case):  # noqa: F811
+def test_override_sets_values(case):
     model, tset = case.model, case.transcoders
     run = clean_run(model, tset, case.ids)
     first = min(tset.layers)

@@ -7,156 +7,35 @@ The shipped ``pbmc68k-tiny`` model is checked on one real prompt with a random t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
-from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
 from cellcircuits.circuits._attribute import Attribution
 from cellcircuits.circuits._replacement import ReplacementModel
 from cellcircuits.circuits._targets import FeatureTarget, LogitTarget
 from cellcircuits.models._adapter import HookPoint
 from cellcircuits.models._hooks import record
-from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet
 
-VOCAB, SEQ, N_LAYERS, D = 100, 20, 3, 32
-COVERED = (0, 2)  # layer 1 stays an error node
-ARCHS = ["gpt_neox", "gpt_neox_sequential", "llama", "gemma2"]
-# transcoder flavour per architecture: (activation, skip connection)
-FLAVOUR = {
-    "gpt_neox": ("topk", False),
-    "gpt_neox_sequential": ("relu", True),
-    "llama": ("jumprelu", True),
-    "gemma2": ("topk", True),
-    "shipped": ("topk", False),
-}
-
-
-def _model(arch: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    common = {
-        "vocab_size": VOCAB,
-        "num_hidden_layers": N_LAYERS,
-        "num_attention_heads": 4,
-        "hidden_size": D,
-        "max_position_embeddings": 64,
-    }
-    if arch.startswith("gpt_neox"):
-        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
-        cfg = GPTNeoXConfig(
-            **common,
-            intermediate_size=64,
-            rope_parameters=rope,
-            use_parallel_residual=arch == "gpt_neox",
-            attention_bias=True,
-        )
-        cls = GPTNeoXForCausalLM
-    elif arch == "llama":
-        cfg = LlamaConfig(**common, intermediate_size=48, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
-        cls = LlamaForCausalLM
-    else:
-        cfg = Gemma2Config(
-            **common,
-            intermediate_size=48,
-            num_key_value_heads=2,
-            head_dim=16,
-            query_pre_attn_scalar=24,
-            attn_logit_softcapping=1.5,
-            final_logit_softcapping=2.0,
-            sliding_window=8,
-        )
-        cls = Gemma2ForCausalLM
-    # sdpa where the model has it: recording must switch to eager attention and back
-    cfg._attn_implementation = "eager" if arch == "gemma2" else "sdpa"
-    model = cls(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.3)
-    return model
-
-
-def _transcoders(arch: str, d: int, layers, n_layers: int, n_features: int = 64, k: int = 4) -> TranscoderSet:
-    activation, skip = FLAVOUR[arch]
-    tcs = {}
-    for layer in layers:
-        cfg = TranscoderConfig(
-            d_in=d, d_out=d, n_features=n_features, k=k, activation=activation, skip=skip, layer=layer
-        )
-        tc = Transcoder(cfg)
-        with torch.no_grad():
-            # features of a size that matters next to the model's own MLPs (the init is small)
-            tc.W_enc.mul_(5.0)
-            tc.W_dec.mul_(10.0)
-            tc.b_enc.normal_(0, 0.05)
-            tc.b_dec.normal_(0, 0.5)
-            if skip:
-                tc.W_skip.normal_(0, 0.1)
-            tc.input_scale.fill_(1.7)
-            tc.output_scale.fill_(0.6)
-        tcs[layer] = tc
-    return TranscoderSet(tcs, n_layers_model=n_layers)
-
-
-@dataclass
-class Case:
-    arch: str
-    model: torch.nn.Module
-    transcoders: TranscoderSet
-    ids: torch.Tensor
-    rm: ReplacementModel
-
-
-_CASES: dict[str, Case] = {}
-
-
-def _tiny_case(arch: str) -> Case:
-    model = _model(arch)
-    ids = torch.randint(0, VOCAB, (SEQ,), generator=torch.Generator().manual_seed(1))
-    transcoders = _transcoders(arch, D, COVERED, N_LAYERS)
-    return Case(arch, model, transcoders, ids, ReplacementModel.record(model, transcoders, ids))
-
-
-def _shipped_case() -> Case:
-    import cellcircuits as cc
-
-    c2s = cc.models.load("pbmc68k-tiny", device="cpu")
-    adata = cc.ds.pbmc68k()
-    x = adata.raw.X[0]
-    x = x.toarray().ravel() if hasattr(x, "toarray") else np.asarray(x).ravel()
-    genes = list(adata.raw.var_names[np.argsort(-x, kind="stable")][: c2s.prompt.n_genes])
-    ids = torch.tensor(c2s.tokenizer(c2s.build_prompts([genes])[0].text)["input_ids"])
-    torch.manual_seed(0)
-    transcoders = _transcoders("shipped", c2s.adapter.d_model, range(4), 4, n_features=256, k=8)
-    return Case("shipped", c2s.model, transcoders, ids, ReplacementModel.record(c2s, transcoders, ids))
-
-
-def _case(name: str) -> Case:
-    if name not in _CASES:
-        _CASES[name] = _shipped_case() if name == "shipped" else _tiny_case(name)
-    return _CASES[name]
+from ..helpers import (
+    ARCHS,
+    COVERED,
+    FLAVOUR,
+    N_LAYERS,
+    SEQ,
+    Case,
+    D,
+    random_model,
+    random_transcoders,
+    replacement_case,
+)
 
 
 @pytest.fixture(params=[*ARCHS, "shipped"])
 def case(request) -> Case:
-    return _case(request.param)
-
-
-@pytest.fixture(params=ARCHS)
-def tiny(request) -> Case:
-    return _case(request.param)
+    """Every tiny architecture and the shipped model (overrides the tiny-only ``case`` of the circuits conftest)."""
+    return replacement_case(request.param)
 
 
 def _feature_targets(rm: ReplacementModel, layer: int, n: int, seed: int) -> list[FeatureTarget]:
@@ -354,7 +233,7 @@ def test_last_layer_heads_are_ov_circuits():
     Errors of layer 1 reach a logit only through layer 2: through head ``h`` it is ``pattern[h, t, q]`` times the
     OV image of the layer-normed source, read through the final norm (both linear at their recorded scales).
     """
-    tiny = _case("gpt_neox")  # parallel residual, no skip: layer 2's heads feed the final norm directly
+    tiny = replacement_case("gpt_neox")  # parallel residual, no skip: layer 2's heads feed the final norm directly
     rm, adapter = tiny.rm, tiny.rm.adapter
     target = LogitTarget(SEQ - 1, 3, (4, 5, 6))
     sources = np.arange(rm.nodes.error_slices[1].start, rm.nodes.error_slices[1].stop)
@@ -387,10 +266,10 @@ def test_last_layer_heads_are_ov_circuits():
 
 
 # 5. devices and input checks
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda(tiny: Case):
-    model = _model(tiny.arch).cuda()
-    transcoders = _transcoders(tiny.arch, D, COVERED, N_LAYERS).cuda()
+    model = random_model(tiny.arch).cuda()
+    transcoders = random_transcoders(tiny.arch, D, COVERED, N_LAYERS).cuda()
     rm = ReplacementModel.record(model, transcoders, tiny.ids)
     assert rm.device.type == "cuda"
     with torch.no_grad():

@@ -5,7 +5,7 @@ import torch
 from cellcircuits.models import HookPoint, ModelAdapter, record
 from cellcircuits.models._hooks import input_tensor as _input_tensor
 
-from ..conftest import make_tiny
+from ..helpers import make_tiny
 
 
 def test_record_input_passed_by_keyword_and_duplicates_once():

@@ -7,7 +7,7 @@ import cellcircuits as cc
 from cellcircuits.models import ModelLoadError
 from cellcircuits.pp import PromptConfig
 
-from ..conftest import LABELS
+from ..helpers import LABELS
 
 
 def _logits(c2s, text="CD14 LYZ"):

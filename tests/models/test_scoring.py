@@ -7,7 +7,7 @@ import torch
 from cellcircuits.models import score_continuations
 from cellcircuits.models._scoring import pad, position_ids
 
-from ..conftest import make_tiny
+from ..helpers import make_tiny
 
 
 def naive_scores(model, prompts, conts):

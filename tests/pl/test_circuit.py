@@ -11,14 +11,9 @@ from matplotlib.colors import to_hex
 import cellcircuits as cc
 from cellcircuits.pl._circuit import _crossings, _layout
 
-from ..get.test_circuit import TARGET, make_circuit_adata
+from ..helpers import TARGET, make_circuit_adata
 
 matplotlib.use("Agg")
-
-
-@pytest.fixture
-def circ() -> ad.AnnData:
-    return make_circuit_adata()
 
 
 @pytest.fixture(autouse=True)

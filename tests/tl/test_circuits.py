@@ -12,22 +12,8 @@ import cellcircuits as cc
 from cellcircuits.circuits._aggregate import aggregate
 from cellcircuits.circuits._targets import label_target
 from cellcircuits.models import label_token_ids
-from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet
 
-LABELS = ["CD14+ Monocyte", "CD19+ B", "CD56+ NK"]
-
-
-def _tset(layers=(0, 1)) -> TranscoderSet:
-    torch.manual_seed(3)
-    tcs = {}
-    for layer in layers:
-        cfg = TranscoderConfig(d_in=32, d_out=32, n_features=48, k=6, activation="topk", layer=layer)
-        tc = Transcoder(cfg)
-        with torch.no_grad():
-            tc.W_enc.mul_(5.0)
-            tc.W_dec.mul_(5.0)
-        tcs[layer] = tc
-    return TranscoderSet(tcs, n_layers_model=2)
+from ..helpers import LABELS, tiny_tset
 
 
 @pytest.fixture
@@ -36,7 +22,7 @@ def cells(toy_adata) -> ad.AnnData:
 
 
 def test_trace_tables_and_target_values(cells, tiny_c2s):
-    tset = _tset()
+    tset = tiny_tset()
     cc.tl.trace_circuit(cells, tiny_c2s, tset, groupby="label", n_cells=2, max_feature_nodes=8, progress=False)
     result = cells.uns["circuits"]["label"]
     nodes, edges, table = result["nodes"], result["edges"], result["cells"]
@@ -77,7 +63,7 @@ def test_trace_tables_and_target_values(cells, tiny_c2s):
 
 def test_one_target_for_chosen_cells_and_h5ad(cells, tiny_c2s, tmp_path):
     out = cc.tl.trace_circuit(
-        cells, tiny_c2s, _tset(), "CD19+ B", cells=list(cells.obs_names[:3]), max_feature_nodes=8,
+        cells, tiny_c2s, tiny_tset(), "CD19+ B", cells=list(cells.obs_names[:3]), max_feature_nodes=8,
         progress=False, copy=True,
     )  # fmt: skip
     assert "circuits" not in cells.uns
@@ -121,10 +107,12 @@ def test_aggregate_averages_over_cells_with_absence_as_zero():
 
 def test_uncovered_layers_warn_and_bad_input(cells, tiny_c2s):
     with pytest.warns(UserWarning, match=r"no transcoder for layer\(s\) \[1\]"):
-        cc.tl.trace_circuit(cells, tiny_c2s, _tset((0,)), "CD56+ NK", cells=[0], max_feature_nodes=4, progress=False)
+        cc.tl.trace_circuit(
+            cells, tiny_c2s, tiny_tset((0,)), "CD56+ NK", cells=[0], max_feature_nodes=4, progress=False
+        )
     err = cells.uns["circuits"]["CD56+ NK"]["nodes"]
     assert (err.loc[err["kind"] == "error", "layer"] >= 0).all()
-    tset = _tset()
+    tset = tiny_tset()
     with pytest.raises(ValueError, match=r"not a label the model knows; its labels are \['CD14\+ Monocyte'"):
         cc.tl.trace_circuit(cells, tiny_c2s, tset, "T cell", groupby="label")
     with pytest.raises(ValueError, match="has no cells"):

@@ -12,7 +12,7 @@ from cellcircuits.models import C2SModel, record, tokenize_prompts
 from cellcircuits.pp import PromptConfig
 from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet
 
-from ..conftest import LABELS
+from ..helpers import LABELS
 
 COLUMNS = [
     "layer",

@@ -9,7 +9,7 @@ import torch
 
 import cellcircuits as cc
 
-from ..conftest import LABELS
+from ..helpers import LABELS
 
 
 def full_text_loglik(c2s, sentence: str, label: str) -> float:

@@ -11,13 +11,13 @@ from cellcircuits.circuits._validate import active_names, cell_edits
 from cellcircuits.models import label_token_ids
 from cellcircuits.tl._cells import cell_prompts
 
-from .test_circuits import LABELS, _tset
+from ..helpers import LABELS, tiny_tset
 
 
 @pytest.fixture
 def traced(toy_adata, tiny_c2s):
     cells = toy_adata[[i for i in range(12) if i != 3]].copy()
-    tset = _tset()
+    tset = tiny_tset()
     cc.tl.trace_circuit(cells, tiny_c2s, tset, groupby="label", n_cells=2, max_feature_nodes=8, progress=False)
     return cells, tset
 

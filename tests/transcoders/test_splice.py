@@ -9,7 +9,7 @@ from cellcircuits.models import C2SModel, ModelAdapter, record
 from cellcircuits.pp import PromptConfig
 from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet, splice
 
-from ..conftest import make_tiny
+from ..helpers import make_tiny
 
 ARCHS = ["gpt_neox", "llama", "gemma2"]
 VOCAB = 50

@@ -190,7 +190,7 @@ def test_collection_runs_the_transformer_of_every_architecture(arch, tiny_tokeni
     from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet
     from cellcircuits.transcoders._features import cell_and_gene_features
 
-    from ..conftest import LABELS, make_tiny
+    from ..helpers import LABELS, make_tiny
 
     model = make_tiny(arch, len(tiny_tokenizer))  # eager attention: Gemma-2's softcap needs it
     c2s = C2SModel(

@@ -1,0 +1,323 @@
+"""Builders and constants shared by the test modules; the fixtures are in the ``conftest.py`` files.
+
+Test modules import from here (``from ..helpers import make_tiny``), never from one another or from a conftest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+import cellcircuits as cc
+from cellcircuits.circuits._replacement import ReplacementModel
+from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet
+
+
+def public_object(dotted: str):
+    """The object ``cellcircuits.<dotted>`` (``"tl.trace_circuit"``); AttributeError when there is none."""
+    obj = cc
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# Tiny models: the toy data's genes, the labels of ``tiny_c2s``
+
+GENES = ["CD14", "LYZ", "HLA-DRA", "MS4A1", "CD79A", "NKG7", "GNLY", "CD3E", "IL7R", "S100A8", "FCGR3A", "PPBP"]
+LABELS = ["CD14+ Monocyte", "CD19+ B", "CD56+ NK"]
+
+
+def make_tiny(arch: str, vocab_size: int, *, seed: int = 0, attn: str = "eager"):
+    """A tiny randomly initialised causal LM of the given architecture."""
+    torch.manual_seed(seed)
+    common = {"vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+    if arch == "gpt_neox":
+        cfg = GPTNeoXConfig(**common, intermediate_size=64, max_position_embeddings=256, rotary_pct=0.25)
+        model = GPTNeoXForCausalLM(cfg)
+    elif arch == "llama":
+        cfg = LlamaConfig(**common, intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256)
+        model = LlamaForCausalLM(cfg)
+    elif arch == "gemma2":
+        cfg = Gemma2Config(
+            **common, intermediate_size=64, num_key_value_heads=2, head_dim=8, max_position_embeddings=256
+        )
+        model = Gemma2ForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    model.config._attn_implementation = attn
+    return model.eval()
+
+
+# Transcoders for ``tiny_c2s`` (tests/tl)
+
+
+def tiny_tset(layers=(0, 1)) -> TranscoderSet:
+    """Seeded TopK transcoders on ``tiny_c2s``'s layers, with weights large enough to give active features."""
+    torch.manual_seed(3)
+    tcs = {}
+    for layer in layers:
+        cfg = TranscoderConfig(d_in=32, d_out=32, n_features=48, k=6, activation="topk", layer=layer)
+        tc = Transcoder(cfg)
+        with torch.no_grad():
+            tc.W_enc.mul_(5.0)
+            tc.W_dec.mul_(5.0)
+        tcs[layer] = tc
+    return TranscoderSet(tcs, n_layers_model=2)
+
+
+# Replacement-model cases (tests/circuits): tiny random models of each architecture, and the shipped model.
+# Tiny random models (norms and biases perturbed, weights large enough that attention is far from uniform and
+# Gemma-2's softcaps bite) get random transcoders on some layers, the middle layer left uncovered. Cases are built
+# once per session and shared by the test modules.
+
+VOCAB, SEQ, N_LAYERS, D = 100, 20, 3, 32
+COVERED = (0, 2)  # layer 1 stays an error node
+ARCHS = ["gpt_neox", "gpt_neox_sequential", "llama", "gemma2"]
+# transcoder flavour per architecture: (activation, skip connection)
+FLAVOUR = {
+    "gpt_neox": ("topk", False),
+    "gpt_neox_sequential": ("relu", True),
+    "llama": ("jumprelu", True),
+    "gemma2": ("topk", True),
+    "shipped": ("topk", False),
+}
+
+
+def random_model(arch: str) -> torch.nn.Module:
+    """A tiny random causal LM of ``arch`` (``gpt_neox_sequential``: GPT-NeoX without parallel residual)."""
+    torch.manual_seed(0)
+    common = {
+        "vocab_size": VOCAB,
+        "num_hidden_layers": N_LAYERS,
+        "num_attention_heads": 4,
+        "hidden_size": D,
+        "max_position_embeddings": 64,
+    }
+    if arch.startswith("gpt_neox"):
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+        cfg = GPTNeoXConfig(
+            **common,
+            intermediate_size=64,
+            rope_parameters=rope,
+            use_parallel_residual=arch == "gpt_neox",
+            attention_bias=True,
+        )
+        cls = GPTNeoXForCausalLM
+    elif arch == "llama":
+        cfg = LlamaConfig(**common, intermediate_size=48, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+        cls = LlamaForCausalLM
+    else:
+        cfg = Gemma2Config(
+            **common,
+            intermediate_size=48,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=1.5,
+            final_logit_softcapping=2.0,
+            sliding_window=8,
+        )
+        cls = Gemma2ForCausalLM
+    # sdpa where the model has it: recording must switch to eager attention and back
+    cfg._attn_implementation = "eager" if arch == "gemma2" else "sdpa"
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def random_transcoders(arch: str, d: int, layers, n_layers: int, n_features: int = 64, k: int = 4) -> TranscoderSet:
+    """Random transcoders of ``arch``'s flavour on ``layers``, their features sized to matter next to the MLPs."""
+    activation, skip = FLAVOUR[arch]
+    tcs = {}
+    for layer in layers:
+        cfg = TranscoderConfig(
+            d_in=d, d_out=d, n_features=n_features, k=k, activation=activation, skip=skip, layer=layer
+        )
+        tc = Transcoder(cfg)
+        with torch.no_grad():
+            # features of a size that matters next to the model's own MLPs (the init is small)
+            tc.W_enc.mul_(5.0)
+            tc.W_dec.mul_(10.0)
+            tc.b_enc.normal_(0, 0.05)
+            tc.b_dec.normal_(0, 0.5)
+            if skip:
+                tc.W_skip.normal_(0, 0.1)
+            tc.input_scale.fill_(1.7)
+            tc.output_scale.fill_(0.6)
+        tcs[layer] = tc
+    return TranscoderSet(tcs, n_layers_model=n_layers)
+
+
+@dataclass
+class Case:
+    arch: str
+    model: torch.nn.Module
+    transcoders: TranscoderSet
+    ids: torch.Tensor
+    rm: ReplacementModel
+
+
+_CASES: dict[str, Case] = {}
+
+
+def _tiny_case(arch: str) -> Case:
+    model = random_model(arch)
+    ids = torch.randint(0, VOCAB, (SEQ,), generator=torch.Generator().manual_seed(1))
+    transcoders = random_transcoders(arch, D, COVERED, N_LAYERS)
+    return Case(arch, model, transcoders, ids, ReplacementModel.record(model, transcoders, ids))
+
+
+def _shipped_case() -> Case:
+    c2s = cc.models.load("pbmc68k-tiny", device="cpu")
+    adata = cc.ds.pbmc68k()
+    x = adata.raw.X[0]
+    x = x.toarray().ravel() if hasattr(x, "toarray") else np.asarray(x).ravel()
+    genes = list(adata.raw.var_names[np.argsort(-x, kind="stable")][: c2s.prompt.n_genes])
+    ids = torch.tensor(c2s.tokenizer(c2s.build_prompts([genes])[0].text)["input_ids"])
+    torch.manual_seed(0)
+    transcoders = random_transcoders("shipped", c2s.adapter.d_model, range(4), 4, n_features=256, k=8)
+    return Case("shipped", c2s.model, transcoders, ids, ReplacementModel.record(c2s, transcoders, ids))
+
+
+def replacement_case(name: str) -> Case:
+    """The case of an architecture in ``ARCHS`` or of ``"shipped"``, built on first use."""
+    if name not in _CASES:
+        _CASES[name] = _shipped_case() if name == "shipped" else _tiny_case(name)
+    return _CASES[name]
+
+
+# A synthetic traced circuit (tests/get, tests/pl)
+
+TARGET = "CD14+ Monocyte"
+CIRCUIT_GENES = {  # gene: marker sets
+    "LYZ": "azimuth_mono;panglao_monocyte",
+    "CD14": "azimuth_mono",
+    "S100A9": "",
+    "MS4A1": "azimuth_b",
+    "ACTB": "",
+}
+CIRCUIT_FEATURES = [  # layer, feature, position gene ("" at the answer), label
+    (0, 3, "LYZ", "go_bp_2023: neutrophil degranulation"),
+    (0, 9, "CD14", "LYZ, S100A9, FCN1"),
+    (1, 5, "LYZ", "monocyte identity program of innate immune cells"),
+    (1, 12, "", "CD79A, MS4A1"),
+    (2, 7, "", "myeloid answer"),
+    (2, 1, "", ""),
+]
+CIRCUIT_EDGES = [  # source, target, sign
+    ("gene:LYZ", "L0.F3@LYZ", 1),
+    ("gene:LYZ", "L1.F5@LYZ", 1),
+    ("gene:CD14", "L0.F9@CD14", 1),
+    ("gene:S100A9", "L0.F3@LYZ", 1),
+    ("gene:MS4A1", "L1.F12@answer", 1),
+    ("gene:ACTB", "L0.F9@CD14", -1),
+    ("token:template", "L1.F12@answer", 1),
+    ("L0.F3@LYZ", "L1.F5@LYZ", 1),
+    ("L0.F9@CD14", "L1.F5@LYZ", -1),
+    ("L0.F9@CD14", "L2.F7@answer", 1),
+    ("L1.F5@LYZ", "L2.F7@answer", 1),
+    ("L1.F12@answer", "L2.F1@answer", -1),
+    ("err L1@LYZ", "L2.F7@answer", 1),
+    ("L2.F7@answer", f"target:{TARGET}", 1),
+    ("L2.F1@answer", f"target:{TARGET}", -1),
+    ("err L2@answer", f"target:{TARGET}", 1),
+    ("L1.F5@LYZ", f"target:{TARGET}", 1),
+    ("gene:LYZ", f"target:{TARGET}", 0),  # absent in every cell: weight 0
+]
+
+
+def _circuit_group_tables(group: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rng = np.random.default_rng(seed)
+    rows = []
+
+    def add(node, kind, layer, *, feature=-1, gene="", role="gene", label="", marker_sets=""):
+        rows.append(
+            {"group": group, "node": node, "kind": kind, "layer": layer, "feature": feature, "gene": gene,
+             "role": role, "label": label, "is_marker": bool(marker_sets), "marker_sets": marker_sets}
+        )  # fmt: skip
+
+    for gene, sets in CIRCUIT_GENES.items():
+        add(f"gene:{gene}", "gene", -1, gene=gene, marker_sets=sets)
+    add("token:template", "token", -1, role="template")
+    for layer, feature, gene, label in CIRCUIT_FEATURES:
+        add(f"L{layer}.F{feature}@{gene or 'answer'}", "feature", layer, feature=feature, gene=gene,
+            role="gene" if gene else "answer", label=label)  # fmt: skip
+    add("err L1@LYZ", "error", 1, gene="LYZ")
+    add("err L2@answer", "error", 2, role="answer")
+    add(f"target:{TARGET}", "target", 3, role="target")
+    nodes = pd.DataFrame(rows)
+    n = len(nodes)
+    influence = rng.permutation(np.linspace(0.05, 0.8, n - 1))  # distinct, known
+    nodes["influence"] = [*influence, 1.0]
+    nodes["attribution"] = rng.normal(0, 0.3, n)
+    nodes.loc[nodes["kind"] == "token", "attribution"] = np.nan
+    nodes["activation"] = np.where(nodes["kind"] == "feature", rng.uniform(0.5, 3, n), np.nan)
+    nodes["frequency"] = np.round(rng.uniform(0.2, 1.0, n), 3)
+    nodes.loc[nodes["kind"] == "target", "frequency"] = 1.0
+    nodes = nodes[["group", "node", "kind", "layer", "feature", "gene", "role", "influence", "attribution",
+                   "activation", "frequency", "label", "is_marker", "marker_sets"]]  # fmt: skip
+    weight = np.array([s for _, _, s in CIRCUIT_EDGES]) * rng.uniform(0.05, 1.0, len(CIRCUIT_EDGES))
+    edges = pd.DataFrame(
+        {
+            "group": group,
+            "source": [s for s, _, _ in CIRCUIT_EDGES],
+            "target": [t for _, t, _ in CIRCUIT_EDGES],
+            "weight": weight,
+            "frequency": np.round(rng.uniform(0.1, 1.0, len(CIRCUIT_EDGES)), 3),
+            "via": rng.choice(["residual", "L1.H2", "L0.H0"], len(CIRCUIT_EDGES)),
+            "via_share": rng.uniform(0.3, 1.0, len(CIRCUIT_EDGES)),
+        }
+    )
+    return nodes, edges
+
+
+def make_circuit_adata(groups: tuple[str, ...] = ("mono", "B")) -> ad.AnnData:
+    """An AnnData holding a synthetic circuit under ``.uns["circuits"]["t"]``, 15 nodes per group."""
+    tables = [_circuit_group_tables(g, seed) for seed, g in enumerate(groups)]
+    cells = pd.DataFrame(
+        {
+            "obs_name": [f"c{i}" for i in range(5 * len(groups))],
+            "group": np.repeat(list(groups), 5),
+            "target_value": np.linspace(1, 3, 5 * len(groups)),
+            "replacement_score": 0.9,
+            "completeness_score": 0.95,
+        }
+    )
+    adata = ad.AnnData(np.zeros((5 * len(groups), 3), dtype=np.float32))
+    adata.obs_names = cells["obs_name"].tolist()
+    adata.uns["circuits"] = {
+        "t": {
+            "nodes": pd.concat([n for n, _ in tables], ignore_index=True),
+            "edges": pd.concat([e for _, e in tables], ignore_index=True),
+            "params": {
+                "target": TARGET,
+                "groupby": "cell_type",
+                "groups": np.array(groups),
+                "n_layers": 3,
+                "node_threshold": 0.8,
+                "edge_threshold": 0.98,
+                "model": "tiny",
+                "n_cells": 50,
+                "uncovered_layers": np.array([1], dtype=np.int64),
+            },
+            "cells": cells,
+        }
+    }
+    return adata
