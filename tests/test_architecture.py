@@ -34,6 +34,8 @@ LAYERS = {
     "pl": 5,
     "_report": 6,
     "_pipeline": 6,
+    "_cli_checks": 6,
+    "_outputs": 6,
     "cli": 6,
     "__main__": 6,
     "": 6,  # the package root, which loads its subpackages lazily

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._keys import INTERPRET, TRANSCODER_QUALITY
+from ._keys import INTERPRET, PREDICTION, TRANSCODER_QUALITY
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -35,14 +35,43 @@ def write_circuits(adata: AnnData, key: str, directory: Path) -> None:
             get.write_circuit(adata, key, directory / f"{safe_name(str(g))}{suffix}", group=str(g))
 
 
+def split_cells(adata: AnnData, name: str) -> AnnData:
+    """The cells of ``adata``'s ``name`` split when ``.obs["split"]`` holds some, else all of ``adata``."""
+    if "split" in adata.obs.columns:
+        mask = (adata.obs["split"].astype(str) == name).to_numpy()
+        if mask.any():
+            return adata[mask].copy()
+    return adata
+
+
 def train_for(
     adata: AnnData, model: C2SModel, *, layers: Sequence[int] | None, n_tokens: int, progress: bool
 ) -> TranscoderSet:
     """Transcoders trained on ``adata``'s ``train`` split when it has one, else on all of it."""
     from . import tl
 
-    train = adata[adata.obs["split"] == "train"].copy() if "split" in adata.obs.columns else adata
-    return tl.train_transcoders(train, model, layers, n_tokens=n_tokens, progress=progress)
+    return tl.train_transcoders(split_cells(adata, "train"), model, layers, n_tokens=n_tokens, progress=progress)
+
+
+def choose_groups(
+    adata: AnnData, model: C2SModel, groupby: str, groups: Sequence[str] | None
+) -> tuple[list[str], list[str]]:
+    """The groups :func:`run_pipeline` traces and those it skips, checked before any work.
+
+    Of ``groups`` (default: every group of ``.obs[groupby]``), those the model has a label for and ``adata`` has
+    cells of are traced. Raises a ValueError when that leaves none.
+    """
+    labels = set(model.prompt.labels or [])
+    present = [str(g) for g in adata.obs[groupby].dropna().astype(str).unique()]
+    wanted = [str(g) for g in groups] if groups is not None else present
+    chosen = [g for g in wanted if g in labels and g in present]
+    if not chosen:
+        msg = (
+            f"no group to trace: none of {wanted} is both a label the model knows and a group of "
+            f".obs[{groupby!r}] with cells"
+        )
+        raise ValueError(msg)
+    return chosen, sorted(set(wanted) - set(chosen))
 
 
 def run_pipeline(
@@ -61,9 +90,10 @@ def run_pipeline(
 ) -> dict:
     """Predict, train and evaluate transcoders, transcode, interpret, trace and validate; write everything.
 
-    Writes into ``out``: ``transcoders/``, ``circuits/<group>.json`` and ``.graphml``, ``figures/`` (PNG and SVG),
-    ``tables/`` (CSV), ``adata.h5ad`` holding every result and ``report.html`` (self-contained). Returns a summary
-    of the run (also written as ``summary.json``).
+    The groups traced are checked first (:func:`choose_groups`), before any work. Writes into ``out``:
+    ``transcoders/``, ``circuits/<group>.json`` and ``.graphml``, ``figures/`` (PNG and SVG), ``tables/`` (CSV),
+    ``adata.h5ad`` holding every result and ``report.html`` (self-contained). Returns a summary of the run (also
+    written as ``summary.json``).
     """
     import matplotlib
 
@@ -77,11 +107,14 @@ def run_pipeline(
         log(f"{name} ...")
         return lambda: timings.__setitem__(name, round(time.perf_counter() - start, 1))
 
+    chosen, skipped = choose_groups(adata, model, groupby, groups)
+    if skipped:
+        log(f"not traced (not labels the model knows, or without cells): {skipped}")
     for sub in ("circuits", "figures", "tables"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     done = step("predict cell types")
     tl.predict_cell_types(adata, model, progress=progress)
-    accuracy = float((adata.obs["c2s_cell_type"].astype(str) == adata.obs[groupby].astype(str)).mean())
+    accuracy = float((adata.obs[PREDICTION].astype(str) == adata.obs[groupby].astype(str)).mean())
     done()
     if transcoders is None:
         done = step("train transcoders")
@@ -89,7 +122,7 @@ def run_pipeline(
         done()
     transcoders.save(out / "transcoders")
     done = step("evaluate transcoders")
-    test = adata[adata.obs["split"] == "test"].copy() if "split" in adata.obs.columns else adata
+    test = split_cells(adata, "test")
     quality = tl.evaluate_transcoders(test, model, transcoders, label_key=groupby, n_cells=50, progress=progress)
     quality.to_csv(out / "tables" / "transcoder_quality.csv", index=False)
     adata.uns[TRANSCODER_QUALITY] = quality.astype({"layer": str})
@@ -102,12 +135,6 @@ def run_pipeline(
     adata.uns[INTERPRET]["summary"].to_csv(out / "tables" / "interpretation_summary.csv", index=False)
     adata.uns[INTERPRET]["features"].to_csv(out / "tables" / "features.csv", index=False)
     done()
-    labels = set(model.prompt.labels or [])
-    present = [str(g) for g in adata.obs[groupby].dropna().astype(str).unique()]
-    chosen = [g for g in (groups or present) if g in labels]
-    skipped = sorted(set(groups or present) - set(chosen))
-    if skipped:
-        log(f"not traced (not labels the model knows): {skipped}")
     done = step("trace circuits")
     tl.trace_circuit(adata, model, transcoders, groupby=groupby, groups=chosen, n_cells=n_cells, progress=progress)
     done()

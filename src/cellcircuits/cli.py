@@ -1,7 +1,10 @@
 """Command line: ``cellcircuits run`` for the whole analysis, and one subcommand per step.
 
-Exit status: 0 on success, 2 for bad arguments (a missing file, a column not in ``.obs``, an output that exists
-without ``--overwrite``), 1 when the model or transcoders cannot be loaded.
+Exit status: 0 on success; 2 with a one-line ``error: ...`` naming the argument for a bad argument (a number out of
+range, a missing or unreadable file, a column, layer or group not in the data, a label or layer the model does not
+have, an output that exists without ``--overwrite`` or cannot be written), checked before any work; 1 when the
+model or transcoders cannot be loaded; 130 when interrupted. Outputs are written beside their place and moved in
+when complete, so a failed or interrupted run leaves no partial output and an old one as it was.
 """
 
 from __future__ import annotations
@@ -9,89 +12,71 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ._cli_checks import (
+    CliError,
+    LoadError,
+    Parser,
+    check_device,
+    check_groups_in_data,
+    check_labels,
+    check_layers,
+    check_obs_column,
+    check_sentence_source,
+    check_traceable,
+    layer_number,
+    one_line,
+    positive_int,
+    read_adata,
+)
+from ._outputs import Kind, check_out, noticing_interrupts, staged
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+__all__ = ["CliError", "LoadError", "build_parser", "main"]
 
 
-def _predict(args: argparse.Namespace) -> int:
-    import cellcircuits as cc
-
-    _threads(args)
-    adata = _read_adata(args.adata, split=args.split)
-    label_key = args.label_key or ("bulk_labels" if args.adata is None else None)
-    _check_column(adata, label_key)
+def _out(args: argparse.Namespace, kind: Kind) -> Path:
+    """The output path, refused when it exists (unless ``--overwrite``) or cannot be written."""
     out = Path(args.out)
-    _check_out(out, args.overwrite)
-    model = _load_model(args)
-    from ._keys import PREDICTION
-
-    cc.tl.predict_cell_types(adata, model, batch_size=args.batch_size, progress=not args.quiet)
-    if label_key is not None:
-        truth = adata.obs[label_key].astype(str)
-        accuracy = float((adata.obs[PREDICTION].astype(str) == truth).mean())
-        adata.uns[PREDICTION]["accuracy"] = accuracy
-        print(f"accuracy vs {label_key!r} on {adata.n_obs} cells: {accuracy:.3f}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(out)
-    print(f"wrote {out}")
-    return 0
+    check_out(out, overwrite=args.overwrite, kind=kind)
+    return out
 
 
-class CliError(Exception):
-    """A problem with the arguments: printed as ``error: ...`` and exit status 2."""
-
-
-class LoadError(Exception):
-    """A model or transcoders that cannot be loaded: printed as ``error: ...`` and exit status 1."""
-
-
-def _read_adata(path: str | None, *, split: str = "all"):
+def _read_adata(path: str | None, *, split: str = "all") -> AnnData:
     """The .h5ad at ``path``, or the embedded pbmc68k data (its ``split`` cells, or all)."""
-    import anndata as ad
-
     import cellcircuits as cc
 
     if path is None:
         adata = cc.ds.pbmc68k()
         return adata if split == "all" else adata[adata.obs["split"] == split].copy()
-    file = Path(path)
-    if not file.is_file():
-        msg = f"no such file: {file}"
-        raise CliError(msg)
-    return ad.read_h5ad(file)
-
-
-def _check_column(adata, column: str | None) -> None:
-    if column is not None and column not in adata.obs.columns:
-        msg = f"{column!r} is not a column of .obs ({list(adata.obs.columns)})"
-        raise CliError(msg)
-
-
-def _out_and_data(args: argparse.Namespace) -> tuple:
-    """The output path (refused when it exists, unless ``--overwrite``) and the input data."""
-    out = Path(args.out)
-    _check_out(out, args.overwrite)
-    return out, _read_adata(args.adata)
-
-
-def _check_out(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        msg = f"{path} exists; pass --overwrite to replace it"
-        raise CliError(msg)
+    return read_adata(path)
 
 
 def _load_model(args: argparse.Namespace):
+    from transformers.utils import logging as hf_logging
+
     import cellcircuits as cc
 
+    quiet = args.quiet and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
     try:
         return cc.models.load(args.model, device=args.device)
     except (OSError, ValueError) as err:
         raise LoadError(str(err)) from err
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
 
 
 def _load_transcoders(path: str):
     import cellcircuits as cc
 
     if not Path(path).is_dir():
-        msg = f"no such transcoder directory: {path}"
+        msg = f"--transcoders: no such transcoder directory: {path}"
         raise CliError(msg)
     try:
         return cc.load_transcoders(path)
@@ -100,20 +85,55 @@ def _load_transcoders(path: str):
         raise LoadError(msg) from err
 
 
+def _check_pair(tset, model, path: str) -> None:
+    """Refuse transcoders made for another model."""
+    try:
+        tset.check_compatible(n_layers=model.adapter.n_layers, d_model=model.adapter.d_model)
+    except ValueError as err:
+        msg = f"--transcoders {path} do not fit --model {model.name}: {one_line(err)}"
+        raise CliError(msg) from None
+
+
 def _threads(args: argparse.Namespace) -> None:
-    if getattr(args, "threads", 0):
+    if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import cellcircuits as cc
+
+    from ._keys import PREDICTION
+
+    out = _out(args, "file")
+    check_device(args.device)
+    adata = _read_adata(args.adata, split=args.split)
+    label_key = args.label_key or ("bulk_labels" if args.adata is None else None)
+    check_obs_column(adata, label_key, "--label-key")
+    model = _load_model(args)
+    _threads(args)
+    cc.tl.predict_cell_types(adata, model, batch_size=args.batch_size, progress=not args.quiet)
+    if label_key is not None:
+        truth = adata.obs[label_key].astype(str)
+        accuracy = float((adata.obs[PREDICTION].astype(str) == truth).mean())
+        adata.uns[PREDICTION]["accuracy"] = accuracy
+        print(f"accuracy vs {label_key!r} on {adata.n_obs} cells: {accuracy:.3f}")
+    with staged(out, "file") as temp:
+        adata.write_h5ad(temp)
+    print(f"wrote {out}")
+    return 0
+
+
 def _sentences(args: argparse.Namespace) -> int:
     import cellcircuits as cc
 
-    out, adata = _out_and_data(args)
+    out = _out(args, "file")
+    adata = _read_adata(args.adata)
+    check_sentence_source(adata, args.layer, args.gene_symbols)
     cc.pp.cell_sentences(adata, args.n_genes, layer=args.layer, gene_symbols=args.gene_symbols)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(out)
+    with staged(out, "file") as temp:
+        adata.write_h5ad(temp)
     print(f"wrote {adata.n_obs} cell sentences to {out}")
     return 0
 
@@ -121,22 +141,31 @@ def _sentences(args: argparse.Namespace) -> int:
 def _train_transcoders(args: argparse.Namespace) -> int:
     from ._pipeline import train_for
 
-    out, adata = _out_and_data(args)
-    _threads(args)
+    out = _out(args, "dir")
+    check_device(args.device)
+    adata = _read_adata(args.adata)
     model = _load_model(args)
+    check_layers(args.layers, model.adapter.n_layers)
+    _threads(args)
     tset = train_for(adata, model, layers=args.layers, n_tokens=args.n_tokens, progress=not args.quiet)
-    tset.save(out)
+    with staged(out, "dir") as temp:
+        tset.save(temp)
     print(f"wrote transcoders for layers {tset.layers} to {out}")
     return 0
 
 
-def _step_inputs(args: argparse.Namespace) -> tuple:
+def _step_inputs(args: argparse.Namespace, kind: Kind) -> tuple:
     """Output path, data, transcoders and model of a step that reads all three, each checked before any work."""
-    out, adata = _out_and_data(args)
-    _check_column(adata, args.groupby)
-    _threads(args)
+    out = _out(args, kind)
+    check_device(args.device)
+    adata = _read_adata(args.adata)
+    check_obs_column(adata, args.groupby, "--groupby")
+    check_groups_in_data(adata, args.groupby, getattr(args, "groups", None))
     tset = _load_transcoders(args.transcoders)
-    return out, adata, tset, _load_model(args)
+    model = _load_model(args)
+    _check_pair(tset, model, args.transcoders)
+    _threads(args)
+    return out, adata, tset, model
 
 
 def _transcode(args: argparse.Namespace) -> int:
@@ -144,13 +173,14 @@ def _transcode(args: argparse.Namespace) -> int:
 
     from ._keys import INTERPRET
 
-    out, adata, tset, model = _step_inputs(args)
+    out, adata, tset, model = _step_inputs(args, "file")
+    check_layers(args.layers, model.adapter.n_layers, tset.layers)
     cc.tl.transcode(adata, model, tset, layers=args.layers, gene_tokens=args.gene_tokens, progress=not args.quiet)
     if args.groupby:
         cc.tl.interpret_features(adata, groupby=args.groupby)
         print(adata.uns[INTERPRET]["summary"].to_string(index=False))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(out)
+    with staged(out, "file") as temp:
+        adata.write_h5ad(temp)
     print(f"wrote {out}")
     return 0
 
@@ -160,15 +190,26 @@ def _trace(args: argparse.Namespace) -> int:
 
     from ._pipeline import write_circuits
 
-    out, adata, tset, model = _step_inputs(args)
+    if args.groupby is None and args.adata is None:
+        args.groupby = "bulk_labels"
+    if args.groupby is None and args.target is None:
+        msg = "--groupby is needed with --adata (the .obs column of cell types), unless --target names one label"
+        raise CliError(msg)
+    out, adata, tset, model = _step_inputs(args, "dir")
+    labels = list(model.prompt.labels or [])
+    if args.target is not None:
+        check_labels([args.target], labels, "--target")
+    else:
+        check_traceable(adata, args.groupby, args.groups, labels, some=False)
     cc.tl.trace_circuit(
         adata, model, tset, args.target, groupby=args.groupby, groups=args.groups, n_cells=args.n_cells,
         progress=not args.quiet, key_added="circuit",
     )  # fmt: skip
     validation = cc.tl.validate_circuit(adata, model, tset, "circuit", progress=not args.quiet)
     print(validation[["group", "faithfulness", "zero_drop", "random_zero_drop", "replacement_score"]].to_string())
-    write_circuits(adata, "circuit", out / "circuits")
-    adata.write_h5ad(out / "adata.h5ad")
+    with staged(out, "dir") as temp:
+        write_circuits(adata, "circuit", temp / "circuits")
+        adata.write_h5ad(temp / "adata.h5ad")
     print(f"wrote {out}")
     return 0
 
@@ -176,44 +217,46 @@ def _trace(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ._pipeline import run_pipeline
 
-    out, adata = _out_and_data(args)
+    out = _out(args, "dir")
     groupby = args.groupby or ("bulk_labels" if args.adata is None else None)
     if groupby is None:
         msg = "--groupby is needed with --adata: the .obs column of cell types to trace circuits for"
         raise CliError(msg)
-    _check_column(adata, groupby)
-    _threads(args)
+    check_device(args.device)
+    adata = _read_adata(args.adata)
+    check_obs_column(adata, groupby, "--groupby")
+    check_groups_in_data(adata, groupby, args.groups)
     tset = _load_transcoders(args.transcoders) if args.transcoders else None
     model = _load_model(args)
-    summary = run_pipeline(
-        adata, model, out, groupby=groupby, layers=args.layers, transcoders=tset, n_tokens=args.n_tokens,
-        n_cells=args.n_cells, groups=args.groups, progress=not args.quiet,
-        log=(lambda _msg: None) if args.quiet else print,
-    )  # fmt: skip
+    if tset is not None:
+        _check_pair(tset, model, args.transcoders)
+    check_layers(args.layers, model.adapter.n_layers)
+    check_traceable(adata, groupby, args.groups, list(model.prompt.labels or []), some=True)
+    _threads(args)
+    with staged(out, "dir") as temp:
+        summary = run_pipeline(
+            adata, model, temp, groupby=groupby, layers=args.layers, transcoders=tset, n_tokens=args.n_tokens,
+            n_cells=args.n_cells, groups=args.groups, progress=not args.quiet,
+            log=(lambda _msg: None) if args.quiet else print,
+        )  # fmt: skip
     print(f"accuracy vs {groupby!r}: {summary['accuracy']:.3f}; circuits of {len(summary['groups_traced'])} groups")
     print(f"wrote {out}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    import anndata as ad
-
     from ._keys import circuit_keys
     from ._report import write_report
 
-    out = Path(args.out)
-    _check_out(out, args.overwrite)
-    if not Path(args.adata).is_file():
-        msg = f"no such file: {args.adata}"
-        raise CliError(msg)
-    adata = ad.read_h5ad(args.adata)
+    out = _out(args, "file")
+    adata = read_adata(args.adata)
     circuits = circuit_keys(adata)
     key = args.key or (circuits[0] if len(circuits) == 1 else None)
     if key not in circuits:
-        msg = f"no circuit {args.key!r} in {args.adata}; it holds {circuits} (run `cellcircuits trace` first)"
+        msg = f"--key: no circuit {args.key!r} in {args.adata}; it holds {circuits} (run `cellcircuits trace` first)"
         raise CliError(msg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_report(adata, key, out)
+    with staged(out, "file") as temp:
+        write_report(adata, key, temp)
     print(f"wrote {out}")
     return 0
 
@@ -223,14 +266,14 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     if model:
         p.add_argument("--model", default="pbmc68k-tiny", help="shipped model, local directory or hub id")
         p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-        p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+        p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``cellcircuits`` command."""
-    parser = argparse.ArgumentParser(prog="cellcircuits", description=__doc__)
+    parser = Parser(prog="cellcircuits", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="predict cell types with a C2S model and write an annotated .h5ad")
     p.add_argument("--adata", help=".h5ad file (default: the embedded pbmc68k data)")
@@ -241,15 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="cellcircuits_predicted.h5ad", help="output .h5ad")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("sentences", help="write cell sentences into .obs['cell_sentence']")
     _common(p, model=False)
-    p.add_argument("--n-genes", type=int, default=None, help="genes kept per sentence (default: all expressed)")
+    p.add_argument("--n-genes", type=positive_int, default=None, help="genes per sentence (default: all expressed)")
     p.add_argument("--layer", help="AnnData layer with expression (default: .raw when present, else .X)")
     p.add_argument("--gene-symbols", help="column of .var with gene symbols")
     p.add_argument("--out", default="cellcircuits_sentences.h5ad", help="output .h5ad")
@@ -257,15 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-transcoders", help="train one transcoder per MLP layer and save them")
     _common(p)
-    p.add_argument("--layers", type=int, nargs="+", help="model layers (default: all)")
-    p.add_argument("--n-tokens", type=int, default=4_000_000, help="training tokens per layer")
+    p.add_argument("--layers", type=layer_number, nargs="+", help="model layers (default: all)")
+    p.add_argument("--n-tokens", type=positive_int, default=4_000_000, help="training tokens per layer")
     p.add_argument("--out", default="cellcircuits_transcoders", help="output directory")
     p.set_defaults(func=_train_transcoders)
 
     p = sub.add_parser("transcode", help="put transcoder features (and their interpretation) into the .h5ad")
     _common(p)
     p.add_argument("--transcoders", required=True, help="directory written by train-transcoders")
-    p.add_argument("--layers", type=int, nargs="+", help="model layers (default: every layer with a transcoder)")
+    p.add_argument("--layers", type=layer_number, nargs="+", help="model layers (default: all with a transcoder)")
     p.add_argument("--groupby", help="column of .obs with cell types; also labels the features automatically")
     p.add_argument(
         "--gene-tokens", choices=["all", "identifying"], default="all",
@@ -280,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groupby", help="column of .obs with cell types (default: bulk_labels of the embedded data)")
     p.add_argument("--groups", nargs="+", help="groups to trace (default: all)")
     p.add_argument("--target", help="one label traced for every group (default: each group's own name)")
-    p.add_argument("--n-cells", type=int, default=5, help="cells traced per group")
+    p.add_argument("--n-cells", type=positive_int, default=5, help="cells traced per group")
     p.add_argument("--out", default="cellcircuits_circuits", help="output directory")
     p.set_defaults(func=_trace)
 
@@ -295,25 +338,30 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--groupby", help="column of .obs with cell types (default: bulk_labels of the embedded data)")
     p.add_argument("--groups", nargs="+", help="groups to trace (default: every group the model has a label for)")
-    p.add_argument("--layers", type=int, nargs="+", help="model layers given transcoders (default: all)")
+    p.add_argument("--layers", type=layer_number, nargs="+", help="model layers given transcoders (default: all)")
     p.add_argument("--transcoders", help="use these transcoders instead of training them")
-    p.add_argument("--n-tokens", type=int, default=4_000_000, help="training tokens per layer")
-    p.add_argument("--n-cells", type=int, default=2, help="cells traced per group")
+    p.add_argument("--n-tokens", type=positive_int, default=4_000_000, help="training tokens per layer")
+    p.add_argument("--n-cells", type=positive_int, default=2, help="cells traced per group")
     p.add_argument("--out", default="cellcircuits_out", help="output directory")
     p.set_defaults(func=_run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line."""
+    """Run the command line; the exit status (argparse exits with 2 itself for an argument it refuses)."""
     args = build_parser().parse_args(argv)
-    if args.command == "trace" and args.groupby is None and args.adata is None:
-        args.groupby = "bulk_labels"
     try:
-        return args.func(args)
+        with noticing_interrupts() as interrupted:
+            status = args.func(args)
+        if interrupted.is_set():  # an interrupt some library swallowed
+            raise KeyboardInterrupt
     except CliError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except LoadError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; outputs not complete were removed", file=sys.stderr)
+        return 130
+    return status
