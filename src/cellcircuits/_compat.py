@@ -1,13 +1,15 @@
-"""Old spellings of arguments, kept working for one release with a warning."""
+"""Old spellings of arguments, kept working for one release with a warning; a typed view of SciPy's sparse check."""
 
 from __future__ import annotations
 
 import functools
 import warnings
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeGuard, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from scipy import sparse
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -39,3 +41,10 @@ def model_layers_renamed(func: Callable[P, R]) -> Callable[P, R]:
         return func(*args, **kwargs)
 
     return wrapper
+
+
+def is_sparse(x: object) -> TypeGuard[sparse.sparray | sparse.spmatrix]:
+    """:func:`scipy.sparse.issparse`, in a form type checkers narrow on (SciPy is read as untyped)."""
+    from scipy.sparse import issparse
+
+    return issparse(x)

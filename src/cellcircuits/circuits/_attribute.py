@@ -10,6 +10,8 @@ import torch
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from ..transcoders._transcoder_set import TranscoderSet
+    from ._nodes import ActiveFeatures, Nodes
     from ._targets import Readout, Target
 
 #: Largest ``batch x positions x n_features`` for which feature attributions use one dense matmul.
@@ -45,6 +47,34 @@ class AttributionMixin:
     """
 
     _decoders: dict[int, torch.Tensor]
+    # held by ReplacementModel
+    nodes: Nodes
+    features: dict[int, ActiveFeatures]
+    transcoders: TranscoderSet
+    embed: torch.Tensor
+    errors: torch.Tensor
+    n_layers: int
+
+    if TYPE_CHECKING:  # ReplacementModel's frozen forward pass
+
+        @property
+        def device(self) -> torch.device: ...
+
+        def _sources(self, node_scale: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
+
+        def _run(
+            self,
+            embed: torch.Tensor,
+            writes: list[torch.Tensor],
+            readout: Readout,
+            *,
+            probes: list[torch.Tensor] | None = None,
+            final: bool = False,
+        ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+        def _readout(self, targets: Sequence[Target]) -> Readout: ...
+
+        def _node_scale(self, node_scale: torch.Tensor | None) -> torch.Tensor: ...
 
     def _gradients(
         self, readout: Readout, *, probes: bool = False
@@ -61,8 +91,8 @@ class AttributionMixin:
         with torch.enable_grad():
             values, _ = self._run(leaves[0], leaves[1:], readout, probes=probe)
             values = values.diagonal()
-            grads = torch.autograd.grad(values.sum(), leaves + (probe or []), allow_unused=True)
-        grads = [g if g is not None else torch.zeros_like(leaves[0]) for g in grads]
+            found = torch.autograd.grad(values.sum(), leaves + (probe or []), allow_unused=True)
+        grads = [g if g is not None else torch.zeros_like(leaves[0]) for g in found]
         n = len(leaves)
         return values.detach(), grads[:n], (grads[n:] if probes else None)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
 import torch
 from torch import nn
@@ -39,14 +39,18 @@ class FrozenNorm:
         return y + self.bias if bias and self.bias is not None else y
 
 
+#: Frozen norms of a replacement model, keyed ``(layer, part)`` (parts of the adapter's spec) and ``"final"``.
+FrozenNorms: TypeAlias = dict[str | tuple[int, str], FrozenNorm]
+
+
 def freeze_norm(module: nn.Module, x: torch.Tensor, *, gemma: bool) -> FrozenNorm:
     """Freeze ``module`` at the scales of its recorded input ``x`` (``(n_positions, d)``)."""
     centre = isinstance(module, nn.LayerNorm)
     eps = next(float(getattr(module, n)) for n in ("eps", "variance_epsilon") if hasattr(module, n))
     x = x.float()
     var = x.var(-1, unbiased=False) if centre else x.pow(2).mean(-1)
-    weight = module.weight
-    gain = weight.detach().float() if weight is not None else x.new_ones(x.shape[-1])
+    weight = module.weight  # a norm without a learned gain holds None
+    gain = weight.detach().float() if isinstance(weight, torch.Tensor) else x.new_ones(x.shape[-1])
     if gemma:
         gain = 1.0 + gain  # Gemma's RMSNorm scales by (1 + weight)
     b = getattr(module, "bias", None)

@@ -28,6 +28,7 @@ import scipy.sparse as sp
 import scipy.sparse.csgraph as csgraph
 import scipy.sparse.linalg as spla
 
+from .._compat import is_sparse
 from ._kinds import NodeKind
 
 if TYPE_CHECKING:
@@ -282,16 +283,18 @@ def _restrict(
 ) -> np.ndarray | sp.csr_array:
     """``M`` with entries off ``edge_mask`` and rows and columns of dropped nodes set to 0."""
     if edge_mask is not None:
-        E = sp.csr_array(edge_mask) if sp.issparse(edge_mask) else _as_bool(edge_mask)
+        E = sp.csr_array(edge_mask) if is_sparse(edge_mask) else _as_bool(edge_mask)
         if E.shape != M.shape:
             msg = f"edge_mask must have the shape of the matrix {M.shape}, got {E.shape}"
             raise ValueError(msg)
-        if sp.issparse(M) or sp.issparse(E):
-            # multiply() of a sparse operand keeps only the entries stored in both
-            M = sp.csr_array(M.multiply(E.astype(M.dtype)) if sp.issparse(M) else E.astype(M.dtype).multiply(M))
+        # multiply() of a sparse operand keeps only the entries stored in both
+        if is_sparse(M):
+            M = sp.csr_array(M.multiply(E.astype(M.dtype)))
+        elif is_sparse(E):
+            M = sp.csr_array(E.astype(M.dtype).multiply(M))
         else:
             M = M * E
-    if sp.issparse(M):
+    if is_sparse(M):
         # filter the stored entries: works for bool masks too, which sparse products do not
         coo = sp.coo_array(M)
         on = node_mask[coo.row] & node_mask[coo.col]
@@ -331,7 +334,7 @@ def _keep_top(scores: np.ndarray, threshold: float) -> np.ndarray:
 
 def _mask_at_least(scores: np.ndarray | sp.csr_array, cutoff: float) -> np.ndarray | sp.csr_array:
     """Bool mask of ``scores >= cutoff`` (``cutoff > 0``), laid out like ``scores``."""
-    if sp.issparse(scores):
+    if is_sparse(scores):
         mask = scores.copy()
         mask.data = mask.data >= cutoff
         mask.eliminate_zeros()

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from ..models._load import C2SModel
+    from ..transcoders._transcoder import Transcoder
     from ..transcoders._transcoder_set import TranscoderSet
 
 
@@ -131,7 +132,7 @@ def edited_features(
                 kwargs: dict,
                 output: object,
                 _m: int = m,
-                _tc: nn.Module = tc,
+                _tc: Transcoder = tc,
                 _stash: dict = stash,
                 _own: bool = mlp_module is out_module,
             ) -> object:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
+from .._compat import is_sparse
 from ._influence import (
     Matrix,
     _as_kinds,
@@ -96,8 +97,8 @@ def greedy_paths(
         raise ValueError(msg)
     max_length = n - 1 if max_length is None else max_length
     B = normalize_matrix(M)
-    B_csr = B if sp.issparse(B) else sp.csr_array(B)
-    M_csr = M if sp.issparse(M) else sp.csr_array(M)
+    B_csr = B if is_sparse(B) else sp.csr_array(B)
+    M_csr = M if is_sparse(M) else sp.csr_array(M)
     is_end = (kind == NodeKind.TOKEN) | (kind == NodeKind.ERROR) | (np.diff(B_csr.indptr) == 0)
 
     # paths are tuples from the target backwards; the score is the product of normalised weights

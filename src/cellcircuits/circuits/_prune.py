@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
+from .._compat import is_sparse
 from ._influence import (
     Matrix,
     Method,
@@ -125,7 +126,7 @@ def prune_graph(
     node_mask[prunable] = _keep_top(influence[prunable], node_threshold)
 
     scores = _edge_scores(*_pruned_normalized(M, node_mask, w, method))
-    edge_mask = _mask_at_least(scores, _cutoff(scores.data if sp.issparse(scores) else scores, edge_threshold))
+    edge_mask = _mask_at_least(scores, _cutoff(scores.data if is_sparse(scores) else scores, edge_threshold))
 
     # dropping a node without a path to a target cuts no other node's path, so one pass suffices
     node_mask &= _reaches(edge_mask, np.flatnonzero(k == NodeKind.TARGET)) | (k == NodeKind.TOKEN)

@@ -17,7 +17,7 @@ methods from :mod:`._attribute` (direct attributions) and :mod:`._via_heads` (di
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 import torch
 from torch import nn
@@ -34,11 +34,12 @@ from ._via_heads import ViaHeadsMixin
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    import numpy as np
     from transformers import PreTrainedModel
 
     from ..models._load import C2SModel
     from ..transcoders._transcoder_set import TranscoderSet
-    from ._frozen import FrozenAttention
+    from ._frozen import FrozenAttention, FrozenNorms
     from ._nodes import ActiveFeatures
     from ._targets import Target
 
@@ -81,7 +82,7 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         input_ids: torch.Tensor,
         embed: torch.Tensor,
         attention: list[FrozenAttention],
-        norms: dict,
+        norms: FrozenNorms,
         features: dict[int, ActiveFeatures],
         errors: torch.Tensor,
     ) -> None:
@@ -132,7 +133,7 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(-1)
         spec, gemma = adapter.spec, adapter.spec.name == "gemma2"
         norm_parts = ["attn_in_norm", "mlp_in_norm"] + (["attn_out_norm"] if spec.attn_out_norm else [])
-        points = {
+        points: dict[str | tuple[int, str], HookPoint] = {
             "embed": HookPoint(spec.embed, "output"),
             "final": HookPoint(spec.final_norm, "input"),
             **{
@@ -150,7 +151,7 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
             msg = "the model did not return its attention patterns (output_attentions=True with eager attention)"
             raise RuntimeError(msg)
         layer_norms = [key for key in got if isinstance(key, tuple) and key[1] in norm_parts]
-        norms: dict = {(m, p): freeze_norm(adapter.module(m, p), got[m, p], gemma=gemma) for m, p in layer_norms}
+        norms: FrozenNorms = {(m, p): freeze_norm(adapter.module(m, p), got[m, p], gemma=gemma) for m, p in layer_norms}
         norms["final"] = freeze_norm(adapter.final_norm, got["final"], gemma=gemma)
         attention = [freeze_attention(adapter, m, out.attentions[m][0]) for m in range(adapter.n_layers)]
         errors = torch.stack([got[m, "mlp_out"] for m in range(adapter.n_layers)])
@@ -220,6 +221,28 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
             a = self.norms[layer, "attn_out_norm"](a)
         return a
 
+    @overload
+    def _run(
+        self,
+        embed: torch.Tensor,
+        writes: list[torch.Tensor],
+        readout: Readout,
+        *,
+        probes: list[torch.Tensor] | None = None,
+        final: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    @overload
+    def _run(
+        self,
+        embed: torch.Tensor,
+        writes: list[torch.Tensor],
+        readout: None,
+        *,
+        probes: list[torch.Tensor] | None = None,
+        final: bool = False,
+    ) -> tuple[None, torch.Tensor | None]: ...
+
     def _run(
         self,
         embed: torch.Tensor,
@@ -234,9 +257,12 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         Stops after the last layer a readout needs unless ``final``.
         """
         L = self.n_layers
-        to_end = final or readout is None or bool((readout.layer == L).any())
-        last = L - 1 if to_end else int(readout.layer.max())
-        values = None if readout is None else readout.const[None]
+        values: torch.Tensor | None = None  # set with a readout, and only then
+        if readout is None:
+            last = L - 1
+        else:
+            last = L - 1 if final or bool((readout.layer == L).any()) else int(readout.layer.max())
+            values = readout.const[None]
         r = embed
         for m in range(last + 1):
             a = self._attn_block(m, r, None if probes is None else probes[m])
@@ -246,17 +272,17 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
             else:
                 r = r + a
                 x = self.norms[m, "mlp_in_norm"](r)
-            if readout is not None:
+            if readout is not None and values is not None:
                 values = values + _read(x, readout, m)
             r = r + writes[m] + self._mlp_affine(m, x)
         if last < L - 1:
             return values, None
         normed = self.norms["final"](r)
-        if readout is not None:
+        if readout is not None and values is not None:
             values = values + _read(normed, readout, L)
         return values, normed
 
-    def _node_scale(self, node_scale: torch.Tensor | None) -> torch.Tensor:
+    def _node_scale(self, node_scale: torch.Tensor | np.ndarray | None) -> torch.Tensor:
         if node_scale is None:
             return torch.ones(1, len(self.nodes), device=self.device)
         s = torch.as_tensor(node_scale, dtype=torch.float32, device=self.device)
@@ -266,7 +292,7 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         return s.reshape(-1, len(self.nodes))
 
     @torch.no_grad()
-    def forward(self, node_scale: torch.Tensor | None = None, *, softcap: bool = True) -> torch.Tensor:
+    def forward(self, node_scale: torch.Tensor | np.ndarray | None = None, *, softcap: bool = True) -> torch.Tensor:
         """Logits of the frozen model, from the recorded sources (scaled by ``node_scale``).
 
         Parameters
@@ -285,6 +311,7 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         """
         s = self._node_scale(node_scale)
         _, normed = self._run(*self._sources(s), None, final=True)
+        assert normed is not None  # final=True runs through the final norm
         unembed = self.adapter.unembed
         logits = normed @ unembed.weight.float().T.to(self.device)
         if unembed.bias is not None:
@@ -319,13 +346,15 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
             position.append(t.position)
             weight.append(w.detach().to(self.device))
             const.append(c.detach().to(self.device))
-        as_long = {"dtype": torch.long, "device": self.device}
         return Readout(
-            torch.tensor(layer, **as_long), torch.tensor(position, **as_long), torch.stack(weight), torch.stack(const)
+            torch.tensor(layer, dtype=torch.long, device=self.device),
+            torch.tensor(position, dtype=torch.long, device=self.device),
+            torch.stack(weight),
+            torch.stack(const),
         )
 
     @torch.no_grad()
-    def evaluate(self, targets: Sequence[Target], node_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def evaluate(self, targets: Sequence[Target], node_scale: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
         """Target values in the frozen model, by a forward pass.
 
         Parameters

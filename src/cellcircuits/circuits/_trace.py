@@ -28,6 +28,23 @@ if TYPE_CHECKING:
 
 TargetMode = Literal["distinguishing", "first_token"]
 
+
+def as_target_mode(mode: str) -> TargetMode:
+    """``mode`` (e.g. read back from a stored circuit's parameters) as a :data:`TargetMode`; unknown ones are refused.
+
+    Raises
+    ------
+    ValueError
+        For a mode other than ``"distinguishing"`` and ``"first_token"``, as :func:`label_target` does.
+    """
+    if mode == "distinguishing":
+        return "distinguishing"
+    if mode == "first_token":
+        return "first_token"
+    msg = f"mode must be 'distinguishing' or 'first_token', got {mode!r}"
+    raise ValueError(msg)
+
+
 #: Columns of the aggregated node and edge tables, in order.
 NODE_COLUMNS = ["group", "node", "kind", "layer", "feature", "gene", "role", "influence", "attribution", "activation"]
 EDGE_COLUMNS = ["group", "source", "target", "weight", "frequency", "via", "via_share"]
@@ -84,7 +101,7 @@ def trace_prompts(
     transcoders: TranscoderSet,
     prompts: Sequence[TokenizedPrompt],
     labels: Sequence[str],
-    groups: Sequence[str] | None = None,
+    groups: Sequence[str] | np.ndarray | None = None,
     *,
     target_mode: TargetMode = "distinguishing",
     node_threshold: float = 0.8,
@@ -149,7 +166,7 @@ def trace_prompts(
         label_index(model, str(label))
     uncovered = uncovered_layers(model, transcoders)
 
-    all_label_ids = label_token_ids(model.tokenizer, model.prompt, model.prompt.labels)
+    all_label_ids = label_token_ids(model.tokenizer, model.prompt, model.prompt.labels or [])
     tables, cell_rows = [], []
     for prompt, label in tqdm(list(zip(prompts, labels, strict=True)), desc="trace", disable=not progress):
         lt = label_target(all_label_ids, label_index(model, str(label)), target_mode)

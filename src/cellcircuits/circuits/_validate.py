@@ -118,19 +118,19 @@ def validate_prompts(
         msg = f"{len(prompts)} prompts for {len(cells)} traced cells"
         raise ValueError(msg)
     transcoders.check_compatible(n_layers=model.adapter.n_layers, d_model=model.adapter.d_model)
-    label_ids = label_token_ids(model.tokenizer, model.prompt, model.prompt.labels)
+    label_ids = label_token_ids(model.tokenizer, model.prompt, model.prompt.labels or [])
     targets = [label_target(label_ids, label_index(model, lab), target_mode) for lab in cells["label"]]
     inputs = [list(p.input_ids) + t.prefix for p, t in zip(prompts, targets, strict=True)]
 
     # pass 1: each feature's mean activation over every position of the traced cells
-    sums = {m: 0.0 for m in transcoders.layers}
+    sums: dict[int, torch.Tensor | float] = {m: 0.0 for m in transcoders.layers}
     n_positions = 0
     for ids in inputs:
         run = clean_run(model, transcoders, ids)
         for m in transcoders.layers:
             sums[m] = sums[m] + run.activations[m].sum(0)
         n_positions += len(ids)
-    means = {m: s / n_positions for m, s in sums.items()}
+    means = {m: torch.as_tensor(s / n_positions) for m, s in sums.items()}
 
     rng = np.random.default_rng(random_state)
     per_cell = []
@@ -211,11 +211,11 @@ def cell_edits(
     # every active non-circuit feature instance, to draw the random baselines from
     pool = [(m, j) for m in layers for j in np.flatnonzero(~in_circuit[m])]
 
-    def draw(n: int) -> list:
+    def draw_random(n: int) -> list:
         return [pool[k] for k in rng.choice(len(pool), size=min(n, len(pool)), replace=False)]
 
-    draws = [draw(n_circuit) for _ in range(n_random)]
-    support_draws = [draw(n_support) for _ in range(n_random)]
+    draws = [draw_random(n_circuit) for _ in range(n_random)]
+    support_draws = [draw_random(n_support) for _ in range(n_random)]
     rows = ["full", "zero", "mean", "only", "none", "clamp", "support"] + [f"rz{d}" for d in range(n_random)]
     rows += [f"rm{d}" for d in range(n_random)] + [f"rs{d}" for d in range(n_random)]
     B = len(rows)

@@ -11,7 +11,11 @@ import torch
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from ._targets import Target
+    from ..models._adapter import ModelAdapter
+    from ..transcoders._transcoder_set import TranscoderSet
+    from ._frozen import FrozenAttention, FrozenNorms
+    from ._nodes import ActiveFeatures, Nodes
+    from ._targets import Readout, Target
 
 
 @dataclass(eq=False)
@@ -34,6 +38,32 @@ class ViaHeadsMixin:
     ``_attribution_rows``, ``_skip_out``) and reads its frozen ``attention`` and ``norms``, ``nodes``, ``embed``,
     ``errors``, ``features`` and ``transcoders``.
     """
+
+    # held by ReplacementModel
+    adapter: ModelAdapter
+    nodes: Nodes
+    features: dict[int, ActiveFeatures]
+    transcoders: TranscoderSet
+    embed: torch.Tensor
+    errors: torch.Tensor
+    attention: list[FrozenAttention]
+    norms: FrozenNorms
+    n_layers: int
+
+    if TYPE_CHECKING:  # ReplacementModel's frozen forward pass and AttributionMixin's backward passes
+
+        @property
+        def device(self) -> torch.device: ...
+
+        def _readout(self, targets: Sequence[Target]) -> Readout: ...
+
+        def _skip_out(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
+
+        def _gradients(
+            self, readout: Readout, *, probes: bool = False
+        ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]: ...
+
+        def _attribution_rows(self, grads: list[torch.Tensor]) -> torch.Tensor: ...
 
     def _source_vectors(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(S, d)`` what each node writes, the layer it writes after (-1: embedding) and its position."""
@@ -78,6 +108,7 @@ class ViaHeadsMixin:
         index = np.asarray(sources, dtype=np.int64).reshape(-1)
         readout = self._readout([target])
         _, grads, probe_grads = self._gradients(readout, probes=True)
+        assert probe_grads is not None  # given with probes=True
         v, src_layer, q = self._source_vectors(index)
         H, L = self.adapter.n_heads, self.n_layers
         with torch.no_grad():

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Literal, overload
 
 import pandas as pd
 
@@ -186,6 +186,26 @@ def read_gmt(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     >>> sets = cc.ds.read_gmt("my_sets.gmt.gz")  # doctest: +SKIP
     """
     return _read_gmt_file(Path(path))[0]
+
+
+@overload
+def gene_sets(
+    name: str | os.PathLike[str] = ...,
+    *,
+    format: Literal["dict"] = ...,
+    min_size: int = ...,
+    max_size: int | None = ...,
+) -> dict[str, list[str]]: ...
+
+
+@overload
+def gene_sets(
+    name: str | os.PathLike[str] = ...,
+    *,
+    format: Literal["dataframe"],
+    min_size: int = ...,
+    max_size: int | None = ...,
+) -> pd.DataFrame: ...
 
 
 def gene_sets(

@@ -8,7 +8,7 @@ and the unembedding. Nothing here knows about AnnData.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, cast
 
 import torch
 
@@ -203,12 +203,12 @@ class ModelAdapter:
     @property
     def layers(self) -> nn.ModuleList:
         """The decoder layers."""
-        return _get(self.model, self.spec.layers)
+        return cast("nn.ModuleList", _get(self.model, self.spec.layers))
 
     @property
     def embed(self) -> nn.Embedding:
         """The token embedding."""
-        return _get(self.model, self.spec.embed)
+        return cast("nn.Embedding", _get(self.model, self.spec.embed))
 
     @property
     def final_norm(self) -> nn.Module:
@@ -228,7 +228,7 @@ class ModelAdapter:
     @property
     def unembed(self) -> nn.Linear:
         """The unembedding (``lm_head``)."""
-        return _get(self.model, self.unembed_name)
+        return cast("nn.Linear", _get(self.model, self.unembed_name))
 
     # per-layer parts
     def layer_name(self, layer: int) -> str:
@@ -279,15 +279,19 @@ class ModelAdapter:
             b = linear.bias
             return b.detach().clone() if b is not None else linear.weight.new_zeros(rows)
 
+        def projection(name: str) -> nn.Linear:
+            # every supported architecture projects queries, keys, values and outputs with nn.Linear
+            return cast("nn.Linear", attn.get_submodule(name))
+
         if self.spec.qkv_layout == "neox_fused":
-            qkv = attn.get_submodule(self.spec.q)
+            qkv = projection(self.spec.q)
             # rows of the fused Linear are grouped per head as [q | k | v], each d_head long
             w = qkv.weight.detach().view(nh, 3, dh, d)
             b = bias(qkv, 3 * nh * dh).view(nh, 3, dh)
             W_Q, W_K, W_V = (w[:, i].transpose(1, 2).clone() for i in range(3))
             b_Q, b_K, b_V = (b[:, i].clone() for i in range(3))
         else:
-            q, k, v = (attn.get_submodule(n) for n in (self.spec.q, self.spec.k, self.spec.v))
+            q, k, v = (projection(n) for n in (self.spec.q, self.spec.k, self.spec.v))
             W_Q = q.weight.detach().view(nh, dh, d).transpose(1, 2).clone()
             W_K = k.weight.detach().view(nkv, dh, d).transpose(1, 2).clone()
             W_V = v.weight.detach().view(nkv, dh, d).transpose(1, 2).clone()
@@ -296,6 +300,6 @@ class ModelAdapter:
                 bias(k, nkv * dh).view(nkv, dh),
                 bias(v, nkv * dh).view(nkv, dh),
             )
-        o = attn.get_submodule(self.spec.o)
+        o = projection(self.spec.o)
         W_O = o.weight.detach().view(d, nh, dh).permute(1, 2, 0).clone()
         return AttentionWeights(W_Q, W_K, W_V, W_O, b_Q, b_K, b_V, bias(o, d))

@@ -71,7 +71,7 @@ def identifying_offsets(tokenizer: PreTrainedTokenizerFast, genes: Sequence[str]
     return {g: j for g, (_, j) in zip(genes, _first_own_token(tokenizer, genes), strict=True)}
 
 
-def unspellable_genes(tokenizer: object, genes: Sequence[str]) -> list[str]:
+def unspellable_genes(tokenizer: PreTrainedTokenizerFast, genes: Sequence[str]) -> list[str]:
     """Genes whose spelling in a cell sentence holds the tokenizer's unknown token (never for byte-level BPE)."""
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is None:

@@ -156,7 +156,7 @@ def circuit(
     ValueError
         When no node other than the target is left after filtering.
     """
-    label = _check_circuit_options(label, max_nodes)
+    label_mode = _check_circuit_options(label, max_nodes)
     result = circuit_result(adata, key)
     group = resolve_group(result, key, group)
     nodes, edges = _circuit_graph(adata, key, group, max_nodes=max_nodes, min_frequency=min_frequency)
@@ -166,12 +166,12 @@ def circuit(
     lines, segments = _draw_edges(axis, edges, layout, cmap)
     area = _node_areas(nodes)
     handles = _draw_nodes(axis, nodes, layout.xy, area)
-    _draw_labels(axis, nodes, layout.xy, area, label)
+    _draw_labels(axis, nodes, layout.xy, area, label_mode)
     _draw_frame(axis, layout, segments)
     axis.set_title(_circuit_title(result, nodes, group), fontsize=10)
     axis.legend(handles=handles, loc="upper left", fontsize=7, frameon=False, borderaxespad=0.2)
     fig.colorbar(lines, ax=axis, shrink=0.5, pad=0.01, label="attribution")
-    return plot.finish()
+    return plot.finish_panel()
 
 
 # filtering: which nodes and edges are drawn
@@ -404,4 +404,4 @@ def circuit_genes(
                  for m, name in present if (table["is_marker"] == m).any()],
         loc="lower right", fontsize=7, frameon=False,
     )  # fmt: skip
-    return plot.finish()
+    return plot.finish_panel()

@@ -167,7 +167,8 @@ def _edge_path(
 
 def _middle_out(order: list[str]) -> list[str]:
     """Most influential in the middle, the rest alternating outward (a start for the sweeps)."""
-    left, right = [], []
+    left: list[str] = []
+    right: list[str] = []
     for k, node in enumerate(order):
         (right if k % 2 == 0 else left).append(node)
     return left[::-1] + right

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._compat import model_layers_renamed
+from .._compat import is_sparse, model_layers_renamed
 from .._docs import doc_params
 from .._keys import embedding_obsm, feature_matrix, gene_map
 from ..get._rank_features import ranking
@@ -21,12 +22,14 @@ if TYPE_CHECKING:
 
     from anndata import AnnData
     from matplotlib.axes import Axes
+    from matplotlib.collections import PathCollection
     from matplotlib.figure import Figure
+    from matplotlib.image import AxesImage
 
 
-def _column(X: object, j: int) -> np.ndarray:
+def _column(X: np.ndarray | sparse.spmatrix, j: int) -> np.ndarray:
     col = X[:, j]
-    return np.asarray(col.toarray() if sparse.issparse(col) else col).ravel()
+    return np.asarray(col.toarray() if is_sparse(col) else col).ravel()
 
 
 @model_layers_renamed
@@ -78,7 +81,7 @@ def feature_embedding(
     if emb_key not in adata.obsm:
         msg = f".obsm[{emb_key!r}] not found; compute it (e.g. sc.tl.umap) or pass basis=<a key of .obsm without X_>."
         raise KeyError(msg)
-    features = [int(features)] if np.isscalar(features) else [int(f) for f in features]
+    features = [int(f) for f in features] if isinstance(features, Iterable) else [int(features)]
     bad = [f for f in features if not 0 <= f < X.shape[1]]
     if bad:
         msg = f"features {bad} out of range; layer {layers} has {X.shape[1]} features"
@@ -154,7 +157,7 @@ def rank_features_groups(
         msg = f"groups {unknown} were not ranked; ranked groups are {ranked}"
         raise KeyError(msg)
     X = feature_matrix(adata, params["key"], params["layer"])
-    X = X.toarray() if sparse.issparse(X) else np.asarray(X)
+    X = X.toarray() if is_sparse(X) else np.asarray(X)
     features = list(dict.fromkeys(int(f) for g in groups for f in result["names"][g][:n_features]))
     labels = adata.obs[params["groupby"]].astype(str).to_numpy()
     mean = pd.DataFrame({g: X[labels == g][:, features].mean(0) for g in groups}, index=features)
@@ -163,6 +166,7 @@ def rank_features_groups(
     plot = Plotter(ax=ax, figsize=figsize, dpi=dpi, show=show, save=save, return_fig=return_fig)
     fig, (axis,) = plot.subplots(figsize=(1.0 + 0.55 * len(groups) + 2.6, 1.2 + 0.32 * len(features)))
     names = [feature_label(adata, params["key"], params["layer"], f, n_genes=2) for f in features]
+    image: AxesImage | PathCollection
     if kind == "heatmap":
         image = axis.imshow(scaled.to_numpy(), aspect="auto", cmap="Reds", vmin=0, vmax=1)
     else:
@@ -177,7 +181,7 @@ def rank_features_groups(
     axis.set_yticks(range(len(features)), names, fontsize=8)
     axis.set_title(f"top features per {params['groupby']} ({params['method']}, layer {params['layer']})", fontsize=9)
     fig.colorbar(image, ax=axis, shrink=0.6, label="mean activation\n(scaled per feature)")
-    return plot.finish()
+    return plot.finish_panel()
 
 
 @model_layers_renamed
@@ -235,4 +239,4 @@ def feature_genes(
         axis.set_title(title, fontsize=9)
         axis.axvline(0, color="0.3", linewidth=0.6)
     fig.suptitle(f"layer {layers}, feature {feature}", fontsize=10)
-    return plot.finish()
+    return plot.finish_panels()

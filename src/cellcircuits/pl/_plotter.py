@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -53,16 +53,20 @@ class Plotter:
         """``n`` axes in a new figure (in rows of ``ncols``), or the given ``ax`` when ``n == 1``.
 
         The new figure's size is the caller's ``figsize``, else this plot's default ``figsize``, else 4.2 x 3.6
-        inches a panel; unused cells of the grid are hidden.
+        inches a panel; unused cells of the grid are hidden. The figure of a given ``ax`` is the one it is drawn in
+        (for an ``ax`` of a subfigure, the figure that holds the subfigure).
         """
         import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
         if self.ax is not None:
             if n != 1:
                 msg = f"ax can hold one panel, but this plot has {n}; leave ax=None"
                 raise ValueError(msg)
-            self.fig, self.axes = self.ax.figure, [self.ax]
-            return self.fig, self.axes
+            parent = self.ax.figure
+            fig = parent if isinstance(parent, Figure) else parent.figure
+            self.fig, self.axes = fig, [self.ax]
+            return fig, self.axes
         ncols = min(n, ncols)
         nrows = int(np.ceil(n / ncols))
         size = self.figsize or figsize or (4.2 * ncols, 3.6 * nrows)
@@ -71,10 +75,36 @@ class Plotter:
         for extra in flat[n:]:
             extra.set_visible(False)
         self.fig, self.axes = fig, flat[:n]
-        return self.fig, self.axes
+        return fig, self.axes
 
     def finish(self) -> Figure | Axes | list[Axes] | None:
-        """Save (any format matplotlib knows, from the suffix), then return the figure, the axes or nothing."""
+        """Save (any format matplotlib knows, from the suffix), then return the figure, the axes or nothing.
+
+        The axes come back alone for a plot of one panel, as a list for one of several.
+        """
+        returned = self._save_and_show()
+        if returned == "figure":
+            return self.fig
+        if returned == "axes":
+            return self.axes[0] if len(self.axes) == 1 else self.axes
+        return None
+
+    def finish_panel(self) -> Figure | Axes | None:
+        """:meth:`finish` of a plot of one panel: the figure, its axes or nothing."""
+        returned = self._save_and_show()
+        if returned == "figure":
+            return self.fig
+        return self.axes[0] if returned == "axes" else None
+
+    def finish_panels(self) -> Figure | list[Axes] | None:
+        """:meth:`finish` of a plot of several panels: the figure, the list of its axes or nothing."""
+        returned = self._save_and_show()
+        if returned == "figure":
+            return self.fig
+        return self.axes if returned == "axes" else None
+
+    def _save_and_show(self) -> Literal["figure", "axes"] | None:
+        """Save, then show the figure unless it or the axes are to be returned; which of them is, if any."""
         import matplotlib.pyplot as plt
 
         if self.fig is None:
@@ -83,9 +113,9 @@ class Plotter:
         if self.save is not None:
             self.fig.savefig(self.save, bbox_inches="tight")
         if self.return_fig:
-            return self.fig
+            return "figure"
         if self.show is False:
-            return self.axes[0] if len(self.axes) == 1 else self.axes
+            return "axes"
         if self.show:
             plt.show()
         return None

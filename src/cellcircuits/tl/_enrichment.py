@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from anndata import AnnData
 
-    NetLike = pd.DataFrame | Mapping[str, Sequence[str]] | str | Path | None
+    NetLike: TypeAlias = pd.DataFrame | Mapping[str, Sequence[str]] | str | Path | None
 
 DEFAULT_NETS = ("markers_immune", "markers_heart", "go_bp_2023", "wikipathways_2023_human")
 """The shipped collections ``net=None`` combines (see :func:`cellcircuits.ds.gene_sets`)."""
@@ -89,7 +89,7 @@ def as_net(net: NetLike) -> tuple[pd.DataFrame, str]:
     return df, label
 
 
-def membership(net: pd.DataFrame, universe: Sequence[str]) -> tuple[sparse.csr_matrix, np.ndarray]:
+def membership(net: pd.DataFrame, universe: Sequence[str] | np.ndarray) -> tuple[sparse.csr_matrix, np.ndarray]:
     """``(n_terms, n_universe)`` 0/1 matrix of which universe genes each term holds, and the term names."""
     column = {g: i for i, g in enumerate(universe)}
     kept = net[net["target"].isin(column)]
@@ -204,8 +204,8 @@ def feature_enrichment(
     net_df, net_label = as_net(net)
     keep, universe = gene_universe(adata, net_df, net_label, key=key, side=side, gene_symbols=gene_symbols)
     members, terms = sized_sets(net_df, net_label, universe, min_size=min_size, max_size=max_size)
-    features = tested_features(adata, maps, key, layers, features)
-    V = maps[keep][:, features].T  # (n_features, n_universe)
+    tested_index = tested_features(adata, maps, key, layers, features)
+    V = maps[keep][:, tested_index].T  # (n_features, n_universe)
     if method == "ora":
         tested = run_ora(V, members, terms, n_top_genes=n_top_genes)
     elif method == "ulm":
@@ -215,7 +215,7 @@ def feature_enrichment(
             V, net_df, universe, members, terms, min_size=min_size, max_size=max_size, permutations=permutations,
             seed=seed, threads=threads, progress=progress,
         )  # fmt: skip
-    best, results = result_tables(tested, V, universe, features, max_pval=max_pval)
+    best, results = result_tables(tested, V, universe, tested_index, max_pval=max_pval)
 
     adata = adata.copy() if copy else adata
     adata.uns[key_added or enrichment_uns(key, layers, side)] = {
@@ -232,7 +232,7 @@ def feature_enrichment(
             "max_size": int(max_size),
             "universe_size": len(universe),
             "n_terms": len(tested.terms),
-            "n_features": len(features),
+            "n_features": len(tested_index),
             "n_tests": int(tested.pvals.size),
         },
     }
@@ -257,6 +257,7 @@ def tested_features(
     adata: AnnData, maps: np.ndarray, key: str, layer: int, features: Sequence[int] | None
 ) -> np.ndarray:
     """``features`` as indices, checked; default the live ones (firing in some cell, else a non-zero map)."""
+    chosen: Sequence[int] | np.ndarray
     if features is None:
         obsm_key = features_obsm(key, layer)
         if obsm_key in adata.obsm:
@@ -264,12 +265,14 @@ def tested_features(
             live = np.asarray((X > 0).sum(0)).ravel() > 0
         else:
             live = np.abs(maps).sum(0) > 0
-        features = np.flatnonzero(live)
-    features = np.asarray(features, dtype=np.int64)
-    if features.size and (features.min() < 0 or features.max() >= maps.shape[1]):
-        msg = f"features must be in [0, {maps.shape[1]}); got {features.min()}..{features.max()}"
+        chosen = np.flatnonzero(live)
+    else:
+        chosen = features
+    index = np.asarray(chosen, dtype=np.int64)
+    if index.size and (index.min() < 0 or index.max() >= maps.shape[1]):
+        msg = f"features must be in [0, {maps.shape[1]}); got {index.min()}..{index.max()}"
         raise ValueError(msg)
-    return features
+    return index
 
 
 # universe and gene sets

@@ -129,7 +129,9 @@ def fdr(pvals: np.ndarray) -> np.ndarray:
     return stats.false_discovery_control(flat, method="bh").reshape(np.shape(pvals))
 
 
-def ulm(values: np.ndarray, net: pd.DataFrame, universe: Sequence[str], min_size: int) -> tuple[np.ndarray, ...]:
+def ulm(
+    values: np.ndarray, net: pd.DataFrame, universe: Sequence[str] | np.ndarray, min_size: int
+) -> tuple[np.ndarray, ...]:
     """Univariate linear model (decoupler) of each row of ``values`` (genes in ``universe``) on each term.
 
     A row that is constant over the universe has no slope to test: score 0, p-value 1.
@@ -152,7 +154,7 @@ def ulm(values: np.ndarray, net: pd.DataFrame, universe: Sequence[str], min_size
 def prerank(
     values: np.ndarray,
     net: pd.DataFrame,
-    universe: Sequence[str],
+    universe: Sequence[str] | np.ndarray,
     *,
     min_size: int,
     max_size: int,

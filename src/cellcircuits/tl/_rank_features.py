@@ -8,10 +8,9 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
-from scipy import sparse
 from scipy.stats import rankdata
 
-from .._compat import model_layers_renamed
+from .._compat import is_sparse, model_layers_renamed
 from .._keys import RANK_FEATURES, TRANSCODE, feature_matrix, features_obsm
 
 if TYPE_CHECKING:
@@ -126,7 +125,7 @@ def rank_features_groups(
     if method not in ("wilcoxon", "t-test", "auroc"):
         msg = f"method must be 'wilcoxon', 't-test' or 'auroc', got {method!r}"
         raise ValueError(msg)
-    X = X.toarray() if sparse.issparse(X) else np.asarray(X)
+    X = X.toarray() if is_sparse(X) else np.asarray(X)
     features = pd.Index([str(i) for i in range(X.shape[1])])
     tmp = ad.AnnData(
         X.astype(np.float32),

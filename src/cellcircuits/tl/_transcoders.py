@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -193,18 +194,20 @@ def train_transcoders(
         dead_after_tokens=dead_after_tokens,
         dtype="float32",
     )
-    train = {
-        "layers": layers,
-        "n_layers_model": model.adapter.n_layers,
-        "n_tokens": n_tokens,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "device": model.device,
-        "progress": progress,
-    }
+    train = functools.partial(
+        train_on_store,
+        config=config,
+        layers=layers,
+        n_layers_model=model.adapter.n_layers,
+        n_tokens=n_tokens,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=model.device,
+        progress=progress,
+    )
     if isinstance(store, ActivationStore):
-        return train_on_store(store, config, **train)
+        return train(store)
     with tempfile.TemporaryDirectory(prefix="cellcircuits-store-") as tmp:
         # a complete store of these cells is reused as is, an unfinished one resumed, one of other cells refused
         opened = collect_activations(
@@ -218,4 +221,4 @@ def train_transcoders(
             use_raw=use_raw,
             progress=progress,
         )
-        return train_on_store(opened, config, **train)
+        return train(opened)

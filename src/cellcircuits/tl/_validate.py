@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from .._keys import SentenceSettings, circuit_result
+from ..circuits._trace import as_target_mode
 from ..circuits._validate import check_validation, validate_prompts
 from ._cells import cell_prompts
 
@@ -100,7 +101,7 @@ def validate_circuit(
     prompts = cell_prompts(adata, model, settings, adata.obs_names.get_indexer(cells["obs_name"]))
     validation = validate_prompts(
         model, transcoders, prompts, cells, pd.DataFrame(result["nodes"]),
-        target_mode=str(params.get("target_mode", "distinguishing")), min_frequency=min_frequency,
+        target_mode=as_target_mode(str(params.get("target_mode", "distinguishing"))), min_frequency=min_frequency,
         n_random=n_random, clamp_factor=clamp_factor, random_state=random_state, progress=progress,
     )  # fmt: skip
     result["validation"] = validation

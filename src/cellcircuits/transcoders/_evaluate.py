@@ -5,8 +5,8 @@ Works on tokenized prompts; :func:`cellcircuits.tl.evaluate_transcoders` is the 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -75,7 +75,8 @@ def _ratio(num: float, den: float) -> float:
 
 def _positions(prompt: TokenizedPrompt) -> tuple[np.ndarray, np.ndarray]:
     """Gene-token positions (the next-token targets) and those plus the answer position (where MLPs are read)."""
-    genes = np.unique(np.concatenate([np.asarray(p, dtype=np.int64) for p in prompt.gene_positions] or [[]]))
+    parts = [np.asarray(p, dtype=np.int64) for p in prompt.gene_positions]
+    genes = np.unique(np.concatenate(parts or [np.zeros(0, dtype=np.int64)]))
     genes = genes.astype(np.int64)
     read = np.union1d(genes, [prompt.answer_position]).astype(np.int64)
     # a first token has nothing before it to be predicted from
@@ -137,12 +138,14 @@ def evaluate(
 
     # variants of the model: (kind, layers); "spliced"/"zero" replace the MLPs of those layers
     groups: list[tuple[int | str, list[int]]] = [(layer_, [layer_]) for layer_ in covered] + [("all", covered)]
-    variants = [("original", None)] + [(kind, g) for g in groups for kind in ("spliced", "zero")]
+    variants: list[tuple[str, tuple[int | str, list[int]] | None]] = [("original", None)]
+    variants += [(kind, g) for g in groups for kind in ("spliced", "zero")]
 
-    def context(kind: str, group: tuple[int | str, list[int]] | None) -> object:
+    def context(kind: str, group: tuple[int | str, list[int]] | None) -> AbstractContextManager[object]:
         if kind == "original":
             return nullcontext()
-        mode = "transcoder" if kind == "spliced" else "zero"
+        assert group is not None  # every variant but the original names its layers
+        mode: Literal["transcoder", "zero"] = "transcoder" if kind == "spliced" else "zero"
         return splice(model, transcoders, mode=mode, layers=group[1])
 
     moments = {layer_: _Moments() for layer_ in covered}
@@ -150,7 +153,8 @@ def evaluate(
     ce = {v: [0.0, 0] for v in range(len(variants))}
     points = [p for layer_ in covered for p in (adapter.mlp_in(layer_), adapter.mlp_out(layer_))]
     device = model.device
-    predicted = [("original", None)] + [("spliced", g) for g in groups]
+    predicted: list[tuple[str, tuple[int | str, list[int]] | None]] = [("original", None)]
+    predicted += [("spliced", g) for g in groups]
     total = n * (len(variants) + len(predicted))
     with tqdm(total=total, desc="evaluating transcoders", disable=not progress, unit="cell") as bar, torch.no_grad():
         for start in range(0, n, batch_size):

@@ -209,7 +209,8 @@ def direct_logit_effects(adapter: ModelAdapter, W_dec: torch.Tensor, tokens: Seq
     v = W_dec.float()
     if isinstance(norm, torch.nn.LayerNorm):
         v = v - v.mean(-1, keepdim=True)
-    gain = norm.weight.float() if norm.weight is not None else torch.ones(v.shape[-1])
+    weight = norm.weight  # a norm without a learned gain holds None
+    gain = weight.float() if isinstance(weight, torch.Tensor) else torch.ones(v.shape[-1])
     if adapter.spec.name == "gemma2":
         gain = 1.0 + gain  # Gemma-2's RMSNorm scales by (1 + weight)
     W_U = adapter.unembed.weight.float()[list(tokens)]  # (n_tokens, d_model)

@@ -62,7 +62,12 @@ def _expected_shapes(cfg: TranscoderConfig) -> dict[str, tuple[int, ...]]:
 def _tensors_to_save(tc: Transcoder) -> dict[str, torch.Tensor]:
     folded = copy.deepcopy(tc)  # the caller's module keeps its scales
     folded.fold_scales()
-    tensors = {"W_enc": folded.W_enc, "W_dec": folded.W_dec, "b_enc": folded.b_enc, "b_dec": folded.b_dec}
+    tensors: dict[str, torch.Tensor] = {
+        "W_enc": folded.W_enc,
+        "W_dec": folded.W_dec,
+        "b_enc": folded.b_enc,
+        "b_dec": folded.b_dec,
+    }
     if folded.W_skip is not None:
         tensors["W_skip"] = folded.W_skip
     if folded.threshold is not None:

@@ -35,6 +35,7 @@ def _build(cfg: TranscoderConfig, tensors: Mapping[str, torch.Tensor]) -> Transc
     with torch.no_grad():
         for name, t in tensors.items():
             if name == "threshold":
+                assert tc.log_threshold is not None  # read_tensors admits a threshold for jumprelu alone
                 tc.log_threshold.copy_(t.log())
             else:
                 getattr(tc, name).copy_(t)

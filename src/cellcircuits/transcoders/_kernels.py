@@ -185,7 +185,9 @@ class GatheredEncode(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, torch.Tensor | None, ...]:
+    def backward(
+        ctx, grad: torch.Tensor
+    ) -> tuple[None, None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Gradients of ``x_n``, ``W_enc`` and ``b_enc`` through the gathered entries alone."""
         acts, indices, x_n, W_enc = ctx.saved_tensors
         _, _, need_x, need_W, need_b = ctx.needs_input_grad

@@ -10,12 +10,16 @@ import torch
 from ..models._hooks import input_tensor, output_tensor
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
     from torch import nn
 
     from ..models._load import C2SModel
+    from ._transcoder import Transcoder
     from ._transcoder_set import TranscoderSet
+
+    #: A forward hook registered ``with_kwargs=True``: ``(module, args, kwargs, output) -> new output``.
+    OutputHook = Callable[[nn.Module, tuple, dict, object], object]
 
 MODES = ("transcoder", "zero", "mean")
 
@@ -52,12 +56,13 @@ def _resolve_layers(
         layer %= n_layers
         if layer not in out:
             out.append(layer)
-    if mode == "transcoder":
+    # splice() refuses mode "transcoder" without a set and mode "mean" without mean outputs
+    if mode == "transcoder" and transcoders is not None:
         missing = [layer for layer in out if layer not in transcoders]
         if missing:
             msg = f"no transcoder for layer(s) {missing}; the set covers layers {transcoders.layers}"
             raise ValueError(msg)
-    if mode == "mean":
+    if mode == "mean" and mean_outputs is not None:
         means = {int(k) % n_layers: v for k, v in mean_outputs.items()}
         missing = [layer for layer in out if layer not in means]
         if missing:
@@ -125,7 +130,7 @@ def splice(
         transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
     chosen = _resolve_layers(adapter.n_layers, mode, transcoders, layers, mean_outputs)
     means: dict[int, torch.Tensor] = {}
-    if mode == "mean":
+    if mode == "mean" and mean_outputs is not None:  # refused above when missing
         for key, value in mean_outputs.items():
             vec = torch.as_tensor(value)
             if vec.shape != (adapter.d_model,):
@@ -139,7 +144,9 @@ def splice(
         for layer in chosen:
             out_point = adapter.mlp_out(layer)
             out_module = root.get_submodule(out_point.module)
+            replace: OutputHook
             if mode == "transcoder":
+                assert transcoders is not None  # refused above when missing
                 tc = transcoders[layer]
                 # the MLP input, kept until the module that carries the MLP contribution runs; for all but Gemma-2
                 # that is the MLP itself, whose forward hook also sees the input
@@ -152,12 +159,12 @@ def splice(
 
                     handles.append(mlp_module.register_forward_pre_hook(keep_input, with_kwargs=True))
 
-                def replace(
+                def by_transcoder(
                     _mod: nn.Module,
                     args: tuple,
                     kwargs: dict,
                     output: object,
-                    _tc: nn.Module = tc,
+                    _tc: Transcoder = tc,
                     _stash: dict = stash,
                     _own_input: bool = mlp_module is out_module,
                 ) -> object:
@@ -166,19 +173,23 @@ def splice(
                     y = _tc(x.to(_tc.W_enc.device)).output
                     return replace_output(output, y.to(device=ref.device, dtype=ref.dtype))
 
+                replace = by_transcoder
             elif mode == "zero":
 
-                def replace(_mod: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+                def by_zeros(_mod: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
                     return replace_output(output, torch.zeros_like(output_tensor(output)))
 
+                replace = by_zeros
             else:
 
-                def replace(
+                def by_mean(
                     _mod: nn.Module, args: tuple, kwargs: dict, output: object, _mean: torch.Tensor = means[layer]
                 ) -> object:
                     ref = output_tensor(output)
                     mean = _mean.to(device=ref.device, dtype=ref.dtype)
                     return replace_output(output, mean.expand_as(ref).contiguous())
+
+                replace = by_mean
 
             handles.append(out_module.register_forward_hook(replace, with_kwargs=True, prepend=True))
         yield chosen

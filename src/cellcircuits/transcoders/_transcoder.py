@@ -78,6 +78,13 @@ class Transcoder(nn.Module):
     makes it reproducible.
     """
 
+    W_skip: nn.Parameter | None
+    log_threshold: nn.Parameter | None
+    # buffers, registered in __init__
+    input_scale: torch.Tensor
+    output_scale: torch.Tensor
+    tokens_since_fired: torch.Tensor
+
     def __init__(self, cfg: TranscoderConfig, *, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.cfg = cfg
@@ -282,12 +289,14 @@ class Transcoder(nn.Module):
         cfg = self.cfg
         dead = self.dead_mask()
         n_dead = int(dead.sum())
-        if n_dead == 0 or cfg.aux_k == 0 or cfg.aux_coefficient == 0:
+        aux_k = cfg.aux_k
+        assert aux_k is not None  # TranscoderConfig.__post_init__ resolves None to its default
+        if n_dead == 0 or aux_k == 0 or cfg.aux_coefficient == 0:
             return None
         dead_index = dead.nonzero().squeeze(1)
         pre_dead = pre.index_select(-1, dead_index)
-        if cfg.aux_k < n_dead:
-            values, indices = pre_dead.topk(cfg.aux_k, dim=-1, sorted=False)
+        if aux_k < n_dead:
+            values, indices = pre_dead.topk(aux_k, dim=-1, sorted=False)
             return values, dead_index[indices], None
         return pre_dead, dead_index.expand(pre.shape[0], n_dead), dead_index
 
@@ -300,9 +309,10 @@ class Transcoder(nn.Module):
     ) -> torch.Tensor:
         """AuxK: fit the detached residual error with the largest activations of dead features.
 
-        ``acts`` (``(rows, m)``, at feature ``indices``) are those activations; the loss is zero when it is ``None``.
+        ``acts`` (``(rows, m)``, at feature ``indices``) are those activations; the loss is zero when it is ``None``
+        (``indices`` is ``None`` with it).
         """
-        if acts is None:
+        if acts is None or indices is None:
             return residual.new_zeros(())
         # only the dead features' decoder rows take part; no b_dec: the residual is what the live features and the
         # bias left over

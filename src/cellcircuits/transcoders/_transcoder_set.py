@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from torch import nn
 
@@ -85,7 +85,7 @@ class TranscoderSet(nn.Module):
         if key not in self.transcoders:
             msg = f"no transcoder for layer {layer}; the set covers layers {self.layers}"
             raise KeyError(msg)
-        return self.transcoders[key]
+        return cast("Transcoder", self.transcoders[key])  # nn.ModuleDict is not generic; it holds only Transcoders
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.layers)
@@ -98,7 +98,7 @@ class TranscoderSet(nn.Module):
 
     def items(self) -> Iterator[tuple[int, Transcoder]]:
         """``(layer, transcoder)`` pairs, ascending by layer."""
-        return ((int(key), tc) for key, tc in self.transcoders.items())
+        return ((int(key), cast("Transcoder", tc)) for key, tc in self.transcoders.items())
 
     def check_compatible(
         self, model_name: str | None = None, n_layers: int | None = None, d_model: int | None = None
