@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 import numpy as np
 import pandas as pd
 
+from ..models._hooks import one_at_a_time
 from ..models._tokens import label_token_ids
 from ._aggregate import aggregate, cell_graph_tables, top_paths
 from ._graph import attribution_graph
@@ -79,6 +80,7 @@ def uncovered_layers(model: C2SModel, transcoders: TranscoderSet, *, warn: bool 
     return uncovered
 
 
+@one_at_a_time
 def trace_prompts(
     model: C2SModel,
     transcoders: TranscoderSet,

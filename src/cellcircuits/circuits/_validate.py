@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..models._hooks import one_at_a_time
 from ..models._tokens import label_token_ids
 from ._aggregate import node_names, position_roles
 from ._intervene import clean_run, run_edits
@@ -62,6 +63,7 @@ def check_validation(n_random: int, min_frequency: float) -> None:
         raise ValueError(msg)
 
 
+@one_at_a_time
 def validate_prompts(
     model: C2SModel,
     transcoders: TranscoderSet,

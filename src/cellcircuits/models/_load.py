@@ -12,8 +12,10 @@ import torch
 
 from ..pp._prompts import PROMPT_CONFIG_NAME, Prompt, PromptConfig, build_prompt
 from ._adapter import ModelAdapter
+from ._hooks import model_lock
 
 if TYPE_CHECKING:
+    import threading
     from collections.abc import Sequence
 
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -39,6 +41,13 @@ class C2SModel:
     """A causal LM that reads cell sentences, with its tokenizer, architecture adapter and prompt settings.
 
     Create it with :func:`cellcircuits.models.load` or :func:`cellcircuits.models.train_c2s`.
+
+    Calls on one model from several threads run one at a time: every tool that hooks the model, switches its
+    attention implementation or runs it (:func:`cellcircuits.tl.transcode`, :func:`cellcircuits.tl.trace_circuit`,
+    :func:`cellcircuits.tl.predict_cell_types`, :func:`cellcircuits.models.record`,
+    :func:`cellcircuits.transcoders.splice`, ...) holds the model's re-entrant lock (:meth:`exclusive`) while it does,
+    so concurrent calls give the results of sequential ones. Hold the lock yourself around your own forward passes
+    when other threads may hook the model meanwhile.
     """
 
     model: PreTrainedModel
@@ -66,6 +75,16 @@ class C2SModel:
     def labels(self) -> list[str] | None:
         """Cell-type labels the model knows (from its prompt settings)."""
         return self.prompt.labels
+
+    def exclusive(self) -> threading.RLock:
+        """The model's re-entrant lock, held by every tool that hooks, switches or runs it.
+
+        Returns
+        -------
+        The lock, to use as ``with model.exclusive(): ...``; other threads' calls on the model wait until the block
+        exits, and the holding thread may take it again (tools called inside the block do).
+        """
+        return model_lock(self.model)
 
     def build_prompts(self, sentences: Sequence[str]) -> list[Prompt]:
         """Prompts for cell sentences, cut to the model's ``n_genes`` with its template and organism."""

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ._hooks import one_at_a_time
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -37,6 +39,7 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+@one_at_a_time
 @torch.no_grad()
 def score_continuations(
     model: PreTrainedModel,

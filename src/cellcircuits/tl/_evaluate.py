@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._keys import SentenceSettings
+from ..models._hooks import one_at_a_time
 from ..transcoders._evaluate import evaluate
 from ._cells import cell_prompts
 from ._predict import candidate_labels
@@ -34,6 +35,7 @@ def _cells(adata: AnnData, n_cells: int | None, random_state: int) -> np.ndarray
     return np.sort(rng.choice(adata.n_obs, size=int(n_cells), replace=False))
 
 
+@one_at_a_time
 def evaluate_transcoders(
     adata: AnnData,
     model: C2SModel,

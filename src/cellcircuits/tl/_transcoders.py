@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from .._keys import SentenceSettings
+from ..models._hooks import one_at_a_time
 from ..transcoders._activations import collect_activations as _collect
 from ..transcoders._activations import rotating_answers
 from ..transcoders._config import TranscoderConfig
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from ..transcoders._transcoder_set import TranscoderSet
 
 
+@one_at_a_time
 def collect_activations(
     adata: AnnData,
     model: C2SModel,

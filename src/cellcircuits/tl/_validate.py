@@ -8,6 +8,7 @@ import pandas as pd
 
 from .._keys import SentenceSettings, circuit_result
 from ..circuits._validate import check_validation, validate_prompts
+from ..models._hooks import one_at_a_time
 from ._cells import cell_prompts
 
 if TYPE_CHECKING:
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from ..transcoders._transcoder_set import TranscoderSet
 
 
+@one_at_a_time
 def validate_circuit(
     adata: AnnData,
     model: C2SModel,

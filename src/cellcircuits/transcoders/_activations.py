@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..models._hooks import record
+from ..models._hooks import one_at_a_time, record
 from ..models._scoring import pad
 from ..models._tokens import label_token_ids
 from ._store import ActivationStore, StoreManifest, StoreWriter, tensor_names
@@ -63,6 +63,7 @@ def _hook_name(point: tuple[str, str]) -> str:
     return f"{point[0]}:{point[1]}"
 
 
+@one_at_a_time
 @torch.no_grad()
 def collect_activations(
     model: C2SModel,

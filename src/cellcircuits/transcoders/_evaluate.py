@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..models._hooks import record
+from ..models._hooks import one_at_a_time, record
 from ..models._scoring import pad, position_ids, score_continuations
 from ..models._tokens import label_token_ids
 from ._splice import splice
@@ -90,6 +90,7 @@ def _token_ce(logits: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, cols:
     return float(-logp.gather(-1, ids[rows, cols][:, None]).sum()), len(rows)
 
 
+@one_at_a_time
 def evaluate(
     model: C2SModel,
     transcoders: TranscoderSet,

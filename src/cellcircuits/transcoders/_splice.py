@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from ..models._hooks import input_tensor, output_tensor
+from ..models._hooks import input_tensor, model_lock, output_tensor
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
@@ -81,7 +81,8 @@ def splice(
     MLP itself, or Gemma-2's post-feedforward norm) gets a forward hook that swaps its output for the replacement.
     The original MLP still runs (its output is discarded), and every hook is removed when the block exits, also on
     an exception. The hooks run before any other hook on the same module, so recording
-    :meth:`~cellcircuits.models.ModelAdapter.mlp_out` inside the block sees the replacement.
+    :meth:`~cellcircuits.models.ModelAdapter.mlp_out` inside the block sees the replacement. The block holds the
+    model's lock (:meth:`~cellcircuits.models.C2SModel.exclusive`), so other threads' calls on the model wait.
 
     Parameters
     ----------
@@ -135,6 +136,8 @@ def splice(
 
     root = model.model
     handles = []
+    lock = model_lock(root)
+    lock.acquire()  # another thread's passes would run spliced, and this thread's hooks would meet its hooks
     try:
         for layer in chosen:
             out_point = adapter.mlp_out(layer)
@@ -185,3 +188,4 @@ def splice(
     finally:
         for h in handles:
             h.remove()
+        lock.release()
