@@ -43,12 +43,15 @@ def collect_activations(
     batch_size: int = 16,
     shard_rows: int = 65536,
     dtype: str = "float16",
+    repair: bool = False,
     progress: bool = True,
 ) -> ActivationStore:
     """Record a model's MLP inputs and outputs on cells into a sharded on-disk store.
 
     The store (safetensors shards and a JSON manifest) is read back in shuffled mini-batches without loading it
-    whole, and an interrupted collection resumes where it stopped when called again with the same arguments.
+    whole, and an interrupted collection resumes where it stopped when called again with the same arguments. A
+    complete store is returned as it is, after its shards are checked against the manifest; a damaged one is refused
+    with a ValueError, and calling again with ``repair=True`` mends it.
 
     Parameters
     ----------
@@ -78,6 +81,10 @@ def collect_activations(
         Rows (token positions) per shard file.
     dtype
         Storage dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
+    repair
+        Mend a damaged store in ``directory`` (a shard missing, unreadable, or not holding the tensors and rows the
+        manifest records): its intact shards before the first damaged one are kept and the rest collected again.
+        Pass the same arguments as for the first collection.
     progress
         Show a progress bar.
 
@@ -100,6 +107,7 @@ def collect_activations(
         batch_size=batch_size,
         shard_rows=shard_rows,
         dtype=getattr(torch, dtype),
+        repair=repair,
         progress=progress,
     )
 
@@ -167,8 +175,9 @@ def train_transcoders(
         Seed of initialisation and batch order; on CPU, training is deterministic for a seed and a number of threads
         (another thread count sums in another order, and the weights drift apart over a long run).
     store
-        Activation store directory to create, resume or reuse (a store of other cells or settings is refused), or an
-        opened store to train on as it is; default a temporary directory.
+        Activation store directory to create, resume or reuse (a store of other cells or settings is refused, a
+        damaged one too: mend it with :func:`collect_activations` and ``repair=True``), or an opened store to train
+        on as it is (an unfinished one with a warning); default a temporary directory.
     positions
         Token positions to train on (see :func:`collect_activations`).
     sentence_key, layer, use_raw

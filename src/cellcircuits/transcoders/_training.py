@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -82,11 +83,24 @@ def train_on_store(
     Returns
     -------
     The trained transcoders, with normalisation scales folded into the weights.
+
+    Warns
+    -----
+    UserWarning
+        When the store is unfinished (it holds fewer cells than its manifest's total), with both counts.
     """
     m = store.manifest
     if store.n_rows == 0:
         msg = f"the store in {store.directory} holds no rows"
         raise ValueError(msg)
+    if store.n_cells < m.n_cells_total:
+        warnings.warn(
+            f"the activation store in {store.directory} is unfinished: the store holds {store.n_cells} of "
+            f"{m.n_cells_total} cells ({store.n_rows} rows); training on those. Collect it again with the same "
+            "arguments to finish it.",
+            UserWarning,
+            stacklevel=2,
+        )
     batch_size = min(batch_size, store.n_rows)  # a small store still yields full batches
     layers = store.layers if layers is None else list(layers)
     torch.manual_seed(seed)
