@@ -14,7 +14,7 @@ from ..transcoders._activations import collect_activations as _collect
 from ..transcoders._activations import rotating_answers
 from ..transcoders._config import TranscoderConfig
 from ..transcoders._store import ActivationStore
-from ..transcoders._training import train_on_store
+from ..transcoders._training import check_training, train_on_store
 from ._cells import cell_prompts
 
 if TYPE_CHECKING:
@@ -188,8 +188,14 @@ def train_transcoders(
     Returns
     -------
     The trained transcoders (save them with ``.save(directory)``).
+
+    Raises
+    ------
+    ValueError
+        Before any work, for ``n_tokens`` or ``batch_size`` below 1 or ``lr`` not positive.
     """
     SentenceSettings(sentence_key, layer, use_raw)  # checked before any work
+    check_training(n_tokens, batch_size, lr)
     if layers is not None:
         layers = sorted({model.adapter.check_layer(int(i)) for i in layers})
     config = TranscoderConfig(
