@@ -129,7 +129,8 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         """
         # a C2SModel holds the Hugging Face model and its adapter; a bare model gets a new adapter
         hf, adapter = (model, ModelAdapter(model)) if isinstance(model, nn.Module) else (model.model, model.adapter)
-        transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
+        name = None if isinstance(model, nn.Module) else model.name  # a bare model has no name to compare
+        transcoders.check_compatible(name, adapter.n_layers, adapter.d_model, name_mismatch="warn")
         device = next(hf.parameters()).device
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(-1)
         spec, gemma = adapter.spec, adapter.spec.name == "gemma2"

@@ -70,7 +70,7 @@ def check_thresholds(node_threshold: float, edge_threshold: float) -> None:
 def uncovered_layers(model: C2SModel, transcoders: TranscoderSet, *, warn: bool = True) -> list[int]:
     """Model layers without a transcoder, after checking the set fits the model; a warning names them."""
     adapter = model.adapter
-    transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
+    transcoders.check_compatible(model.name, adapter.n_layers, adapter.d_model, name_mismatch="warn")
     uncovered = [m for m in range(adapter.n_layers) if m not in transcoders]
     if uncovered and warn:
         warnings.warn(

@@ -217,7 +217,7 @@ def trace_circuit(
     """
     check_thresholds(node_threshold, edge_threshold)
     adapter = model.adapter
-    transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
+    transcoders.check_compatible(model.name, adapter.n_layers, adapter.d_model, name_mismatch="warn")
     check_cells(adata, batch_size)
     if target is not None:
         label_index(model, target)

@@ -92,7 +92,7 @@ def validate_circuit(
     result = circuit_result(adata, key)
     check_validation(n_random, min_frequency)
     params = result["params"]
-    transcoders.check_compatible(n_layers=model.adapter.n_layers, d_model=model.adapter.d_model)
+    transcoders.check_compatible(model.name, model.adapter.n_layers, model.adapter.d_model, name_mismatch="warn")
     cells = pd.DataFrame(result["cells"])
     missing = [c for c in cells["obs_name"] if c not in adata.obs_names]
     if missing:

@@ -129,7 +129,7 @@ def evaluate(
     """
     labels = list(labels)
     adapter = model.adapter
-    transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
+    transcoders.check_compatible(model.name, adapter.n_layers, adapter.d_model, name_mismatch="warn")
     covered = transcoders.layers
     tok = model.tokenizer
     n = len(prompts)

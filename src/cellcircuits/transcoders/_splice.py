@@ -123,7 +123,7 @@ def splice(
         msg = 'mode="mean" needs mean_outputs, a (d_model,) vector per layer'
         raise ValueError(msg)
     if transcoders is not None:
-        transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
+        transcoders.check_compatible(model.name, adapter.n_layers, adapter.d_model, name_mismatch="warn")
     chosen = _resolve_layers(adapter.n_layers, mode, transcoders, layers, mean_outputs)
     means: dict[int, torch.Tensor] = {}
     if mode == "mean":
