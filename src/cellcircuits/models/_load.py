@@ -116,6 +116,67 @@ def _offline_help(name: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(msg)
 
 
+def check_hub_id(name: str, revision: str | None) -> None:
+    """Fail at once, with what to do, for a name that is no local directory and no model the Hub can give.
+
+    ``transformers`` retries an unreachable Hub for about 25 s per file (the tokenizer's and the model's), so a
+    mistyped path or id cost close to a minute before its error. Here a name that is not a valid Hub id
+    (``"name"`` or ``"namespace/name"``) is refused without the network; a valid one passes when the Hub cache
+    holds its ``config.json``, else after one request for it, without retries.
+
+    Parameters
+    ----------
+    name
+        The model name, not a shipped model and not an existing path.
+    revision
+        Hub revision.
+
+    Raises
+    ------
+    ModelLoadError
+        When the name is no Hub id, the Hub has no such repository, revision or ``config.json``, or the Hub cannot
+        be reached (offline) and its cache lacks the model.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        validate_repo_id,
+    )
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        msg = (
+            f"Could not load model {name!r}: there is no such directory ({Path(name).expanduser().absolute()}), and "
+            f'it is not a Hugging Face Hub id ("name" or "namespace/name"). Pass the directory that holds '
+            f"config.json and the weights, a Hub id, or a shipped model ({sorted(SHIPPED_MODELS)})."
+        )
+        raise ModelLoadError(msg) from None
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return  # transformers reads it from the cache, also offline
+    where = f"there is no directory {name!r} here, and"
+    try:
+        # get_hf_file_metadata makes one request; the download functions retry network errors for ~25 s
+        get_hf_file_metadata(hf_hub_url(name, "config.json", revision=revision))
+    except RepositoryNotFoundError as err:  # also private and gated repositories
+        msg = (
+            f"Could not load model {name!r}: {where} the Hugging Face Hub has no repository {name!r} you can read "
+            "(check the spelling; for a private or gated model log in with `hf auth login`)."
+        )
+        raise ModelLoadError(msg) from err
+    except RevisionNotFoundError as err:
+        msg = f"Could not load model {name!r}: the Hub repository has no revision {revision!r}."
+        raise ModelLoadError(msg) from err
+    except EntryNotFoundError as err:
+        msg = f"Could not load model {name!r}: {where} the Hub repository {name!r} has no config.json."
+        raise ModelLoadError(msg) from err
+    except Exception as err:  # offline, unreachable, timed out: the cache does not hold it either
+        raise _offline_help(name, err) from err
+
+
 def _prompt_config_from_hub(name: str, revision: str | None, local_files_only: bool) -> PromptConfig:
     from huggingface_hub import hf_hub_download
 
@@ -164,7 +225,9 @@ def load(
     Raises
     ------
     ModelLoadError
-        When the model is not shipped, not a directory, and not obtainable from the Hub (e.g. offline).
+        When the model is not shipped, not a directory, and not obtainable from the Hub (e.g. offline). A name that
+        is no directory and no Hub id, a repository the Hub does not have, and an unreachable Hub when the cache
+        lacks the model fail at once (one request, no retries).
     ValueError
         For an unsupported architecture or a tokenizer without a fast (Rust) implementation.
     """
@@ -184,6 +247,8 @@ def load(
             raise ModelLoadError(msg)
     source = str(local) if local is not None else name
     offline = bool(local_files_only) if local_files_only is not None else local is not None
+    if local is None and not offline:
+        check_hub_id(name, revision)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": offline, "revision": revision}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
