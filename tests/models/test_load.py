@@ -125,3 +125,16 @@ def test_hub_without_the_repository_says_so(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", not_found)
     with pytest.raises(ModelLoadError, match=r"Hub has no repository 'vandijklab/no-such-model'.*spelling"):
         cc.models.load("vandijklab/no-such-model")
+
+
+def test_saved_files_get_the_umask_mode(tiny_c2s, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        tiny_c2s.save(tmp_path / "m")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "m").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name

@@ -12,6 +12,7 @@ import torch
 
 from ..pp._prompts import PROMPT_CONFIG_NAME, Prompt, PromptConfig, build_prompt
 from ._adapter import ModelAdapter
+from ._files import give_umask_mode
 from ._hooks import model_lock
 
 if TYPE_CHECKING:
@@ -91,10 +92,14 @@ class C2SModel:
         return [build_prompt(s, self.prompt) for s in sentences]
 
     def save(self, directory: str | Path) -> None:
-        """Save weights (safetensors), tokenizer and prompt settings so :func:`load` reads them back."""
+        """Save weights (safetensors), tokenizer and prompt settings so :func:`load` reads them back.
+
+        Every file gets the mode of a new file under the umask (0644 under umask 022).
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory, safe_serialization=True)
+        give_umask_mode(*directory.glob("*.safetensors"))  # safetensors writes them 0600
         self.tokenizer.save_pretrained(directory)
         self.prompt.to_json(directory / PROMPT_CONFIG_NAME)
 

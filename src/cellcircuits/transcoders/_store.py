@@ -28,6 +28,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..models._files import give_umask_mode
+
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
@@ -246,6 +248,7 @@ class StoreWriter:
         tensors = {k: torch.cat(v).contiguous() for k, v in self._buffer.items()}
         tmp = self.directory / (name + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "first_cell": str(m.n_cells_done)})
+        give_umask_mode(tmp)  # safetensors writes 0600
         os.replace(tmp, self.directory / name)
         m.shards.append(
             {"file": name, "n_rows": self._buffer_rows, "first_cell": m.n_cells_done, "n_cells": self._buffer_cells}
