@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -36,14 +35,13 @@ def pad(
     return ids, mask
 
 
-@functools.cache
-def _cache_argument(model_class: type) -> str:
+def _cache_argument(model: torch.nn.Module) -> str:
     """The name a causal LM's forward takes its key/value cache by.
 
     ``cache`` in the transformers releases whose forward names it (there ``past_key_values`` is deprecated with a
     FutureWarning), ``past_key_values`` in earlier ones.
     """
-    parameters = inspect.signature(model_class.forward).parameters
+    parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 
@@ -112,7 +110,7 @@ def score_continuations(
     # batches of similar length waste little compute on padding
     order = np.argsort([len(p) for p in prompts], kind="stable")
     cont = [torch.as_tensor(list(c), dtype=torch.long, device=device) for c in continuations]
-    cache_name = _cache_argument(type(model))
+    cache_name = _cache_argument(model)
     with tqdm(total=n, desc=desc, disable=not progress, unit="cell") as bar:
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
