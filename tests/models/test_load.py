@@ -85,3 +85,56 @@ def test_remote_code_is_off_unless_asked(tiny_c2s, tmp_path, monkeypatch):
     cc.models.load(tmp_path)
     cc.models.load(tmp_path, trust_remote_code=True)
     assert seen == [False, True]
+
+
+def test_mistyped_hub_id_fails_fast():
+    """One request, no retries: a missing repository (online) or an unreachable Hub (offline) is reported at once."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError, match=r"vandijklab/no-such-model"):
+        cc.models.load("vandijklab/no-such-model")
+    assert time.perf_counter() - start < 15  # the Hub client's retries took about 50 s
+
+
+def test_missing_path_that_is_no_hub_id_fails_without_the_network(tmp_path, monkeypatch):
+    import huggingface_hub
+    import transformers
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", no_network)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_network)
+    for name in [str(tmp_path / "no-such-dir"), "./models/none", "~/none", "a/b/c", "has space"]:
+        with pytest.raises(ModelLoadError, match=r"no such directory.*not a Hugging Face Hub id"):
+            cc.models.load(name)
+
+
+def test_hub_without_the_repository_says_so(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.utils import RepositoryNotFoundError
+
+    class Missing(RepositoryNotFoundError):
+        def __init__(self):
+            Exception.__init__(self, "404 Client Error")  # the base class wants an HTTP response
+
+    def not_found(*args, **kwargs):
+        raise Missing
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", not_found)
+    with pytest.raises(ModelLoadError, match=r"Hub has no repository 'vandijklab/no-such-model'.*spelling"):
+        cc.models.load("vandijklab/no-such-model")
+
+
+def test_saved_files_get_the_umask_mode(tiny_c2s, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        tiny_c2s.save(tmp_path / "m")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "m").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name

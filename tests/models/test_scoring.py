@@ -55,3 +55,15 @@ def test_empty_continuation_or_prompt_raises():
         score_continuations(model, [[1, 2]], [[]], pad_token_id=0, progress=False)
     with pytest.raises(ValueError, match="prompt"):
         score_continuations(model, [[]], [[1]], pad_token_id=0, progress=False)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama", "gemma2"])
+def test_scoring_uses_the_cache_api_without_deprecation_warnings(arch):
+    import warnings
+
+    model = make_tiny(arch, 60, attn="sdpa" if arch != "gemma2" else "eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scores = score_continuations(model, [[5, 6, 7], [8, 9]], [[4, 5], [7]], pad_token_id=1, progress=False)
+    assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    np.testing.assert_allclose(scores, naive_scores(model, [[5, 6, 7], [8, 9]], [[4, 5], [7]]), atol=1e-4, rtol=1e-4)

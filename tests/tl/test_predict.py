@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -104,3 +105,11 @@ def test_shipped_model_offline_and_accurate(tmp_path):
     np.testing.assert_allclose(back.obsm["c2s_cell_type_proba"], test.obsm["c2s_cell_type_proba"])
     assert back.uns["c2s_cell_type"]["params"]["labels"].tolist() == model.labels
     assert cc.get.cell_type_probabilities(back).columns.tolist() == model.labels
+
+
+def test_prediction_emits_no_future_warning(toy_adata, tiny_c2s):
+    cc.pp.cell_sentences(toy_adata)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cc.tl.predict_cell_types(toy_adata, tiny_c2s, progress=False)
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]

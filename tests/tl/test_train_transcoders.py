@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cellcircuits as cc
-from cellcircuits.transcoders import ActivationStore, Transcoder
+from cellcircuits.transcoders import ActivationStore, Transcoder, TranscoderConfig, train_on_store
 
 SMALL = {"n_features": 64, "k": 4, "n_tokens": 6000, "batch_size": 64, "lr": 5e-3, "dead_after_tokens": 2000}
 
@@ -76,3 +76,26 @@ def test_collection_rotates_label_tokens(toy_adata, tiny_c2s, tmp_path):
     assert rotating_answers(tiny_c2s, 3) is None
     with pytest.raises(ValueError, match="dtype"):
         cc.tl.collect_activations(toy_adata, tiny_c2s, tmp_path / "c", dtype="int8")
+
+
+@pytest.mark.parametrize(
+    ("setting", "match"),
+    [
+        ({"n_tokens": -5}, "n_tokens"),
+        ({"n_tokens": 0}, "n_tokens"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": -1e-3}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+    ],
+)
+def test_training_settings_are_refused_before_any_work(toy_adata, tiny_c2s, tmp_path, setting, match):
+    kwargs = {**SMALL, **setting}
+    with pytest.raises(ValueError, match=match):
+        cc.tl.train_transcoders(toy_adata, tiny_c2s, store=tmp_path / "store", progress=False, **kwargs)
+    assert not (tmp_path / "store").exists()  # nothing was collected
+    store = cc.tl.collect_activations(toy_adata, tiny_c2s, tmp_path / "ok", progress=False)
+    config = TranscoderConfig(d_in=32, d_out=32, n_features=16, k=2)
+    train = {"n_tokens": 64, "batch_size": 16, "lr": 1e-3, **setting}
+    with pytest.raises(ValueError, match=match):
+        train_on_store(store, config, n_layers_model=2, progress=False, **train)

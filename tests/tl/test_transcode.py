@@ -260,3 +260,22 @@ def test_identifying_tokens_match_a_per_cell_reference(toy_adata, tiny_c2s, tset
         np.testing.assert_allclose(
             toy_adata.varm["transcoder_L1_in"][symbols.index(g)], np.mean(per_cell, 0), atol=1e-5
         )
+
+
+def test_transcoders_of_another_model_name_warn(toy_adata, tiny_c2s, tset, recwarn):
+    from ..helpers import tiny_tset
+
+    cc.pp.cell_sentences(toy_adata)
+    other = tiny_tset()
+    other.model_name = "vandijklab/other-model"
+    with pytest.warns(UserWarning, match=r"trained on 'vandijklab/other-model'.*'tiny'"):
+        cc.tl.transcode(toy_adata, tiny_c2s, other, progress=False)
+    with (
+        pytest.warns(UserWarning, match=r"trained on 'vandijklab/other-model'.*'tiny'"),
+        cc.transcoders.splice(tiny_c2s, other),
+    ):
+        pass
+    recwarn.clear()
+    cc.tl.transcode(toy_adata, tiny_c2s, tset, progress=False)  # trained on "tiny"
+    cc.tl.transcode(toy_adata, tiny_c2s, tiny_tset(), progress=False)  # no recorded name
+    assert not [w for w in recwarn if "trained on" in str(w.message)]

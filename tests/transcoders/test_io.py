@@ -199,3 +199,21 @@ def test_missing_files(tmp_path, saved):
     (saved / "transcoder_set.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"transcoder_set\.json not found"):
         load_transcoders(saved)
+
+
+def test_written_files_get_the_umask_mode(tiny_c2s, toy_adata, tmp_path):
+    import os
+    import stat
+
+    from ..helpers import tiny_tset
+
+    old = os.umask(0o027)
+    try:
+        tiny_tset().save(tmp_path / "set")
+        cc.tl.collect_activations(toy_adata, tiny_c2s, tmp_path / "store", shard_rows=30, progress=False)
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "set").rglob("*") if p.is_file()] + list((tmp_path / "store").iterdir())
+    assert any(p.suffix == ".safetensors" for p in files) and any(p.name == "manifest.json" for p in files)
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path.name

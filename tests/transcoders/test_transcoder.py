@@ -501,3 +501,17 @@ def test_topk_training_float32_matches_dense_autograd():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     # forward and encode still give the dense features of the same selection
     torch.testing.assert_close(out.features.to_dense(), tc.encode(x))
+
+
+def test_check_compatible_can_warn_about_another_model_name(recwarn):
+    tset = TranscoderSet(_set_members(), n_layers_model=4)
+    with pytest.warns(UserWarning, match=r"trained on 'tiny'.*'big'"):
+        tset.check_compatible(model_name="big", n_layers=4, d_model=8, name_mismatch="warn")
+    with pytest.raises(ValueError, match="2 layers"):  # a shape mismatch stays an error
+        tset.check_compatible(model_name="big", n_layers=2, name_mismatch="warn")
+    recwarn.clear()
+    unnamed = TranscoderSet(_set_members(model_name=""), n_layers_model=4)
+    unnamed.check_compatible(model_name="big", n_layers=4, d_model=8, name_mismatch="warn")
+    unnamed.check_compatible(model_name="big", n_layers=4, d_model=8)
+    tset.check_compatible(model_name="tiny", name_mismatch="warn")
+    assert not [w for w in recwarn if "trained on" in str(w.message)]

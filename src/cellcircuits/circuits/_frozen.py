@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 import torch
 from torch import nn
 
+from ..models._hooks import model_lock
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -86,10 +88,15 @@ def freeze_attention(adapter: ModelAdapter, layer: int, pattern: torch.Tensor) -
 
 @contextmanager
 def eager_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Run the model with eager attention (the only kind that returns patterns), then restore its setting."""
-    old = model.config._attn_implementation
-    model.config._attn_implementation = "eager"
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = old
+    """Run the model with eager attention (the only kind that returns patterns), then restore its setting.
+
+    The block holds the model's lock (:meth:`cellcircuits.models.C2SModel.exclusive`), so no other thread runs it
+    with the switched setting or switches it meanwhile; the setting is restored also on an exception.
+    """
+    with model_lock(model):
+        old = model.config._attn_implementation
+        model.config._attn_implementation = "eager"
+        try:
+            yield
+        finally:
+            model.config._attn_implementation = old

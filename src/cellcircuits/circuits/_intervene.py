@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..models._adapter import ModelAdapter
-from ..models._hooks import input_tensor, output_tensor, record
+from ..models._hooks import input_tensor, model_lock, one_at_a_time, output_tensor, record
 from ..transcoders._splice import replace_output
 
 if TYPE_CHECKING:
@@ -50,6 +50,7 @@ def _parts(model: C2SModel | PreTrainedModel) -> tuple[PreTrainedModel, ModelAda
     return model.model, model.adapter
 
 
+@one_at_a_time
 @torch.no_grad()
 def clean_run(
     model: C2SModel | PreTrainedModel, transcoders: TranscoderSet, input_ids: Sequence[int] | torch.Tensor
@@ -113,6 +114,8 @@ def edited_features(
     hf, adapter = _parts(model)
     handles = []
     override = override or {}
+    lock = model_lock(hf)
+    lock.acquire()  # no other thread runs the model edited, nor hooks it meanwhile
     try:
         for m in transcoders.layers:
             tc = transcoders[m]
@@ -151,8 +154,10 @@ def edited_features(
     finally:
         for h in handles:
             h.remove()
+        lock.release()
 
 
+@one_at_a_time
 @torch.no_grad()
 def run_edits(
     model: C2SModel | PreTrainedModel,

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..models._adapter import HookPoint, ModelAdapter
-from ..models._hooks import record
+from ..models._hooks import one_at_a_time, record
 from ._attribute import AttributionMixin
 from ._frozen import eager_attention, freeze_attention, freeze_norm
 from ._nodes import active_features, build_nodes
@@ -101,6 +101,7 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         self._decoders: dict[int, torch.Tensor] = {}
 
     @classmethod
+    @one_at_a_time
     @torch.no_grad()
     def record(
         cls, model: C2SModel | PreTrainedModel, transcoders: TranscoderSet, input_ids: torch.Tensor | Sequence[int]
@@ -124,11 +125,13 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         Notes
         -----
         The pass runs with eager attention (the only kind that hands back its patterns); the model's setting is
-        restored afterwards.
+        restored afterwards, also on an exception. The call holds the model's lock, so concurrent calls on one model
+        run one at a time.
         """
         # a C2SModel holds the Hugging Face model and its adapter; a bare model gets a new adapter
         hf, adapter = (model, ModelAdapter(model)) if isinstance(model, nn.Module) else (model.model, model.adapter)
-        transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
+        name = None if isinstance(model, nn.Module) else model.name  # a bare model has no name to compare
+        transcoders.check_compatible(name, adapter.n_layers, adapter.d_model, name_mismatch="warn")
         device = next(hf.parameters()).device
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(-1)
         spec, gemma = adapter.spec, adapter.spec.name == "gemma2"

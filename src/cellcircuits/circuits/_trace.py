@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 import numpy as np
 import pandas as pd
 
+from ..models._hooks import one_at_a_time
 from ..models._tokens import label_token_ids
 from ._aggregate import aggregate, cell_graph_tables, top_paths
 from ._graph import attribution_graph
@@ -86,7 +87,7 @@ def check_thresholds(node_threshold: float, edge_threshold: float) -> None:
 def uncovered_layers(model: C2SModel, transcoders: TranscoderSet, *, warn: bool = True) -> list[int]:
     """Model layers without a transcoder, after checking the set fits the model; a warning names them."""
     adapter = model.adapter
-    transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
+    transcoders.check_compatible(model.name, adapter.n_layers, adapter.d_model, name_mismatch="warn")
     uncovered = [m for m in range(adapter.n_layers) if m not in transcoders]
     if uncovered and warn:
         warnings.warn(
@@ -96,6 +97,7 @@ def uncovered_layers(model: C2SModel, transcoders: TranscoderSet, *, warn: bool 
     return uncovered
 
 
+@one_at_a_time
 def trace_prompts(
     model: C2SModel,
     transcoders: TranscoderSet,

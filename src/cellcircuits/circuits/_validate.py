@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..models._hooks import one_at_a_time
 from ..models._tokens import label_token_ids
 from ._aggregate import node_names, position_roles
 from ._intervene import clean_run, run_edits
@@ -62,6 +63,7 @@ def check_validation(n_random: int, min_frequency: float) -> None:
         raise ValueError(msg)
 
 
+@one_at_a_time
 def validate_prompts(
     model: C2SModel,
     transcoders: TranscoderSet,
@@ -117,7 +119,7 @@ def validate_prompts(
     if len(prompts) != len(cells):
         msg = f"{len(prompts)} prompts for {len(cells)} traced cells"
         raise ValueError(msg)
-    transcoders.check_compatible(n_layers=model.adapter.n_layers, d_model=model.adapter.d_model)
+    transcoders.check_compatible(model.name, model.adapter.n_layers, model.adapter.d_model, name_mismatch="warn")
     label_ids = label_token_ids(model.tokenizer, model.prompt, model.prompt.labels or [])
     targets = [label_target(label_ids, label_index(model, lab), target_mode) for lab in cells["label"]]
     inputs = [list(p.input_ids) + t.prefix for p, t in zip(prompts, targets, strict=True)]

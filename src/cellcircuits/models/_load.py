@@ -12,8 +12,11 @@ import torch
 
 from ..pp._prompts import PROMPT_CONFIG_NAME, Prompt, PromptConfig, build_prompt
 from ._adapter import ModelAdapter
+from ._files import give_umask_mode
+from ._hooks import model_lock
 
 if TYPE_CHECKING:
+    import threading
     from collections.abc import Sequence
 
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -39,6 +42,13 @@ class C2SModel:
     """A causal LM that reads cell sentences, with its tokenizer, architecture adapter and prompt settings.
 
     Create it with :func:`cellcircuits.models.load` or :func:`cellcircuits.models.train_c2s`.
+
+    Calls on one model from several threads run one at a time: every tool that hooks the model, switches its
+    attention implementation or runs it (:func:`cellcircuits.tl.transcode`, :func:`cellcircuits.tl.trace_circuit`,
+    :func:`cellcircuits.tl.predict_cell_types`, :func:`cellcircuits.models.record`,
+    :func:`cellcircuits.transcoders.splice`, ...) holds the model's re-entrant lock (:meth:`exclusive`) while it does,
+    so concurrent calls give the results of sequential ones. Hold the lock yourself around your own forward passes
+    when other threads may hook the model meanwhile.
     """
 
     model: PreTrainedModel
@@ -67,15 +77,29 @@ class C2SModel:
         """Cell-type labels the model knows (from its prompt settings)."""
         return self.prompt.labels
 
+    def exclusive(self) -> threading.RLock:
+        """The model's re-entrant lock, held by every tool that hooks, switches or runs it.
+
+        Returns
+        -------
+        The lock, to use as ``with model.exclusive(): ...``; other threads' calls on the model wait until the block
+        exits, and the holding thread may take it again (tools called inside the block do).
+        """
+        return model_lock(self.model)
+
     def build_prompts(self, sentences: Sequence[str]) -> list[Prompt]:
         """Prompts for cell sentences, cut to the model's ``n_genes`` with its template and organism."""
         return [build_prompt(s, self.prompt) for s in sentences]
 
     def save(self, directory: str | Path) -> None:
-        """Save weights (safetensors), tokenizer and prompt settings so :func:`load` reads them back."""
+        """Save weights (safetensors), tokenizer and prompt settings so :func:`load` reads them back.
+
+        Every file gets the mode of a new file under the umask (0644 under umask 022).
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory, safe_serialization=True)
+        give_umask_mode(*directory.glob("*.safetensors"))  # safetensors writes them 0600
         self.tokenizer.save_pretrained(directory)
         self.prompt.to_json(directory / PROMPT_CONFIG_NAME)
 
@@ -95,6 +119,67 @@ def _offline_help(name: str, err: Exception) -> ModelLoadError:
         "and pass its path, or point HF_HOME to a cache that holds it."
     )
     return ModelLoadError(msg)
+
+
+def check_hub_id(name: str, revision: str | None) -> None:
+    """Fail at once, with what to do, for a name that is no local directory and no model the Hub can give.
+
+    ``transformers`` retries an unreachable Hub for about 25 s per file (the tokenizer's and the model's), so a
+    mistyped path or id cost close to a minute before its error. Here a name that is not a valid Hub id
+    (``"name"`` or ``"namespace/name"``) is refused without the network; a valid one passes when the Hub cache
+    holds its ``config.json``, else after one request for it, without retries.
+
+    Parameters
+    ----------
+    name
+        The model name, not a shipped model and not an existing path.
+    revision
+        Hub revision.
+
+    Raises
+    ------
+    ModelLoadError
+        When the name is no Hub id, the Hub has no such repository, revision or ``config.json``, or the Hub cannot
+        be reached (offline) and its cache lacks the model.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        validate_repo_id,
+    )
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        msg = (
+            f"Could not load model {name!r}: there is no such directory ({Path(name).expanduser().absolute()}), and "
+            f'it is not a Hugging Face Hub id ("name" or "namespace/name"). Pass the directory that holds '
+            f"config.json and the weights, a Hub id, or a shipped model ({sorted(SHIPPED_MODELS)})."
+        )
+        raise ModelLoadError(msg) from None
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return  # transformers reads it from the cache, also offline
+    where = f"there is no directory {name!r} here, and"
+    try:
+        # get_hf_file_metadata makes one request; the download functions retry network errors for ~25 s
+        get_hf_file_metadata(hf_hub_url(name, "config.json", revision=revision))
+    except RepositoryNotFoundError as err:  # also private and gated repositories
+        msg = (
+            f"Could not load model {name!r}: {where} the Hugging Face Hub has no repository {name!r} you can read "
+            "(check the spelling; for a private or gated model log in with `hf auth login`)."
+        )
+        raise ModelLoadError(msg) from err
+    except RevisionNotFoundError as err:
+        msg = f"Could not load model {name!r}: the Hub repository has no revision {revision!r}."
+        raise ModelLoadError(msg) from err
+    except EntryNotFoundError as err:
+        msg = f"Could not load model {name!r}: {where} the Hub repository {name!r} has no config.json."
+        raise ModelLoadError(msg) from err
+    except Exception as err:  # offline, unreachable, timed out: the cache does not hold it either
+        raise _offline_help(name, err) from err
 
 
 def _prompt_config_from_hub(name: str, revision: str | None, local_files_only: bool) -> PromptConfig:
@@ -145,7 +230,9 @@ def load(
     Raises
     ------
     ModelLoadError
-        When the model is not shipped, not a directory, and not obtainable from the Hub (e.g. offline).
+        When the model is not shipped, not a directory, and not obtainable from the Hub (e.g. offline). A name that
+        is no directory and no Hub id, a repository the Hub does not have, and an unreachable Hub when the cache
+        lacks the model fail at once (one request, no retries).
     ValueError
         For an unsupported architecture or a tokenizer without a fast (Rust) implementation.
     """
@@ -165,6 +252,8 @@ def load(
             raise ModelLoadError(msg)
     source = str(local) if local is not None else name
     offline = bool(local_files_only) if local_files_only is not None else local is not None
+    if local is None and not offline:
+        check_hub_id(name, revision)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": offline, "revision": revision}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)

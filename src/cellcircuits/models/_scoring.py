@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Literal
+import inspect
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from ._hooks import one_at_a_time
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -32,11 +35,28 @@ def pad(
     return ids, mask
 
 
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The name a causal LM's forward takes its key/value cache by.
+
+    ``cache`` in the transformers releases whose forward names it (there ``past_key_values`` is deprecated with a
+    FutureWarning), ``past_key_values`` in earlier ones.
+    """
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The key/value cache of a forward pass's output, read by its current name (``cache``) when it has one."""
+    fields = out.keys() if hasattr(out, "keys") else ()
+    return out["cache"] if "cache" in fields else out.past_key_values
+
+
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, so padding on either side leaves positions unchanged."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+@one_at_a_time
 @torch.no_grad()
 def score_continuations(
     model: PreTrainedModel,
@@ -90,6 +110,7 @@ def score_continuations(
     # batches of similar length waste little compute on padding
     order = np.argsort([len(p) for p in prompts], kind="stable")
     cont = [torch.as_tensor(list(c), dtype=torch.long, device=device) for c in continuations]
+    cache_name = _cache_argument(model)
     with tqdm(total=n, desc=desc, disable=not progress, unit="cell") as bar:
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
@@ -111,8 +132,8 @@ def score_continuations(
                         input_ids=step,
                         attention_mask=cont_mask,
                         position_ids=pos,
-                        past_key_values=copy.deepcopy(out.past_key_values),
                         use_cache=True,
+                        **{cache_name: copy.deepcopy(output_cache(out))},
                     )
                     logp = torch.log_softmax(nxt.logits.float(), -1)
                     total += logp.gather(-1, c[1:].expand(len(idx), -1)[..., None])[..., 0].sum(-1)

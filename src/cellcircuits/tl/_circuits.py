@@ -9,6 +9,7 @@ import pandas as pd
 
 from .._keys import SentenceSettings, store_circuit
 from ..circuits._trace import NODE_COLUMNS, check_thresholds, label_index, trace_prompts
+from ..models._hooks import one_at_a_time
 from ._cells import cell_prompts, check_cells
 
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ def annotate(nodes: pd.DataFrame, adata: AnnData, interpret_key: str) -> pd.Data
     return nodes
 
 
+@one_at_a_time
 def trace_circuit(
     adata: AnnData,
     model: C2SModel,
@@ -215,7 +217,7 @@ def trace_circuit(
     """
     check_thresholds(node_threshold, edge_threshold)
     adapter = model.adapter
-    transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
+    transcoders.check_compatible(model.name, adapter.n_layers, adapter.d_model, name_mismatch="warn")
     check_cells(adata, batch_size)
     if target is not None:
         label_index(model, target)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._keys import SentenceSettings
+from ..models._hooks import one_at_a_time
 from ..transcoders._evaluate import evaluate
 from ._cells import cell_prompts
 from ._predict import candidate_labels
@@ -34,6 +35,7 @@ def _cells(adata: AnnData, n_cells: int | None, random_state: int) -> np.ndarray
     return np.sort(rng.choice(adata.n_obs, size=int(n_cells), replace=False))
 
 
+@one_at_a_time
 def evaluate_transcoders(
     adata: AnnData,
     model: C2SModel,
@@ -127,7 +129,7 @@ def evaluate_transcoders(
         msg = f"label_key {label_key!r} is not a column of .obs; columns are {list(adata.obs.columns)}"
         raise KeyError(msg)
     settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state)
-    transcoders.check_compatible(n_layers=model.adapter.n_layers, d_model=model.adapter.d_model)
+    transcoders.check_compatible(model.name, model.adapter.n_layers, model.adapter.d_model, name_mismatch="warn")
     cells = _cells(adata, n_cells, random_state)
     prompts = cell_prompts(adata, model, settings, cells)
     truth = None

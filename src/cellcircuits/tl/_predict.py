@@ -9,6 +9,7 @@ import pandas as pd
 from scipy.special import softmax
 
 from .._keys import PREDICTION, SentenceSettings, prediction_obsm
+from ..models._hooks import one_at_a_time
 from ..models._scoring import score_continuations
 from ..models._tokens import label_token_ids
 from ._cells import check_cells, sentences_for
@@ -34,6 +35,7 @@ def candidate_labels(adata: AnnData, model: C2SModel, labels: Sequence[str] | No
     return labels
 
 
+@one_at_a_time
 def predict_cell_types(
     adata: AnnData,
     model: C2SModel,

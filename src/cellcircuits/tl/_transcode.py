@@ -10,6 +10,7 @@ import numpy as np
 from scipy import sparse
 
 from .._keys import TRANSCODE, SentenceSettings, features_obsm, gene_map_varm, h5ad_safe
+from ..models._hooks import one_at_a_time
 from ..models._spelling import distinguishing_tokens, identifying_offsets, unspellable_genes
 from ..pp._sentences import gene_names
 from ..transcoders._features import cell_and_gene_features, gene_logit_effects
@@ -54,6 +55,7 @@ def report_genes(unseen: Sequence[str], unspellable: Sequence[str], n_genes: int
         )
 
 
+@one_at_a_time
 def transcode(
     adata: AnnData,
     model: C2SModel,
@@ -136,7 +138,7 @@ def transcode(
 
     settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state)
     adapter = model.adapter
-    transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
+    transcoders.check_compatible(model.name, adapter.n_layers, adapter.d_model, name_mismatch="warn")
     layers = transcoders.layers if layers is None else sorted({adapter.check_layer(int(i)) for i in layers})
     missing = [i for i in layers if i not in transcoders]
     if missing:

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from .._keys import SentenceSettings
+from ..models._hooks import one_at_a_time
 from ..transcoders._activations import collect_activations as _collect
 from ..transcoders._activations import rotating_answers
 from ..transcoders._config import TranscoderConfig
 from ..transcoders._store import ActivationStore
-from ..transcoders._training import train_on_store
+from ..transcoders._training import check_training, train_on_store
 from ._cells import cell_prompts
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from ..transcoders._transcoder_set import TranscoderSet
 
 
+@one_at_a_time
 def collect_activations(
     adata: AnnData,
     model: C2SModel,
@@ -42,12 +44,15 @@ def collect_activations(
     batch_size: int = 16,
     shard_rows: int = 65536,
     dtype: str = "float16",
+    repair: bool = False,
     progress: bool = True,
 ) -> ActivationStore:
     """Record a model's MLP inputs and outputs on cells into a sharded on-disk store.
 
     The store (safetensors shards and a JSON manifest) is read back in shuffled mini-batches without loading it
-    whole, and an interrupted collection resumes where it stopped when called again with the same arguments.
+    whole, and an interrupted collection resumes where it stopped when called again with the same arguments. A
+    complete store is returned as it is, after its shards are checked against the manifest; a damaged one is refused
+    with a ValueError, and calling again with ``repair=True`` mends it.
 
     Parameters
     ----------
@@ -77,6 +82,10 @@ def collect_activations(
         Rows (token positions) per shard file.
     dtype
         Storage dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
+    repair
+        Mend a damaged store in ``directory`` (a shard missing, unreadable, or not holding the tensors and rows the
+        manifest records): its intact shards before the first damaged one are kept and the rest collected again.
+        Pass the same arguments as for the first collection.
     progress
         Show a progress bar.
 
@@ -99,6 +108,7 @@ def collect_activations(
         batch_size=batch_size,
         shard_rows=shard_rows,
         dtype=getattr(torch, dtype),
+        repair=repair,
         progress=progress,
     )
 
@@ -166,8 +176,9 @@ def train_transcoders(
         Seed of initialisation and batch order; on CPU, training is deterministic for a seed and a number of threads
         (another thread count sums in another order, and the weights drift apart over a long run).
     store
-        Activation store directory to create, resume or reuse (a store of other cells or settings is refused), or an
-        opened store to train on as it is; default a temporary directory.
+        Activation store directory to create, resume or reuse (a store of other cells or settings is refused, a
+        damaged one too: mend it with :func:`collect_activations` and ``repair=True``), or an opened store to train
+        on as it is (an unfinished one with a warning); default a temporary directory.
     positions
         Token positions to train on (see :func:`collect_activations`).
     sentence_key, layer, use_raw
@@ -178,8 +189,14 @@ def train_transcoders(
     Returns
     -------
     The trained transcoders (save them with ``.save(directory)``).
+
+    Raises
+    ------
+    ValueError
+        Before any work, for ``n_tokens`` or ``batch_size`` below 1 or ``lr`` not positive.
     """
     SentenceSettings(sentence_key, layer, use_raw)  # checked before any work
+    check_training(n_tokens, batch_size, lr)
     if layers is not None:
         layers = sorted({model.adapter.check_layer(int(i)) for i in layers})
     config = TranscoderConfig(

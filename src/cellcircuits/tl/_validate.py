@@ -9,6 +9,7 @@ import pandas as pd
 from .._keys import SentenceSettings, circuit_result
 from ..circuits._trace import as_target_mode
 from ..circuits._validate import check_validation, validate_prompts
+from ..models._hooks import one_at_a_time
 from ._cells import cell_prompts
 
 if TYPE_CHECKING:
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from ..transcoders._transcoder_set import TranscoderSet
 
 
+@one_at_a_time
 def validate_circuit(
     adata: AnnData,
     model: C2SModel,
@@ -91,7 +93,7 @@ def validate_circuit(
     result = circuit_result(adata, key)
     check_validation(n_random, min_frequency)
     params = result["params"]
-    transcoders.check_compatible(n_layers=model.adapter.n_layers, d_model=model.adapter.d_model)
+    transcoders.check_compatible(model.name, model.adapter.n_layers, model.adapter.d_model, name_mismatch="warn")
     cells = pd.DataFrame(result["cells"])
     missing = [c for c in cells["obs_name"] if c not in adata.obs_names]
     if missing:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..models._hooks import record
+from ..models._hooks import one_at_a_time, record
 from ..models._scoring import pad
 from ..models._tokens import label_token_ids
 from ._store import ActivationStore, StoreManifest, StoreWriter, tensor_names
@@ -63,6 +63,7 @@ def _hook_name(point: tuple[str, str]) -> str:
     return f"{point[0]}:{point[1]}"
 
 
+@one_at_a_time
 @torch.no_grad()
 def collect_activations(
     model: C2SModel,
@@ -75,6 +76,7 @@ def collect_activations(
     batch_size: int = 16,
     shard_rows: int = 65536,
     dtype: torch.dtype = torch.float16,
+    repair: bool = False,
     progress: bool = True,
 ) -> ActivationStore:
     """Run the model on prompts and store each chosen layer's MLP input and output at the kept positions.
@@ -87,7 +89,9 @@ def collect_activations(
         Tokenized prompts (:func:`cellcircuits.models.tokenize_prompts`), one per cell.
     directory
         Store directory. If it holds an unfinished store of the same prompts, layers and positions, collection
-        resumes after the last complete shard.
+        resumes after the last complete shard; a complete one is returned as it is. Its shards are first checked
+        against the manifest (present, readable, the recorded tensors and row counts): a damaged store is refused
+        with a ValueError unless ``repair`` is set.
     layers
         Layers to record; default all.
     positions
@@ -103,6 +107,10 @@ def collect_activations(
         Rows per shard file.
     dtype
         Storage dtype (float16 halves disk use; training reads rows back as float32).
+    repair
+        Mend a damaged store in ``directory``: keep its intact shards before the first damaged one (missing,
+        unreadable, or not holding the tensors and rows its manifest records) and collect the rest again, with the
+        same arguments as the first collection. An intact store is left as it is.
     progress
         Show a progress bar.
 
@@ -132,7 +140,7 @@ def collect_activations(
     )
     appended = [list(a) for a in answers] if answers is not None else [[] for _ in prompts]
     kept = [kept_positions(p, positions, len(a)) for p, a in zip(prompts, appended, strict=True)]
-    writer = StoreWriter(directory, manifest, shard_rows=shard_rows)
+    writer = StoreWriter(directory, manifest, shard_rows=shard_rows, repair=repair)
     points = {i: (adapter.mlp_in(i), adapter.mlp_out(i)) for i in layers}
     device = model.device
     pad_id = model.tokenizer.pad_token_id

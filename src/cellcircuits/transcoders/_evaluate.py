@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..models._hooks import record
+from ..models._hooks import one_at_a_time, record
 from ..models._scoring import pad, position_ids, score_continuations
 from ..models._tokens import label_token_ids
 from ._splice import splice
@@ -91,6 +91,7 @@ def _token_ce(logits: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, cols:
     return float(-logp.gather(-1, ids[rows, cols][:, None]).sum()), len(rows)
 
 
+@one_at_a_time
 def evaluate(
     model: C2SModel,
     transcoders: TranscoderSet,
@@ -129,7 +130,7 @@ def evaluate(
     """
     labels = list(labels)
     adapter = model.adapter
-    transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
+    transcoders.check_compatible(model.name, adapter.n_layers, adapter.d_model, name_mismatch="warn")
     covered = transcoders.layers
     tok = model.tokenizer
     n = len(prompts)

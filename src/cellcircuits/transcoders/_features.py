@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models._adapter import HookPoint
-from ..models._hooks import record
+from ..models._hooks import one_at_a_time, record
 from ..models._scoring import pad
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ def pool_rows(acts: torch.Tensor, pool: Pool) -> torch.Tensor:
     raise ValueError(msg)
 
 
+@one_at_a_time
 @torch.no_grad()
 def cell_and_gene_features(
     model: C2SModel,

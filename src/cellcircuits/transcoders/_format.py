@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..models._files import give_umask_mode
 from ._config import TranscoderConfig
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ def write_set(directory: str | Path, meta: Mapping[str, Any], transcoders: Itera
         folder.mkdir(exist_ok=True)
         (folder / CONFIG_FILE).write_text(json.dumps(tc.cfg.to_dict(), indent=2))
         save_file(_tensors_to_save(tc), str(folder / WEIGHTS_FILE), metadata={"format": TranscoderConfig.format})
+        give_umask_mode(folder / WEIGHTS_FILE)  # safetensors writes 0600
     # written last, so a folder whose save was interrupted has no set file and is not mistaken for a complete one
     (directory / SET_FILE).write_text(json.dumps(meta, indent=2))
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from ..models._hooks import input_tensor, output_tensor
+from ..models._hooks import input_tensor, model_lock, output_tensor
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -86,7 +86,8 @@ def splice(
     MLP itself, or Gemma-2's post-feedforward norm) gets a forward hook that swaps its output for the replacement.
     The original MLP still runs (its output is discarded), and every hook is removed when the block exits, also on
     an exception. The hooks run before any other hook on the same module, so recording
-    :meth:`~cellcircuits.models.ModelAdapter.mlp_out` inside the block sees the replacement.
+    :meth:`~cellcircuits.models.ModelAdapter.mlp_out` inside the block sees the replacement. The block holds the
+    model's lock (:meth:`~cellcircuits.models.C2SModel.exclusive`), so other threads' calls on the model wait.
 
     Parameters
     ----------
@@ -127,7 +128,7 @@ def splice(
         msg = 'mode="mean" needs mean_outputs, a (d_model,) vector per layer'
         raise ValueError(msg)
     if transcoders is not None:
-        transcoders.check_compatible(n_layers=adapter.n_layers, d_model=adapter.d_model)
+        transcoders.check_compatible(model.name, adapter.n_layers, adapter.d_model, name_mismatch="warn")
     chosen = _resolve_layers(adapter.n_layers, mode, transcoders, layers, mean_outputs)
     means: dict[int, torch.Tensor] = {}
     if mode == "mean" and mean_outputs is not None:  # refused above when missing
@@ -140,6 +141,8 @@ def splice(
 
     root = model.model
     handles = []
+    lock = model_lock(root)
+    lock.acquire()  # another thread's passes would run spliced, and this thread's hooks would meet its hooks
     try:
         for layer in chosen:
             out_point = adapter.mlp_out(layer)
@@ -196,3 +199,4 @@ def splice(
     finally:
         for h in handles:
             h.remove()
+        lock.release()

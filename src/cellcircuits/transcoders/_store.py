@@ -7,7 +7,10 @@ Layout of a store directory::
     shard_00001.safetensors            ...
 
 A shard holds the rows of whole cells, and the manifest (replaced atomically after each shard is written) records how
-many cells are done, so collection resumes after an interruption without duplicating or losing rows. Readers hold a
+many cells are done, so collection resumes after an interruption without duplicating or losing rows. Shards are checked
+against the manifest (present, readable safetensors, the recorded tensors and row counts) whenever collection opens an
+existing store: a damaged store is refused, and collecting again with ``repair=True`` keeps the intact shards before the
+first damaged one and collects the rest again. Readers hold a
 few shards in memory at a time, never the whole store, and a process of rank ``r`` in a ``world_size`` group reads
 shards ``r, r + world_size, ...``, so the same store feeds ``torch.distributed`` training without a rewrite.
 """
@@ -22,14 +25,22 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from ..models._files import give_umask_mode
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
 FORMAT = "cellcircuits.activation_store/1"
 MANIFEST = "manifest.json"
+#: What to do about a damaged store, ending every error that reports one.
+REPAIR_HINT = (
+    "repair it by collecting again with the same arguments and collect_activations(..., repair=True) "
+    "(cc.tl.collect_activations or cellcircuits.transcoders.collect_activations), which keeps the intact shards "
+    "and collects the rest again"
+)
 
 
 @dataclass
@@ -102,6 +113,55 @@ def tensor_names(layer: int) -> tuple[str, str]:
     return f"L{layer}_in", f"L{layer}_out"
 
 
+def shard_problem(directory: Path, manifest: StoreManifest, index: int) -> str | None:
+    """What is wrong with one shard against its manifest entry, or ``None`` when it matches.
+
+    Reads only the shard's header: the file must exist, be readable safetensors covering the whole file, hold each
+    layer's input and output and the ``cell`` and ``position`` index, every one with the recorded number of rows
+    (and ``d_model`` columns for the activations), and start at the cell where the shards before it end.
+    """
+    info = manifest.shards[index]
+    name = info["file"]
+    path = directory / name
+    if not path.is_file():
+        return f"{name} is missing"
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        return f"{name} cannot be read as safetensors ({err})"
+    activations = [n for layer in manifest.layers for n in tensor_names(layer)]
+    missing = sorted(set([*activations, "cell", "position"]) - set(shapes))
+    if missing:
+        return f"{name} lacks the tensors {missing}"
+    rows = {k: shapes[k][0] if shapes[k] else 0 for k in [*activations, "cell", "position"]}
+    wrong = {k: n for k, n in rows.items() if n != info["n_rows"]}
+    if wrong:
+        return f"{name} does not hold the {info['n_rows']} rows the manifest records ({wrong})"
+    narrow = {k: shapes[k] for k in activations if shapes[k][1:] != [manifest.d_model]}
+    if narrow:
+        return f"{name} holds activations of shapes {narrow}, not (rows, {manifest.d_model})"
+    first = sum(s["n_cells"] for s in manifest.shards[:index])
+    if info["first_cell"] != first:
+        return f"{name} starts at cell {info['first_cell']}, but the shards before it end at cell {first}"
+    return None
+
+
+def intact_shards(directory: Path, manifest: StoreManifest) -> tuple[int, list[str]]:
+    """How many leading shards are intact, and every problem of the store (empty when it matches its manifest)."""
+    found = [shard_problem(directory, manifest, i) for i in range(len(manifest.shards))]
+    problems = [p for p in found if p is not None]
+    good = next((i for i, p in enumerate(found) if p is not None), len(found))
+    rows = sum(s["n_rows"] for s in manifest.shards)
+    cells = sum(s["n_cells"] for s in manifest.shards)
+    if (rows, cells) != (manifest.n_rows, manifest.n_cells_done):
+        problems.append(
+            f"the manifest records {manifest.n_rows} rows of {manifest.n_cells_done} cells, its shards "
+            f"{rows} rows of {cells} cells"
+        )
+    return good, problems
+
+
 class StoreWriter:
     """Appends the rows of whole cells to a store, one shard at a time.
 
@@ -114,9 +174,15 @@ class StoreWriter:
         positions, writing resumes after its last complete shard.
     shard_rows
         Rows per shard (a shard closes at the first cell boundary past this many rows).
+    repair
+        When the existing shards disagree with the manifest (a shard missing, unreadable, or not holding the
+        recorded tensors and rows), keep the intact shards before the first damaged one and resume from there.
+        Without it a damaged store is refused with a ValueError that says so.
     """
 
-    def __init__(self, directory: str | Path, manifest: StoreManifest, shard_rows: int = 65536) -> None:
+    def __init__(
+        self, directory: str | Path, manifest: StoreManifest, shard_rows: int = 65536, *, repair: bool = False
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.shard_rows = int(shard_rows)
@@ -136,6 +202,19 @@ class StoreWriter:
                 )
                 raise ValueError(msg)
             manifest = existing
+            good, problems = intact_shards(self.directory, manifest)
+            if problems and not repair:
+                msg = (
+                    f"the activation store in {self.directory} is damaged: {'; '.join(problems)}. Its first "
+                    f"{good} intact shard(s) can be kept: {REPAIR_HINT}."
+                )
+                raise ValueError(msg)
+            if problems:
+                kept = manifest.shards[:good]
+                manifest.shards = kept
+                manifest.n_rows = sum(s["n_rows"] for s in kept)
+                manifest.n_cells_done = sum(s["n_cells"] for s in kept)
+                manifest.write(self.directory)  # before the damaged files go, so a crash between leaves strays
             # a shard file may exist without its manifest entry if writing stopped between the two steps
             listed = {s["file"] for s in manifest.shards}
             for stray in self.directory.glob("shard_*.safetensors"):
@@ -169,6 +248,7 @@ class StoreWriter:
         tensors = {k: torch.cat(v).contiguous() for k, v in self._buffer.items()}
         tmp = self.directory / (name + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "first_cell": str(m.n_cells_done)})
+        give_umask_mode(tmp)  # safetensors writes 0600
         os.replace(tmp, self.directory / name)
         m.shards.append(
             {"file": name, "n_rows": self._buffer_rows, "first_cell": m.n_cells_done, "n_cells": self._buffer_cells}
@@ -200,6 +280,22 @@ class ActivationStore:
             f"rows={m.n_rows}, shards={len(m.shards)}, positions={m.positions!r}, {state})"
         )
 
+    def verify(self) -> list[str]:
+        """Check every shard against the manifest, reading only their headers.
+
+        Returns
+        -------
+        One line per problem (a shard missing, unreadable, lacking a tensor or holding other row counts than
+        recorded, or totals that disagree with the shards); empty when the store is intact. Collecting again with
+        ``repair=True`` mends a damaged store.
+        """
+        return intact_shards(self.directory, self.manifest)[1]
+
+    @property
+    def n_cells(self) -> int:
+        """Cells whose rows the shards hold (fewer than ``manifest.n_cells_total`` in an unfinished store)."""
+        return min(self.manifest.n_cells_done, sum(s["n_cells"] for s in self.manifest.shards))
+
     @property
     def layers(self) -> list[int]:
         """Stored layers."""
@@ -217,10 +313,10 @@ class ActivationStore:
         try:
             tensors = load_file(str(path))
         except (SafetensorError, OSError) as err:
-            msg = f"{path} cannot be read as safetensors ({err}); the store is damaged, collect it again."
+            msg = f"{path} cannot be read as safetensors ({err}); the store is damaged: {REPAIR_HINT}."
             raise ValueError(msg) from err
         if any(len(t) != info["n_rows"] for t in tensors.values()):
-            msg = f"{path} does not hold the {info['n_rows']} rows the manifest records."
+            msg = f"{path} does not hold the {info['n_rows']} rows the manifest records; {REPAIR_HINT}."
             raise ValueError(msg)
         return tensors
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace
+from numbers import Integral, Real
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,6 +31,37 @@ def lr_factor(step: int, total: int, warmup: int, decay_fraction: float = 0.2) -
     if step < decay_start:
         return 1.0
     return max(0.0, (total - step) / max(1, total - decay_start))
+
+
+def check_training(n_tokens: int, batch_size: int, lr: float, warmup_steps: int = 0) -> None:
+    """Refuse training settings that would train nothing or diverge, before any work.
+
+    Parameters
+    ----------
+    n_tokens
+        Training rows per transcoder: at least 1 (a float such as ``1e6`` is accepted).
+    batch_size
+        Rows per step: a positive integer.
+    lr
+        Learning rate: a positive finite number.
+    warmup_steps
+        Warm-up steps: a non-negative integer.
+
+    Raises
+    ------
+    ValueError
+        Naming the first setting out of range and its value.
+    """
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, Real) or not 1 <= n_tokens < math.inf:
+        msg = f"n_tokens must be a positive number of training rows, got {n_tokens!r}"
+        raise ValueError(msg)
+    for name, value, least in (("batch_size", batch_size, 1), ("warmup_steps", warmup_steps, 0)):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < least:
+            msg = f"{name} must be an integer >= {least}, got {value!r}"
+            raise ValueError(msg)
+    if isinstance(lr, bool) or not isinstance(lr, Real) or not 0 < lr < math.inf:
+        msg = f"lr must be a positive finite number, got {lr!r}"
+        raise ValueError(msg)
 
 
 def train_on_store(
@@ -82,11 +115,31 @@ def train_on_store(
     Returns
     -------
     The trained transcoders, with normalisation scales folded into the weights.
+
+    Raises
+    ------
+    ValueError
+        Before any work, for ``n_tokens`` or ``batch_size`` below 1, ``lr`` not positive, negative
+        ``warmup_steps``, or a store without rows.
+
+    Warns
+    -----
+    UserWarning
+        When the store is unfinished (it holds fewer cells than its manifest's total), with both counts.
     """
+    check_training(n_tokens, batch_size, lr, warmup_steps)
     m = store.manifest
     if store.n_rows == 0:
         msg = f"the store in {store.directory} holds no rows"
         raise ValueError(msg)
+    if store.n_cells < m.n_cells_total:
+        warnings.warn(
+            f"the activation store in {store.directory} is unfinished: the store holds {store.n_cells} of "
+            f"{m.n_cells_total} cells ({store.n_rows} rows); training on those. Collect it again with the same "
+            "arguments to finish it.",
+            UserWarning,
+            stacklevel=2,
+        )
     batch_size = min(batch_size, store.n_rows)  # a small store still yields full batches
     layers = store.layers if layers is None else list(layers)
     torch.manual_seed(seed)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+import warnings
+from typing import TYPE_CHECKING, Literal, cast
 
 from torch import nn
 
@@ -101,21 +102,39 @@ class TranscoderSet(nn.Module):
         return ((int(key), cast("Transcoder", tc)) for key, tc in self.transcoders.items())
 
     def check_compatible(
-        self, model_name: str | None = None, n_layers: int | None = None, d_model: int | None = None
+        self,
+        model_name: str | None = None,
+        n_layers: int | None = None,
+        d_model: int | None = None,
+        *,
+        name_mismatch: Literal["raise", "warn"] = "raise",
     ) -> None:
         """Raise a ValueError naming every difference between this set's model and the given one.
 
         Parameters
         ----------
         model_name
-            The model's name; not compared when ``None``.
+            The model's name; not compared when ``None``, nor when the set records no model name.
         n_layers
             The model's number of layers; not compared when ``None``.
         d_model
             The model's residual width; not compared when ``None``.
+        name_mismatch
+            What another model name does: ``"raise"`` counts it as a difference; ``"warn"`` gives a UserWarning
+            naming both models (a model of the same shape may be the one the set was trained on, loaded from
+            another path). The tools check a set against the model they run with ``"warn"``.
         """
         trained, given = [], []
-        if model_name is not None and model_name != self.model_name:
+        other_name = bool(self.model_name) and model_name is not None and model_name != self.model_name
+        if other_name and name_mismatch == "warn":
+            # attributed to this line, so the default filter shows it once per pair of names, not once per call
+            warnings.warn(
+                f"transcoders were trained on {self.model_name!r}, but this model is {model_name!r}: check that "
+                "the set was made for it (a model of the same shape may read it as noise)",
+                UserWarning,
+                stacklevel=1,
+            )
+        elif other_name:
             trained.append(f"name {self.model_name!r}")
             given.append(f"name {model_name!r}")
         if n_layers is not None and int(n_layers) != self.n_layers_model:
