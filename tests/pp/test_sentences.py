@@ -267,3 +267,26 @@ def test_backed_copy_refused_before_work(toy_adata, tmp_path):
         cc.pp.cell_sentences(backed, copy=True)
     assert "cell_sentence" not in backed.obs
     backed.file.close()
+
+
+def test_cells_in_any_order_on_backed_data(toy_adata, tmp_path):
+    from cellcircuits.pp._sentences import sentences_from_adata
+
+    full = cc.pp.cell_sentences(toy_adata, copy=True).obs["cell_sentence"].tolist()
+    rows = [7, 2, 2, 11, 0]  # unsorted, repeated: h5py reads only increasing distinct rows
+    for X in (toy_adata.X, toy_adata.X.toarray()):
+        ad.AnnData(X, obs=toy_adata.obs, var=toy_adata.var).write_h5ad(tmp_path / "b.h5ad")
+        backed = ad.read_h5ad(tmp_path / "b.h5ad", backed="r")
+        assert sentences_from_adata(backed, cells=rows) == [full[i] for i in rows]
+        assert sentences_from_adata(backed, cells=[]) == []
+        backed.file.close()
+
+
+def test_cells_out_of_range_or_not_integers_raise(toy_adata):
+    from cellcircuits.pp._sentences import sentences_from_adata
+
+    for cells in ([-1], [12], [0, 99]):
+        with pytest.raises(IndexError, match=r"outside the 12 cells"):
+            sentences_from_adata(toy_adata, cells=cells)
+    with pytest.raises(TypeError, match="integer row positions"):
+        sentences_from_adata(toy_adata, cells=[0.5])

@@ -256,6 +256,30 @@ def _collision(members: np.ndarray, symbol: str) -> str:
     return f"{', '.join(quoted[:-1])} and {quoted[-1]} {verb} {symbol!r}"
 
 
+def cell_positions(cells: Sequence[int], n_obs: int) -> np.ndarray:
+    """``cells`` as an array of row positions in ``[0, n_obs)``; a clear error for anything else."""
+    idx = np.asarray(cells)
+    if idx.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+        msg = f"cells must be a 1-d sequence of integer row positions, got dtype {idx.dtype} and shape {idx.shape}"
+        raise TypeError(msg)
+    bad = idx[(idx < 0) | (idx >= n_obs)]
+    if len(bad):
+        msg = f"cells {bad[:5].tolist()} are outside the {n_obs} cells of adata"
+        raise IndexError(msg)
+    return idx.astype(np.int64)
+
+
+def _take_rows(X: Any, rows: np.ndarray) -> Any:
+    """``X[rows]`` for any order and repeats: backed (h5py) matrices only read increasing, distinct rows."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    block = X[unique]
+    if len(unique) == len(rows) and np.array_equal(unique, rows):
+        return block
+    return (block if sparse.issparse(block) else np.asarray(block))[inverse]
+
+
 def iter_ranked_genes(
     adata: AnnData,
     *,
@@ -268,12 +292,12 @@ def iter_ranked_genes(
 ) -> Iterator[np.ndarray]:
     """Yield, per cell, the indices of its expressed genes by descending expression (chunked, backed-safe)."""
     X, var, where = _resolve_matrix(adata, layer, use_raw)
-    idx = np.arange(adata.n_obs) if cells is None else np.asarray(cells)
+    idx = np.arange(adata.n_obs) if cells is None else cell_positions(cells, adata.n_obs)
     gene_ids = name_hashes(gene_names(var, gene_symbols, where=_var_where(where)))
     for start in range(0, len(idx), _CHUNK):
         sel = idx[start : start + _CHUNK]
         contiguous = len(sel) > 0 and sel[-1] - sel[0] == len(sel) - 1 and np.all(np.diff(sel) == 1)
-        block = X[sel[0] : sel[-1] + 1] if contiguous else X[sel]
+        block = X[sel[0] : sel[-1] + 1] if contiguous else _take_rows(X, sel)
         if not sparse.issparse(block):
             block = np.asarray(block)
         block = _numeric_block(block, where)
