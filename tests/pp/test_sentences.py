@@ -290,3 +290,16 @@ def test_cells_out_of_range_or_not_integers_raise(toy_adata):
             sentences_from_adata(toy_adata, cells=cells)
     with pytest.raises(TypeError, match="integer row positions"):
         sentences_from_adata(toy_adata, cells=[0.5])
+
+
+def test_view_of_backed_refused_before_work(toy_adata, tmp_path):
+    toy_adata.write_h5ad(tmp_path / "b.h5ad")
+    backed = ad.read_h5ad(tmp_path / "b.h5ad", backed="r")
+    view = backed[:5]
+    for copy in (False, True):  # anndata can neither write to nor copy a view of a backed AnnData
+        with pytest.raises(ValueError, match=r"a view of a backed AnnData.*adata\.to_memory\(\)"):
+            cc.pp.cell_sentences(view, copy=copy)
+    assert view.is_view and "cell_sentence" not in view.obs and "cell_sentence" not in backed.obs
+    got = cc.pp.cell_sentences(view.to_memory(), copy=True).obs["cell_sentence"]
+    assert got.tolist() == cc.pp.cell_sentences(toy_adata, copy=True).obs["cell_sentence"].tolist()[:5]
+    backed.file.close()

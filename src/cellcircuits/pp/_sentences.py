@@ -395,13 +395,20 @@ def cell_sentences(
     ValueError
         On negative (scaled) or non-finite values; when the gene names (``var_names``, or the ``gene_symbols``
         column) are not usable gene symbols: empty or missing names, names with inner whitespace, mostly Ensembl
-        IDs or integers, or names that collide once upper-cased and stripped (``'lyz'`` and ``'LYZ'``); or for
-        ``copy=True`` on a backed AnnData. Nothing is written to ``adata`` when an error is raised.
+        IDs or integers, or names that collide once upper-cased and stripped (``'lyz'`` and ``'LYZ'``); for
+        ``copy=True`` on a backed AnnData, or for a view of a backed AnnData (anndata can neither copy nor write
+        to one). Nothing is written to ``adata`` when an error is raised.
     TypeError
         When the ranked matrix does not hold real numbers.
     KeyError
         On a missing ``layer`` or ``gene_symbols`` column.
     """
+    if adata.isbacked and adata.is_view:
+        msg = (
+            "adata is a view of a backed AnnData, which anndata can neither write to nor copy; load those cells "
+            "first with adata.to_memory(), or write the sentences to the backed AnnData itself."
+        )
+        raise ValueError(msg)
     if copy and adata.isbacked:
         msg = (
             "copy=True cannot copy a backed AnnData (that would load it into memory); write the sentences in place "
