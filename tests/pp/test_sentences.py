@@ -147,3 +147,159 @@ def test_copy_semantics_leave_input_untouched(toy_adata):
 def test_bad_n_genes(toy_adata):
     with pytest.raises(ValueError, match="n_genes"):
         cc.pp.cell_sentences(toy_adata, n_genes=0)
+
+
+def _unchanged(adata: ad.AnnData, before: ad.AnnData) -> None:
+    X, Xb = adata.X, before.X
+    assert (sparse.csr_matrix(X) != sparse.csr_matrix(Xb)).nnz == 0
+    pd.testing.assert_frame_equal(adata.obs, before.obs)
+    pd.testing.assert_frame_equal(adata.var, before.var)
+    assert set(adata.uns) == set(before.uns)
+
+
+def test_colliding_gene_symbols_raise_before_any_work(toy_adata):
+    from cellcircuits.pp._sentences import gene_names, sentences_from_adata
+
+    clash = toy_adata.copy()
+    clash.var_names = ["lyz" if g == "HLA-DRA" else " CD14" if g == "NKG7" else g for g in clash.var_names]
+    before = clash.copy()
+    with pytest.raises(ValueError, match=r"'LYZ' and 'lyz' both become 'LYZ'") as err:
+        cc.pp.cell_sentences(clash)
+    msg = str(err.value)
+    assert "'CD14' and ' CD14' both become 'CD14'" in msg
+    assert "2 gene symbol(s)" in msg and "adata.var_names" in msg
+    assert "gene_symbols=" in msg and "var_names_make_unique() only renames exact duplicates" in msg
+    _unchanged(clash, before)
+    assert "cell_sentence" not in clash.obs
+    with pytest.raises(ValueError, match="both become 'LYZ'"):
+        sentences_from_adata(clash)
+    # var_names_make_unique leaves case collisions as they are, as the message says
+    clash.var_names_make_unique()
+    with pytest.raises(ValueError, match="both become 'LYZ'"):
+        cc.pp.cell_sentences(clash, copy=True)
+    # a column of distinct symbols fixes it, with the same sentences as clean names
+    clash.var["symbol"] = list(toy_adata.var_names)
+    got = cc.pp.cell_sentences(clash, gene_symbols="symbol", copy=True).obs["cell_sentence"]
+    assert got.tolist() == cc.pp.cell_sentences(toy_adata, copy=True).obs["cell_sentence"].tolist()
+    # exact duplicates in a symbol column, and more than five groups are summarised
+    var = pd.DataFrame({"symbol": ["A", "A", *[f"g{i}" for i in range(7)], *[f"G{i}" for i in range(7)]]})
+    var.index = [f"v{i}" for i in range(len(var))]
+    with pytest.raises(ValueError, match=r"adata\.var\['symbol'\] give 8 gene symbol\(s\).*'A' occurs 2 times") as err:
+        gene_names(var, "symbol")
+    assert "; and 3 more" in str(err.value) and "'g0' and 'G0' both become 'G0'" in str(err.value)
+
+
+def test_colliding_raw_symbols_named_as_raw(toy_adata):
+    with_raw = toy_adata.copy()
+    raw = toy_adata.copy()
+    raw.var_names = ["cd14", *raw.var_names[1:-1], "CD14"]
+    with_raw.raw = raw
+    with pytest.raises(ValueError, match=r"adata\.raw\.var_names give 1 gene symbol\(s\).*'cd14' and 'CD14'"):
+        cc.pp.cell_sentences(with_raw)
+    assert "cell_sentence" not in with_raw.obs
+    # .X's own names are fine
+    assert cc.pp.cell_sentences(with_raw, use_raw=False, copy=True) is not None
+
+
+@pytest.mark.parametrize(
+    ("names", "kind"),
+    [
+        (["715", "687", "211", "5", "9", "12", "33", "41", "LYZ", "CD14", "A1", "B2"], "integers"),
+        ([f"ENSG{i:011d}" for i in range(12)], "Ensembl IDs"),
+        ([f"ENSG{i:011d}.{i % 3 + 1}" for i in range(12)], "Ensembl IDs"),
+        ([f"ensmusg{i:011d}" for i in range(10)] + ["Lyz2", "Cd14"], "Ensembl IDs"),
+    ],
+)
+def test_id_like_var_names_raise(toy_adata, names, kind):
+    ids = toy_adata.copy()
+    ids.var_names = names
+    expected = rf"adata\.var_names are not gene symbols: \d+ of 12 look like {kind}, e\.g\. \['{names[0]}'"
+    with pytest.raises(ValueError, match=expected) as err:
+        cc.pp.cell_sentences(ids)
+    assert "gene_symbols='feature_name'" in str(err.value)
+    assert "cell_sentence" not in ids.obs
+    # the check applies to the symbols used: a proper symbol column passes
+    ids.var["feature_name"] = list(toy_adata.var_names)
+    got = cc.pp.cell_sentences(ids, gene_symbols="feature_name", copy=True).obs["cell_sentence"]
+    assert got.tolist() == cc.pp.cell_sentences(toy_adata, copy=True).obs["cell_sentence"].tolist()
+    ids.var["ids"] = names
+    with pytest.raises(ValueError, match=rf"adata\.var\['ids'\] are not gene symbols.*look like {kind}"):
+        cc.pp.cell_sentences(ids, gene_symbols="ids")
+
+
+def test_few_id_like_names_pass(toy_adata):
+    few = toy_adata.copy()
+    few.var_names = ["7", "ENSG00000163220", *few.var_names[2:]]  # a minority is tolerated
+    sentences = cc.pp.cell_sentences(few, copy=True).obs["cell_sentence"]
+    assert any("ENSG00000163220" in s for s in sentences)
+
+
+def test_missing_gene_symbols_raise(toy_adata):
+    toy_adata.var["symbol"] = [*toy_adata.var_names[:-1], None]
+    with pytest.raises(ValueError, match=r"adata\.var\['symbol'\] has 1 missing gene symbol\(s\).*\['PPBP'\]"):
+        cc.pp.cell_sentences(toy_adata, gene_symbols="symbol")
+    assert "cell_sentence" not in toy_adata.obs
+
+
+def test_boolean_and_float16_values_rank_like_float32(toy_adata):
+    def sentences(X) -> list[str]:
+        return (
+            cc.pp.cell_sentences(ad.AnnData(X, obs=toy_adata.obs, var=toy_adata.var), copy=True)
+            .obs["cell_sentence"]
+            .tolist()
+        )
+
+    X = toy_adata.X.toarray()
+    want = sentences(X.astype(np.float32))
+    for dtype in (np.float16, np.uint8, np.int32):
+        assert sentences(X.astype(dtype)) == want
+    ones = sentences((X > 0).astype(np.float32))
+    assert sentences(X > 0) == ones
+    assert sentences(sparse.csr_matrix(X > 0)) == ones
+    with pytest.raises(TypeError, match="dtype complex64"):
+        sentences(X.astype(np.complex64))
+
+
+def test_backed_copy_refused_before_work(toy_adata, tmp_path):
+    toy_adata.write_h5ad(tmp_path / "b.h5ad")
+    backed = ad.read_h5ad(tmp_path / "b.h5ad", backed="r")
+    with pytest.raises(ValueError, match=r"copy=True cannot copy a backed AnnData.*to_memory\(\)"):
+        cc.pp.cell_sentences(backed, copy=True)
+    assert "cell_sentence" not in backed.obs
+    backed.file.close()
+
+
+def test_cells_in_any_order_on_backed_data(toy_adata, tmp_path):
+    from cellcircuits.pp._sentences import sentences_from_adata
+
+    full = cc.pp.cell_sentences(toy_adata, copy=True).obs["cell_sentence"].tolist()
+    rows = [7, 2, 2, 11, 0]  # unsorted, repeated: h5py reads only increasing distinct rows
+    for X in (toy_adata.X, toy_adata.X.toarray()):
+        ad.AnnData(X, obs=toy_adata.obs, var=toy_adata.var).write_h5ad(tmp_path / "b.h5ad")
+        backed = ad.read_h5ad(tmp_path / "b.h5ad", backed="r")
+        assert sentences_from_adata(backed, cells=rows) == [full[i] for i in rows]
+        assert sentences_from_adata(backed, cells=[]) == []
+        backed.file.close()
+
+
+def test_cells_out_of_range_or_not_integers_raise(toy_adata):
+    from cellcircuits.pp._sentences import sentences_from_adata
+
+    for cells in ([-1], [12], [0, 99]):
+        with pytest.raises(IndexError, match=r"outside the 12 cells"):
+            sentences_from_adata(toy_adata, cells=cells)
+    with pytest.raises(TypeError, match="integer row positions"):
+        sentences_from_adata(toy_adata, cells=[0.5])
+
+
+def test_view_of_backed_refused_before_work(toy_adata, tmp_path):
+    toy_adata.write_h5ad(tmp_path / "b.h5ad")
+    backed = ad.read_h5ad(tmp_path / "b.h5ad", backed="r")
+    view = backed[:5]
+    for copy in (False, True):  # anndata can neither write to nor copy a view of a backed AnnData
+        with pytest.raises(ValueError, match=r"a view of a backed AnnData.*adata\.to_memory\(\)"):
+            cc.pp.cell_sentences(view, copy=copy)
+    assert view.is_view and "cell_sentence" not in view.obs and "cell_sentence" not in backed.obs
+    got = cc.pp.cell_sentences(view.to_memory(), copy=True).obs["cell_sentence"]
+    assert got.tolist() == cc.pp.cell_sentences(toy_adata, copy=True).obs["cell_sentence"].tolist()[:5]
+    backed.file.close()

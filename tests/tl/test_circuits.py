@@ -131,3 +131,60 @@ def test_uncovered_layers_warn_and_bad_input(cells, tiny_c2s):
     with pytest.raises(ValueError, match="not a label the model knows"):
         cc.tl.trace_circuit(cells, tiny_c2s, tset, groupby="odd")  # each group traced to its own name
     assert set(cells.uns["circuits"]) == {"CD56+ NK"}
+
+
+def test_duplicate_obs_names_refused_by_trace_accepted_by_positional_tools(cells, tiny_c2s):
+    names = list(cells.obs_names)
+    names[1], names[-1] = names[0], names[-2]
+    dup = cells.copy()
+    dup.obs_names = names
+    before = dup.copy()
+    tset = _tset()
+    expected = r"holds 2 duplicated name\(s\), e\.g\. \['cell0', 'cell10'\].*adata\.obs_names_make_unique\(\)"
+    with pytest.raises(ValueError, match=expected):
+        cc.tl.trace_circuit(dup, tiny_c2s, tset, "CD19+ B", cells=[0, 1], max_feature_nodes=4, progress=False)
+    with pytest.raises(ValueError, match=expected):
+        cc.tl.trace_circuit(dup, tiny_c2s, tset, groupby="label", n_cells=1, max_feature_nodes=4, progress=False)
+    assert "circuits" not in dup.uns
+    pd.testing.assert_frame_equal(dup.obs, before.obs)
+    # predict_cell_types and transcode store by position: the same sentences give the same rows as unique names
+    named = cc.pp.cell_sentences(cells, copy=True)
+    dup.obs["cell_sentence"] = named.obs["cell_sentence"].to_numpy()
+    want = cc.tl.predict_cell_types(named, tiny_c2s, progress=False, copy=True)
+    got = cc.tl.predict_cell_types(dup, tiny_c2s, progress=False, copy=True)
+    np.testing.assert_allclose(got.obsm["c2s_cell_type_proba"], want.obsm["c2s_cell_type_proba"], rtol=1e-5)
+    assert list(got.obs["c2s_cell_type"]) == list(want.obs["c2s_cell_type"])
+    want = cc.tl.transcode(named, tiny_c2s, tset, layers=[0], progress=False, copy=True).obsm["X_transcoder_L0"]
+    got = cc.tl.transcode(dup, tiny_c2s, tset, layers=[0], progress=False, copy=True).obsm["X_transcoder_L0"]
+    np.testing.assert_allclose(got.toarray(), want.toarray(), rtol=1e-5)
+
+
+def test_tools_refuse_colliding_gene_symbols_before_any_work(cells, tiny_c2s):
+    clash = cells.copy()
+    clash.var_names = ["lyz" if g == "HLA-DRA" else g for g in clash.var_names]
+    before = clash.copy()
+    tset = _tset()
+    match = r"'LYZ' and 'lyz' both become 'LYZ'"
+    with pytest.raises(ValueError, match=match):
+        cc.tl.trace_circuit(clash, tiny_c2s, tset, "CD19+ B", cells=[0], max_feature_nodes=4, progress=False)
+    with pytest.raises(ValueError, match=match):
+        cc.tl.predict_cell_types(clash, tiny_c2s, progress=False)
+    with pytest.raises(ValueError, match=match):
+        cc.tl.transcode(clash, tiny_c2s, tset, progress=False)
+    # transcode reads var_names even when the sentences are stored: it would map activations to one duplicate
+    clash.obs["cell_sentence"] = cc.pp.cell_sentences(cells, copy=True).obs["cell_sentence"].to_numpy()
+    with pytest.raises(ValueError, match=match):
+        cc.tl.transcode(clash, tiny_c2s, tset, progress=False)
+    clash.obs = clash.obs.drop(columns="cell_sentence")
+    assert not clash.obsm and not clash.varm and set(clash.uns) == set(before.uns)
+    pd.testing.assert_frame_equal(clash.obs, before.obs)
+    ids = cells.copy()
+    ids.var_names = [f"ENSG{i:011d}" for i in range(ids.n_vars)]
+    with pytest.raises(ValueError, match=r"look like Ensembl IDs.*gene_symbols="):
+        cc.tl.trace_circuit(ids, tiny_c2s, tset, "CD19+ B", cells=[0], max_feature_nodes=4, progress=False)
+    ids.var["feature_name"] = list(cells.var_names)
+    cc.tl.trace_circuit(
+        ids, tiny_c2s, tset, "CD19+ B", cells=[0], max_feature_nodes=4, gene_symbols="feature_name", progress=False
+    )
+    genes = ids.uns["circuits"]["CD19+ B"]["nodes"]["gene"]
+    assert set(genes[genes != ""]) <= set(cells.var_names)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import pandas as pd
+
 from .._keys import SentenceSettings
 from ..models._tokens import tokenize_prompts
 from ..pp._sentences import sentences_from_adata
@@ -42,6 +44,18 @@ def check_cells(adata: AnnData, batch_size: int) -> None:
         raise ValueError(msg)
     if adata.n_obs == 0:
         msg = "adata has no cells."
+        raise ValueError(msg)
+
+
+def check_unique_obs_names(adata: AnnData, tool: str) -> None:
+    """Refuse duplicate ``obs_names`` for a tool that keys per-cell results by obs name."""
+    duplicated = adata.obs_names.duplicated()
+    if duplicated.any():
+        examples = list(pd.unique(adata.obs_names[duplicated].astype(str)))
+        msg = (
+            f"{tool} stores its per-cell results by obs name, but adata.obs_names holds {len(examples)} duplicated "
+            f"name(s), e.g. {examples[:5]}; make them unique first with adata.obs_names_make_unique()."
+        )
         raise ValueError(msg)
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 from .._keys import SentenceSettings, store_circuit
 from ..circuits._trace import NODE_COLUMNS, check_thresholds, label_index, trace_prompts
 from ..models._hooks import one_at_a_time
-from ._cells import cell_prompts, check_cells
+from ._cells import cell_prompts, check_cells, check_unique_obs_names
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -210,8 +210,11 @@ def trace_circuit(
     Raises
     ------
     ValueError
-        For a target label the model does not know, a group without cells, thresholds outside ``(0, 1]``, or
-        transcoders made for another model.
+        For a target label the model does not know, a group without cells, thresholds outside ``(0, 1]``,
+        transcoders made for another model, duplicate ``obs_names`` (the traced cells are stored by obs name, and
+        :func:`cellcircuits.tl.validate_circuit` finds them by it), or, when sentences are built, gene names that
+        are not usable symbols (see :func:`cellcircuits.pp.cell_sentences`). Nothing is written to ``adata`` when
+        an error is raised.
     KeyError
         For a ``groupby`` column or ``cells`` not in ``adata``.
     """
@@ -219,6 +222,7 @@ def trace_circuit(
     adapter = model.adapter
     transcoders.check_compatible(model.name, adapter.n_layers, adapter.d_model, name_mismatch="warn")
     check_cells(adata, batch_size)
+    check_unique_obs_names(adata, "trace_circuit")
     if target is not None:
         label_index(model, target)
     rows, group_of = select_cells(adata, groupby, groups, cells, n_cells, random_state)

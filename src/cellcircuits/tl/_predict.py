@@ -62,7 +62,8 @@ def predict_cell_types(
     Parameters
     ----------
     adata
-        Annotated data matrix.
+        Annotated data matrix. Duplicate ``obs_names`` are accepted (anndata warns about them): every result is
+        stored by the cell's position, not its name.
     model
         A loaded model (:func:`cellcircuits.models.load`).
     labels

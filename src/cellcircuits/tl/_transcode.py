@@ -82,7 +82,8 @@ def transcode(
     Parameters
     ----------
     adata
-        Annotated data matrix.
+        Annotated data matrix. Duplicate ``obs_names`` are accepted (anndata warns about them): every result is
+        stored by the cell's position, not its name.
     model
         The C2S model the transcoders were trained on.
     transcoders
