@@ -139,7 +139,7 @@ def test_duplicate_obs_names_refused_by_trace_accepted_by_positional_tools(cells
     dup = cells.copy()
     dup.obs_names = names
     before = dup.copy()
-    tset = _tset()
+    tset = tiny_tset()
     expected = r"holds 2 duplicated name\(s\), e\.g\. \['cell0', 'cell10'\].*adata\.obs_names_make_unique\(\)"
     with pytest.raises(ValueError, match=expected):
         cc.tl.trace_circuit(dup, tiny_c2s, tset, "CD19+ B", cells=[0, 1], max_feature_nodes=4, progress=False)
@@ -163,7 +163,7 @@ def test_tools_refuse_colliding_gene_symbols_before_any_work(cells, tiny_c2s):
     clash = cells.copy()
     clash.var_names = ["lyz" if g == "HLA-DRA" else g for g in clash.var_names]
     before = clash.copy()
-    tset = _tset()
+    tset = tiny_tset()
     match = r"'LYZ' and 'lyz' both become 'LYZ'"
     with pytest.raises(ValueError, match=match):
         cc.tl.trace_circuit(clash, tiny_c2s, tset, "CD19+ B", cells=[0], max_feature_nodes=4, progress=False)

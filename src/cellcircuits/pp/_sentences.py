@@ -256,7 +256,7 @@ def _collision(members: np.ndarray, symbol: str) -> str:
     return f"{', '.join(quoted[:-1])} and {quoted[-1]} {verb} {symbol!r}"
 
 
-def cell_positions(cells: Sequence[int], n_obs: int) -> np.ndarray:
+def cell_positions(cells: Sequence[int] | np.ndarray, n_obs: int) -> np.ndarray:
     """``cells`` as an array of row positions in ``[0, n_obs)``; a clear error for anything else."""
     idx = np.asarray(cells)
     if idx.size == 0:
@@ -288,7 +288,7 @@ def iter_ranked_genes(
     use_raw: bool | None = None,
     gene_symbols: str | None = None,
     random_state: int = 0,
-    cells: Sequence[int] | None = None,
+    cells: Sequence[int] | np.ndarray | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield, per cell, the indices of its expressed genes by descending expression (chunked, backed-safe)."""
     X, var, where = _resolve_matrix(adata, layer, use_raw)
@@ -313,7 +313,7 @@ def sentences_from_adata(
     use_raw: bool | None = None,
     gene_symbols: str | None = None,
     random_state: int = 0,
-    cells: Sequence[int] | None = None,
+    cells: Sequence[int] | np.ndarray | None = None,
 ) -> list[str]:
     """Cell sentences of (some) cells of ``adata`` without writing to it."""
     if n_genes is not None and int(n_genes) < 1:

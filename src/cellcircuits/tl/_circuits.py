@@ -47,16 +47,17 @@ def select_cells(
     present = labels.dropna().astype(str)
     chosen = list(pd.unique(present)) if groups is None else [str(g) for g in groups]
     rng = np.random.default_rng(random_state)
-    rows, group_of = [], []
+    picked: list[np.ndarray] = []
+    group_of: list[str] = []
     for g in chosen:
         members = np.flatnonzero((labels.astype(str) == g).to_numpy() & labels.notna().to_numpy())
         if len(members) == 0:
             msg = f"group {g!r} has no cells in .obs[{groupby!r}]; groups are {sorted(present.unique())}"
             raise ValueError(msg)
         pick = np.sort(rng.permutation(members)[:n_cells])
-        rows.append(pick)
+        picked.append(pick)
         group_of += [g] * len(pick)
-    return np.concatenate(rows), np.asarray(group_of, dtype=object)
+    return np.concatenate(picked), np.asarray(group_of, dtype=object)
 
 
 def _cell_rows(adata: AnnData, cells: Sequence | np.ndarray) -> np.ndarray:

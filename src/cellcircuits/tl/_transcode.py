@@ -37,7 +37,7 @@ def content_hash(transcoders: TranscoderSet, layers: Sequence[int]) -> str:
     return h.hexdigest()
 
 
-def report_genes(unseen: Sequence[str], unspellable: Sequence[str], n_genes: int) -> None:
+def report_genes(unseen: Sequence[str] | np.ndarray, unspellable: Sequence[str], n_genes: int) -> None:
     """Warn, with a count and examples, about genes whose input maps are 0 or whose spelling the model lacks."""
     if len(unseen):
         examples = ", ".join(list(unseen)[:5])
