@@ -227,7 +227,7 @@ def _check_symbols(original: np.ndarray, names: np.ndarray, source: str, from_in
         raise ValueError(msg)
     bad = [n for n in names if any(c.isspace() for c in n)]
     if bad:
-        msg = f"Gene names must not contain whitespace (cell sentences are space-separated): {bad[:5]}"
+        msg = f"Gene names in {source} must not contain whitespace (cell sentences are space-separated): {bad[:5]}"
         raise ValueError(msg)
     duplicated = pd.Series(names).duplicated(keep=False).to_numpy()
     if duplicated.any():
