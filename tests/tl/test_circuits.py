@@ -188,3 +188,35 @@ def test_tools_refuse_colliding_gene_symbols_before_any_work(cells, tiny_c2s):
     )
     genes = ids.uns["circuits"]["CD19+ B"]["nodes"]["gene"]
     assert set(genes[genes != ""]) <= set(cells.var_names)
+
+
+def test_validate_refuses_obs_names_duplicated_after_tracing(cells, tiny_c2s):
+    tset = tiny_tset((0,))
+    cc.tl.trace_circuit(cells, tiny_c2s, tset, "CD56+ NK", cells=[0], max_feature_nodes=4, progress=False)
+    names = list(cells.obs_names)
+    names[1] = names[0]
+    cells.obs_names = names
+    with pytest.raises(ValueError, match=r"validate_circuit stores its per-cell results by obs name"):
+        cc.tl.validate_circuit(cells, tiny_c2s, tset, "CD56+ NK", progress=False)
+
+
+def test_backed_data_is_refused_before_work_where_results_cannot_be_stored(cells, tiny_c2s, tmp_path):
+    cc.pp.cell_sentences(cells)
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    tset = tiny_tset((0,))
+    calls = {
+        "predict_cell_types": lambda a, copy: cc.tl.predict_cell_types(a, tiny_c2s, progress=False, copy=copy),
+        "transcode": lambda a, copy: cc.tl.transcode(a, tiny_c2s, tset, progress=False, copy=copy),
+        "trace_circuit": lambda a, copy: cc.tl.trace_circuit(
+            a, tiny_c2s, tset, "CD56+ NK", cells=[0], max_feature_nodes=4, progress=False, copy=copy
+        ),
+    }
+    for tool, call in calls.items():
+        with pytest.raises(ValueError, match=rf"{tool}\(copy=True\) cannot copy a backed AnnData"):
+            call(backed, True)
+        with pytest.raises(ValueError, match=rf"{tool} cannot store results in a view of a backed AnnData"):
+            call(backed[:3], False)
+    assert "c2s_cell_type" not in backed.obs and "circuits" not in backed.uns
+    cc.tl.predict_cell_types(backed, tiny_c2s, progress=False)  # in place on backed data works
+    assert backed.obs["c2s_cell_type"].notna().all()

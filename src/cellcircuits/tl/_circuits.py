@@ -10,7 +10,7 @@ import pandas as pd
 from .._keys import SentenceSettings, store_circuit
 from ..circuits._trace import NODE_COLUMNS, check_thresholds, label_index, trace_prompts
 from ..models._hooks import one_at_a_time
-from ._cells import cell_prompts, check_cells, check_unique_obs_names
+from ._cells import cell_prompts, check_cells, check_unique_obs_names, check_writable
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -224,6 +224,7 @@ def trace_circuit(
     transcoders.check_compatible(model.name, adapter.n_layers, adapter.d_model, name_mismatch="warn")
     check_cells(adata, batch_size)
     check_unique_obs_names(adata, "trace_circuit")
+    check_writable(adata, copy, "trace_circuit")
     if target is not None:
         label_index(model, target)
     rows, group_of = select_cells(adata, groupby, groups, cells, n_cells, random_state)

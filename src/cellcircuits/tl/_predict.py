@@ -12,7 +12,7 @@ from .._keys import PREDICTION, SentenceSettings, prediction_obsm
 from ..models._hooks import one_at_a_time
 from ..models._scoring import score_continuations
 from ..models._tokens import label_token_ids
-from ._cells import check_cells, sentences_for
+from ._cells import check_cells, check_writable, sentences_for
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -101,6 +101,7 @@ def predict_cell_types(
     """
     settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state)
     labels = candidate_labels(adata, model, labels, batch_size)
+    check_writable(adata, copy, "predict_cell_types")
     sentences = sentences_for(adata, model, settings)
     tok = model.tokenizer
     prompt_ids = tok([p.text for p in model.build_prompts(sentences)])["input_ids"]

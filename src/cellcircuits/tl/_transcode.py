@@ -14,7 +14,7 @@ from ..models._hooks import one_at_a_time
 from ..models._spelling import distinguishing_tokens, identifying_offsets, unspellable_genes
 from ..pp._sentences import gene_names
 from ..transcoders._features import cell_and_gene_features, gene_logit_effects
-from ._cells import cell_prompts, check_cells
+from ._cells import cell_prompts, check_cells, check_writable
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -152,6 +152,7 @@ def transcode(
         msg = f"gene_tokens must be 'identifying' or 'all', got {gene_tokens!r}"
         raise ValueError(msg)
     check_cells(adata, batch_size)
+    check_writable(adata, copy, "transcode")
 
     symbols = gene_names(adata.var, gene_symbols)
     row_of = {g: i for i, g in enumerate(symbols)}

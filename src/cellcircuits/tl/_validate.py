@@ -10,7 +10,7 @@ from .._keys import SentenceSettings, circuit_result
 from ..circuits._trace import as_target_mode
 from ..circuits._validate import check_validation, validate_prompts
 from ..models._hooks import one_at_a_time
-from ._cells import cell_prompts
+from ._cells import cell_prompts, check_unique_obs_names
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -100,6 +100,7 @@ def validate_circuit(
         msg = f"traced cells {missing[:5]} are not in adata"
         raise KeyError(msg)
     settings = SentenceSettings.from_params(params.get("sentences", {}), random_state=params.get("random_state", 0))
+    check_unique_obs_names(adata, "validate_circuit")
     prompts = cell_prompts(adata, model, settings, adata.obs_names.get_indexer(cells["obs_name"]))
     validation = validate_prompts(
         model, transcoders, prompts, cells, pd.DataFrame(result["nodes"]),
