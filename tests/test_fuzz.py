@@ -35,7 +35,7 @@ from cellcircuits.models import C2SModel, ModelAdapter
 from cellcircuits.pp import PromptConfig
 from cellcircuits.pp._sentences import _resolve_matrix, name_hashes, sentences_from_adata, tiebreak_keys
 
-from .conftest import GENES, LABELS, make_tiny
+from .helpers import GENES, LABELS, make_tiny
 
 SCALE = int(os.environ.get("CELLCIRCUITS_FUZZ_SCALE", "1"))
 
