@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from typing import TYPE_CHECKING, ParamSpec, TypeGuard, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from types import FrameType
 
     from scipy import sparse
 
@@ -48,3 +50,17 @@ def is_sparse(x: object) -> TypeGuard[sparse.sparray | sparse.spmatrix]:
     from scipy.sparse import issparse
 
     return issparse(x)
+
+
+def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """Warn, attributing the warning to the first frame outside this package (the user's call).
+
+    Tools reach their warnings through decorators and layers of the package, so a fixed ``stacklevel`` would point
+    into the package for some call paths.
+    """
+    frame: FrameType | None = sys._getframe(1)
+    level = 2
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith("cellcircuits."):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -220,3 +221,11 @@ def test_backed_data_is_refused_before_work_where_results_cannot_be_stored(cells
     assert "c2s_cell_type" not in backed.obs and "circuits" not in backed.uns
     cc.tl.predict_cell_types(backed, tiny_c2s, progress=False)  # in place on backed data works
     assert backed.obs["c2s_cell_type"].notna().all()
+
+
+def test_uncovered_layer_warning_points_at_the_callers_line(cells, tiny_c2s):
+    with pytest.warns(UserWarning, match=r"no transcoder for layer\(s\) \[1\]") as record:
+        cc.tl.trace_circuit(
+            cells, tiny_c2s, tiny_tset((0,)), "CD56+ NK", cells=[0], max_feature_nodes=4, progress=False
+        )
+    assert {Path(w.filename).name for w in record if "no transcoder" in str(w.message)} == {Path(__file__).name}

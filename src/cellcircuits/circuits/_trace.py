@@ -7,12 +7,12 @@ tables.
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
 
+from .._compat import warn_at_caller
 from ..models._hooks import one_at_a_time
 from ..models._tokens import label_token_ids
 from ._aggregate import aggregate, cell_graph_tables, top_paths
@@ -90,9 +90,8 @@ def uncovered_layers(model: C2SModel, transcoders: TranscoderSet, *, warn: bool 
     transcoders.check_compatible(model.name, adapter.n_layers, adapter.d_model, name_mismatch="warn")
     uncovered = [m for m in range(adapter.n_layers) if m not in transcoders]
     if uncovered and warn:
-        warnings.warn(
-            f"no transcoder for layer(s) {uncovered}: their MLP outputs are frozen and enter the graph as error nodes",
-            stacklevel=3,
+        warn_at_caller(
+            f"no transcoder for layer(s) {uncovered}: their MLP outputs are frozen and enter the graph as error nodes"
         )
     return uncovered
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import replace
 from numbers import Integral, Real
 from typing import TYPE_CHECKING
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._compat import warn_at_caller
 from ._config import TranscoderConfig
 from ._store import tensor_names
 from ._transcoder import Transcoder
@@ -133,12 +133,10 @@ def train_on_store(
         msg = f"the store in {store.directory} holds no rows"
         raise ValueError(msg)
     if store.n_cells < m.n_cells_total:
-        warnings.warn(
+        warn_at_caller(
             f"the activation store in {store.directory} is unfinished: the store holds {store.n_cells} of "
             f"{m.n_cells_total} cells ({store.n_rows} rows); training on those. Collect it again with the same "
-            "arguments to finish it.",
-            UserWarning,
-            stacklevel=2,
+            "arguments to finish it."
         )
     batch_size = min(batch_size, store.n_rows)  # a small store still yields full batches
     layers = store.layers if layers is None else list(layers)
