@@ -9,7 +9,7 @@ from matplotlib.collections import LineCollection, PathCollection
 from matplotlib.colors import to_hex
 
 import cellcircuits as cc
-from cellcircuits.pl._circuit import _crossings, _layout
+from cellcircuits.pl._circuit_layout import _crossings, _layout
 
 from ..helpers import TARGET, make_circuit_adata
 

@@ -7,7 +7,8 @@ import pytest
 from scipy import sparse
 
 import cellcircuits as cc
-from cellcircuits.tl._enrichment import as_net, fdr, one_sided, ora, top_gene_mask
+from cellcircuits.tl._enrichment import as_net
+from cellcircuits.tl._enrichment_methods import fdr, one_sided, ora, top_gene_mask
 
 N_GENES, N_FEATURES = 400, 12
 

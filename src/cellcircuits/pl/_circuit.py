@@ -12,8 +12,6 @@ from .._docs import doc_params
 from .._keys import circuit_result
 from ..get._circuit import circuit_df, resolve_group
 from ._circuit_layout import CircuitLayout, circuit_layout
-from ._circuit_layout import _crossings as _crossings  # re-exported: the layout is tested from here
-from ._circuit_layout import _layout as _layout  # re-exported, as _crossings
 from ._plotter import Plotter
 
 if TYPE_CHECKING:

@@ -15,9 +15,6 @@ from .._compat import model_layers_renamed
 from .._keys import enrichment_uns, features_obsm, gene_map
 from ..pp._sentences import gene_names
 from ._enrichment_methods import Tested, fdr, run_gsea, run_ora, run_ulm
-from ._enrichment_methods import one_sided as one_sided  # re-exported here with ora and top_gene_mask
-from ._enrichment_methods import ora as ora
-from ._enrichment_methods import top_gene_mask as top_gene_mask
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
