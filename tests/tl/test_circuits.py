@@ -214,7 +214,7 @@ def test_backed_data_is_refused_before_work_where_results_cannot_be_stored(cells
         ),
     }
     for tool, call in calls.items():
-        with pytest.raises(ValueError, match=rf"{tool}\(copy=True\) cannot copy a backed AnnData"):
+        with pytest.raises(ValueError, match=rf"{tool}: copy=True cannot copy a backed AnnData"):
             call(backed, True)
         with pytest.raises(ValueError, match=rf"{tool} cannot store results in a view of a backed AnnData"):
             call(backed[:3], False)

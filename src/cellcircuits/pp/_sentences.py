@@ -342,6 +342,26 @@ def sentences_from_adata(
     return sentences
 
 
+def check_writable(adata: AnnData, copy: bool, tool: str) -> None:
+    """Refuse, before any work, an AnnData ``tool`` could not write its results to (or copy, with ``copy=True``).
+
+    Results of a backed AnnData go to its in-memory ``.obs``, ``.obsm`` and ``.uns``; a view of a backed AnnData can
+    be neither written to nor copied, and copying a backed one would load it into memory.
+    """
+    if adata.isbacked and adata.is_view:
+        msg = (
+            f"{tool} cannot store results in a view of a backed AnnData, which anndata can neither write to nor "
+            "copy; load those cells first with adata.to_memory()."
+        )
+        raise ValueError(msg)
+    if copy and adata.isbacked:
+        msg = (
+            f"{tool}: copy=True cannot copy a backed AnnData (that would load it into memory); store the results in "
+            "place (copy=False) or load it first with adata.to_memory()."
+        )
+        raise ValueError(msg)
+
+
 def cell_sentences(
     adata: AnnData,
     n_genes: int | None = None,
@@ -403,18 +423,7 @@ def cell_sentences(
     KeyError
         On a missing ``layer`` or ``gene_symbols`` column.
     """
-    if adata.isbacked and adata.is_view:
-        msg = (
-            "adata is a view of a backed AnnData, which anndata can neither write to nor copy; load those cells "
-            "first with adata.to_memory(), or write the sentences to the backed AnnData itself."
-        )
-        raise ValueError(msg)
-    if copy and adata.isbacked:
-        msg = (
-            "copy=True cannot copy a backed AnnData (that would load it into memory); write the sentences in place "
-            "(copy=False, they go to the in-memory .obs) or load it first with adata.to_memory()."
-        )
-        raise ValueError(msg)
+    check_writable(adata, copy, "cell_sentences")
     sentences = sentences_from_adata(
         adata, n_genes=n_genes, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, random_state=random_state
     )

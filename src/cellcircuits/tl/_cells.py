@@ -59,22 +59,6 @@ def check_unique_obs_names(adata: AnnData, tool: str) -> None:
         raise ValueError(msg)
 
 
-def check_writable(adata: AnnData, copy: bool, tool: str) -> None:
-    """Refuse, before any work, an AnnData the tool could not write its results to (or copy, with ``copy=True``)."""
-    if adata.isbacked and adata.is_view:
-        msg = (
-            f"{tool} cannot store results in a view of a backed AnnData (anndata can neither write to nor copy one); "
-            "load those cells first with adata.to_memory()."
-        )
-        raise ValueError(msg)
-    if copy and adata.isbacked:
-        msg = (
-            f"{tool}(copy=True) cannot copy a backed AnnData (that would load it into memory); store the results in "
-            "place (copy=False) or load it first with adata.to_memory()."
-        )
-        raise ValueError(msg)
-
-
 def cell_prompts(
     adata: AnnData, model: C2SModel, settings: SentenceSettings | None = None, cells: np.ndarray | None = None
 ) -> list[TokenizedPrompt]:

@@ -10,7 +10,8 @@ import pandas as pd
 from .._keys import SentenceSettings, store_circuit
 from ..circuits._trace import NODE_COLUMNS, check_thresholds, label_index, trace_prompts
 from ..models._hooks import one_at_a_time
-from ._cells import cell_prompts, check_cells, check_unique_obs_names, check_writable
+from ..pp._sentences import check_writable
+from ._cells import cell_prompts, check_cells, check_unique_obs_names
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -12,7 +12,8 @@ from .._keys import PREDICTION, SentenceSettings, prediction_obsm
 from ..models._hooks import one_at_a_time
 from ..models._scoring import score_continuations
 from ..models._tokens import label_token_ids
-from ._cells import check_cells, check_writable, sentences_for
+from ..pp._sentences import check_writable
+from ._cells import check_cells, sentences_for
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

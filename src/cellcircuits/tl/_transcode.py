@@ -12,9 +12,9 @@ from scipy import sparse
 from .._keys import TRANSCODE, SentenceSettings, features_obsm, gene_map_varm, h5ad_safe
 from ..models._hooks import one_at_a_time
 from ..models._spelling import distinguishing_tokens, identifying_offsets, unspellable_genes
-from ..pp._sentences import gene_names
+from ..pp._sentences import check_writable, gene_names
 from ..transcoders._features import cell_and_gene_features, gene_logit_effects
-from ._cells import cell_prompts, check_cells, check_writable
+from ._cells import cell_prompts, check_cells
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
