@@ -87,7 +87,7 @@ def check_thresholds(node_threshold: float, edge_threshold: float) -> None:
 def uncovered_layers(model: C2SModel, transcoders: TranscoderSet, *, warn: bool = True) -> list[int]:
     """Model layers without a transcoder, after checking the set fits the model; a warning names them."""
     adapter = model.adapter
-    transcoders.check_compatible(model.name, adapter.n_layers, adapter.d_model, name_mismatch="warn")
+    transcoders.check_model(model)
     uncovered = [m for m in range(adapter.n_layers) if m not in transcoders]
     if uncovered and warn:
         warn_at_caller(

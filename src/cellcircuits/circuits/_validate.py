@@ -119,7 +119,7 @@ def validate_prompts(
     if len(prompts) != len(cells):
         msg = f"{len(prompts)} prompts for {len(cells)} traced cells"
         raise ValueError(msg)
-    transcoders.check_compatible(model.name, model.adapter.n_layers, model.adapter.d_model, name_mismatch="warn")
+    transcoders.check_model(model)
     label_ids = label_token_ids(model.tokenizer, model.prompt, model.prompt.labels or [])
     targets = [label_target(label_ids, label_index(model, lab), target_mode) for lab in cells["label"]]
     inputs = [list(p.input_ids) + t.prefix for p, t in zip(prompts, targets, strict=True)]

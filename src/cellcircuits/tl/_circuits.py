@@ -222,7 +222,7 @@ def trace_circuit(
     """
     check_thresholds(node_threshold, edge_threshold)
     adapter = model.adapter
-    transcoders.check_compatible(model.name, adapter.n_layers, adapter.d_model, name_mismatch="warn")
+    transcoders.check_model(model)
     check_cells(adata, batch_size)
     check_unique_obs_names(adata, "trace_circuit")
     check_writable(adata, copy, "trace_circuit")

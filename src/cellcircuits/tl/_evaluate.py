@@ -129,7 +129,7 @@ def evaluate_transcoders(
         msg = f"label_key {label_key!r} is not a column of .obs; columns are {list(adata.obs.columns)}"
         raise KeyError(msg)
     settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state)
-    transcoders.check_compatible(model.name, model.adapter.n_layers, model.adapter.d_model, name_mismatch="warn")
+    transcoders.check_model(model)
     cells = _cells(adata, n_cells, random_state)
     prompts = cell_prompts(adata, model, settings, cells)
     truth = None

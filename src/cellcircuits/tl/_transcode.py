@@ -139,7 +139,7 @@ def transcode(
 
     settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state)
     adapter = model.adapter
-    transcoders.check_compatible(model.name, adapter.n_layers, adapter.d_model, name_mismatch="warn")
+    transcoders.check_model(model)
     layers = transcoders.layers if layers is None else sorted({adapter.check_layer(int(i)) for i in layers})
     missing = [i for i in layers if i not in transcoders]
     if missing:

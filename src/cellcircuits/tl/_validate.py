@@ -93,7 +93,7 @@ def validate_circuit(
     result = circuit_result(adata, key)
     check_validation(n_random, min_frequency)
     params = result["params"]
-    transcoders.check_compatible(model.name, model.adapter.n_layers, model.adapter.d_model, name_mismatch="warn")
+    transcoders.check_model(model)
     cells = pd.DataFrame(result["cells"])
     missing = [c for c in cells["obs_name"] if c not in adata.obs_names]
     if missing:

@@ -130,7 +130,7 @@ def evaluate(
     """
     labels = list(labels)
     adapter = model.adapter
-    transcoders.check_compatible(model.name, adapter.n_layers, adapter.d_model, name_mismatch="warn")
+    transcoders.check_model(model)
     covered = transcoders.layers
     tok = model.tokenizer
     n = len(prompts)

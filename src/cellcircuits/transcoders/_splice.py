@@ -128,7 +128,7 @@ def splice(
         msg = 'mode="mean" needs mean_outputs, a (d_model,) vector per layer'
         raise ValueError(msg)
     if transcoders is not None:
-        transcoders.check_compatible(model.name, adapter.n_layers, adapter.d_model, name_mismatch="warn")
+        transcoders.check_model(model)
     chosen = _resolve_layers(adapter.n_layers, mode, transcoders, layers, mean_outputs)
     means: dict[int, torch.Tensor] = {}
     if mode == "mean" and mean_outputs is not None:  # refused above when missing

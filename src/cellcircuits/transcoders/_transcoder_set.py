@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
     from pathlib import Path
 
+    from ..models._load import C2SModel
     from ._transcoder import Transcoder
 
 
@@ -100,6 +101,13 @@ class TranscoderSet(nn.Module):
     def items(self) -> Iterator[tuple[int, Transcoder]]:
         """``(layer, transcoder)`` pairs, ascending by layer."""
         return ((int(key), cast("Transcoder", tc)) for key, tc in self.transcoders.items())
+
+    def check_model(self, model: C2SModel) -> None:
+        """Check this set against the model a tool runs it with.
+
+        A different depth or width raises a ValueError; another model name warns (see :meth:`check_compatible`).
+        """
+        self.check_compatible(model.name, model.adapter.n_layers, model.adapter.d_model, name_mismatch="warn")
 
     def check_compatible(
         self,
