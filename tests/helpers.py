@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from transformers import (
     Gemma2Config,
@@ -22,7 +23,7 @@ from transformers import (
 
 import cellcircuits as cc
 from cellcircuits.circuits._replacement import ReplacementModel
-from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet
+from cellcircuits.transcoders import ActivationStore, StoreWriter, Transcoder, TranscoderConfig, TranscoderSet
 
 
 def public_object(dotted: str):
@@ -321,3 +322,21 @@ def make_circuit_adata(groups: tuple[str, ...] = ("mono", "B")) -> ad.AnnData:
         }
     }
     return adata
+
+
+def interrupted_store(collect, directory, monkeypatch, *, at_flush: int = 3) -> ActivationStore:
+    """The store ``collect(directory)`` leaves when interrupted (KeyboardInterrupt) at its ``at_flush``-th shard."""
+    real_flush = StoreWriter.flush
+    calls = {"n": 0}
+
+    def failing_flush(self):
+        calls["n"] += 1
+        if calls["n"] == at_flush:
+            raise KeyboardInterrupt
+        real_flush(self)
+
+    monkeypatch.setattr(StoreWriter, "flush", failing_flush)
+    with pytest.raises(KeyboardInterrupt):
+        collect(directory)
+    monkeypatch.setattr(StoreWriter, "flush", real_flush)
+    return ActivationStore(directory)

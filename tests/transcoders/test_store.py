@@ -8,8 +8,10 @@ import torch
 
 import cellcircuits as cc
 from cellcircuits.models import record, tokenize_prompts
-from cellcircuits.transcoders import ActivationStore, StoreWriter, collect_activations
+from cellcircuits.transcoders import ActivationStore, collect_activations
 from cellcircuits.transcoders._activations import kept_positions
+
+from ..helpers import interrupted_store
 
 
 @pytest.fixture
@@ -60,20 +62,9 @@ def test_all_positions_and_layer_subset(tiny_c2s, prompts, tmp_path):
 
 def test_resume_after_interruption_neither_duplicates_nor_loses(tiny_c2s, prompts, tmp_path, monkeypatch):
     ref = rows_by_index(collect_activations(tiny_c2s, prompts, tmp_path / "ref", shard_rows=30, progress=False))
-    real_flush = StoreWriter.flush
-    calls = {"n": 0}
-
-    def failing_flush(self):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        real_flush(self)
-
-    monkeypatch.setattr(StoreWriter, "flush", failing_flush)
-    with pytest.raises(KeyboardInterrupt):
-        collect_activations(tiny_c2s, prompts, tmp_path / "s", shard_rows=30, progress=False)
-    monkeypatch.setattr(StoreWriter, "flush", real_flush)
-    partial = ActivationStore(tmp_path / "s")
+    partial = interrupted_store(
+        lambda d: collect_activations(tiny_c2s, prompts, d, shard_rows=30, progress=False), tmp_path / "s", monkeypatch
+    )
     assert not partial.manifest.complete and len(partial.manifest.shards) == 2
     (tmp_path / "s" / "shard_00002.safetensors").write_bytes(b"half-written")  # a stray file is discarded
     resumed = collect_activations(tiny_c2s, prompts, tmp_path / "s", shard_rows=30, progress=False)

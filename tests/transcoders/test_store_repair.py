@@ -10,7 +10,9 @@ from safetensors.torch import load_file, save_file
 
 import cellcircuits as cc
 from cellcircuits.models import tokenize_prompts
-from cellcircuits.transcoders import ActivationStore, StoreWriter, TranscoderConfig, collect_activations, train_on_store
+from cellcircuits.transcoders import ActivationStore, TranscoderConfig, collect_activations, train_on_store
+
+from ..helpers import interrupted_store
 
 
 @pytest.fixture
@@ -103,20 +105,7 @@ def test_tl_collect_activations_repairs(toy_adata, tiny_c2s, tmp_path):
 
 def partial_store(model, prompts, directory, monkeypatch) -> ActivationStore:
     """A store interrupted after its second shard."""
-    real_flush = StoreWriter.flush
-    calls = {"n": 0}
-
-    def failing_flush(self):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        real_flush(self)
-
-    monkeypatch.setattr(StoreWriter, "flush", failing_flush)
-    with pytest.raises(KeyboardInterrupt):
-        collect(model, prompts, directory)
-    monkeypatch.setattr(StoreWriter, "flush", real_flush)
-    return ActivationStore(directory)
+    return interrupted_store(lambda d: collect(model, prompts, d), directory, monkeypatch)
 
 
 def test_training_on_a_partial_store_warns_with_the_counts(toy_adata, tiny_c2s, prompts, tmp_path, monkeypatch):
