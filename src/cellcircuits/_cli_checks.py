@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from ._pipeline import groups_of
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
@@ -117,11 +119,6 @@ def check_sentence_source(adata: AnnData, layer: str | None, gene_symbols: str |
         raise CliError(msg)
 
 
-def groups_of(adata: AnnData, groupby: str) -> list[str]:
-    """The groups of ``.obs[groupby]`` that have cells, in order of appearance."""
-    return [str(g) for g in adata.obs[groupby].dropna().astype(str).unique()]
-
-
 def check_groups_in_data(adata: AnnData, groupby: str | None, groups: Sequence[str] | None) -> None:
     """Refuse ``--groups`` without ``--groupby``, and a group with no cells in ``.obs[groupby]``."""
     if groups is None:
@@ -155,8 +152,9 @@ def check_traceable(
     if groups is not None:
         check_labels(groups, labels, "--groups")
         return
-    unknown = [g for g in groups_of(adata, groupby) if g not in labels]
-    if unknown and (not some or len(unknown) == len(groups_of(adata, groupby))):
+    present = groups_of(adata, groupby)
+    unknown = [g for g in present if g not in labels]
+    if unknown and (not some or len(unknown) == len(present)):
         which = "none of its groups is" if some else f"its groups {listing(unknown)} are not"
         msg = (
             f"--groupby {groupby!r}: {which} a label the model knows (labels: {listing(labels)}); "

@@ -53,6 +53,11 @@ def train_for(
     return tl.train_transcoders(split_cells(adata, "train"), model, layers, n_tokens=n_tokens, progress=progress)
 
 
+def groups_of(adata: AnnData, groupby: str) -> list[str]:
+    """The groups of ``.obs[groupby]`` that have cells, in order of appearance."""
+    return [str(g) for g in adata.obs[groupby].dropna().astype(str).unique()]
+
+
 def choose_groups(
     adata: AnnData, model: C2SModel, groupby: str, groups: Sequence[str] | None
 ) -> tuple[list[str], list[str]]:
@@ -62,7 +67,7 @@ def choose_groups(
     cells of are traced. Raises a ValueError when that leaves none.
     """
     labels = set(model.prompt.labels or [])
-    present = [str(g) for g in adata.obs[groupby].dropna().astype(str).unique()]
+    present = groups_of(adata, groupby)
     wanted = [str(g) for g in groups] if groups is not None else present
     chosen = [g for g in wanted if g in labels and g in present]
     if not chosen:
