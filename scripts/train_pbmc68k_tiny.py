@@ -30,6 +30,8 @@ RECIPE = {
     "answer_weight": 10.0,
     "resample_ties": True,
     "seed": 0,
+    # the shipped model predates the C2S answer suffix ("label." + EOS): it answers " label" + EOS
+    "answer_suffix": "",
 }
 
 

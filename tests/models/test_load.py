@@ -32,7 +32,8 @@ def test_save_load_round_trip(tiny_c2s, tmp_path):
 def test_missing_prompt_settings_give_c2s_defaults(tiny_c2s, tmp_path):
     tiny_c2s.save(tmp_path)
     (tmp_path / "cellcircuits.json").unlink()
-    loaded = cc.models.load(tmp_path)
+    with pytest.warns(UserWarning, match=r"no cellcircuits.json .*n_genes=200.*' \{label\}\.' \+ EOS"):
+        loaded = cc.models.load(tmp_path)
     assert loaded.prompt == PromptConfig()
     assert loaded.prompt.n_genes == 200 and loaded.labels is None
 

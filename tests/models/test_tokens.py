@@ -33,18 +33,20 @@ def test_gene_token_positions_with_special_tokens_and_untrimmed_offsets():
 
 
 def test_label_token_ids_match_full_text(tiny_tokenizer):
-    config = PromptConfig(n_genes=8, append_eos=True)
+    config = PromptConfig(n_genes=8)  # the C2S format: " " + label + "." + EOS
     labels = ["CD14+ Monocyte", "CD19+ B"]
     ids = label_token_ids(tiny_tokenizer, config, labels)
     prompt = build_prompt("CD14 LYZ", config).text
     for label, lid in zip(labels, ids, strict=True):
-        full = tiny_tokenizer(prompt + " " + label)["input_ids"]
+        full = tiny_tokenizer(prompt + " " + label + ".")["input_ids"]
         base = tiny_tokenizer(prompt)["input_ids"]
         assert full[: len(base)] == base
         assert lid == [*full[len(base) :], tiny_tokenizer.eos_token_id]
+    no_end = PromptConfig(n_genes=8, answer_suffix="", append_eos=False)
+    assert label_token_ids(tiny_tokenizer, no_end, labels)[0] == tiny_tokenizer(" CD14+ Monocyte")["input_ids"]
 
 
 def test_label_that_merges_with_prompt_raises(tiny_tokenizer):
-    config = PromptConfig(n_genes=8, answer_prefix="")
+    config = PromptConfig(n_genes=8, answer_prefix="", answer_suffix="")
     with pytest.raises(ValueError, match="clean continuation"):
         label_token_ids(tiny_tokenizer, config, [""])

@@ -14,10 +14,10 @@ from ..helpers import LABELS
 
 
 def full_text_loglik(c2s, sentence: str, label: str) -> float:
-    """Log-likelihood of the answer tokens in the full training text prompt + ' ' + label + EOS."""
+    """Log-likelihood of the answer tokens in the C2S training text prompt + ' ' + label + '.' + EOS."""
     prompt = cc.pp.build_prompt(sentence, c2s.prompt).text
     p_ids = c2s.tokenizer(prompt)["input_ids"]
-    ids = c2s.tokenizer(prompt + " " + label)["input_ids"] + [c2s.tokenizer.eos_token_id]
+    ids = c2s.tokenizer(prompt + " " + label + ".")["input_ids"] + [c2s.tokenizer.eos_token_id]
     with torch.no_grad():
         logp = torch.log_softmax(c2s.model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
     return sum(logp[t - 1, ids[t]].item() for t in range(len(p_ids), len(ids)))

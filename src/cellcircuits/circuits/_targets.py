@@ -90,7 +90,8 @@ def label_target(
     Raises
     ------
     ValueError
-        When two labels tokenize identically, or for an unknown mode.
+        When two labels tokenize identically, when the label's tokens are the start of another label's (answers
+        without a terminator), or for an unknown mode.
     """
     ids = list(label_ids[index])
     if mode == "first_token":
@@ -103,5 +104,12 @@ def label_target(
         sharing = [o for o in others if o[:j] == ids[:j] and len(o) > j]
         if all(o[j] != ids[j] for o in sharing):
             return LabelTarget(ids[:j], ids[j], tuple(sorted({o[j] for o in sharing})))
-    msg = f"label {index} tokenizes exactly like another label; their logits cannot be told apart"
+    if any(o == ids for o in others):
+        msg = f"label {index} tokenizes exactly like another label; their logits cannot be told apart"
+        raise ValueError(msg)
+    msg = (
+        f"label {index}'s answer tokens are the start of another label's, so no token of its answer tells it apart; "
+        "a model trained with an answer suffix or an end-of-answer token (the C2S format, label + '.' + EOS) needs "
+        "them in its prompt settings (answer_suffix, append_eos), which make that token the distinguishing one"
+    )
     raise ValueError(msg)

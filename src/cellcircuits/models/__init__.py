@@ -3,21 +3,26 @@
 from ._adapter import AttentionWeights, HookPoint, ModelAdapter, spec_for
 from ._hooks import record
 from ._load import SHIPPED_MODELS, C2SModel, ModelLoadError, load, shipped_model_path
+from ._presets import PRESETS, Preset, get_preset
 from ._scoring import score_continuations
 from ._spelling import distinguishing_tokens, identifying_offsets
-from ._tokens import TokenizedPrompt, gene_token_positions, label_token_ids, tokenize_prompts
+from ._tokens import TokenizedPrompt, end_of_answer_id, gene_token_positions, label_token_ids, tokenize_prompts
 from ._train import train_c2s, train_tokenizer
 
 __all__ = [
+    "PRESETS",
     "SHIPPED_MODELS",
     "AttentionWeights",
     "C2SModel",
     "HookPoint",
     "ModelAdapter",
     "ModelLoadError",
+    "Preset",
     "TokenizedPrompt",
     "distinguishing_tokens",
+    "end_of_answer_id",
     "gene_token_positions",
+    "get_preset",
     "identifying_offsets",
     "label_token_ids",
     "load",

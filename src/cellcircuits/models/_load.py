@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from .._compat import warn_at_caller
 from ..pp._prompts import PROMPT_CONFIG_NAME, Prompt, PromptConfig, build_prompt
 from ._adapter import ModelAdapter
 from ._files import give_umask_mode
 from ._hooks import model_lock
+from ._presets import PRESETS, get_preset, preset_for
 
 if TYPE_CHECKING:
     import threading
@@ -87,9 +89,17 @@ class C2SModel:
         """
         return model_lock(self.model)
 
-    def build_prompts(self, sentences: Sequence[str]) -> list[Prompt]:
-        """Prompts for cell sentences, cut to the model's ``n_genes`` with its template and organism."""
-        return [build_prompt(s, self.prompt) for s in sentences]
+    def build_prompts(self, sentences: Sequence[str], organism: str | None = None) -> list[Prompt]:
+        """Prompts for cell sentences, cut to the model's ``n_genes``, with its template.
+
+        Parameters
+        ----------
+        sentences
+            Cell sentences (gene symbols, most expressed first).
+        organism
+            Organism named in the prompts (``None``: the model's, ``prompt.organism``).
+        """
+        return [build_prompt(s, self.prompt, organism) for s in sentences]
 
     def save(self, directory: str | Path) -> None:
         """Save weights (safetensors), tokenizer and prompt settings so :func:`load` reads them back.
@@ -182,14 +192,50 @@ def check_hub_id(name: str, revision: str | None) -> None:
         raise _offline_help(name, err) from err
 
 
-def _prompt_config_from_hub(name: str, revision: str | None, local_files_only: bool) -> PromptConfig:
+def _prompt_config_from_hub(name: str, revision: str | None, local_files_only: bool) -> PromptConfig | None:
+    """``cellcircuits.json`` of a Hub model; ``None`` when the repository (or the offline cache) has none."""
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         path = hf_hub_download(name, PROMPT_CONFIG_NAME, revision=revision, local_files_only=local_files_only)
-    except Exception:
-        return PromptConfig()
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return None
     return PromptConfig.from_json(path)
+
+
+def _no_settings_warning(name: str, prompt: PromptConfig) -> None:
+    msg = (
+        f"Model {name!r} has no {PROMPT_CONFIG_NAME} and is no checkpoint with a preset "
+        f"({sorted(PRESETS)}); using the Cell2Sentence defaults: {prompt.describe()}. If the model was trained "
+        "otherwise, its predictions and circuits are those of a prompt it never saw: pass preset= (a preset name or "
+        "a cellcircuits.pp.PromptConfig), and check the answer format once with "
+        "cellcircuits.models.compare_answer_formats."
+    )
+    warn_at_caller(msg)
+
+
+def _prompt_settings(
+    name: str, local: Path | None, preset: str | PromptConfig | None, revision: str | None, offline: bool
+) -> PromptConfig:
+    """The model's prompt settings.
+
+    ``preset=`` when given, else its ``cellcircuits.json``, else its hub id's preset, else the C2S defaults with a
+    warning.
+    """
+    if isinstance(preset, PromptConfig):
+        return preset
+    if preset is not None:
+        return get_preset(preset)
+    stored = PromptConfig.from_dir(local) if local is not None else _prompt_config_from_hub(name, revision, offline)
+    if stored is not None:
+        return stored
+    known = preset_for(name) if local is None else None
+    if known is not None:
+        return known.config()
+    prompt = PromptConfig()
+    _no_settings_warning(name, prompt)
+    return prompt
 
 
 def load(
@@ -201,6 +247,7 @@ def load(
     local_files_only: bool | None = None,
     revision: str | None = None,
     attn_implementation: str | None = None,
+    preset: str | PromptConfig | None = None,
 ) -> C2SModel:
     """Load a Cell2Sentence-style causal LM with its tokenizer and prompt settings.
 
@@ -221,11 +268,14 @@ def load(
         Hub revision (branch, tag or commit).
     attn_implementation
         ``"eager"``, ``"sdpa"``, ...; passed to ``transformers``.
+    preset
+        Prompt settings to use: a preset name or hub id from :data:`cellcircuits.models.PRESETS`, or a
+        :class:`~cellcircuits.pp.PromptConfig`. Default: the model's ``cellcircuits.json``; else, for a public C2S
+        checkpoint loaded by its hub id, its preset; else the C2S defaults, with a warning naming them.
 
     Returns
     -------
-    The model, tokenizer, architecture adapter and prompt settings (``cellcircuits.json`` beside the weights;
-    C2S defaults when absent).
+    The model, tokenizer, architecture adapter and prompt settings.
 
     Raises
     ------
@@ -254,6 +304,8 @@ def load(
     offline = bool(local_files_only) if local_files_only is not None else local is not None
     if local is None and not offline:
         check_hub_id(name, revision)
+    if isinstance(preset, str):
+        get_preset(preset)  # an unknown preset fails before the model loads
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": offline, "revision": revision}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -274,7 +326,7 @@ def load(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, any id works
     adapter = ModelAdapter(model)
-    prompt = PromptConfig.from_dir(local) if local is not None else _prompt_config_from_hub(name, revision, offline)
+    prompt = _prompt_settings(name, local, preset, revision, offline)
     device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     module: torch.nn.Module = model  # PreTrainedModel.to is typed through @wraps, which hides its binding
     module.to(device).eval()

@@ -86,18 +86,53 @@ def tokenize_prompts(tokenizer: PreTrainedTokenizerFast, prompts: Sequence[Promp
     return out
 
 
-def label_token_ids(tokenizer: PreTrainedTokenizerFast, config: PromptConfig, labels: Sequence[str]) -> list[list[int]]:
-    """Token ids of each label's answer continuation (plus EOS when the model was trained with it).
-
-    The label is tokenized in context (after the template's closing text) and kept only when that context
-    tokenizes the same with and without it, so the ids equal those of the full training text.
+def end_of_answer_id(tokenizer: PreTrainedTokenizerFast, config: PromptConfig) -> int:
+    """Id of the token that ends an answer: ``config.eos_token``, or the tokenizer's EOS token.
 
     Parameters
     ----------
     tokenizer
         The model's tokenizer.
     config
-        The model's prompt settings (template, ``answer_prefix``, ``append_eos``).
+        The model's prompt settings.
+
+    Returns
+    -------
+    The token id.
+
+    Raises
+    ------
+    ValueError
+        When the tokenizer has no EOS token, or does not know ``config.eos_token`` as a single token.
+    """
+    if config.eos_token is None:
+        if tokenizer.eos_token_id is None:
+            msg = "the tokenizer has no EOS token; set the prompt settings' eos_token (or append_eos=False)"
+            raise ValueError(msg)
+        return int(tokenizer.eos_token_id)
+    token_id = tokenizer.convert_tokens_to_ids(config.eos_token)
+    if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
+        msg = f"the tokenizer has no token {config.eos_token!r} (the prompt settings' eos_token)"
+        raise ValueError(msg)
+    return int(token_id)
+
+
+def label_token_ids(tokenizer: PreTrainedTokenizerFast, config: PromptConfig, labels: Sequence[str]) -> list[list[int]]:
+    """Token ids of each label's answer as the model was trained on it, end-of-answer token included.
+
+    With ``config.answer_tokenization == "joint"`` (cell2sentence's ``tokenize_all``: prompt and answer tokenized
+    as one text) the answer ``answer_prefix + label + answer_suffix`` is tokenized in context, after the template's
+    closing text, and kept only when that context tokenizes the same with and without it, so the ids equal those
+    of the full training text. With ``"separate"`` (cell2sentence's ``tokenize_loss_on_response``) the answer is
+    tokenized on its own, with the tokenizer's special tokens, as the training did. The end-of-answer token
+    (:func:`end_of_answer_id`) follows when ``config.append_eos``.
+
+    Parameters
+    ----------
+    tokenizer
+        The model's tokenizer.
+    config
+        The model's prompt settings (template and answer format).
     labels
         Cell-type labels.
 
@@ -110,19 +145,25 @@ def label_token_ids(tokenizer: PreTrainedTokenizerFast, config: PromptConfig, la
     ValueError
         When a label would merge with the prompt's last token, or tokenizes to nothing.
     """
+    end = [end_of_answer_id(tokenizer, config)] if config.append_eos else []
     context = config.template.split("{cell_sentence}")[-1]
     base = tokenizer(context, add_special_tokens=False)["input_ids"]
     out = []
     for label in labels:
-        full = tokenizer(context + answer_text(label, config), add_special_tokens=False)["input_ids"]
-        if full[: len(base)] != base or len(full) == len(base):
-            msg = (
-                f"Label {label!r} does not tokenize as a clean continuation of the prompt; adjust the prompt "
-                "settings' answer_prefix."
-            )
-            raise ValueError(msg)
-        ids = full[len(base) :]
-        if config.append_eos:
-            ids = [*ids, tokenizer.eos_token_id]
-        out.append(ids)
+        text = answer_text(label, config)
+        if config.answer_tokenization == "separate":
+            ids = list(tokenizer(text)["input_ids"])
+            if not ids:
+                msg = f"Label {label!r} tokenizes to nothing."
+                raise ValueError(msg)
+        else:
+            full = tokenizer(context + text, add_special_tokens=False)["input_ids"]
+            if full[: len(base)] != base or len(full) == len(base):
+                msg = (
+                    f"Label {label!r} does not tokenize as a clean continuation of the prompt; adjust the prompt "
+                    "settings' answer_prefix, or use answer_tokenization='separate' if the model was trained so."
+                )
+                raise ValueError(msg)
+            ids = full[len(base) :]
+        out.append([*ids, *end])
     return out

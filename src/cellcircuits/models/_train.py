@@ -87,6 +87,7 @@ def train_c2s(
     classes: Sequence[str] | None = None,
     n_genes: int = 100,
     organism: str = "Homo sapiens",
+    answer_suffix: str = ".",
     n_layers: int = 4,
     d_model: int = 128,
     n_heads: int = 4,
@@ -107,10 +108,10 @@ def train_c2s(
     """Train a small Cell2Sentence-style GPT-NeoX model and its tokenizer from scratch on cell sentences.
 
     Each cell becomes the full C2S text: the cell-type prediction prompt with its sentence (cut to ``n_genes``)
-    followed by its label and an end-of-sequence token. The model learns next-token prediction over the whole
-    text, the label tokens weighted by ``answer_weight``. A byte-level BPE tokenizer with a small vocabulary is
-    trained first, so gene symbols are split into several tokens, as in C2S-Pythia. From an AnnData, use
-    :func:`cellcircuits.tl.train_c2s`.
+    followed by its answer in the C2S format (``" " + label + answer_suffix``) and an end-of-sequence token. The
+    model learns next-token prediction over the whole text, the label tokens weighted by ``answer_weight``. A
+    byte-level BPE tokenizer with a small vocabulary is trained first, so gene symbols are split into several tokens,
+    as in C2S-Pythia. From an AnnData, use :func:`cellcircuits.tl.train_c2s`.
 
     Parameters
     ----------
@@ -126,6 +127,8 @@ def train_c2s(
         Genes per cell sentence; recorded with the model and used for every prompt built for it.
     organism
         Organism named in the prompt.
+    answer_suffix
+        Text after the label in the answer: ``"."`` as in Cell2Sentence (the shipped model was trained with ``""``).
     n_layers, d_model, n_heads, d_mlp
         Model shape; ``d_mlp`` defaults to ``4 * d_model``.
     vocab_size
@@ -174,7 +177,9 @@ def train_c2s(
     if len(classes) < 2:
         msg = "fewer than two labels; nothing to learn."
         raise ValueError(msg)
-    config = PromptConfig(n_genes=n_genes, organism=organism, labels=classes, append_eos=True)
+    config = PromptConfig(
+        n_genes=n_genes, organism=organism, labels=classes, answer_suffix=answer_suffix, append_eos=True
+    )
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -28,6 +28,7 @@ def train_c2s(
     use_raw: bool | None = None,
     gene_symbols: str | None = None,
     organism: str = "Homo sapiens",
+    answer_suffix: str = ".",
     n_layers: int = 4,
     d_model: int = 128,
     n_heads: int = 4,
@@ -48,8 +49,9 @@ def train_c2s(
     """Train a small Cell2Sentence-style GPT-NeoX model and its tokenizer from scratch on annotated cells.
 
     The cells' sentences (:func:`cellcircuits.pp.cell_sentences`, cut to ``n_genes``) and their labels in
-    ``.obs[label_key]`` train :func:`cellcircuits.models.train_c2s`: the full C2S text, prompt, label and
-    end-of-sequence token, by next-token prediction with the label tokens weighted by ``answer_weight``.
+    ``.obs[label_key]`` train :func:`cellcircuits.models.train_c2s`: the full C2S text, prompt, answer
+    (``" " + label + answer_suffix``) and end-of-sequence token, by next-token prediction with the label tokens
+    weighted by ``answer_weight``.
 
     Parameters
     ----------
@@ -63,6 +65,8 @@ def train_c2s(
         Which values and names to rank, as in :func:`cellcircuits.pp.cell_sentences`.
     organism
         Organism named in the prompt.
+    answer_suffix
+        Text after the label in the answer: ``"."`` as in Cell2Sentence (the shipped model was trained with ``""``).
     n_layers, d_model, n_heads, d_mlp
         Model shape; ``d_mlp`` defaults to ``4 * d_model``.
     vocab_size
@@ -120,7 +124,8 @@ def train_c2s(
 
     return _train_c2s(
         sentences if resample_ties else sentences(0), y.astype(str).tolist(), classes=classes, n_genes=n_genes,
-        organism=organism, n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_mlp=d_mlp, vocab_size=vocab_size,
+        organism=organism, answer_suffix=answer_suffix, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
+        d_mlp=d_mlp, vocab_size=vocab_size,
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, dropout=dropout,
         answer_weight=answer_weight, seed=seed, device=device, output_dir=output_dir,
         metadata={"label_key": label_key}, progress=progress,
