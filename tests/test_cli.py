@@ -39,8 +39,17 @@ def test_cli_errors(tmp_path, capsys):
     assert "'nope' is not a column of .obs" in capsys.readouterr().err
     assert main(["predict", "--model", str(tmp_path), "--out", str(tmp_path / "o.h5ad")]) == 1
     assert "no config.json" in capsys.readouterr().err
+    assert main(["predict", "--preset", "nope", "--out", str(tmp_path / "o.h5ad"), "--quiet"]) == 1
+    assert "No preset 'nope'; presets are ['c2s-pythia-410m-cell-type-prediction'" in capsys.readouterr().err
+    assert not (tmp_path / "o.h5ad").exists()
     with pytest.raises(SystemExit):
         main([])
+
+
+def test_organism_option_names_the_organism_in_every_prompt(tmp_path, capsys):
+    out = tmp_path / "pred.h5ad"
+    assert main(["predict", "--organism", "Mus musculus", "--out", str(out), "--quiet"]) == 0
+    assert ad.read_h5ad(out).uns["c2s_cell_type"]["params"]["organism"] == "Mus musculus"
 
 
 def test_python_m_entry_point():

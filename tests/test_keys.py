@@ -21,6 +21,7 @@ def test_key_names():
         _keys.SentenceSettings(),
         _keys.SentenceSettings("s", "counts", False, "feature_name", 7),
         _keys.SentenceSettings(use_raw=True),
+        _keys.SentenceSettings(organism="Mus musculus"),
     ],
 )
 def test_sentence_settings_round_trip_through_h5ad(settings, tmp_path):

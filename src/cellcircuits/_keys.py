@@ -154,7 +154,10 @@ def decode_optional_bool(value: Any) -> bool | None:
 
 @dataclass(frozen=True)
 class SentenceSettings:
-    """How a tool got its cells' sentences: stored in ``.obs[sentence_key]``, or built from these settings."""
+    """How a tool got its cells' sentences and built their prompts.
+
+    Sentences are read from ``.obs[sentence_key]`` when present, else built from these settings.
+    """
 
     sentence_key: str = "cell_sentence"
     """Column of ``.obs`` with cell sentences, used when present."""
@@ -166,6 +169,8 @@ class SentenceSettings:
     """Column of ``.var`` with gene symbols (``None``: ``var_names``)."""
     random_state: int = 0
     """Seed of the random order of equally expressed genes."""
+    organism: str | None = None
+    """Organism named in the prompts (``None``: the model's ``prompt.organism``)."""
 
     def __post_init__(self) -> None:
         if self.layer is not None and not isinstance(self.layer, str):
@@ -189,4 +194,5 @@ class SentenceSettings:
             use_raw=decode_optional_bool(params.get("use_raw", -1)),
             gene_symbols=str(params.get("gene_symbols", "")) or None,
             random_state=int(seed),
+            organism=str(params.get("organism", "")) or None,
         )

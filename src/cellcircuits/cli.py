@@ -64,12 +64,15 @@ def _load_model(args: argparse.Namespace):
     if quiet:
         hf_logging.disable_progress_bar()
     try:
-        return cc.models.load(args.model, device=args.device)
-    except (OSError, ValueError) as err:
-        raise LoadError(str(err)) from err
+        model = cc.models.load(args.model, device=args.device, preset=getattr(args, "preset", None))
+    except (OSError, ValueError, KeyError) as err:
+        raise LoadError(str(err).strip('"')) from err
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
+    if getattr(args, "organism", None):
+        model.prompt.organism = args.organism  # every tool's prompts name the model's organism
+    return model
 
 
 def _load_transcoders(path: str):
@@ -265,6 +268,8 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     p.add_argument("--adata", help=".h5ad file (default: the embedded pbmc68k data)")
     if model:
         p.add_argument("--model", default="pbmc68k-tiny", help="shipped model, local directory or hub id")
+        p.add_argument("--preset", help="prompt settings of a public C2S checkpoint (cellcircuits.models.PRESETS)")
+        p.add_argument("--organism", help="organism named in the prompts (default: the model's)")
         p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
         p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -278,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict cell types with a C2S model and write an annotated .h5ad")
     p.add_argument("--adata", help=".h5ad file (default: the embedded pbmc68k data)")
     p.add_argument("--model", default="pbmc68k-tiny", help="shipped model, local directory or hub id")
+    p.add_argument("--preset", help="prompt settings of a public C2S checkpoint (cellcircuits.models.PRESETS)")
+    p.add_argument("--organism", help="organism named in the prompts (default: the model's)")
     p.add_argument("--label-key", help="column of .obs with true labels, to report accuracy")
     p.add_argument(
         "--split", default="test", choices=["test", "train", "all"], help="cells of the embedded data to use"

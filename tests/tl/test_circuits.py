@@ -229,3 +229,21 @@ def test_uncovered_layer_warning_points_at_the_callers_line(cells, tiny_c2s):
             cells, tiny_c2s, tiny_tset((0,)), "CD56+ NK", cells=[0], max_feature_nodes=4, progress=False
         )
     assert {Path(w.filename).name for w in record if "no transcoder" in str(w.message)} == {Path(__file__).name}
+
+
+def test_organism_of_a_trace_is_recorded_and_reused_by_validation(cells, tiny_c2s, monkeypatch):
+    tset = tiny_tset((0, 1))
+    cc.tl.trace_circuit(
+        cells, tiny_c2s, tset, "CD56+ NK", cells=[0], max_feature_nodes=4, organism="Mus musculus", progress=False
+    )
+    assert cells.uns["circuits"]["CD56+ NK"]["params"]["sentences"]["organism"] == "Mus musculus"
+    built = []
+    original = type(tiny_c2s).build_prompts
+
+    def spy(self, sentences, organism=None):
+        built.append(organism)
+        return original(self, sentences, organism)
+
+    monkeypatch.setattr(type(tiny_c2s), "build_prompts", spy)
+    cc.tl.validate_circuit(cells, tiny_c2s, tset, "CD56+ NK", progress=False)
+    assert built and set(built) == {"Mus musculus"}

@@ -13,9 +13,9 @@ import cellcircuits as cc
 from ..helpers import LABELS
 
 
-def full_text_loglik(c2s, sentence: str, label: str) -> float:
+def full_text_loglik(c2s, sentence: str, label: str, organism: str | None = None) -> float:
     """Log-likelihood of the answer tokens in the C2S training text prompt + ' ' + label + '.' + EOS."""
-    prompt = cc.pp.build_prompt(sentence, c2s.prompt).text
+    prompt = cc.pp.build_prompt(sentence, c2s.prompt, organism).text
     p_ids = c2s.tokenizer(prompt)["input_ids"]
     ids = c2s.tokenizer(prompt + " " + label + ".")["input_ids"] + [c2s.tokenizer.eos_token_id]
     with torch.no_grad():
@@ -113,3 +113,31 @@ def test_prediction_emits_no_future_warning(toy_adata, tiny_c2s):
         warnings.simplefilter("always")
         cc.tl.predict_cell_types(toy_adata, tiny_c2s, progress=False)
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+
+
+def test_organism_per_call_changes_the_prompt_not_the_model(toy_adata, tiny_c2s):
+    cc.pp.cell_sentences(toy_adata)
+    mouse = cc.tl.predict_cell_types(toy_adata, tiny_c2s, organism="Mus musculus", progress=False, copy=True)
+    human = cc.tl.predict_cell_types(toy_adata, tiny_c2s, progress=False, copy=True)
+    assert tiny_c2s.prompt.organism == "Homo sapiens"  # the call did not change the model's settings
+    assert mouse.uns["c2s_cell_type"]["params"]["organism"] == "Mus musculus"
+    assert human.uns["c2s_cell_type"]["params"]["organism"] == "Homo sapiens"
+    logprob = cc.get.cell_type_probabilities(mouse, kind="logprob")
+    sentence = toy_adata.obs["cell_sentence"].iloc[2]
+    for label in LABELS:
+        ref = full_text_loglik(tiny_c2s, sentence, label, organism="Mus musculus")
+        assert logprob.iloc[2][label] == pytest.approx(ref, abs=1e-4)
+    assert not np.allclose(mouse.obsm["c2s_cell_type_logprob"], human.obsm["c2s_cell_type_logprob"])
+
+
+def test_stored_sentences_shorter_than_the_model_reads_warn(toy_adata, tiny_c2s):
+    cc.pp.cell_sentences(toy_adata, n_genes=3)  # the model reads 8 genes
+    with pytest.warns(UserWarning, match=r"were cut to 3 genes .* the model reads 8 genes"):
+        cc.tl.predict_cell_types(toy_adata, tiny_c2s, progress=False)
+    cc.pp.cell_sentences(toy_adata, n_genes=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cc.tl.predict_cell_types(toy_adata, tiny_c2s, progress=False)
+    toy_adata.obs["short"] = "CD14 LYZ"  # a column without a record of how it was cut
+    with pytest.warns(UserWarning, match=r"hold at most 2 genes"):
+        cc.tl.predict_cell_types(toy_adata, tiny_c2s, sentence_key="short", progress=False)

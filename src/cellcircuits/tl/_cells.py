@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from .._compat import warn_at_caller
 from .._keys import SentenceSettings
 from ..models._tokens import tokenize_prompts
+from ..pp._prompts import split_sentence
 from ..pp._sentences import sentences_from_adata
 
 if TYPE_CHECKING:
@@ -25,7 +28,9 @@ def sentences_for(
     if settings.sentence_key in adata.obs.columns:
         stored = adata.obs[settings.sentence_key]
         stored = stored if cells is None else stored.iloc[cells]
-        return stored.fillna("").astype(str).tolist()
+        sentences = stored.fillna("").astype(str).tolist()
+        warn_short_sentences(adata, settings.sentence_key, sentences, int(model.prompt.n_genes))
+        return sentences
     return sentences_from_adata(
         adata,
         n_genes=model.prompt.n_genes,
@@ -35,6 +40,30 @@ def sentences_for(
         random_state=settings.random_state,
         cells=cells,
     )
+
+
+def warn_short_sentences(adata: AnnData, sentence_key: str, sentences: list[str], n_genes: int) -> None:
+    """Warn when stored sentences were cut to fewer genes than the model's prompts hold.
+
+    :func:`cellcircuits.pp.cell_sentences` records its ``n_genes``; a column without that record warns when its
+    longest sentence is shorter than ``n_genes`` (a cell may express fewer genes, but all of them rarely do).
+    """
+    params = adata.uns.get(sentence_key, {})
+    params = params.get("params", {}) if isinstance(params, Mapping) else {}
+    kept = int(params.get("n_genes", -1)) if isinstance(params, Mapping) else -1
+    longest = max((len(split_sentence(s)) for s in sentences), default=0)
+    if 0 < kept < n_genes:
+        what = f"were cut to {kept} genes (cellcircuits.pp.cell_sentences(n_genes={kept}))"
+    elif kept < 0 and not params and 0 < longest < n_genes:
+        what = f"hold at most {longest} genes"
+    else:
+        return
+    msg = (
+        f"The sentences in .obs[{sentence_key!r}] {what}, but the model reads {n_genes} genes per cell, and its "
+        f"prompts say so: rebuild them with cellcircuits.pp.cell_sentences(adata, n_genes={n_genes}) or more (or "
+        "n_genes=None) to give the model the genes it was trained to read."
+    )
+    warn_at_caller(msg)
 
 
 def check_cells(adata: AnnData, batch_size: int) -> None:
@@ -68,4 +97,4 @@ def cell_prompts(
         msg = "adata has no cells."
         raise ValueError(msg)
     sentences = sentences_for(adata, model, settings, cells)
-    return tokenize_prompts(model.tokenizer, model.build_prompts(sentences))
+    return tokenize_prompts(model.tokenizer, model.build_prompts(sentences, settings.organism))

@@ -131,6 +131,7 @@ def trace_circuit(
     use_raw: bool | None = None,
     gene_symbols: str | None = None,
     random_state: int = 0,
+    organism: str | None = None,
     interpret_key: str = "interpret_features",
     key_added: str | None = None,
     progress: bool = True,
@@ -176,6 +177,9 @@ def trace_circuit(
         Targets per backward pass.
     sentence_key, layer, use_raw, gene_symbols, random_state
         Cell sentences, as in :func:`cellcircuits.tl.transcode`; ``random_state`` also seeds the cell sampling.
+    organism
+        Organism named in the prompts (C2S models trained on human and mouse cells read it); default the model's
+        ``prompt.organism``.
     interpret_key
         Where :func:`cellcircuits.tl.interpret_features` stored its table; feature nodes take its labels.
     key_added
@@ -232,7 +236,7 @@ def trace_circuit(
     cell_labels = np.full(len(rows), target, dtype=object) if target is not None else group_of
     for label in pd.unique(cell_labels):
         label_index(model, str(label))
-    sentences = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state)
+    sentences = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state, organism)
     prompts = cell_prompts(adata, model, sentences, cells=rows)
     traced = trace_prompts(
         model, transcoders, prompts, [str(label) for label in cell_labels], group_of.astype(str),

@@ -50,6 +50,7 @@ def evaluate_transcoders(
     n_cells: int | None = None,
     batch_size: int = 16,
     random_state: int = 0,
+    organism: str | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Measure how faithfully each transcoder replaces its MLP, alone and all together.
@@ -85,6 +86,9 @@ def evaluate_transcoders(
         Cells per forward pass.
     random_state
         Seed of the cell subsample and of the tie-break when sentences are built.
+    organism
+        Organism named in the prompts (C2S models trained on human and mouse cells read it); default the model's
+        ``prompt.organism``.
     progress
         Show a progress bar.
 
@@ -128,7 +132,7 @@ def evaluate_transcoders(
     if label_key is not None and label_key not in adata.obs.columns:
         msg = f"label_key {label_key!r} is not a column of .obs; columns are {list(adata.obs.columns)}"
         raise KeyError(msg)
-    settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state)
+    settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state, organism)
     transcoders.check_model(model)
     cells = _cells(adata, n_cells, random_state)
     prompts = cell_prompts(adata, model, settings, cells)

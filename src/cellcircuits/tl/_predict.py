@@ -47,6 +47,7 @@ def predict_cell_types(
     use_raw: bool | None = None,
     gene_symbols: str | None = None,
     random_state: int = 0,
+    organism: str | None = None,
     batch_size: int = 16,
     padding_side: Literal["left", "right"] = "left",
     key_added: str = PREDICTION,
@@ -59,6 +60,13 @@ def predict_cell_types(
     candidate label; the label's log-likelihood (summed over its tokens, plus the end-of-sequence token when the
     model was trained with it) is its score, and a softmax over the candidates gives per-label probabilities.
     The prompt runs once per cell and its key/value cache is shared by the labels.
+
+    A softmax over a closed list has no "other" class: every cell gets one of the candidates, however poorly it
+    fits, and the probabilities say only how the candidates compare. Cell2Sentence itself predicts by generating
+    free text; :func:`cellcircuits.tl.generate_cell_types` does so, and :func:`cellcircuits.tl.generated_labels`
+    turns its answers into a candidate list. The answers are scored in the format of the model's prompt settings
+    (for C2S, ``" " + label + "."`` and the end-of-answer token, which tells a label from a longer label it
+    begins).
 
     Parameters
     ----------
@@ -74,6 +82,9 @@ def predict_cell_types(
         built from ``layer``/``use_raw`` without being stored.
     layer, use_raw, gene_symbols, random_state
         How to build sentences when ``sentence_key`` is absent, as in :func:`cellcircuits.pp.cell_sentences`.
+    organism
+        Organism named in the prompts (C2S models trained on human and mouse cells read it); default the model's
+        ``prompt.organism``.
     batch_size
         Cells per forward pass.
     padding_side
@@ -100,12 +111,12 @@ def predict_cell_types(
     ``.uns[key_added]['params']`` : :class:`dict`
         Model name, labels and settings.
     """
-    settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state)
+    settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state, organism)
     labels = candidate_labels(adata, model, labels, batch_size)
     check_writable(adata, copy, "predict_cell_types")
     sentences = sentences_for(adata, model, settings)
     tok = model.tokenizer
-    prompt_ids = tok([p.text for p in model.build_prompts(sentences)])["input_ids"]
+    prompt_ids = tok([p.text for p in model.build_prompts(sentences, organism)])["input_ids"]
     logprob = score_continuations(
         model.model,
         prompt_ids,
@@ -128,7 +139,12 @@ def predict_cell_types(
             "labels": labels,
             "n_genes": int(model.prompt.n_genes),
             "sentence_key": sentence_key if sentence_key in adata.obs.columns else "",
+            "organism": organism if organism is not None else model.prompt.organism,
+            "answer_prefix": model.prompt.answer_prefix,
+            "answer_suffix": model.prompt.answer_suffix,
             "append_eos": bool(model.prompt.append_eos),
+            "eos_token": model.prompt.eos_token or "",
+            "answer_tokenization": model.prompt.answer_tokenization,
         }
     }
     return adata if copy else None

@@ -69,6 +69,7 @@ def transcode(
     use_raw: bool | None = None,
     gene_symbols: str | None = None,
     random_state: int = 0,
+    organism: str | None = None,
     batch_size: int = 16,
     key_added: str = TRANSCODE,
     progress: bool = True,
@@ -103,6 +104,9 @@ def transcode(
     sentence_key, layer, use_raw, gene_symbols, random_state
         Cell sentences: ``.obs[sentence_key]`` when present, else built from this AnnData ``layer``/``.raw`` as in
         :func:`cellcircuits.pp.cell_sentences`. ``layer`` is an AnnData layer; model layers are ``layers``.
+    organism
+        Organism named in the prompts (C2S models trained on human and mouse cells read it); default the model's
+        ``prompt.organism``.
     batch_size
         Cells per forward pass.
     key_added
@@ -137,7 +141,7 @@ def transcode(
     """
     from .._version import __version__
 
-    settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state)
+    settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state, organism)
     adapter = model.adapter
     transcoders.check_model(model)
     layers = transcoders.layers if layers is None else sorted({adapter.check_layer(int(i)) for i in layers})
@@ -194,6 +198,7 @@ def transcode(
             "gene_tokens": gene_tokens,
             "sentence_key": sentence_key if sentence_key in adata.obs.columns else "",
             "n_genes": int(model.prompt.n_genes),
+            "organism": organism if organism is not None else model.prompt.organism,
             "final_norm_scale": float(scale),
         },
         "transcoders": {str(i): h5ad_safe(transcoders[i].cfg.to_dict()) for i in layers},

@@ -41,6 +41,7 @@ def collect_activations(
     use_raw: bool | None = None,
     gene_symbols: str | None = None,
     random_state: int = 0,
+    organism: str | None = None,
     batch_size: int = 16,
     shard_rows: int = 65536,
     dtype: str = "float16",
@@ -76,6 +77,9 @@ def collect_activations(
     sentence_key, layer, use_raw, gene_symbols, random_state
         Cell sentences: ``.obs[sentence_key]`` when present, else built from this AnnData ``layer``/``.raw`` as in
         :func:`cellcircuits.pp.cell_sentences` (cut to the model's ``n_genes``).
+    organism
+        Organism named in the prompts (C2S models trained on human and mouse cells read it); default the model's
+        ``prompt.organism``.
     batch_size
         Cells per forward pass.
     shard_rows
@@ -96,7 +100,7 @@ def collect_activations(
     if dtype not in ("float16", "bfloat16", "float32"):
         msg = f"dtype must be 'float16', 'bfloat16' or 'float32', got {dtype!r}"
         raise ValueError(msg)
-    settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state)
+    settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state, organism)
     prompts = cell_prompts(adata, model, settings)
     return _collect(
         model,
@@ -134,6 +138,7 @@ def train_transcoders(
     sentence_key: str = "cell_sentence",
     layer: str | None = None,
     use_raw: bool | None = None,
+    organism: str | None = None,
     progress: bool = True,
 ) -> TranscoderSet:
     """Train a transcoder for each chosen MLP of a model, on the model's activations on these cells.
@@ -183,6 +188,9 @@ def train_transcoders(
         Token positions to train on (see :func:`collect_activations`).
     sentence_key, layer, use_raw
         Cell sentences, as in :func:`collect_activations`. ``layer`` is an AnnData layer, not a model layer.
+    organism
+        Organism named in the prompts (C2S models trained on human and mouse cells read it); default the model's
+        ``prompt.organism``.
     progress
         Show progress bars (with loss, FVU and L0 while training).
 
@@ -236,6 +244,7 @@ def train_transcoders(
             sentence_key=sentence_key,
             layer=layer,
             use_raw=use_raw,
+            organism=organism,
             progress=progress,
         )
         return train(opened)
