@@ -127,7 +127,7 @@ class AttributionMixin:
         parts += [(self.errors[m] * grads[m + 1]).sum(-1) for m in range(self.n_layers)]
         return torch.cat(parts, 1)
 
-    def attribute(self, targets: Sequence[Target], *, batch_size: int = 32) -> Attribution:
+    def attribute(self, targets: Sequence[Target], *, batch_size: int = 32, on_device: bool = False) -> Attribution:
         """Direct attributions of each target to every node, by batched backward passes.
 
         Parameters
@@ -136,10 +136,12 @@ class AttributionMixin:
             Feature pre-activations and/or logit targets.
         batch_size
             Targets per backward pass; memory grows with it (about ``(n_layers + 1) * batch_size * T * d`` floats).
+        on_device
+            Keep the attribution matrix on the model's device (default: move it to CPU).
 
         Returns
         -------
-        Values, the ``(n_targets, n_nodes)`` attribution matrix (on CPU) and the bias terms.
+        Values, the ``(n_targets, n_nodes)`` attribution matrix and the bias terms.
         """
         if batch_size < 1:
             msg = f"batch_size must be a positive integer, got {batch_size!r}"
@@ -151,7 +153,8 @@ class AttributionMixin:
             readout = self._readout(batch)
             v, grads, _ = self._gradients(readout)
             with torch.no_grad():
-                rows.append(self._attribution_rows(grads).cpu())
+                matrix = self._attribution_rows(grads)
+                rows.append(matrix if on_device else matrix.cpu())
                 values.append(v.cpu())
                 # every source zeroed: by linearity, what the frozen model adds on its own
                 zero = torch.zeros(1, len(self.nodes), device=self.device)
@@ -160,6 +163,6 @@ class AttributionMixin:
         return Attribution(
             targets,
             torch.cat(values) if values else empty,
-            torch.cat(rows) if rows else torch.zeros(0, len(self.nodes)),
+            torch.cat(rows) if rows else torch.zeros(0, len(self.nodes), device=self.device if on_device else "cpu"),
             torch.cat(bias) if bias else empty,
         )

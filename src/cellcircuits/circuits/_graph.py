@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import sparse
 
 from ._kinds import NodeKind
 from ._prune import completeness_score, prune_graph, replacement_score
+from ._select import select_features
 from ._targets import FeatureTarget
 
 if TYPE_CHECKING:
@@ -38,63 +40,19 @@ class Graph:
     """``replacement`` and ``completeness`` of the whole graph, and of the pruned one (``*_pruned``)."""
 
 
-def _influence_of_rows(R: np.ndarray, selected_cols: np.ndarray) -> np.ndarray:
-    """Influence of every column node, given rows for the target (row 0) and the selected features (rows 1..).
-
-    ``R`` holds absolute row-normalised attributions ``(1 + S, n)``; ``selected_cols[k]`` is the column of row
-    ``k + 1``. Influence flows from the target (weight 1) down the rows; columns without a row are leaves.
-    """
-    C = R[:, selected_cols]  # (1 + S, S): share of each row's input from each selected feature
-    reach = np.zeros(R.shape[0])
-    frontier = np.zeros(R.shape[0])
-    frontier[0] = 1.0
-    for _ in range(R.shape[0]):  # a DAG: the frontier dies out within its depth
-        step = frontier @ C
-        if not np.any(step > 1e-15):
-            break
-        frontier = np.concatenate([[0.0], step])
-        reach += frontier
-    reach[0] = 1.0  # the target's own weight
-    return reach @ R
-
-
-def select_features(
-    rm: ReplacementModel, target_row: np.ndarray, *, max_feature_nodes: int, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pick the features with most influence on the target, computing their attribution rows in batches.
-
-    Starting from the direct attributions, the next batch is always the unselected features of highest influence
-    estimated through the rows computed so far (the circuit-tracing recipe, so features that act only through others
-    are found too). Returns the selected node indices and their ``(S, n_nodes)`` attribution rows.
-    """
-    nodes = rm.nodes
-    is_feature = nodes.kind == "feature"
-    rows = [target_row]
-    selected: list[int] = []
-    while len(selected) < max_feature_nodes:
-        A = np.abs(np.stack(rows))
-        R = A / np.maximum(A.sum(1, keepdims=True), 1e-30)
-        influence = _influence_of_rows(R, np.asarray(selected, dtype=np.int64))
-        influence[~is_feature] = -1.0
-        influence[selected] = -1.0
-        order = np.argsort(-influence, kind="stable")
-        take = [int(i) for i in order[: min(batch_size, max_feature_nodes - len(selected))] if influence[i] > 0]
-        if not take:
-            break
-        targets = [FeatureTarget(int(nodes.layer[i]), int(nodes.position[i]), int(nodes.feature[i])) for i in take]
-        rows += list(rm.attribute(targets, batch_size=batch_size).matrix.numpy())
-        selected += take
-    return np.asarray(selected, dtype=np.int64), np.stack(rows[1:]) if selected else np.zeros((0, len(nodes)))
-
-
 def compact_matrix(
-    rm: ReplacementModel, target_row: np.ndarray, selected: np.ndarray, rows: np.ndarray
+    rm: ReplacementModel,
+    target_row: np.ndarray | torch.Tensor,
+    selected: np.ndarray,
+    rows: np.ndarray | torch.Tensor,
 ) -> tuple[sparse.csr_array, np.ndarray]:
     """The square adjacency matrix over ``[target, selected features, tokens, errors]`` and each row's node index.
 
     Features that were not selected are folded into the error node of their layer and position: with the error,
     they are the part of that MLP output the graph does not resolve into its features. Only the target and the
-    selected features have inputs, so the matrix is kept sparse: ``(1 + S) x N`` values, not ``N x N``.
+    selected features have inputs, so the matrix is kept sparse: ``(1 + S) x N`` values, not ``N x N``. The folding
+    runs where ``rows`` are (the model's device); only the compact ``(1 + S) x (1 + S + tokens + errors)`` block moves
+    to the host.
     """
     nodes = rm.nodes
     tokens = np.arange(nodes.token_slice.start, nodes.token_slice.stop)
@@ -105,9 +63,11 @@ def compact_matrix(
     unselected = np.flatnonzero((nodes.kind == "feature") & (column < 0))
     errors_at = {(int(nodes.layer[e]), int(nodes.position[e])): column[e] for e in errors}
     column[unselected] = [errors_at[int(nodes.layer[i]), int(nodes.position[i])] for i in unselected]
-    block = np.zeros((1 + len(selected), len(order)), dtype=np.float64)
-    for r, row in enumerate([target_row, *rows]):
-        np.add.at(block[r], column, row)
+    rows_t = torch.as_tensor(rows)
+    source = torch.cat([torch.as_tensor(target_row).to(rows_t)[None], rows_t.reshape(len(selected), -1)]).double()
+    block_t = torch.zeros(1 + len(selected), len(order), dtype=torch.float64, device=source.device)
+    block_t.index_add_(1, torch.as_tensor(column, device=source.device), source)
+    block = block_t.cpu().numpy()
     A = sparse.vstack([sparse.csr_array(block), sparse.csr_array((len(order) - len(block), len(order)))])
     return sparse.csr_array(A), order
 
@@ -172,7 +132,8 @@ def attribution_graph(
     attribution = rm.attribute([target], batch_size=1)
     target_row = attribution.matrix[0].numpy().astype(np.float64)
     selected, rows = select_features(rm, target_row, max_feature_nodes=max_feature_nodes, batch_size=batch_size)
-    A, order = compact_matrix(rm, target_row, selected, rows.astype(np.float64))
+    A, order = compact_matrix(rm, target_row, selected, rows)
+    row_sums = rows.double().sum(1).cpu().numpy()
     n_rows = 1 + len(selected)
     nodes = rm.nodes
     kind = np.array([NodeKind.TARGET.tag, *nodes.kind[order[1:]]], dtype=object)
@@ -185,7 +146,7 @@ def attribution_graph(
         "replacement_pruned": replacement_score(A, codes, node_mask=pruned.node_mask, edge_mask=pruned.edge_mask),
         "completeness_pruned": completeness_score(A, codes, node_mask=pruned.node_mask, edge_mask=pruned.edge_mask),
     }
-    values = np.concatenate([[float(attribution.values[0])], rows.sum(1) + _biases(rm, selected)])
+    values = np.concatenate([[float(attribution.values[0])], row_sums + _biases(rm, selected)])
     values = np.concatenate([values, np.full(len(order) - n_rows, np.nan)])
     effect = total_effect(A[:n_rows].toarray(), values, n_rows)
 

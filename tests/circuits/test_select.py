@@ -1,0 +1,96 @@
+"""Feature selection: the incremental influence estimate equals the from-scratch one, batch after batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cellcircuits.circuits._select import InfluenceTracker, influence_from_rows, select_features
+from cellcircuits.circuits._targets import FeatureTarget, LogitTarget
+
+
+def numpy_influence(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Reference: reach of each row by walking the row-normalised absolute attributions down from the target."""
+    A = np.abs(rows)
+    R = A / np.maximum(A.sum(1, keepdims=True), 1e-30)
+    reach = np.zeros(len(R))
+    reach[0] = 1.0
+    # reach[k] = sum_j reach[j] * R[j, cols[k-1]], solved by fixed-point iteration on a DAG
+    for _ in range(len(R) + 1):
+        new = np.concatenate([[1.0], reach @ R[:, cols]])
+        if np.allclose(new, reach, rtol=0, atol=1e-15):
+            break
+        reach = new
+    return reach @ R
+
+
+def random_dag_rows(rng, n_nodes: int, n_rows: int):
+    """A target row and feature rows whose sources all sit earlier in a random order of the nodes (a DAG)."""
+    rank = rng.permutation(n_nodes)
+    cols = rng.choice(n_nodes, size=n_rows, replace=False)
+    target = rng.normal(size=n_nodes) * (rng.random(n_nodes) < 0.5)
+    rows = np.zeros((n_rows, n_nodes))
+    for r, c in enumerate(cols):
+        earlier = rank < rank[c]
+        rows[r] = rng.normal(size=n_nodes) * earlier * (rng.random(n_nodes) < 0.6)
+    return target, cols, rows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_incremental_influence_equals_from_scratch_after_every_batch(seed):
+    rng = np.random.default_rng(seed)
+    target, cols, rows = random_dag_rows(rng, n_nodes=60, n_rows=24)
+    tracker = InfluenceTracker(torch.as_tensor(target), capacity=24)
+    np.testing.assert_allclose(tracker.influence.numpy(), np.abs(target) / np.abs(target).sum(), rtol=1e-12)
+    start = 0
+    for size in (1, 5, 3, 8, 7):
+        batch = slice(start, start + size)
+        tracker.add(torch.as_tensor(cols[batch]), torch.as_tensor(rows[batch]))
+        start += size
+        stacked = np.vstack([target, rows[:start]])
+        expected = numpy_influence(stacked, cols[:start])
+        np.testing.assert_allclose(tracker.influence.numpy(), expected, rtol=1e-10, atol=1e-14)
+        scratch = influence_from_rows(torch.as_tensor(stacked), torch.as_tensor(cols[:start]))
+        np.testing.assert_allclose(scratch.numpy(), expected, rtol=1e-10, atol=1e-14)
+    assert tracker.size == 24 and (tracker.selected().numpy() == cols).all()
+    np.testing.assert_array_equal(tracker.feature_rows().numpy(), rows)
+    with pytest.raises(ValueError, match="capacity"):
+        tracker.add(torch.as_tensor(cols[:1]), torch.as_tensor(rows[:1]))
+
+
+def test_influence_flows_through_a_chain():
+    # target <- a (all of its input) <- b: b's influence reaches the target only through a's row
+    target = np.array([0.0, 2.0, 0.0, 2.0])  # nodes: 0 unused, 1 = a, 2 = b, 3 = a leaf
+    tracker = InfluenceTracker(torch.as_tensor(target), capacity=2)
+    assert tracker.influence[2] == 0.0
+    tracker.add(torch.tensor([1]), torch.tensor([[0.0, 0.0, -3.0, 1.0]]))
+    np.testing.assert_allclose(tracker.influence.numpy(), [0.0, 0.5, 0.5 * 0.75, 0.5 + 0.5 * 0.25])
+
+
+def test_selection_equals_a_from_scratch_selection(case):
+    rm = case.rm
+    target = LogitTarget(rm.n_positions - 1, 3, (4, 5, 6))
+    row = rm.attribute([target]).matrix[0].double()
+    selected, rows = select_features(rm, row, max_feature_nodes=12, batch_size=4)
+    # reference: recompute influence from every row before each batch, in numpy
+    nodes = rm.nodes
+    chosen: list[int] = []
+    all_rows = [row.numpy()]
+    while len(chosen) < 12:
+        influence = numpy_influence(np.vstack(all_rows), np.asarray(chosen, dtype=np.int64))
+        influence[nodes.kind != "feature"] = -1.0
+        influence[chosen] = -1.0
+        take = [int(i) for i in np.argsort(-influence, kind="stable")[:4] if influence[i] > 0]
+        targets = [FeatureTarget(int(nodes.layer[i]), int(nodes.position[i]), int(nodes.feature[i])) for i in take]
+        all_rows += list(rm.attribute(targets).matrix.double().numpy())
+        chosen += take
+    assert set(selected.tolist()) == set(chosen)
+    order = np.argsort(selected)
+    np.testing.assert_allclose(rows.numpy()[order], np.vstack(all_rows[1:])[np.argsort(chosen)], rtol=1e-6, atol=1e-7)
+
+
+def test_max_feature_nodes_below_one_is_refused(case):
+    row = torch.zeros(len(case.rm.nodes))
+    with pytest.raises(ValueError, match="max_feature_nodes must be a positive integer"):
+        select_features(case.rm, row, max_feature_nodes=0, batch_size=4)
