@@ -5,6 +5,7 @@ Test modules import from here (``from ..helpers import make_tiny``), never from 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import anndata as ad
@@ -59,6 +60,29 @@ def make_tiny(arch: str, vocab_size: int, *, seed: int = 0, attn: str = "eager")
         raise ValueError(arch)
     model.config._attn_implementation = attn
     return model.eval()
+
+
+@contextmanager
+def forced_tokens(model: torch.nn.Module, tokens: list[int]):
+    """Inside the block, the ``k``-th forward pass of ``model`` puts a huge logit on ``tokens[k]`` at the last position.
+
+    A hook on the unembedding, so greedy decoding emits ``tokens`` in order (whatever the batch); passes after the
+    last token are left alone. Yields a list that gets one entry per forward pass.
+    """
+    passes: list[int] = []
+
+    def hook(_module, _args, output):
+        if len(passes) < len(tokens):
+            output = output.clone()
+            output[:, -1, tokens[len(passes)]] += 1e4
+        passes.append(len(passes))
+        return output
+
+    handle = model.get_output_embeddings().register_forward_hook(hook)
+    try:
+        yield passes
+    finally:
+        handle.remove()
 
 
 # Transcoders for ``tiny_c2s`` (tests/tl)

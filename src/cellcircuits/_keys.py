@@ -9,6 +9,8 @@ Key                                       Written by
 ========================================  =======================================================================
 ``.obs[key_added]``                       :func:`~cellcircuits.tl.predict_cell_types` (``"c2s_cell_type"``)
 ``.obsm[f"{key_added}_proba"]``           the same, with ``f"{key_added}_logprob"``
+``.obs[key_added]``                       :func:`~cellcircuits.tl.generate_cell_types`
+                                          (``"c2s_generated_cell_type"``)
 ``.obsm[f"X_{key}_L{l}"]``                :func:`~cellcircuits.tl.transcode` (``"transcoder"``), per model layer
 ``.varm[f"{key}_L{l}_in"]``, ``_out``     the same: feature-gene input and output maps
 ``.uns[f"{key}_L{l}_{side}_enrichment"]`` :func:`~cellcircuits.tl.feature_enrichment`
@@ -30,6 +32,7 @@ import numpy as np
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    import pandas as pd
     from anndata import AnnData
     from scipy import sparse
 
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
 CIRCUITS = "circuits"
 #: Default ``key_added`` of the tools.
 PREDICTION = "c2s_cell_type"
+GENERATION = "c2s_generated_cell_type"
 TRANSCODE = "transcoder"
 INTERPRET = "interpret_features"
 RANK_FEATURES = "rank_features_groups"
@@ -102,6 +106,14 @@ def transcode_result(adata: AnnData, key: str) -> dict:
         msg = f".uns[{key!r}] not found; run cellcircuits.tl.transcode(adata, model, transcoders) first."
         raise KeyError(msg)
     return adata.uns[key]
+
+
+def generated_answers(adata: AnnData, key: str) -> pd.Series:
+    """The answers :func:`cellcircuits.tl.generate_cell_types` stored in ``.obs[key]``; clear error if absent."""
+    if key not in adata.obs.columns:
+        msg = f".obs[{key!r}] not found; run cellcircuits.tl.generate_cell_types(adata, model) first."
+        raise KeyError(msg)
+    return adata.obs[key]
 
 
 def circuit_keys(adata: AnnData) -> list[str]:

@@ -1,6 +1,7 @@
 """Causal-LM loading, architecture adapters, hooks, gene <-> token alignment, gene spelling and the shipped model."""
 
 from ._adapter import AttentionWeights, HookPoint, ModelAdapter, spec_for
+from ._generate import generate_answers
 from ._hooks import record
 from ._load import SHIPPED_MODELS, C2SModel, ModelLoadError, load, shipped_model_path
 from ._presets import PRESETS, Preset, get_preset
@@ -22,6 +23,7 @@ __all__ = [
     "distinguishing_tokens",
     "end_of_answer_id",
     "gene_token_positions",
+    "generate_answers",
     "get_preset",
     "identifying_offsets",
     "label_token_ids",

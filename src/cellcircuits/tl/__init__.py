@@ -3,6 +3,7 @@
 from ._circuits import trace_circuit
 from ._enrichment import feature_enrichment
 from ._evaluate import evaluate_transcoders
+from ._generate import generate_cell_types, generated_labels
 from ._interpret import interpret_features
 from ._predict import predict_cell_types
 from ._rank_features import rank_features_groups
@@ -15,6 +16,8 @@ __all__ = [
     "collect_activations",
     "evaluate_transcoders",
     "feature_enrichment",
+    "generate_cell_types",
+    "generated_labels",
     "interpret_features",
     "predict_cell_types",
     "rank_features_groups",
