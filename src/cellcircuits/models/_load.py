@@ -47,10 +47,10 @@ class C2SModel:
 
     Calls on one model from several threads run one at a time: every tool that hooks the model, switches its
     attention implementation or runs it (:func:`cellcircuits.tl.transcode`, :func:`cellcircuits.tl.trace_circuit`,
-    :func:`cellcircuits.tl.predict_cell_types`, :func:`cellcircuits.models.record`,
-    :func:`cellcircuits.transcoders.splice`, ...) holds the model's re-entrant lock (:meth:`exclusive`) while it does,
-    so concurrent calls give the results of sequential ones. Hold the lock yourself around your own forward passes
-    when other threads may hook the model meanwhile.
+    :func:`cellcircuits.tl.predict_cell_types`, :func:`cellcircuits.tl.generate_cell_types`,
+    :func:`cellcircuits.models.record`, :func:`cellcircuits.transcoders.splice`, ...) holds the model's re-entrant
+    lock (:meth:`exclusive`) while it does, so concurrent calls give the results of sequential ones. Hold the lock
+    yourself around your own forward passes when other threads may hook the model meanwhile.
     """
 
     model: PreTrainedModel
