@@ -10,7 +10,7 @@ from scipy import sparse
 from cellcircuits.models import C2SModel, ModelAdapter, train_tokenizer
 from cellcircuits.pp import PromptConfig, build_prompt
 
-from .helpers import GENES, LABELS, make_circuit_adata, make_tiny
+from .helpers import GENES, HUB_KINDS, LABELS, make_circuit_adata, make_tiny, save_hub_checkpoint
 
 
 def pytest_collection_modifyitems(config, items):
@@ -56,6 +56,13 @@ def tiny_c2s(tiny_tokenizer) -> C2SModel:
     model = make_tiny("gpt_neox", len(tiny_tokenizer), attn="sdpa")
     prompt = PromptConfig(n_genes=8, labels=LABELS, append_eos=True)
     return C2SModel(model=model, tokenizer=tiny_tokenizer, adapter=ModelAdapter(model), prompt=prompt, name="tiny")
+
+
+@pytest.fixture(scope="session")
+def hub_checkpoints(tmp_path_factory) -> dict:
+    """Per kind of ``helpers.HUB_KINDS``, a directory holding a tiny checkpoint as the Hub gives it (no settings)."""
+    root = tmp_path_factory.mktemp("hub")
+    return {kind: save_hub_checkpoint(kind, root / kind) for kind in HUB_KINDS}
 
 
 @pytest.fixture

@@ -102,6 +102,88 @@ def tiny_tset(layers=(0, 1)) -> TranscoderSet:
     return TranscoderSet(tcs, n_layers_model=2)
 
 
+# Checkpoints in the Hub's layout (tests/models, tests/tl): weights and tokenizer saved by ``save_pretrained``, no
+# cellcircuits.json, as a public C2S checkpoint comes. Each pairs a tiny random model with its family's tokenizer
+# type, trained here on C2S training texts: GPT-NeoX with a byte-level BPE (Pythia's: <|endoftext|>, no BOS),
+# Gemma-2 with a Gemma tokenizer (BPE with byte fallback, <bos> added, <eos>, <pad>, <start_of_turn>/<end_of_turn>),
+# Llama with a Llama tokenizer (BPE with byte fallback and a prefix space, <s> added, </s>).
+
+#: Cell Ontology names as CELLxGENE gives them: the first is the start of the second.
+ONTOLOGY_LABELS = [
+    "CD8-positive, alpha-beta memory T cell",
+    "CD8-positive, alpha-beta memory T cell, CD45RO-positive",
+    "classical monocyte",
+    "naive B cell",
+]
+HUB_KINDS = {"pythia": "gpt_neox", "gemma2": "gemma2", "llama": "llama"}  # checkpoint kind: architecture
+#: Tokenizer class of each kind, as transformers names it (v5 drops the "Fast" of v4's names).
+HUB_TOKENIZER_CLASSES = {"pythia": "GPTNeoXTokenizer", "gemma2": "GemmaTokenizer", "llama": "LlamaTokenizer"}
+
+
+def c2s_training_texts(n: int = 300, seed: int = 0, labels=ONTOLOGY_LABELS) -> list[str]:
+    """Full C2S training texts (default prompt settings) without the end token: prompt + " " + label + "."."""
+    rng = np.random.default_rng(seed)
+    config = cc.pp.PromptConfig()
+    texts = []
+    for i in range(n):
+        genes = list(rng.permutation(GENES)[: rng.integers(3, 9)])
+        texts.append(cc.pp.build_prompt(genes, config).text + " " + labels[i % len(labels)] + ".")
+    return texts
+
+
+def _sentencepiece_like_vocab(texts, specials, n_trained: int, prefix_space: bool):
+    """Vocabulary (specials, 256 byte-fallback tokens, BPE pieces) and merges of a SentencePiece-style BPE.
+
+    Pieces are learnt within words ("\u2581" starts a word, punctuation stands alone), so the family tokenizer, which
+    merges over the whole text, tokenizes as the training did.
+    """
+    import json
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\u2581", "merged_with_next"), pre_tokenizers.Punctuation("isolated")]
+    )
+    trainer = trainers.BpeTrainer(vocab_size=n_trained, min_frequency=2, show_progress=False)
+    tok.train_from_iterator((" " + t if prefix_space else t for t in texts), trainer)
+    model = json.loads(tok.to_str())["model"]
+    vocab = {token: i for i, token in enumerate(specials)}
+    vocab.update({f"<0x{b:02X}>": len(specials) + b for b in range(256)})
+    for piece, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return vocab, merges
+
+
+def hub_tokenizer(kind: str, texts):
+    """The tokenizer type of a checkpoint kind (``HUB_KINDS``), trained on ``texts``."""
+    from transformers import GemmaTokenizer, GPTNeoXTokenizer, LlamaTokenizer
+
+    if kind == "pythia":
+        return GPTNeoXTokenizer().train_new_from_iterator(texts, vocab_size=400)
+    if kind == "gemma2":
+        turns = ["<start_of_turn>", "<end_of_turn>"]
+        vocab, merges = _sentencepiece_like_vocab(
+            texts, ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", *turns], 200, prefix_space=False
+        )
+        return GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, extra_special_tokens=turns)
+    if kind == "llama":
+        vocab, merges = _sentencepiece_like_vocab(texts, ["<unk>", "<s>", "</s>"], 200, prefix_space=True)
+        return LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+    raise ValueError(kind)
+
+
+def save_hub_checkpoint(kind: str, directory, texts=None):
+    """Save a tiny random model of ``kind`` and its trained tokenizer to ``directory``, without cellcircuits.json."""
+    tokenizer = hub_tokenizer(kind, c2s_training_texts() if texts is None else texts)
+    model = make_tiny(HUB_KINDS[kind], len(tokenizer), attn="sdpa" if kind != "gemma2" else "eager")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 # Replacement-model cases (tests/circuits): tiny random models of each architecture, and the shipped model.
 # Tiny random models (norms and biases perturbed, weights large enough that attention is far from uniform and
 # Gemma-2's softcaps bite) get random transcoders on some layers, the middle layer left uncovered. Cases are built

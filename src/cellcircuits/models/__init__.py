@@ -1,6 +1,7 @@
 """Causal-LM loading, architecture adapters, hooks, gene <-> token alignment, gene spelling and the shipped model."""
 
 from ._adapter import AttentionWeights, HookPoint, ModelAdapter, spec_for
+from ._answer_check import compare_answer_formats
 from ._generate import generate_answers
 from ._hooks import record
 from ._load import SHIPPED_MODELS, C2SModel, ModelLoadError, load, shipped_model_path
@@ -20,6 +21,7 @@ __all__ = [
     "ModelLoadError",
     "Preset",
     "TokenizedPrompt",
+    "compare_answer_formats",
     "distinguishing_tokens",
     "end_of_answer_id",
     "gene_token_positions",

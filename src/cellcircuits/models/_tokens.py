@@ -110,8 +110,8 @@ def end_of_answer_id(tokenizer: PreTrainedTokenizerFast, config: PromptConfig) -
             msg = "the tokenizer has no EOS token; set the prompt settings' eos_token (or append_eos=False)"
             raise ValueError(msg)
         return int(tokenizer.eos_token_id)
-    token_id = tokenizer.convert_tokens_to_ids(config.eos_token)
-    if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
+    token_id = tokenizer.get_vocab().get(config.eos_token)  # added and special tokens included
+    if token_id is None:
         msg = f"the tokenizer has no token {config.eos_token!r} (the prompt settings' eos_token)"
         raise ValueError(msg)
     return int(token_id)
