@@ -227,6 +227,24 @@ def test_edge_via_heads_adds_up(case: Case):
             assert via.values[:, -1].abs().max() == 0
 
 
+def test_batched_head_splits_equal_one_target_at_a_time(case: Case):
+    rm, nodes = case.rm, case.rm.nodes
+    rng = np.random.default_rng(6)
+    layers = sorted(rm.features)
+    targets = [*_logit_targets(rm)[:2], *_feature_targets(rm, layers[-1], 1, 6)[:3]]
+    sources = [rng.choice(len(nodes), int(rng.integers(1, 40)), replace=False) for _ in targets]
+    batched = rm.edges_via_heads(targets, sources, batch_size=2)  # batches of 2, 2 and 1 targets
+    assert len(batched) == len(targets)
+    for t, src, split in zip(targets, sources, batched, strict=True):
+        single = rm.edge_via_heads(t, src)
+        assert split.columns == single.columns and split.values.shape == single.values.shape
+        scale = max(1.0, float(single.values.abs().max()))
+        assert_close(split.values, single.values, rtol=0, atol=1e-5 * scale)
+        assert_close(split.total, single.total, rtol=0, atol=1e-6 * scale)
+    with pytest.raises(ValueError, match="2 targets for 1 source lists"):
+        rm.edges_via_heads(targets[:2], sources[:1])
+
+
 def test_last_layer_heads_are_ov_circuits():
     """Rebuilt from the model's own weights and patterns: what a source sends through a head of the last layer.
 

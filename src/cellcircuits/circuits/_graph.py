@@ -119,7 +119,8 @@ def attribution_graph(
     node_threshold, edge_threshold
         Fractions of influence kept by pruning (:func:`cellcircuits.circuits.prune_graph`), in ``(0, 1]``.
     via_heads
-        Split each kept edge by the first attention head it crosses (one backward pass per kept node with inputs).
+        Split each kept edge by the first attention head it crosses (batched backward passes, ``batch_size`` kept
+        nodes with inputs each).
 
     Returns
     -------
@@ -180,7 +181,7 @@ def attribution_graph(
         }
     )
     if via_heads and len(edges):
-        _split_edges(rm, target, node_table, edges, order, keep)
+        _split_edges(rm, target, node_table, edges, order, keep, batch_size)
     return Graph(node_table, edges, float(attribution.values[0]), scores)
 
 
@@ -202,17 +203,22 @@ def _split_edges(
     edges: pd.DataFrame,
     order: np.ndarray,
     keep: np.ndarray,
+    batch_size: int = 32,
 ) -> None:
-    """Fill ``via`` and ``via_share`` of every edge: one head split per node that has kept inputs."""
+    """Fill ``via`` and ``via_share`` of every edge: the head split of every node with kept inputs, batched."""
     nodes = rm.nodes
-    for t_row, group in edges.groupby("target"):
+    groups = list(edges.groupby("target"))
+    readouts: list[Target] = []
+    sources = []
+    for t_row, group in groups:
         node = int(order[keep[t_row]])
         if node < 0:
-            readout = target
+            readouts.append(target)
         else:
-            readout = FeatureTarget(int(nodes.layer[node]), int(nodes.position[node]), int(nodes.feature[node]))
-        sources = order[keep[group["source"].to_numpy()]]
-        split = rm.edge_via_heads(readout, sources)
+            readouts.append(FeatureTarget(int(nodes.layer[node]), int(nodes.position[node]), int(nodes.feature[node])))
+        sources.append(order[keep[group["source"].to_numpy()]])
+    splits = rm.edges_via_heads(readouts, sources, batch_size=batch_size)
+    for (_, group), split in zip(groups, splits, strict=True):
         parts = split.values.numpy()
         best = np.abs(parts).argmax(1)
         share = np.abs(parts).max(1) / np.maximum(np.abs(parts).sum(1), 1e-30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -105,34 +106,80 @@ class ViaHeadsMixin:
         -------
         The split, whose columns add up to the direct edge weights.
         """
-        index = np.asarray(sources, dtype=np.int64).reshape(-1)
-        readout = self._readout([target])
+        return self.edges_via_heads([target], [sources])[0]
+
+    def edges_via_heads(
+        self, targets: Sequence[Target], sources: Sequence[Sequence[int] | np.ndarray], *, batch_size: int = 32
+    ) -> list[ViaHeads]:
+        """:meth:`edge_via_heads` for many targets, each with its own sources, in batched backward passes.
+
+        Parameters
+        ----------
+        targets
+            The targets (e.g. every kept node of a graph that has kept inputs).
+        sources
+            Per target, the node indices of its sources.
+        batch_size
+            Targets per backward pass.
+
+        Returns
+        -------
+        One split per target.
+        """
+        if len(targets) != len(sources):
+            msg = f"{len(targets)} targets for {len(sources)} source lists"
+            raise ValueError(msg)
+        out: list[ViaHeads] = []
+        for start in range(0, len(targets), batch_size):
+            out += self._split_batch(
+                list(targets[start : start + batch_size]), list(sources[start : start + batch_size])
+            )
+        return out
+
+    def _split_batch(self, targets: list[Target], sources: list[Sequence[int] | np.ndarray]) -> list[ViaHeads]:
+        """One backward pass for ``targets``; every (target, source) pair split at once."""
+        index_of = [np.asarray(s, dtype=np.int64).reshape(-1) for s in sources]
+        counts = [len(i) for i in index_of]
+        index = np.concatenate(index_of) if index_of else np.zeros(0, dtype=np.int64)
+        dev = self.device
+        owner = torch.as_tensor(np.repeat(np.arange(len(targets)), counts), dtype=torch.long, device=dev)
+        readout = self._readout(targets)
         _, grads, probe_grads = self._gradients(readout, probes=True)
         assert probe_grads is not None  # given with probes=True
         v, src_layer, q = self._source_vectors(index)
         H, L = self.adapter.n_heads, self.n_layers
         with torch.no_grad():
-            total = self._attribution_rows(grads)[0, torch.as_tensor(index, device=self.device)]
+            rows = self._attribution_rows(grads)  # (K, n_nodes)
+            total = rows[owner, torch.as_tensor(index, device=dev)]
             heads = v.new_zeros(len(index), L * H)
             skip = torch.zeros_like(v)  # what the skip connections have added so far, at the source's position
-            target_layer = int(readout.layer[0])
-            skip_at_target = skip
+            target_layer = readout.layer.to(dev)[owner]
+            skip_at_target = torch.zeros_like(v)
             for m in range(L):
-                if m == target_layer:
-                    skip_at_target = skip.clone()
+                here_now = target_layer == m
+                skip_at_target[here_now] = skip[here_now]
                 r = (v + skip) * (src_layer < m)[:, None]  # only sources written before layer m reach it
                 att = self.attention[m]
                 value_in = torch.einsum("sd,hde->she", self.norms[m, "attn_in_norm"](r, q, bias=False), att.W_V)
-                # sum_p pattern[h, p, q] grad[p] W_O[h]^T: the gradient at head h's value of key position q
-                at_value = torch.einsum("pd,hed->hpe", probe_grads[m][0], att.W_O)  # gradient at each head's z
-                back = att.pattern.transpose(1, 2) @ at_value
-                heads[:, m * H : (m + 1) * H] = (value_in * back[:, q].transpose(0, 1)).sum(-1)
+                # sum_p pattern[h, p, q] grad[p] W_O[h]^T: each target's gradient at each head's value of key q
+                at_value = torch.einsum("kpd,hed->khpe", probe_grads[m], att.W_O)
+                back = att.pattern.transpose(1, 2)[None] @ at_value  # (K, H, T, d_head)
+                heads[:, m * H : (m + 1) * H] = (value_in * back[owner, :, q]).sum(-1)
                 skip = skip + self._skip_out(m, self.norms[m, "mlp_in_norm"](r, q, bias=False))
-            if target_layer == L:
-                skip_at_target = skip
-            norm = self.norms["final"] if target_layer == L else self.norms[target_layer, "mlp_in_norm"]
-            here = ((q == readout.position[0]) & (src_layer < target_layer)).float()
-            residual = (norm(v, q, bias=False) @ readout.weight[0]) * here
-            skipped = (norm(skip_at_target, q, bias=False) @ readout.weight[0]) * here
+            at_end = target_layer == L
+            skip_at_target[at_end] = skip[at_end]
+            residual = torch.zeros(len(index), dtype=v.dtype, device=dev)
+            skipped = torch.zeros_like(residual)
+            position = readout.position.to(dev)[owner]
+            weight = readout.weight.to(dev)[owner]
+            for layer in torch.unique(target_layer).tolist():
+                mine = target_layer == layer
+                norm = self.norms["final"] if layer == L else self.norms[layer, "mlp_in_norm"]
+                here = ((q[mine] == position[mine]) & (src_layer[mine] < layer)).to(v.dtype)
+                residual[mine] = (norm(v[mine], q[mine], bias=False) * weight[mine]).sum(-1) * here
+                skipped[mine] = (norm(skip_at_target[mine], q[mine], bias=False) * weight[mine]).sum(-1) * here
+            values = torch.cat([heads, residual[:, None], skipped[:, None]], 1).cpu()
+            total = total.cpu()
         columns = [f"L{m}.H{h}" for m in range(L) for h in range(H)] + ["residual", "skip"]
-        return ViaHeads(torch.cat([heads, residual[:, None], skipped[:, None]], 1).cpu(), columns, total.cpu())
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        return [ViaHeads(values[a:b], columns, total[a:b]) for a, b in itertools.pairwise(bounds)]
