@@ -17,10 +17,11 @@ def test_compact_matrix_rows_are_exact_and_fold_unselected_features(case):
     rm, target = case.rm, _target(case.rm)
     att = rm.attribute([target])
     row = att.matrix[0].numpy().astype(np.float64)
-    selected, rows = select_features(rm, row, max_feature_nodes=10, batch_size=4)
+    selected, tracker = select_features(rm, row, max_feature_nodes=10, batch_size=4)
+    rows = tracker.feature_rows().numpy()
     assert len(selected) == 10 and len(set(selected.tolist())) == 10
     assert (rm.nodes.kind[selected] == "feature").all()
-    A, order = compact_matrix(rm, row, selected, rows)
+    A, order = compact_matrix(rm, selected, tracker)
     A = A.toarray()
     # folding moves attribution between columns but never changes a row's total
     np.testing.assert_allclose(A[0].sum(), row.sum(), rtol=1e-6, atol=1e-6)

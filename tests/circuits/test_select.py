@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from cellcircuits.circuits._select import InfluenceTracker, influence_from_rows, select_features
+from cellcircuits.circuits._graph import attribution_graph
+from cellcircuits.circuits._select import InfluenceTracker, RowStore, influence_from_rows, parse_bytes, select_features
 from cellcircuits.circuits._targets import FeatureTarget, LogitTarget
 
 
@@ -37,11 +39,12 @@ def random_dag_rows(rng, n_nodes: int, n_rows: int):
     return target, cols, rows
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_incremental_influence_equals_from_scratch_after_every_batch(seed):
+@pytest.mark.parametrize(("seed", "near_rows"), [(0, None), (1, None), (2, None), (0, 4), (1, 1)])
+def test_incremental_influence_equals_from_scratch_after_every_batch(seed, near_rows):
     rng = np.random.default_rng(seed)
     target, cols, rows = random_dag_rows(rng, n_nodes=60, n_rows=24)
-    tracker = InfluenceTracker(torch.as_tensor(target), capacity=24)
+    budget = None if near_rows is None else near_rows * 60 * 8  # the rest of the rows offloaded
+    tracker = InfluenceTracker(torch.as_tensor(target), capacity=24, memory_budget=budget)
     np.testing.assert_allclose(tracker.influence.numpy(), np.abs(target) / np.abs(target).sum(), rtol=1e-12)
     start = 0
     for size in (1, 5, 3, 8, 7):
@@ -72,7 +75,8 @@ def test_selection_equals_a_from_scratch_selection(case):
     rm = case.rm
     target = LogitTarget(rm.n_positions - 1, 3, (4, 5, 6))
     row = rm.attribute([target]).matrix[0].double()
-    selected, rows = select_features(rm, row, max_feature_nodes=12, batch_size=4)
+    selected, tracker = select_features(rm, row, max_feature_nodes=12, batch_size=4)
+    rows = tracker.feature_rows()
     # reference: recompute influence from every row before each batch, in numpy
     nodes = rm.nodes
     chosen: list[int] = []
@@ -94,3 +98,46 @@ def test_max_feature_nodes_below_one_is_refused(case):
     row = torch.zeros(len(case.rm.nodes))
     with pytest.raises(ValueError, match="max_feature_nodes must be a positive integer"):
         select_features(case.rm, row, max_feature_nodes=0, batch_size=4)
+
+
+def test_row_store_past_its_budget_equals_one_in_memory():
+    rng = np.random.default_rng(3)
+    full = torch.as_tensor(rng.normal(size=(10, 30)))
+    store = RowStore(10, 30, torch.float64, torch.device("cpu"), budget=3 * 30 * 8 + 7)  # 3 rows near, 7 far
+    assert store.n_near == 3 and len(store.far) == 7
+    store.put(0, full[:2])
+    store.put(2, full[2:6])  # straddles the budget
+    store.put(6, full[6:])
+    index = torch.tensor([9, 0, 4, 2, 3])
+    cols = torch.tensor([5, 1, 29])
+    torch.testing.assert_close(store.columns(index, cols), full[index][:, cols], rtol=0, atol=0)
+    torch.testing.assert_close(store.abs_sums(index), full[index].abs().sum(1), rtol=1e-15, atol=0)
+    w = torch.as_tensor(rng.random(5))
+    torch.testing.assert_close(store.weighted_abs_sum(w, index), w @ full[index].abs(), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(store.rows(1, 8), full[1:8], rtol=0, atol=0)
+    column = torch.as_tensor(rng.integers(0, 4, size=30))
+    folded = torch.zeros(8, 4, dtype=torch.float64).index_add_(1, column, full[1:9])
+    torch.testing.assert_close(store.fold_columns(1, 9, column, 4), folded, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="cannot hold one attribution row"):
+        RowStore(10, 30, torch.float64, torch.device("cpu"), budget=100)
+
+
+def test_parse_bytes():
+    assert parse_bytes(None) is None and parse_bytes(4096) == 4096
+    assert parse_bytes("4GB") == 4 * 10**9 and parse_bytes("512 MiB") == 512 * 2**20 and parse_bytes("10") == 10
+    for bad in ("lots", "4XB", 0, "-1GB"):
+        with pytest.raises(ValueError, match="memory size"):
+            parse_bytes(bad)
+
+
+def test_offloaded_rows_give_the_graph_of_rows_in_memory(case):
+    rm = case.rm
+    target = LogitTarget(rm.n_positions - 1, 3, (4, 5, 6))
+    row_bytes = len(rm.nodes) * 8
+    kept = attribution_graph(rm, target, max_feature_nodes=16, batch_size=8)
+    offloaded = attribution_graph(rm, target, max_feature_nodes=16, batch_size=8, memory_budget=3 * row_bytes)
+    pd.testing.assert_frame_equal(kept.nodes, offloaded.nodes)
+    pd.testing.assert_frame_equal(kept.edges, offloaded.edges)
+    assert kept.scores == offloaded.scores
+    with pytest.raises(ValueError, match="cannot hold one attribution row"):
+        attribution_graph(rm, target, max_feature_nodes=16, memory_budget=row_bytes - 1)

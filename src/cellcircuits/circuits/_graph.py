@@ -12,7 +12,7 @@ from scipy import sparse
 
 from ._kinds import NodeKind
 from ._prune import completeness_score, prune_graph, replacement_score
-from ._select import select_features
+from ._select import InfluenceTracker, select_features
 from ._targets import FeatureTarget
 
 if TYPE_CHECKING:
@@ -41,18 +41,15 @@ class Graph:
 
 
 def compact_matrix(
-    rm: ReplacementModel,
-    target_row: np.ndarray | torch.Tensor,
-    selected: np.ndarray,
-    rows: np.ndarray | torch.Tensor,
+    rm: ReplacementModel, selected: np.ndarray, tracker: InfluenceTracker
 ) -> tuple[sparse.csr_array, np.ndarray]:
     """The square adjacency matrix over ``[target, selected features, tokens, errors]`` and each row's node index.
 
     Features that were not selected are folded into the error node of their layer and position: with the error,
     they are the part of that MLP output the graph does not resolve into its features. Only the target and the
     selected features have inputs, so the matrix is kept sparse: ``(1 + S) x N`` values, not ``N x N``. The folding
-    runs where ``rows`` are (the model's device); only the compact ``(1 + S) x (1 + S + tokens + errors)`` block moves
-    to the host.
+    runs where the rows are kept (:class:`~cellcircuits.circuits._select.RowStore`); only the compact
+    ``(1 + S) x (1 + S + tokens + errors)`` block moves to the host.
     """
     nodes = rm.nodes
     tokens = np.arange(nodes.token_slice.start, nodes.token_slice.stop)
@@ -63,11 +60,7 @@ def compact_matrix(
     unselected = np.flatnonzero((nodes.kind == "feature") & (column < 0))
     errors_at = {(int(nodes.layer[e]), int(nodes.position[e])): column[e] for e in errors}
     column[unselected] = [errors_at[int(nodes.layer[i]), int(nodes.position[i])] for i in unselected]
-    rows_t = torch.as_tensor(rows)
-    source = torch.cat([torch.as_tensor(target_row).to(rows_t)[None], rows_t.reshape(len(selected), -1)]).double()
-    block_t = torch.zeros(1 + len(selected), len(order), dtype=torch.float64, device=source.device)
-    block_t.index_add_(1, torch.as_tensor(column, device=source.device), source)
-    block = block_t.cpu().numpy()
+    block = tracker.fold(torch.as_tensor(column), len(order))
     A = sparse.vstack([sparse.csr_array(block), sparse.csr_array((len(order) - len(block), len(order)))])
     return sparse.csr_array(A), order
 
@@ -103,6 +96,7 @@ def attribution_graph(
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     via_heads: bool = True,
+    memory_budget: int | str | None = None,
 ) -> Graph:
     """The pruned attribution graph of a target in one prompt's replacement model.
 
@@ -121,6 +115,9 @@ def attribution_graph(
     via_heads
         Split each kept edge by the first attention head it crosses (batched backward passes, ``batch_size`` kept
         nodes with inputs each).
+    memory_budget
+        Bytes of attribution rows kept on the model's device (an int, or a size such as ``"8GB"``); rows past it are
+        kept in host memory. ``None``: all on the device.
 
     Returns
     -------
@@ -132,9 +129,11 @@ def attribution_graph(
             raise ValueError(msg)
     attribution = rm.attribute([target], batch_size=1)
     target_row = attribution.matrix[0].numpy().astype(np.float64)
-    selected, rows = select_features(rm, target_row, max_feature_nodes=max_feature_nodes, batch_size=batch_size)
-    A, order = compact_matrix(rm, target_row, selected, rows)
-    row_sums = rows.double().sum(1).cpu().numpy()
+    selected, tracker = select_features(
+        rm, target_row, max_feature_nodes=max_feature_nodes, batch_size=batch_size, memory_budget=memory_budget
+    )
+    A, order = compact_matrix(rm, selected, tracker)
+    row_sums = tracker.fold(torch.zeros(len(rm.nodes), dtype=torch.long), 1)[1:, 0]
     n_rows = 1 + len(selected)
     nodes = rm.nodes
     kind = np.array([NodeKind.TARGET.tag, *nodes.kind[order[1:]]], dtype=object)

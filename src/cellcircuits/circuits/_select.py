@@ -53,13 +53,161 @@ def influence_from_rows(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return reach @ R
 
 
+def parse_bytes(size: int | str | None) -> int | None:
+    """A memory size in bytes from an int or a string such as ``"4GB"``, ``"512MiB"`` (``None`` passes through).
+
+    Parameters
+    ----------
+    size
+        Bytes, or a number with a unit (B, KB, MB, GB, TB: powers of 1000; KiB, MiB, GiB, TiB: powers of 1024).
+
+    Returns
+    -------
+    The size in bytes.
+
+    Raises
+    ------
+    ValueError
+        For a malformed size or one below 1 byte.
+    """
+    if size is None:
+        return None
+    if isinstance(size, str):
+        units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+        units |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+        text = size.strip().lower().replace(" ", "")
+        number = text.rstrip("kmgtib")
+        unit = text[len(number) :] or "b"
+        try:
+            value = float(number) * units[unit]
+        except (KeyError, ValueError):
+            msg = f"memory size {size!r} is not a number of bytes or a size such as '4GB' or '512MiB'"
+            raise ValueError(msg) from None
+    else:
+        value = float(size)
+    if not value >= 1:
+        msg = f"memory size must be at least 1 byte, got {size!r}"
+        raise ValueError(msg)
+    return int(value)
+
+
+class RowStore:
+    """Attribution rows kept on the device up to a memory budget, the rest in host memory.
+
+    Parameters
+    ----------
+    capacity
+        Rows it will hold.
+    n_nodes
+        Length of a row.
+    dtype
+        Row dtype.
+    device
+        Where rows are computed and first kept.
+    budget
+        Bytes of rows kept on ``device``; rows past it go to host memory (pinned when the device is a GPU).
+        ``None``: all on ``device``.
+
+    Raises
+    ------
+    ValueError
+        When the budget cannot hold even one row.
+    """
+
+    def __init__(
+        self, capacity: int, n_nodes: int, dtype: torch.dtype, device: torch.device, budget: int | None = None
+    ) -> None:
+        row_bytes = n_nodes * torch.empty(0, dtype=dtype).element_size()
+        if budget is not None and budget < row_bytes:
+            msg = (
+                f"the memory budget of {budget} bytes cannot hold one attribution row ({n_nodes} nodes, "
+                f"{row_bytes} bytes); raise it"
+            )
+            raise ValueError(msg)
+        on_device = capacity if budget is None else min(capacity, budget // row_bytes)
+        self.device = device
+        self.near = torch.zeros(on_device, n_nodes, dtype=dtype, device=device)
+        pin = device.type == "cuda"
+        self.far = torch.zeros(capacity - on_device, n_nodes, dtype=dtype, pin_memory=pin)
+
+    @property
+    def n_near(self) -> int:
+        """Rows kept on the device."""
+        return len(self.near)
+
+    def _parts(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        index = index.to(self.device)
+        near = index < self.n_near
+        return near, index[near], ~near, index[~near] - self.n_near
+
+    def put(self, start: int, rows: torch.Tensor) -> None:
+        """Store ``rows`` at ``start, start + 1, ...``."""
+        for i, row in enumerate(rows):  # rows of a batch may straddle the budget
+            k = start + i
+            if k < self.n_near:
+                self.near[k] = row
+            else:
+                self.far[k - self.n_near].copy_(row, non_blocking=True)
+
+    def columns(self, index: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``rows[index][:, cols]``, on the device."""
+        near, near_at, far, far_at = self._parts(index)
+        out = torch.empty(len(index), len(cols), dtype=self.near.dtype, device=self.device)
+        out[near] = self.near[near_at][:, cols]
+        if len(far_at):
+            out[far] = self.far[far_at.cpu()][:, cols.cpu()].to(self.device)
+        return out
+
+    def abs_sums(self, index: torch.Tensor) -> torch.Tensor:
+        """``|rows[index]|.sum(1)`` in float64, on the device."""
+        near, near_at, far, far_at = self._parts(index)
+        out = torch.empty(len(index), dtype=torch.float64, device=self.device)
+        out[near] = self.near[near_at].abs().double().sum(1)
+        if len(far_at):
+            out[far] = self.far[far_at.cpu()].abs().double().sum(1).to(self.device)
+        return out
+
+    def weighted_abs_sum(self, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``weights @ |rows[index]|`` in float64 (``(n_nodes,)``, on the device), host rows summed on the host."""
+        near, near_at, far, far_at = self._parts(index)
+        out = weights[near] @ self.near[near_at].abs().double()
+        if len(far_at):
+            out += (weights[far].cpu() @ self.far[far_at.cpu()].abs().double()).to(self.device)
+        return out
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` on the device (a view when all of them are there)."""
+        if stop <= self.n_near:
+            return self.near[start:stop]
+        head = self.near[start : min(stop, self.n_near)]
+        tail = self.far[max(0, start - self.n_near) : stop - self.n_near].to(self.device)
+        return torch.cat([head, tail])
+
+    def fold_columns(self, start: int, stop: int, column: torch.Tensor, n_out: int) -> torch.Tensor:
+        """Rows ``start:stop`` with their entries summed by ``column``: ``out[:, column[j]] += row[j]``.
+
+        Computed where each row is kept; the ``(stop - start, n_out)`` float64 result is moved to the host.
+        """
+        parts = []
+        for lo, hi, rows in ((start, min(stop, self.n_near), self.near), (max(start, self.n_near), stop, self.far)):
+            if hi <= lo:
+                continue
+            offset = 0 if rows is self.near else self.n_near
+            block = rows[lo - offset : hi - offset].double()
+            out = torch.zeros(len(block), n_out, dtype=torch.float64, device=block.device)
+            out.index_add_(1, column.to(block.device), block)
+            parts.append(out.cpu())
+        return torch.cat(parts) if parts else torch.zeros(0, n_out, dtype=torch.float64)
+
+
 class InfluenceTracker:
     """The influence estimate of :func:`influence_from_rows`, updated incrementally as rows arrive.
 
-    Rows are kept where they come from (the model's device), in float64 on CPU and float32 elsewhere. Adding a batch
-    seeds the new features with the influence the earlier rows send them, then propagates only that change through the
-    rows (``Δ = s (I - C)^-1`` with ``C`` the rows' shares of the selected features), and adds
-    ``Δ @ rows`` for the rows it reached.
+    Rows are kept where they come from (the model's device, up to ``memory_budget`` bytes of them, the rest in host
+    memory: :class:`RowStore`), in float64 on CPU and float32 elsewhere. Adding a batch seeds the new features with
+    the influence the earlier rows send them, then propagates only that change through the rows
+    (``Δ = s (I - C)^-1`` with ``C`` the rows' shares of the selected features), and adds ``Δ @ rows`` for the rows
+    it reached.
 
     Parameters
     ----------
@@ -67,24 +215,27 @@ class InfluenceTracker:
         ``(n_nodes,)`` direct attributions of the target.
     capacity
         Most feature rows that will be added.
+    memory_budget
+        Bytes of rows kept on the device (``None``: all).
     """
 
-    def __init__(self, target_row: torch.Tensor, capacity: int) -> None:
+    def __init__(self, target_row: torch.Tensor, capacity: int, memory_budget: int | None = None) -> None:
         device = target_row.device
         self.dtype = torch.float64 if device.type == "cpu" else torch.float32
-        self.rows = torch.zeros(capacity + 1, target_row.numel(), dtype=self.dtype, device=device)
-        self.rows[0] = target_row.to(self.dtype)
+        self.store = RowStore(capacity + 1, target_row.numel(), self.dtype, device, memory_budget)
+        self.store.put(0, target_row.to(self.dtype)[None])
         self.norm = torch.zeros(capacity + 1, dtype=torch.float64, device=device)
-        self.norm[0] = self.rows[0].abs().double().sum().clamp_min(1e-30)
+        first = torch.zeros(1, dtype=torch.long, device=device)
+        self.norm[0] = self.store.abs_sums(first)[0].clamp_min(1e-30)
         self.cols = torch.zeros(capacity, dtype=torch.long, device=device)
         self.C = torch.zeros(capacity + 1, capacity, dtype=torch.float64, device=device)
         self.reach = torch.zeros(capacity + 1, dtype=torch.float64, device=device)
         self.reach[0] = 1.0
-        self.influence = self.rows[0].abs().double() / self.norm[0]
+        self.influence = self.store.weighted_abs_sum(1.0 / self.norm[:1], first)
         self.size = 0
 
-    def _shares(self, rows: slice | torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        return self.rows[rows][:, cols].abs().double() / self.norm[rows][:, None]
+    def _shares(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return self.store.columns(rows, cols).abs().double() / self.norm[rows][:, None]
 
     def add(self, cols: torch.Tensor, rows: torch.Tensor) -> None:
         """Add the attribution rows of newly selected features.
@@ -100,16 +251,18 @@ class InfluenceTracker:
         if S + B > len(self.cols):
             msg = f"{S + B} rows exceed the tracker's capacity of {len(self.cols)}"
             raise ValueError(msg)
-        new = slice(S + 1, S + 1 + B)
-        cols = cols.to(self.cols.device)
-        self.rows[new] = rows.to(self.rows.device, self.dtype)
-        self.norm[new] = self.rows[new].abs().double().sum(1).clamp_min(1e-30)
+        device = self.cols.device
+        new = torch.arange(S + 1, S + 1 + B, device=device)
+        cols = cols.to(device)
+        self.store.put(S + 1, rows.to(device, self.dtype))
+        self.norm[new] = self.store.abs_sums(new).clamp_min(1e-30)
         self.cols[S : S + B] = cols
-        self.C[: S + 1 + B, S : S + B] = self._shares(slice(0, S + 1 + B), cols)
-        self.C[new, :S] = self._shares(new, self.cols[:S])
+        self.C[: S + 1 + B, S : S + B] = self._shares(torch.arange(S + 1 + B, device=device), cols)
+        if S:
+            self.C[S + 1 : S + 1 + B, :S] = self._shares(new, self.cols[:S])
         C = self.C[: S + 1 + B, : S + B]
-        delta = torch.zeros(S + 1 + B, dtype=torch.float64, device=C.device)
-        delta[new] = self.reach[: S + 1] @ C[: S + 1, S:]
+        delta = torch.zeros(S + 1 + B, dtype=torch.float64, device=device)
+        delta[S + 1 :] = self.reach[: S + 1] @ C[: S + 1, S:]
         frontier = delta.clone()
         for _ in range(S + B + 1):
             step = frontier @ C
@@ -120,8 +273,7 @@ class InfluenceTracker:
         self.reach[: S + 1 + B] += delta
         touched = torch.nonzero(delta > 0).ravel()
         if len(touched):
-            shares = self.rows[touched].abs().double() / self.norm[touched][:, None]
-            self.influence += delta[touched] @ shares
+            self.influence += self.store.weighted_abs_sum(delta[touched] / self.norm[touched], touched)
         self.size = S + B
 
     def selected(self) -> torch.Tensor:
@@ -129,13 +281,22 @@ class InfluenceTracker:
         return self.cols[: self.size]
 
     def feature_rows(self) -> torch.Tensor:
-        """``(S, n_nodes)`` the added features' attribution rows (a view)."""
-        return self.rows[1 : 1 + self.size]
+        """``(S, n_nodes)`` the added features' attribution rows, on the device."""
+        return self.store.rows(1, 1 + self.size)
+
+    def fold(self, column: torch.Tensor, n_out: int) -> np.ndarray:
+        """``(1 + S, n_out)`` float64: the target's and the features' rows summed by ``column``, on the host."""
+        return self.store.fold_columns(0, 1 + self.size, column, n_out).numpy()
 
 
 def select_features(
-    rm: ReplacementModel, target_row: torch.Tensor | np.ndarray, *, max_feature_nodes: int, batch_size: int
-) -> tuple[np.ndarray, torch.Tensor]:
+    rm: ReplacementModel,
+    target_row: torch.Tensor | np.ndarray,
+    *,
+    max_feature_nodes: int,
+    batch_size: int,
+    memory_budget: int | str | None = None,
+) -> tuple[np.ndarray, InfluenceTracker]:
     """Pick the features with most influence on the target, computing their attribution rows in batches.
 
     Starting from the direct attributions, the next batch is always the unselected features of highest influence
@@ -153,17 +314,25 @@ def select_features(
         Most features selected.
     batch_size
         Features whose rows one backward pass computes.
+    memory_budget
+        Bytes of attribution rows kept on the model's device (an int, or a size such as ``"8GB"``); rows past it are
+        kept in host memory. ``None``: all on the device.
 
     Returns
     -------
-    The selected node indices and their ``(S, n_nodes)`` attribution rows (a tensor on the model's device).
+    The selected node indices, and the tracker holding their attribution rows (:meth:`InfluenceTracker.feature_rows`).
+
+    Raises
+    ------
+    ValueError
+        For ``max_feature_nodes`` below 1, or a memory budget that cannot hold one row.
     """
     if max_feature_nodes < 1:
         msg = f"max_feature_nodes must be a positive integer, got {max_feature_nodes!r}"
         raise ValueError(msg)
     nodes = rm.nodes
     row = torch.as_tensor(target_row).to(rm.device)
-    tracker = InfluenceTracker(row, max_feature_nodes)
+    tracker = InfluenceTracker(row, max_feature_nodes, parse_bytes(memory_budget))
     eligible = torch.as_tensor(nodes.kind == "feature", device=rm.device)
     while tracker.size < max_feature_nodes:
         score = torch.where(eligible, tracker.influence, torch.full_like(tracker.influence, -1.0))
@@ -176,4 +345,4 @@ def select_features(
         targets = [FeatureTarget(int(nodes.layer[i]), int(nodes.position[i]), int(nodes.feature[i])) for i in take]
         rows = rm.attribute(targets, batch_size=batch_size, on_device=True).matrix
         tracker.add(torch.as_tensor(take, device=rm.device), rows)
-    return tracker.selected().cpu().numpy().astype(np.int64), tracker.feature_rows()
+    return tracker.selected().cpu().numpy().astype(np.int64), tracker

@@ -13,11 +13,13 @@ import numpy as np
 import pandas as pd
 
 from .._compat import warn_at_caller
+from ..models._distributed import all_gather_bytes, frames_from_bytes, frames_to_bytes, is_distributed, my_shard
 from ..models._hooks import one_at_a_time
 from ..models._tokens import label_token_ids
 from ._aggregate import aggregate, cell_graph_tables, top_paths
 from ._graph import attribution_graph
 from ._replacement import ReplacementModel
+from ._select import parse_bytes
 from ._targets import LogitTarget, label_target
 
 if TYPE_CHECKING:
@@ -96,6 +98,32 @@ def uncovered_layers(model: C2SModel, transcoders: TranscoderSet, *, warn: bool 
     return uncovered
 
 
+def check_context(model: C2SModel, lengths: Sequence[int]) -> None:
+    """Refuse prompts longer than the model's context (``max_position_embeddings``), naming the longest."""
+    context = getattr(model.model.config, "max_position_embeddings", None)
+    longest = max(lengths, default=0)
+    if context is not None and longest > int(context):
+        msg = (
+            f"a prompt of {longest} tokens (with the answer tokens teacher-forced before the traced one) is longer "
+            f"than the model's context of {context} tokens; use fewer genes per sentence"
+        )
+        raise ValueError(msg)
+
+
+def gather_cell_tables(
+    tables: list[tuple[pd.DataFrame, pd.DataFrame]], cell_rows: list[dict]
+) -> tuple[list[tuple[pd.DataFrame, pd.DataFrame]], list[dict]]:
+    """Every rank's per-cell tables and cell rows, in rank order (ranks hold contiguous shares of the cells)."""
+    frames = [frame for pair in tables for frame in pair] + [pd.DataFrame(cell_rows)]
+    all_tables: list[tuple[pd.DataFrame, pd.DataFrame]] = []
+    all_rows: list[dict] = []
+    for payload in all_gather_bytes(frames_to_bytes(frames)):
+        got = frames_from_bytes(payload)
+        all_tables += [(got[i], got[i + 1]) for i in range(0, len(got) - 1, 2)]
+        all_rows += got[-1].to_dict("records")
+    return all_tables, all_rows
+
+
 @one_at_a_time
 def trace_prompts(
     model: C2SModel,
@@ -110,6 +138,7 @@ def trace_prompts(
     max_feature_nodes: int = 128,
     n_paths: int = 10,
     batch_size: int = 32,
+    memory_budget: int | str | None = None,
     progress: bool = True,
 ) -> CircuitTables:
     """Trace each prompt's call of its label and aggregate the graphs per group.
@@ -120,6 +149,9 @@ def trace_prompts(
     error nodes (:func:`cellcircuits.circuits.attribution_graph`). Nodes are named by the gene or prompt role at their
     position, so prompts can be compared; per group, attributions are averaged over its prompts (a node absent from a
     prompt counts 0) and each node's frequency is the fraction of prompts holding it.
+
+    Under ``torchrun`` (an initialised ``torch.distributed`` process group), each rank traces a contiguous share of
+    the prompts and every rank returns the tables of all of them, equal to a one-process run.
 
     Parameters
     ----------
@@ -143,12 +175,22 @@ def trace_prompts(
         Strongest source-to-target paths kept per group.
     batch_size
         Targets per backward pass.
+    memory_budget
+        Bytes of attribution rows per prompt kept on the model's device (an int, or a size such as ``"8GB"``); rows
+        past it are kept in host memory. ``None``: all on the device.
     progress
-        Show a progress bar.
+        Show a progress bar (per prompt, on each rank).
 
     Returns
     -------
     The aggregated :class:`CircuitTables`.
+
+    Raises
+    ------
+    ValueError
+        Before any work: thresholds outside ``(0, 1]``, ``max_feature_nodes`` below 1, a malformed memory budget,
+        labels or groups of another length than the prompts, a label the model does not know, a prompt (with the
+        label's teacher-forced prefix) longer than the model's context, or more ranks than prompts.
     """
     from tqdm.auto import tqdm
 
@@ -163,19 +205,25 @@ def trace_prompts(
     if len(prompts) == 0:
         msg = "no prompt to trace"
         raise ValueError(msg)
-    for label in pd.unique(np.asarray(labels, dtype=object)):
-        label_index(model, str(label))
+    if max_feature_nodes < 1:
+        msg = f"max_feature_nodes must be a positive integer, got {max_feature_nodes!r}"
+        raise ValueError(msg)
+    budget = parse_bytes(memory_budget)
+    all_label_ids = label_token_ids(model.tokenizer, model.prompt, model.prompt.labels or [])
+    targets = [label_target(all_label_ids, label_index(model, str(label)), target_mode) for label in labels]
+    check_context(model, [len(p.input_ids) + len(t.prefix) for p, t in zip(prompts, targets, strict=True)])
+    share = my_shard(len(prompts))  # more ranks than prompts is refused here
     uncovered = uncovered_layers(model, transcoders)
 
-    all_label_ids = label_token_ids(model.tokenizer, model.prompt, model.prompt.labels or [])
     tables, cell_rows = [], []
-    for prompt, label in tqdm(list(zip(prompts, labels, strict=True)), desc="trace", disable=not progress):
-        lt = label_target(all_label_ids, label_index(model, str(label)), target_mode)
+    mine = list(zip(prompts[share], labels[share], targets[share], strict=True))
+    for prompt, label, lt in tqdm(mine, desc="trace", disable=not progress, unit="cell"):
         ids = list(prompt.input_ids) + lt.prefix
         rm = ReplacementModel.record(model, transcoders, ids)
         graph = attribution_graph(
             rm, LogitTarget(len(ids) - 1, lt.token, lt.competitors), max_feature_nodes=max_feature_nodes,
             batch_size=batch_size, node_threshold=node_threshold, edge_threshold=edge_threshold,
+            memory_budget=budget,
         )  # fmt: skip
         tables.append(cell_graph_tables(graph, prompt, str(label), len(ids)))
         cell_rows.append(
@@ -185,6 +233,8 @@ def trace_prompts(
                 **{f"{k}_score": v for k, v in graph.scores.items()},
             }
         )
+    if is_distributed():
+        tables, cell_rows = gather_cell_tables(tables, cell_rows)
     nodes, edges = aggregate(tables, group_of.astype(str))
     nodes = nodes[[*NODE_COLUMNS, "frequency"]].copy()
     edges = edges[EDGE_COLUMNS]

@@ -7,7 +7,10 @@ cell order. Without an initialised process group everything runs in one process 
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 
@@ -88,3 +91,77 @@ def gather_rows(part: torch.Tensor | np.ndarray, n: int) -> np.ndarray | None:
     if rank() != 0:
         return None
     return np.concatenate([p[: bounds[r + 1] - bounds[r]].cpu().numpy() for r, p in enumerate(pieces)])
+
+
+def all_gather_bytes(payload: bytes) -> list[bytes]:
+    """Every rank's ``payload``, in rank order, on every rank (``[payload]`` without a process group).
+
+    Parameters
+    ----------
+    payload
+        This rank's bytes (e.g. :func:`frames_to_bytes` of its result tables).
+
+    Returns
+    -------
+    One ``bytes`` per rank.
+    """
+    if not is_distributed():
+        return [payload]
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    length = torch.tensor([len(payload)], dtype=torch.long, device=device)
+    lengths = [torch.empty_like(length) for _ in range(world_size())]
+    dist.all_gather(lengths, length)
+    width = max(int(n.item()) for n in lengths)
+    buffer = torch.zeros(width, dtype=torch.uint8, device=device)
+    buffer[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device) if payload else 0
+    pieces = [torch.empty_like(buffer) for _ in range(world_size())]
+    dist.all_gather(pieces, buffer)
+    return [bytes(p[: int(n.item())].cpu().numpy().tobytes()) for p, n in zip(pieces, lengths, strict=True)]
+
+
+def frames_to_bytes(frames: list[pd.DataFrame]) -> bytes:
+    """Data frames as the bytes of an ``.npz`` archive (numbers exact, text as unicode; no pickle).
+
+    Parameters
+    ----------
+    frames
+        Frames with numeric, boolean or text columns (their index is dropped).
+
+    Returns
+    -------
+    The archive's bytes; :func:`frames_from_bytes` reads them back.
+    """
+    arrays: dict[str, np.ndarray] = {"n_frames": np.array(len(frames))}
+    for i, frame in enumerate(frames):
+        arrays[f"{i}/columns"] = np.array([str(c) for c in frame.columns], dtype=str)
+        for j, column in enumerate(frame.columns):
+            values = frame[column].to_numpy()
+            arrays[f"{i}/{j}"] = values.astype(str) if values.dtype == object else values
+    out = io.BytesIO()
+    np.savez(out, allow_pickle=False, **arrays)
+    return out.getvalue()
+
+
+def frames_from_bytes(payload: bytes) -> list[pd.DataFrame]:
+    """The frames :func:`frames_to_bytes` wrote (text columns as Python strings).
+
+    Parameters
+    ----------
+    payload
+        The archive's bytes.
+
+    Returns
+    -------
+    The frames, in order.
+    """
+    with np.load(io.BytesIO(payload), allow_pickle=False) as archive:
+        frames = []
+        for i in range(int(archive["n_frames"])):
+            columns = archive[f"{i}/columns"].tolist()
+            data = {}
+            for j, column in enumerate(columns):
+                values = archive[f"{i}/{j}"]
+                data[column] = values.astype(object) if values.dtype.kind == "U" else values
+            frames.append(pd.DataFrame(data, columns=columns))
+    return frames

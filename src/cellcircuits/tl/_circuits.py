@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .._keys import SentenceSettings, store_circuit
+from ..circuits._select import parse_bytes
 from ..circuits._trace import NODE_COLUMNS, check_thresholds, label_index, trace_prompts
 from ..models._hooks import one_at_a_time
 from ..pp._sentences import check_writable
@@ -126,6 +127,7 @@ def trace_circuit(
     max_feature_nodes: int = 128,
     n_paths: int = 10,
     batch_size: int = 32,
+    memory_budget: int | str | None = None,
     sentence_key: str = "cell_sentence",
     layer: str | None = None,
     use_raw: bool | None = None,
@@ -175,6 +177,9 @@ def trace_circuit(
         Strongest source-to-target paths kept per group (greedy search over the aggregated graph).
     batch_size
         Targets per backward pass.
+    memory_budget
+        Bytes of attribution rows per cell kept on the model's device (an int, or a size such as ``"8GB"``); rows
+        past it are kept in host memory. ``None``: all on the device.
     sentence_key, layer, use_raw, gene_symbols, random_state
         Cell sentences, as in :func:`cellcircuits.tl.transcode`; ``random_state`` also seeds the cell sampling.
     organism
@@ -217,6 +222,7 @@ def trace_circuit(
     ------
     ValueError
         For a target label the model does not know, a group without cells, thresholds outside ``(0, 1]``,
+        ``max_feature_nodes`` below 1, a malformed ``memory_budget``, a prompt longer than the model's context,
         transcoders made for another model, duplicate ``obs_names`` (the traced cells are stored by obs name, and
         :func:`cellcircuits.tl.validate_circuit` finds them by it), or, when sentences are built, gene names that
         are not usable symbols (see :func:`cellcircuits.pp.cell_sentences`). Nothing is written to ``adata`` when
@@ -225,6 +231,10 @@ def trace_circuit(
         For a ``groupby`` column or ``cells`` not in ``adata``.
     """
     check_thresholds(node_threshold, edge_threshold)
+    if max_feature_nodes < 1:
+        msg = f"max_feature_nodes must be a positive integer, got {max_feature_nodes!r}"
+        raise ValueError(msg)
+    parse_bytes(memory_budget)  # a malformed size fails before any work
     adapter = model.adapter
     transcoders.check_model(model)
     check_cells(adata, batch_size)
@@ -241,7 +251,8 @@ def trace_circuit(
     traced = trace_prompts(
         model, transcoders, prompts, [str(label) for label in cell_labels], group_of.astype(str),
         target_mode=target_mode, node_threshold=node_threshold, edge_threshold=edge_threshold,
-        max_feature_nodes=max_feature_nodes, n_paths=n_paths, batch_size=batch_size, progress=progress,
+        max_feature_nodes=max_feature_nodes, n_paths=n_paths, batch_size=batch_size, memory_budget=memory_budget,
+        progress=progress,
     )  # fmt: skip
     nodes = annotate(traced.nodes, adata, interpret_key)[
         [*NODE_COLUMNS, "frequency", "label", "is_marker", "marker_sets"]
