@@ -29,7 +29,12 @@ ablation drops far beyond random, and circuit genes enriched for DE genes beyond
 Cost: one cell, and all traced cells, are traced in separate child processes, each reporting wall time and the rise
 of its peak resident memory (``ru_maxrss``) over the trace, after the data, model and transcoders are loaded.
 
+With ``--curve`` it prints instead how the graphs grow with their size: the same cells (``--curve-cells`` per cell
+type, each traced to its own label) traced at each number of feature nodes given, with the median replacement and
+completeness scores (whole graph and pruned) and the seconds per cell.
+
     python benchmarks/circuits.py [--transcoders DIR] [--threads N] [--n-cells N]
+    python benchmarks/circuits.py --curve 128 256 512 1024 2048 4096 8192 [--curve-cells 1] [--transcoders DIR]
 """
 
 from __future__ import annotations
@@ -151,11 +156,36 @@ def overlap_table(adata, circuits: dict, sentences: pd.Series, groups: list[str]
     return pd.DataFrame(rows), M
 
 
+def feature_node_curve(adata, model, tset, counts: list[int], per_group: int) -> None:
+    """Trace the same cells at each number of feature nodes; print median scores and seconds per cell."""
+    picked = adata.obs.groupby(KEY, observed=True).head(per_group)
+    cells = adata[picked.index]
+    sentences = cc.pp.cell_sentences(cells, copy=True).obs["cell_sentence"].tolist()
+    prompts = cc.models.tokenize_prompts(model.tokenizer, model.build_prompts(sentences))
+    labels = cells.obs[KEY].astype(str).tolist()
+    tokens = np.mean([len(p.input_ids) for p in prompts])
+    print(f"feature-node curve: {len(prompts)} cells ({per_group} per cell type, mean {tokens:.0f} tokens)")
+    columns = ["replacement_score", "completeness_score", "replacement_pruned_score", "completeness_pruned_score"]
+    print("feature nodes | s/cell | replacement | completeness | replacement (pruned) | completeness (pruned)")
+    for n in counts:
+        start = time.perf_counter()
+        tables = cc.circuits.trace_prompts(model, tset, prompts, labels, labels, max_feature_nodes=n, progress=False)
+        per_cell = (time.perf_counter() - start) / len(prompts)
+        med = tables.cells[columns].median()
+        print(f"{n:13d} | {per_cell:6.1f} | " + " | ".join(f"{med[c]:.3f}".rjust(len(h)) for c, h in zip(
+            columns, ["replacement", "completeness", "replacement (pruned)", "completeness (pruned)"], strict=True
+        )), flush=True)  # fmt: skip
+    print(f"reference (circuit-tracer, Gemma-2-2B): replacement ~{REFERENCE['replacement_score']}, "
+          f"completeness ~{REFERENCE['completeness_score']}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--transcoders", help="load transcoders from this directory instead of training them")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-cells", type=int, default=10, help="cells traced per cell type")
+    parser.add_argument("--curve", type=int, nargs="+", help="print the feature-node curve at these graph sizes")
+    parser.add_argument("--curve-cells", type=int, default=1, help="cells per cell type in the curve")
     parser.add_argument("--_trace", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--_one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -174,6 +204,11 @@ def main() -> None:
     start = time.perf_counter()
     tset = transcoders(adata, model, args.transcoders)
     train_s = time.perf_counter() - start
+    if args.curve:
+        how = "loaded" if args.transcoders else "trained"
+        print(f"transcoders {how} in {train_s:.1f} s (CPU, {args.threads} threads)")
+        feature_node_curve(adata, model, tset, args.curve, args.curve_cells)
+        return
     start = time.perf_counter()
     cc.tl.transcode(adata, model, tset, progress=False)
     cc.tl.interpret_features(adata, groupby=KEY)

@@ -153,9 +153,10 @@ class RowStore:
         """``rows[index][:, cols]``, on the device."""
         near, near_at, far, far_at = self._parts(index)
         out = torch.empty(len(index), len(cols), dtype=self.near.dtype, device=self.device)
-        out[near] = self.near[near_at][:, cols]
+        out[near] = self.near[near_at[:, None], cols[None, :]]  # only the entries asked for, not whole rows
         if len(far_at):
-            out[far] = self.far[far_at.cpu()][:, cols.cpu()].to(self.device)
+            far_cols = cols.cpu()
+            out[far] = self.far[far_at.cpu()[:, None], far_cols[None, :]].to(self.device)
         return out
 
     def abs_sums(self, index: torch.Tensor) -> torch.Tensor:
