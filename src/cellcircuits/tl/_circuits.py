@@ -148,6 +148,10 @@ def trace_circuit(
     gene (or prompt role) at their position, so cells can be compared: per group, attributions are averaged over
     cells (a node absent from a cell counts 0) and each node's frequency is the fraction of cells holding it.
 
+    Many cells: run the same script under ``torchrun --nproc_per_node N`` (each process on its own device). Every
+    rank traces a contiguous share of the selected cells and every rank stores the tables of all of them, equal to
+    a one-process run; write files from rank 0 only (``torch.distributed.get_rank() == 0``).
+
     Parameters
     ----------
     adata
