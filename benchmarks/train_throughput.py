@@ -60,6 +60,7 @@ class PreloadedStore:
         self.directory = store.directory
         self.manifest = store.manifest
         self.n_rows = store.n_rows
+        self.n_cells = store.n_cells
         self.layers = [layer]
         self.batch_size = batch_size
         self.seed = seed
