@@ -91,6 +91,9 @@ class TrainingLoop:
         self.distributed = is_distributed()
         self.module: nn.Module = self.stack
         if self.distributed:
+            for tc in tcs.values():  # every rank scales as rank 0 does
+                dist.broadcast(tc.input_scale, 0)
+                dist.broadcast(tc.output_scale, 0)
             # buffers (dead-feature counts) are kept in step by _update_dead, not broadcast from rank 0
             self.module = nn.parallel.DistributedDataParallel(self.stack, broadcast_buffers=False)
         self.params = [p for tc in tcs.values() for p in tc.parameters()]
@@ -130,7 +133,9 @@ class TrainingLoop:
         rows = torch.tensor([losses[0].features.shape[0]], dtype=torch.int64, device=flat.device)
         dist.all_reduce(flat, op=dist.ReduceOp.MAX)
         dist.all_reduce(rows)
-        for tc, mask in zip(self.tcs.values(), flat.split([tc.cfg.n_features for tc in self.tcs.values()]), strict=True):
+        for tc, mask in zip(
+            self.tcs.values(), flat.split([tc.cfg.n_features for tc in self.tcs.values()]), strict=True
+        ):
             tc.tokens_since_fired += int(rows)
             tc.tokens_since_fired[mask.bool()] = 0
 
