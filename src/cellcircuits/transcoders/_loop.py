@@ -60,10 +60,11 @@ class _Stack(nn.Module):
         super().__init__()
         self.layers = list(tcs)
         self.tcs = nn.ModuleList(tcs.values())
+        self.by_layer = dict(tcs)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[LossOutput]]:
         losses = []
-        for layer, tc in zip(self.layers, self.tcs, strict=True):
+        for layer, tc in self.by_layer.items():
             n_in, n_out = tensor_names(layer)
             device = tc.W_enc.device
             losses.append(tc.loss(batch[n_in].to(device), batch[n_out].to(device)))

@@ -51,7 +51,8 @@ class ActivationStream:
     answers
         Per prompt, answer token ids appended after it (as in :func:`collect_activations`).
     buffer_rows
-        Rows the buffer holds (per layer, for input and output each); it is refilled when below half full.
+        Rows the buffer holds at most (per layer, for input and output each); it is refilled when below half full.
+        Cells with fewer rows in all get a smaller buffer: twice their rows, or twice the batch size when larger.
     cells_per_pass
         Cells per forward pass.
     seed
@@ -102,16 +103,37 @@ class ActivationStream:
                 "the buffer must hold at least twice that"
             )
             raise ValueError(msg)
-        self.capacity, self.cells_per_pass, self.seed, self.dtype = buffer_rows, cells_per_pass, seed, dtype
+        self.buffer_rows, self.cells_per_pass, self.seed, self.dtype = buffer_rows, cells_per_pass, seed, dtype
+        # few cells need no more room than two passes over them
+        self.capacity = min(buffer_rows, 2 * int(self.rows_per_cell.sum()))
         self.names = [n for layer in self.layers for n in tensor_names(layer)]
         self.points = {layer: (adapter.mlp_in(layer), adapter.mlp_out(layer)) for layer in self.layers}
         self.d_model = adapter.d_model
-        self.buffer = {n: torch.empty(buffer_rows, self.d_model, dtype=dtype) for n in self.names}
+        self.buffer: dict[str, torch.Tensor] = {}  # allocated by the first refill
         self.n = 0  # rows held
         self.epoch, self.cursor = 0, 0  # the next cell is order(epoch)[cursor]
         self.peak_rows = 0
         self.generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + rank())
         self._order = self._epoch_order(0)
+
+    def reserve(self, batch_size: int) -> None:
+        """Make room for batches of ``batch_size`` rows (at most half of ``buffer_rows``), before the first refill.
+
+        Parameters
+        ----------
+        batch_size
+            Rows per batch.
+
+        Raises
+        ------
+        ValueError
+            When ``batch_size`` exceeds half of ``buffer_rows``.
+        """
+        if batch_size > self.buffer_rows // 2:
+            msg = f"batch_size={batch_size} must be at most half of the stream's buffer_rows={self.buffer_rows}"
+            raise ValueError(msg)
+        if not self.buffer:
+            self.capacity = max(self.capacity, min(self.buffer_rows, 2 * batch_size))
 
     @property
     def nbytes(self) -> int:
@@ -149,6 +171,8 @@ class ActivationStream:
     @torch.no_grad()
     def refill(self) -> None:
         """Run the model on the next cells until the buffer has no room for the next one."""
+        if not self.buffer:
+            self.buffer = {n: torch.empty(self.capacity, self.d_model, dtype=self.dtype) for n in self.names}
         pad_id = self.model.tokenizer.pad_token_id
         device = self.model.device
         while chosen := self._next_cells():
@@ -187,6 +211,11 @@ class ActivationStream:
         -------
         ``{"L{layer}_in": (batch_size, d_model), "L{layer}_out": ...}`` float32.
         """
+        if not self.buffer:
+            self.reserve(batch_size)
+        elif batch_size > self.capacity // 2:
+            msg = f"batch_size={batch_size} must be at most half of the buffer's {self.capacity} rows"
+            raise ValueError(msg)
         if self.n < max(batch_size, self.capacity // 2):
             self.refill()
         n = self.n
@@ -207,12 +236,14 @@ class ActivationStream:
         """The rows held and the generator as tensors; counts and the position in the cells as JSON."""
         tensors = {f"buffer.{k}": v[: self.n] for k, v in self.buffer.items()}
         tensors["generator"] = self.generator.get_state()
-        return tensors, {"n": self.n, "epoch": self.epoch, "cursor": self.cursor, "peak_rows": self.peak_rows}
+        meta = {"n": self.n, "epoch": self.epoch, "cursor": self.cursor, "peak_rows": self.peak_rows}
+        return tensors, {**meta, "capacity": self.capacity}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Restore a :meth:`state`."""
         self.n, self.epoch, self.cursor = int(meta["n"]), int(meta["epoch"]), int(meta["cursor"])
-        self.peak_rows = int(meta["peak_rows"])
+        self.peak_rows, self.capacity = int(meta["peak_rows"]), int(meta["capacity"])
+        self.buffer = {n: torch.empty(self.capacity, self.d_model, dtype=self.dtype) for n in self.names}
         for k, v in self.buffer.items():
             v[: self.n] = tensors[f"buffer.{k}"]
         self.generator.set_state(tensors["generator"])
@@ -296,9 +327,7 @@ def train_on_stream(
     """
     check_training(n_tokens, batch_size, lr, warmup_steps)
     check_checkpointing(checkpoint_every)
-    if batch_size > stream.capacity // 2:
-        msg = f"batch_size={batch_size} must be at most half of the stream's buffer_rows={stream.capacity}"
-        raise ValueError(msg)
+    stream.reserve(batch_size)
     settings = run_settings(
         config,
         stream.layers,
@@ -308,7 +337,7 @@ def train_on_stream(
         warmup_steps,
         seed,
         data=f"stream {stream.fingerprint()} {stream.positions}",
-        buffer_rows=stream.capacity,
+        buffer_rows=stream.buffer_rows,
         cells_per_pass=stream.cells_per_pass,
         stream_seed=stream.seed,
         buffer_dtype=str(stream.dtype),
