@@ -39,7 +39,6 @@ def test_train_transcoders_learns_deterministically(toy_adata, tiny_c2s, tmp_pat
     assert c.layers == [1]
 
 
-
 def test_train_transcoders_streams_by_default(toy_adata, tiny_c2s, tmp_path, monkeypatch):
     """Without a store nothing is written to disk: the model's forward passes feed a bounded shuffle buffer."""
     import tempfile
@@ -92,11 +91,11 @@ def test_train_transcoders_resumes_from_a_checkpoint(toy_adata, tiny_c2s, tmp_pa
     resumed = cc.tl.train_transcoders(toy_adata, tiny_c2s, checkpoint_dir=tmp_path, checkpoint_every=4, **kw)
     for (name, p), (_, q) in zip(whole.named_parameters(), resumed.named_parameters(), strict=True):
         assert torch.equal(p, q), name
-    with pytest.raises(ValueError, match="other settings.*n_features: 64 in the checkpoint, 32 now"):
+    with pytest.raises(ValueError, match=r"other settings.*n_features: 64 in the checkpoint, 32 now"):
         cc.tl.train_transcoders(
             toy_adata, tiny_c2s, checkpoint_dir=tmp_path, checkpoint_every=4, **{**kw, "n_features": 32}
         )
-    with pytest.raises(ValueError, match="other settings.*n_cells: 12 in the checkpoint, 6 now"):
+    with pytest.raises(ValueError, match=r"other settings.*n_cells: 12 in the checkpoint, 6 now"):
         cc.tl.train_transcoders(toy_adata[:6].copy(), tiny_c2s, checkpoint_dir=tmp_path, checkpoint_every=4, **kw)
 
 
