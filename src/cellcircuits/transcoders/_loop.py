@@ -9,6 +9,7 @@ and dead-feature counts see the global batch.
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -96,7 +97,10 @@ class TrainingLoop:
                 dist.broadcast(tc.input_scale, 0)
                 dist.broadcast(tc.output_scale, 0)
             # buffers (dead-feature counts) are kept in step by _update_dead, not broadcast from rank 0
-            self.module = nn.parallel.DistributedDataParallel(self.stack, broadcast_buffers=False)
+            ddp = nn.parallel.DistributedDataParallel
+            newer = "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+            sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
+            self.module = ddp(self.stack, **sync)
         self.params = [p for tc in tcs.values() for p in tc.parameters()]
         self.opt = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.999))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, total_steps, warmup_steps))
