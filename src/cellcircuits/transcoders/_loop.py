@@ -99,7 +99,7 @@ class TrainingLoop:
             # buffers (dead-feature counts) are kept in step by _update_dead, not broadcast from rank 0
             ddp = nn.parallel.DistributedDataParallel
             newer = "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
-            sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
+            sync: dict[str, Any] = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
             self.module = ddp(self.stack, **sync)
         self.params = [p for tc in tcs.values() for p in tc.parameters()]
         self.opt = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.999))
