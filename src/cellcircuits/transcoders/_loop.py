@@ -38,6 +38,18 @@ def lr_factor(step: int, total: int, warmup: int, decay_fraction: float = 0.2) -
     return max(0.0, (total - step) / max(1, total - decay_start))
 
 
+def _adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam, fused into one kernel per parameter where torch has one for their device and dtype (a few times faster
+    on CPU than the loop over its element-wise steps, equal up to float rounding)."""
+    fusable = {"cpu", "cuda"}
+    if all(p.device.type in fusable and p.dtype in (torch.float32, torch.float64) for p in params):
+        try:
+            return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True)
+        except (RuntimeError, TypeError, ValueError):  # an older torch without the fused CPU kernel
+            pass
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+
+
 class BatchSource(Protocol):
     """Where training rows come from: one batch per call, and a state to checkpoint and restore."""
 
@@ -102,7 +114,7 @@ class TrainingLoop:
             sync: dict[str, Any] = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
             self.module = ddp(self.stack, **sync)
         self.params = [p for tc in tcs.values() for p in tc.parameters()]
-        self.opt = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.999))
+        self.opt = _adam(self.params, lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, total_steps, warmup_steps))
         self.total_steps = total_steps
         self.step = 0
