@@ -261,29 +261,32 @@ class Transcoder(nn.Module):
 
         Gives the ``(rows, k)`` activations and indices, then (``None`` when AuxK is off) AuxK's ``(rows, m)``
         activations and feature indices and, when every dead feature takes part, the dead features' indices. The
-        dense pre-activations are found without autograd; one :class:`GatheredEncode` gives the gradient of
-        both selections.
+        dense pre-activations are found without autograd; :class:`GatheredEncode` gives the gradient of the top-k
+        selection (sharing ``cache`` with the decoder's), and AuxK's pre-activations are computed again, with
+        autograd, for the dead features' encoder columns alone: their gradient is a product over those columns
+        instead of one over all features.
         """
-        k = self.cfg.k
+        cfg = self.cfg
+        k = cfg.k
         with torch.no_grad():
             pre = self._pre_acts(x_n)
             indices = topk_indices(pre, k)
             values = pre.gather(-1, indices)
-            selected = self._aux_select(pre)
             del pre
-        if selected is None:
-            # the decoder reads the same indices: one sort of them serves both weight gradients
-            acts = GatheredEncode.apply(values, indices, x_n, self.W_enc, self.b_enc, cache)
+        # the decoder reads the same indices: one sort of them serves both weight gradients
+        acts = GatheredEncode.apply(values, indices, x_n, self.W_enc, self.b_enc, cache)
+        dead = self.dead_mask()
+        n_dead = int(dead.sum())
+        aux_k = cfg.aux_k
+        assert aux_k is not None  # TranscoderConfig.__post_init__ resolves None to its default
+        if n_dead == 0 or aux_k == 0 or cfg.aux_coefficient == 0:
             return acts, indices, None, None, None
-        aux_values, aux_indices, aux_dead = selected
-        both = GatheredEncode.apply(
-            torch.cat((values, aux_values), -1),
-            torch.cat((indices, aux_indices), -1),
-            x_n,
-            self.W_enc,
-            self.b_enc,
-        )
-        return both[:, :k], indices, both[:, k:], aux_indices, aux_dead
+        dead_index = dead.nonzero().squeeze(1)
+        pre_dead = F.linear(x_n, self.W_enc.index_select(1, dead_index).T, self.b_enc.index_select(0, dead_index))
+        if aux_k < n_dead:
+            local = pre_dead.detach().topk(aux_k, dim=-1, sorted=False).indices
+            return acts, indices, torch.relu(pre_dead.gather(-1, local)), dead_index[local], None
+        return acts, indices, torch.relu(pre_dead), dead_index.expand(x_n.shape[0], n_dead), dead_index
 
     def _aux_select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """The dead features' pre-activations that AuxK uses, or ``None`` when AuxK is off or nothing is dead.
