@@ -144,9 +144,7 @@ def _transposed_rows(
     crow, order, row_of = layout
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        return torch.sparse_csr_tensor(
-            crow, row_of, values.reshape(-1)[order], size=(n, rows), check_invariants=False
-        )
+        return torch.sparse_csr_tensor(crow, row_of, values.reshape(-1)[order], size=(n, rows), check_invariants=False)
 
 
 class DecoderGrad(torch.autograd.Function):

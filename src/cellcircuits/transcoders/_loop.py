@@ -39,8 +39,11 @@ def lr_factor(step: int, total: int, warmup: int, decay_fraction: float = 0.2) -
 
 
 def _adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
-    """Adam, fused into one kernel per parameter where torch has one for their device and dtype (a few times faster
-    on CPU than the loop over its element-wise steps, equal up to float rounding)."""
+    """Adam, fused where torch has a kernel for the parameters' device and dtype.
+
+    On CPU the fused step is a few times faster than the loop over its element-wise steps, and equal up to float
+    rounding.
+    """
     fusable = {"cpu", "cuda"}
     if all(p.device.type in fusable and p.dtype in (torch.float32, torch.float64) for p in params):
         try:
