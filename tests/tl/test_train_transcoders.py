@@ -97,6 +97,10 @@ def test_train_transcoders_resumes_from_a_checkpoint(toy_adata, tiny_c2s, tmp_pa
         )
     with pytest.raises(ValueError, match=r"other settings.*n_cells: 12 in the checkpoint, 6 now"):
         cc.tl.train_transcoders(toy_adata[:6].copy(), tiny_c2s, checkpoint_dir=tmp_path, checkpoint_every=4, **kw)
+    # the streaming run's checkpoint is not one of a store's: refused before the store is collected
+    with pytest.raises(ValueError, match=r"other settings.*data: 'stream"):
+        cc.tl.train_transcoders(toy_adata, tiny_c2s, store=tmp_path / "s", checkpoint_dir=tmp_path, **kw)
+    assert not (tmp_path / "s").exists()
 
 
 def test_train_transcoders_activations_and_save(toy_adata, tiny_c2s, tmp_path):

@@ -7,15 +7,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
+import torch.distributed as dist
 
 from .._keys import SentenceSettings
+from ..models._distributed import is_distributed, rank
 from ..models._hooks import one_at_a_time
 from ..transcoders._activations import collect_activations as _collect
-from ..transcoders._activations import rotating_answers
+from ..transcoders._activations import prompts_fingerprint, rotating_answers
 from ..transcoders._config import TranscoderConfig
 from ..transcoders._store import ActivationStore
 from ..transcoders._stream import ActivationStream, train_on_stream
-from ..transcoders._training import check_training, train_on_store
+from ..transcoders._training import check_training, resume_index, run_settings, store_data, train_on_store
 from ._cells import cell_prompts
 
 if TYPE_CHECKING:
@@ -288,6 +290,17 @@ def train_transcoders(
     )
     if isinstance(store, ActivationStore):
         return train(store)
+    if checkpoint_dir is not None:
+        # a checkpoint of other settings is refused before the store is collected
+        prompts = cell_prompts(adata, model, SentenceSettings(sentence_key, layer, use_raw, organism=organism))
+        answers = rotating_answers(model, len(prompts)) if answer_tokens else None
+        data = store_data(None, prompts_fingerprint(prompts, model.name, answers), positions)
+        all_layers = list(range(model.adapter.n_layers)) if layers is None else layers
+        resume_index(checkpoint_dir, run_settings(config, all_layers, n_tokens, batch_size, lr, 50, seed, data=data))
+    if is_distributed() and rank() != 0:
+        # rank 0 collects (or reuses) the store; the other ranks read it once it is complete
+        dist.barrier()
+        return train(ActivationStore(Path(store)))
     # a complete store of these cells is reused as is, an unfinished one resumed, one of other cells refused
     opened = collect_activations(
         adata,
@@ -302,4 +315,6 @@ def train_transcoders(
         organism=organism,
         progress=progress,
     )
+    if is_distributed():
+        dist.barrier()
     return train(opened)

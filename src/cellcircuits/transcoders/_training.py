@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
     from pathlib import Path
 
-    from ._store import ActivationStore
+    from ._store import ActivationStore, StoreManifest
 
 
 def check_training(n_tokens: int, batch_size: int, lr: float, warmup_steps: int = 0) -> None:
@@ -219,12 +219,10 @@ def train_on_store(
             f"{m.n_cells_total} cells ({store.n_rows} rows); training on those. Collect it again with the same "
             "arguments to finish it."
         )
-    batch_size = min(batch_size, store.n_rows // dist_world_size())  # a small store still yields full batches
     layers = store.layers if layers is None else list(layers)
-    settings = run_settings(
-        config, layers, n_tokens, batch_size, lr, warmup_steps, seed, data=f"store {m.fingerprint} {store.n_rows}"
-    )
+    settings = run_settings(config, layers, n_tokens, batch_size, lr, warmup_steps, seed, data=store_data(m))
     resume = resume_index(checkpoint_dir, settings)
+    batch_size = min(batch_size, store.n_rows // dist_world_size())  # a small store still yields full batches
     torch.manual_seed(seed)
     hooks = {layer: (m.hook_in.get(str(layer), ""), m.hook_out.get(str(layer), "")) for layer in layers}
     tcs = make_transcoders(config, hooks, m.d_model, m.model_name, m.architecture, device)
@@ -247,6 +245,26 @@ def train_on_store(
         progress=progress,
     )
     return finish(tcs, n_layers_model, m.model_name, m.architecture)
+
+
+def store_data(manifest: StoreManifest | None, fingerprint: str = "", positions: str = "") -> str:
+    """What identifies a store's rows in checkpoint settings: its prompts' fingerprint and positions rule.
+
+    Parameters
+    ----------
+    manifest
+        The store's manifest; without it, ``fingerprint`` (:func:`prompts_fingerprint`) and ``positions`` of a
+        store still to be collected.
+    fingerprint, positions
+        Used without a manifest.
+
+    Returns
+    -------
+    A string recorded in the checkpoint's settings.
+    """
+    if manifest is not None:
+        fingerprint, positions = manifest.fingerprint, manifest.positions
+    return f"store {fingerprint} {positions}"
 
 
 def check_checkpointing(checkpoint_every: int) -> None:
