@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models._distributed import is_distributed, world_size
+from ..models._distributed import is_distributed, rank, world_size
 from ._checkpoint import load_checkpoint, save_checkpoint
 from ._store import tensor_names
 
@@ -225,7 +225,8 @@ def run_training(
         loop.load_state(shared, shared_meta)
         source.load_state(own, own_meta)
     n = len(loop.tcs)
-    with tqdm(total=loop.total_steps, initial=loop.step, desc="training transcoders", disable=not progress) as bar:
+    quiet = not progress or rank() != 0  # one progress bar, rank 0's
+    with tqdm(total=loop.total_steps, initial=loop.step, desc="training transcoders", disable=quiet) as bar:
         while loop.step < loop.total_steps:
             total, losses = loop.train_step(source.next_batch())
             bar.update(1)
