@@ -21,7 +21,7 @@ from cellcircuits.transcoders import (
     train_on_stream,
 )
 
-from .test_stream import make_prompts
+from .streaming import make_prompts
 
 # no feature goes dead in these short runs, so the auxiliary loss (normalised per rank) stays off
 CONFIG = TranscoderConfig(d_in=32, d_out=32, n_features=64, k=4, dead_after_tokens=10**6)

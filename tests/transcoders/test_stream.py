@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from cellcircuits.models import tokenize_prompts
 from cellcircuits.transcoders import (
     ActivationStream,
     TranscoderConfig,
@@ -19,16 +17,7 @@ from cellcircuits.transcoders import (
 from cellcircuits.transcoders._loop import TrainingLoop
 from cellcircuits.transcoders._store import tensor_names
 
-from ..helpers import GENES
-
-CONFIG = TranscoderConfig(d_in=32, d_out=32, n_features=64, k=4, dead_after_tokens=2000)
-TRAIN = {"batch_size": 64, "lr": 5e-3, "progress": False}
-
-
-def make_prompts(model, n: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    sentences = [" ".join(rng.permutation(GENES)[: rng.integers(3, 9)]) for _ in range(n)]
-    return tokenize_prompts(model.tokenizer, model.build_prompts(sentences))
+from .streaming import CONFIG, TRAIN, make_prompts
 
 
 def held_out_fvu(tset, store) -> float:

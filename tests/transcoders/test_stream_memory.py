@@ -6,7 +6,7 @@ import tracemalloc
 
 from cellcircuits.transcoders import ActivationStream, train_on_stream
 
-from .test_stream import CONFIG, TRAIN, make_prompts
+from .streaming import CONFIG, TRAIN, make_prompts
 
 
 def test_buffer_memory_stays_flat_when_cells_grow_tenfold(tiny_c2s):
