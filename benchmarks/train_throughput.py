@@ -19,7 +19,10 @@ Throughput is also given as GFLOP/s, from a FLOP count per step that is the same
 fraction of a dense ``torch.mm`` of the encoder's size timed in the same run.
 
     pip install -e ".[bench]"
-    python benchmarks/train_throughput.py [--store DIR] [--layer 3] [--tokens 500000] [--threads 2]
+Each trainer runs ``--repeats`` times, the two taking turns, and keeps its best time (another process on the machine
+slows single runs at random); held-out figures are those of the last run (both trainers are deterministic).
+
+    python benchmarks/train_throughput.py [--store DIR] [--layer 3] [--tokens 500000] [--threads 2] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class PreloadedStore:
         self.directory = store.directory
         self.manifest = store.manifest
         self.n_rows = store.n_rows
+        self.n_cells = store.n_cells
         self.layers = [layer]
         self.batch_size = batch_size
         self.seed = seed
@@ -182,6 +186,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=500_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each trainer, taking turns; best time kept")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -211,33 +216,39 @@ def main() -> None:
 
     dense = [dense_gflops(B, d, F)]
     rows = {}
-    for name in ("cellcircuits", "sparsify"):
-        rss = peak_rss_mib()
-        if name == "cellcircuits":
-            tc, seconds = train_cellcircuits(preloaded, d, args)
+    # the two trainers take turns, and each keeps its best time: a machine shared with other work slows
+    # single runs at random
+    for _ in range(args.repeats):
+        for name in ("cellcircuits", "sparsify"):
+            rss = peak_rss_mib()
+            if name == "cellcircuits":
+                tc, seconds = train_cellcircuits(preloaded, d, args)
 
-            def predict(xs, tc=tc):
-                out = tc(xs)
-                return out.output, out.features
+                def predict(xs, tc=tc):
+                    out = tc(xs)
+                    return out.output, out.features
 
-            optimizer = "Adam, warm-up + decay"
-        else:
-            coder, seconds = train_sparsify(batches, d, args)
+                optimizer = "Adam, warm-up + decay"
+            else:
+                coder, seconds = train_sparsify(batches, d, args)
 
-            def predict(xs, coder=coder):
-                acts, indices, _ = coder.encode(xs)
-                features = torch.zeros(len(xs), coder.num_latents).scatter_(-1, indices, acts)
-                return coder.decode(acts, indices), features
+                def predict(xs, coder=coder):
+                    acts, indices, _ = coder.encode(xs)
+                    features = torch.zeros(len(xs), coder.num_latents).scatter_(-1, indices, acts)
+                    return coder.decode(acts, indices), features
 
-            optimizer = "schedule-free signSGD"
-        rows[name] = (optimizer, seconds, *held_out(predict, x_test, y_test, F), peak_rss_mib() - rss)
-        dense.append(dense_gflops(B, d, F))
+                optimizer = "schedule-free signSGD"
+            if name in rows:
+                seconds = min(seconds, rows[name][1])
+            rows[name] = (optimizer, seconds, *held_out(predict, x_test, y_test, F), peak_rss_mib() - rss)
+            dense.append(dense_gflops(B, d, F))
     dense_ref = max(dense)
 
     flops_step = 4 * B * d * F + 6 * B * k * d
     print(
         f"TopK transcoder, layer {args.layer} of pbmc68k-tiny: d={d}, width={F}, k={k}, batch={B}, "
-        f"{n_steps} steps = {tokens} tokens on {train_store.n_rows} train rows (preloaded), "
+        f"{n_steps} steps = {tokens} tokens on {train_store.n_rows} train rows (preloaded), best of {args.repeats} "
+        "runs each, "
         f"held out: {len(x_test)} rows of {test_store.manifest.n_cells_done} test cells; "
         f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )

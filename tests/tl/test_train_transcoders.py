@@ -37,9 +37,70 @@ def test_train_transcoders_learns_deterministically(toy_adata, tiny_c2s, tmp_pat
         cc.tl.train_transcoders(toy_adata[:6].copy(), tiny_c2s, store=tmp_path / "store", progress=False, **SMALL)
     c = cc.tl.train_transcoders(toy_adata, tiny_c2s, [1], store=store, progress=False, **SMALL)
     assert c.layers == [1]
-    d = cc.tl.train_transcoders(toy_adata, tiny_c2s, [0], progress=False, **SMALL)
-    assert d.layers == [0]
-    torch.testing.assert_close(d[0].W_dec, a[0].W_dec, rtol=0, atol=0)  # temporary store, same data and seed
+
+
+def test_train_transcoders_streams_by_default(toy_adata, tiny_c2s, tmp_path, monkeypatch):
+    """Without a store nothing is written to disk: the model's forward passes feed a bounded shuffle buffer."""
+    import tempfile
+
+    from cellcircuits.transcoders import ActivationStream
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("a temporary directory was made")
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", no_disk)
+    monkeypatch.setattr(tempfile, "mkdtemp", no_disk)
+    streams = []
+    original = ActivationStream.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        streams.append(self)
+
+    monkeypatch.setattr(ActivationStream, "__init__", spy)
+    d = cc.tl.train_transcoders(toy_adata, tiny_c2s, [0], buffer_rows=1024, progress=False, **SMALL)
+    assert d.layers == [0] and d.n_layers_model == 2 and float(d[0].input_scale) == 1.0
+    (stream,) = streams
+    assert stream.peak_rows <= 1024 and stream.nbytes == 2 * 1024 * 32 * 2  # one layer, in and out, float16
+    assert stream.epoch >= 6000 // int(stream.rows_per_cell.sum())  # cycled over the 12 cells
+    again = cc.tl.train_transcoders(toy_adata, tiny_c2s, [0], buffer_rows=1024, progress=False, **SMALL)
+    torch.testing.assert_close(d[0].W_dec, again[0].W_dec, rtol=0, atol=0)  # deterministic for a seed
+    store = cc.tl.collect_activations(toy_adata, tiny_c2s, tmp_path / "held", progress=False)
+    torch.manual_seed(1)
+    untrained = Transcoder(d[0].cfg)
+    untrained.set_scales_from(*next(iter(store.iter_batches(512, [0]))).values())
+    assert fvu_on(store, d[0], 0) < 0.5 * fvu_on(store, untrained, 0)
+
+
+def test_train_transcoders_resumes_from_a_checkpoint(toy_adata, tiny_c2s, tmp_path, monkeypatch):
+    from cellcircuits.transcoders._loop import TrainingLoop
+
+    kw = {**SMALL, "n_tokens": 64 * 12, "buffer_rows": 512, "progress": False}
+    whole = cc.tl.train_transcoders(toy_adata, tiny_c2s, **kw)
+    original = TrainingLoop.train_step
+
+    def killed(self, batch):
+        if self.step == 9:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    with monkeypatch.context() as m:
+        m.setattr(TrainingLoop, "train_step", killed)
+        with pytest.raises(KeyboardInterrupt):
+            cc.tl.train_transcoders(toy_adata, tiny_c2s, checkpoint_dir=tmp_path, checkpoint_every=4, **kw)
+    resumed = cc.tl.train_transcoders(toy_adata, tiny_c2s, checkpoint_dir=tmp_path, checkpoint_every=4, **kw)
+    for (name, p), (_, q) in zip(whole.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    with pytest.raises(ValueError, match=r"other settings.*n_features: 64 in the checkpoint, 32 now"):
+        cc.tl.train_transcoders(
+            toy_adata, tiny_c2s, checkpoint_dir=tmp_path, checkpoint_every=4, **{**kw, "n_features": 32}
+        )
+    with pytest.raises(ValueError, match=r"other settings.*n_cells: 12 in the checkpoint, 6 now"):
+        cc.tl.train_transcoders(toy_adata[:6].copy(), tiny_c2s, checkpoint_dir=tmp_path, checkpoint_every=4, **kw)
+    # the streaming run's checkpoint is not one of a store's: refused before the store is collected
+    with pytest.raises(ValueError, match=r"other settings.*data: 'stream"):
+        cc.tl.train_transcoders(toy_adata, tiny_c2s, store=tmp_path / "s", checkpoint_dir=tmp_path, **kw)
+    assert not (tmp_path / "s").exists()
 
 
 def test_train_transcoders_activations_and_save(toy_adata, tiny_c2s, tmp_path):

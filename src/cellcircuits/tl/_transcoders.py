@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import functools
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
+import torch.distributed as dist
 
 from .._keys import SentenceSettings
+from ..models._distributed import is_distributed, rank
 from ..models._hooks import one_at_a_time
 from ..transcoders._activations import collect_activations as _collect
-from ..transcoders._activations import rotating_answers
+from ..transcoders._activations import prompts_fingerprint, rotating_answers
 from ..transcoders._config import TranscoderConfig
 from ..transcoders._store import ActivationStore
-from ..transcoders._training import check_training, train_on_store
+from ..transcoders._stream import ActivationStream, train_on_stream
+from ..transcoders._training import check_training, resume_index, run_settings, store_data, train_on_store
 from ._cells import cell_prompts
 
 if TYPE_CHECKING:
@@ -135,6 +137,11 @@ def train_transcoders(
     seed: int = 0,
     store: str | Path | ActivationStore | None = None,
     positions: Literal["genes+answer", "all"] = "genes+answer",
+    answer_tokens: bool = True,
+    buffer_rows: int = 16384,
+    cells_per_pass: int = 8,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 1000,
     sentence_key: str = "cell_sentence",
     layer: str | None = None,
     use_raw: bool | None = None,
@@ -143,9 +150,17 @@ def train_transcoders(
 ) -> TranscoderSet:
     """Train a transcoder for each chosen MLP of a model, on the model's activations on these cells.
 
-    Activations are first written to an on-disk store (a temporary one unless ``store`` names a directory, which is
-    reused when complete and resumed when not); the transcoders then train on shuffled mini-batches from it, all
-    layers from the same batches.
+    By default the transcoders train straight from the model's forward passes: a few cells at a time are run, their
+    activations at every chosen layer go into a shuffle buffer of ``buffer_rows`` rows, and batches are drawn at
+    random from it (rows of many cells mixed), refilled as it drains, cycling over the cells for as many epochs as
+    ``n_tokens`` needs, so memory and disk stay bounded however many cells there are. With ``store``, activations
+    are written to an on-disk store first (reused when complete, resumed when not) and the transcoders train on
+    shuffled mini-batches from it; for small data used again and again. All layers train from the same batches.
+
+    Under ``torchrun --nproc_per_node N`` (or a ``torch.distributed`` group initialised by the caller), each rank
+    streams its own share of the cells (each rank reads its part of every global batch of a store), gradients are
+    averaged with ``DistributedDataParallel``, rank 0 writes the checkpoints, and every rank returns the same
+    transcoders; ``batch_size`` is per rank.
 
     Parameters
     ----------
@@ -186,6 +201,21 @@ def train_transcoders(
         on as it is (an unfinished one with a warning); default a temporary directory.
     positions
         Token positions to train on (see :func:`collect_activations`).
+    answer_tokens
+        Append a label's tokens after each prompt and train on them too (as in :func:`collect_activations`).
+    buffer_rows
+        Rows of the streaming shuffle buffer (per layer, for MLP input and output each, held as float16: ``4 *
+        buffer_rows * n_layers * d_model`` bytes); it is refilled when below half full, so each batch is drawn from
+        at least ``buffer_rows / 2`` rows. At least ``2 * batch_size`` and twice the rows of the longest cell.
+    cells_per_pass
+        Cells per forward pass while streaming.
+    checkpoint_dir
+        Save the transcoders, optimizer, RNG and streaming buffer and position here every ``checkpoint_every``
+        steps (safetensors and JSON), and resume from the checkpoint found there: an interrupted run called again
+        with the same arguments gives the weights an uninterrupted one does (on CPU, with the same thread count),
+        losing at most one interval. A checkpoint of other settings or cells is refused before any work.
+    checkpoint_every
+        Steps between checkpoints.
     sentence_key, layer, use_raw
         Cell sentences, as in :func:`collect_activations`. ``layer`` is an AnnData layer, not a model layer.
     organism
@@ -201,7 +231,8 @@ def train_transcoders(
     Raises
     ------
     ValueError
-        Before any work, for ``n_tokens`` or ``batch_size`` below 1 or ``lr`` not positive.
+        Before any work, for ``n_tokens`` or ``batch_size`` below 1, ``lr`` not positive, ``buffer_rows`` too small,
+        more ranks than cells, or a checkpoint in ``checkpoint_dir`` of other settings.
     """
     SentenceSettings(sentence_key, layer, use_raw)  # checked before any work
     check_training(n_tokens, batch_size, lr)
@@ -219,6 +250,30 @@ def train_transcoders(
         dead_after_tokens=dead_after_tokens,
         dtype="float32",
     )
+    if store is None:
+        prompts = cell_prompts(adata, model, SentenceSettings(sentence_key, layer, use_raw, organism=organism))
+        stream = ActivationStream(
+            model,
+            prompts,
+            layers=layers,
+            positions=positions,
+            answers=rotating_answers(model, len(prompts)) if answer_tokens else None,
+            buffer_rows=buffer_rows,
+            cells_per_pass=cells_per_pass,
+            seed=seed,
+        )
+        return train_on_stream(
+            stream,
+            config,
+            n_tokens=n_tokens,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            device=model.device,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            progress=progress,
+        )
     train = functools.partial(
         train_on_store,
         config=config,
@@ -229,22 +284,37 @@ def train_transcoders(
         lr=lr,
         seed=seed,
         device=model.device,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
         progress=progress,
     )
     if isinstance(store, ActivationStore):
         return train(store)
-    with tempfile.TemporaryDirectory(prefix="cellcircuits-store-") as tmp:
-        # a complete store of these cells is reused as is, an unfinished one resumed, one of other cells refused
-        opened = collect_activations(
-            adata,
-            model,
-            Path(store) if store is not None else Path(tmp),
-            layers=layers,
-            positions=positions,
-            sentence_key=sentence_key,
-            layer=layer,
-            use_raw=use_raw,
-            organism=organism,
-            progress=progress,
-        )
-        return train(opened)
+    if checkpoint_dir is not None:
+        # a checkpoint of other settings is refused before the store is collected
+        prompts = cell_prompts(adata, model, SentenceSettings(sentence_key, layer, use_raw, organism=organism))
+        answers = rotating_answers(model, len(prompts)) if answer_tokens else None
+        data = store_data(None, prompts_fingerprint(prompts, model.name, answers), positions)
+        all_layers = list(range(model.adapter.n_layers)) if layers is None else layers
+        resume_index(checkpoint_dir, run_settings(config, all_layers, n_tokens, batch_size, lr, 50, seed, data=data))
+    if is_distributed() and rank() != 0:
+        # rank 0 collects (or reuses) the store; the other ranks read it once it is complete
+        dist.barrier()
+        return train(ActivationStore(Path(store)))
+    # a complete store of these cells is reused as is, an unfinished one resumed, one of other cells refused
+    opened = collect_activations(
+        adata,
+        model,
+        Path(store),
+        layers=layers,
+        positions=positions,
+        answer_tokens=answer_tokens,
+        sentence_key=sentence_key,
+        layer=layer,
+        use_raw=use_raw,
+        organism=organism,
+        progress=progress,
+    )
+    if is_distributed():
+        dist.barrier()
+    return train(opened)

@@ -111,23 +111,40 @@ class Step(torch.autograd.Function):
         return None, _sum_to(grad_threshold, threshold.shape), None
 
 
-def _transposed_rows(values: torch.Tensor, indices: torch.Tensor, n: int) -> torch.Tensor:
+class TransposeCache:
+    """The layout of the transposed sparse rows of one ``(rows, k)`` index tensor, found once for two products.
+
+    The decoder's and the encoder's weight gradients read the same top-k indices; passing one cache to
+    :class:`DecoderGrad` and :class:`GatheredEncode` sorts them once per step instead of twice.
+    """
+
+    def __init__(self) -> None:
+        self.layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+def _transposed_rows(
+    values: torch.Tensor, indices: torch.Tensor, n: int, cache: TransposeCache | None = None
+) -> torch.Tensor:
     """``(n, rows)`` sparse CSR tensor, the transpose of the ``(rows, n)`` one with ``values[i]`` at ``indices[i]``.
 
     ``S.T @ A`` for such a row-sparse ``S`` is the gradient of a weight read at ``indices`` (encoder columns, decoder
     rows); a stable sort of the column indices gives the transpose's rows, and the product then costs one pass over
-    ``rows * k`` entries.
+    ``rows * k`` entries. With ``cache`` the sort is done once for every call on the same indices.
     """
     rows, k = indices.shape
-    flat = indices.reshape(-1)
-    order = flat.argsort(stable=True)
-    crow = torch.zeros(n + 1, dtype=torch.long, device=indices.device)
-    crow[1:] = torch.bincount(flat, minlength=n).cumsum(0)
+    layout = cache.layout if cache is not None else None
+    if layout is None:
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)
+        crow = torch.zeros(n + 1, dtype=torch.long, device=indices.device)
+        crow[1:] = torch.bincount(flat, minlength=n).cumsum(0)
+        layout = (crow, order, order // k)
+        if cache is not None:
+            cache.layout = layout
+    crow, order, row_of = layout
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        return torch.sparse_csr_tensor(
-            crow, order // k, values.reshape(-1)[order], size=(n, rows), check_invariants=False
-        )
+        return torch.sparse_csr_tensor(crow, row_of, values.reshape(-1)[order], size=(n, rows), check_invariants=False)
 
 
 class DecoderGrad(torch.autograd.Function):
@@ -139,19 +156,27 @@ class DecoderGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, W_dec: torch.Tensor, acts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """``out`` unchanged; keeps ``acts`` and ``indices`` for the decoder's gradient."""
+    def forward(
+        ctx,
+        out: torch.Tensor,
+        W_dec: torch.Tensor,
+        acts: torch.Tensor,
+        indices: torch.Tensor,
+        cache: TransposeCache | None = None,
+    ) -> torch.Tensor:
+        """``out`` unchanged; keeps ``acts`` and ``indices`` (and the shared ``cache``) for the decoder's gradient."""
         ctx.save_for_backward(acts, indices)
         ctx.n = W_dec.shape[0]
+        ctx.cache = cache
         return out.view_as(out)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None, None]:
         """``grad`` passed on to ``out``, and ``W_dec``'s gradient as a sparse product."""
         acts, indices = ctx.saved_tensors
-        grad_W = _transposed_rows(acts, indices, ctx.n) @ grad if ctx.needs_input_grad[1] else None
-        return grad, grad_W, None, None
+        grad_W = _transposed_rows(acts, indices, ctx.n, ctx.cache) @ grad if ctx.needs_input_grad[1] else None
+        return grad, grad_W, None, None, None
 
 
 #: :class:`GatheredEncode` takes the dense backward when a row holds more than ``n_features / 16`` entries, about
@@ -177,20 +202,25 @@ class GatheredEncode(torch.autograd.Function):
         x_n: torch.Tensor,
         W_enc: torch.Tensor,
         b_enc: torch.Tensor,
+        cache: TransposeCache | None = None,
     ) -> torch.Tensor:
-        """``relu(values)``; ``x_n``, ``W_enc`` and ``b_enc`` are taken only for their gradients."""
+        """``relu(values)``; ``x_n``, ``W_enc`` and ``b_enc`` are taken only for their gradients.
+
+        ``cache`` is shared with the :class:`DecoderGrad` of the same ``indices``.
+        """
         acts = torch.relu(values)
         ctx.save_for_backward(acts, indices, x_n, W_enc)
+        ctx.cache = cache
         return acts
 
     @staticmethod
     @once_differentiable
     def backward(
         ctx, grad: torch.Tensor
-    ) -> tuple[None, None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[None, None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
         """Gradients of ``x_n``, ``W_enc`` and ``b_enc`` through the gathered entries alone."""
         acts, indices, x_n, W_enc = ctx.saved_tensors
-        _, _, need_x, need_W, need_b = ctx.needs_input_grad
+        need_x, need_W, need_b = ctx.needs_input_grad[2:5]
         n = W_enc.shape[1]
         rows, m = indices.shape
         g = torch.where(acts > 0, grad, 0)  # relu's gradient, zero where the activation is zero
@@ -203,11 +233,11 @@ class GatheredEncode(torch.autograd.Function):
                 grad_b = dense.sum(0)
             if need_x:
                 grad_x = dense @ W_enc.T
-            return None, None, grad_x, grad_W, grad_b
+            return None, None, grad_x, grad_W, grad_b, None
         if need_W:
-            grad_W = (_transposed_rows(g, indices, n) @ x_n).T.contiguous()
+            grad_W = (_transposed_rows(g, indices, n, ctx.cache) @ x_n).T.contiguous()
         if need_b:
             grad_b = g.new_zeros(n).index_add_(0, indices.reshape(-1), g.reshape(-1))
         if need_x:
             grad_x = F.embedding_bag(indices, W_enc.T.contiguous(), per_sample_weights=g, mode="sum")
-        return None, None, grad_x, grad_W, grad_b
+        return None, None, grad_x, grad_W, grad_b, None

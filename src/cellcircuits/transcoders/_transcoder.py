@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._config import TranscoderConfig
-from ._kernels import DecoderGrad, GatheredEncode, JumpReLU, Step, sparse_rows, topk_indices
+from ._kernels import DecoderGrad, GatheredEncode, JumpReLU, Step, TransposeCache, sparse_rows, topk_indices
 
 #: Norm of each decoder row at initialisation.
 DECODER_INIT_NORM = 0.1
@@ -148,7 +148,9 @@ class Transcoder(nn.Module):
         indices = topk_indices(pre, self.cfg.k)
         return torch.relu(pre.gather(-1, indices)), indices
 
-    def _decode_sparse(self, acts: torch.Tensor, indices: torch.Tensor, x_n: torch.Tensor | None) -> torch.Tensor:
+    def _decode_sparse(
+        self, acts: torch.Tensor, indices: torch.Tensor, x_n: torch.Tensor | None, cache: TransposeCache | None = None
+    ) -> torch.Tensor:
         """:meth:`_decode_normalised` of ``(rows, k)`` active features: sums ``k`` decoder rows per row.
 
         Gathering the rows costs ``rows * k * d_out`` instead of ``rows * n_features * d_out``, and so does the
@@ -156,7 +158,7 @@ class Transcoder(nn.Module):
         """
         if torch.is_grad_enabled() and self.W_dec.requires_grad:
             out = F.embedding_bag(indices, self.W_dec.detach(), per_sample_weights=acts, mode="sum")
-            out = DecoderGrad.apply(out, self.W_dec, acts.detach(), indices) + self.b_dec
+            out = DecoderGrad.apply(out, self.W_dec, acts.detach(), indices, cache) + self.b_dec
         else:
             out = F.embedding_bag(indices, self.W_dec, per_sample_weights=acts, mode="sum") + self.b_dec
         if self.W_skip is not None and x_n is not None:
@@ -217,8 +219,9 @@ class Transcoder(nn.Module):
         if cfg.activation == "topk":
             # decode the k active features sparsely, and hand them back sparse: no dense (rows, n_features) tensor
             # takes part in autograd (see GatheredEncode)
-            acts, indices, aux_acts, aux_indices, aux_dead = self._topk_train(x_n)
-            y_hat_n = self._decode_sparse(acts, indices, x_n)
+            cache = TransposeCache()
+            acts, indices, aux_acts, aux_indices, aux_dead = self._topk_train(x_n, cache)
+            y_hat_n = self._decode_sparse(acts, indices, x_n, cache)
             with torch.no_grad():
                 features = sparse_rows(acts, indices, cfg.n_features)
                 l0_mean = (acts != 0).sum(-1).to(x_n.dtype).mean()
@@ -252,33 +255,38 @@ class Transcoder(nn.Module):
         return LossOutput(mse + sparsity + aux, mse, sparsity, aux, fvu, l0_mean, features.detach())
 
     def _topk_train(
-        self, x_n: torch.Tensor
+        self, x_n: torch.Tensor, cache: TransposeCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """TopK activations of ``(rows, d_in)`` inputs for training, and those of AuxK's dead features.
 
         Gives the ``(rows, k)`` activations and indices, then (``None`` when AuxK is off) AuxK's ``(rows, m)``
         activations and feature indices and, when every dead feature takes part, the dead features' indices. The
-        dense pre-activations are found without autograd; one :class:`GatheredEncode` gives the gradient of
-        both selections.
+        dense pre-activations are found without autograd; :class:`GatheredEncode` gives the gradient of the top-k
+        selection (sharing ``cache`` with the decoder's), and AuxK's pre-activations are computed again, with
+        autograd, for the dead features' encoder columns alone: their gradient is a product over those columns
+        instead of one over all features.
         """
-        k = self.cfg.k
+        cfg = self.cfg
+        k = cfg.k
         with torch.no_grad():
             pre = self._pre_acts(x_n)
             indices = topk_indices(pre, k)
             values = pre.gather(-1, indices)
-            selected = self._aux_select(pre)
             del pre
-        if selected is None:
-            return GatheredEncode.apply(values, indices, x_n, self.W_enc, self.b_enc), indices, None, None, None
-        aux_values, aux_indices, aux_dead = selected
-        both = GatheredEncode.apply(
-            torch.cat((values, aux_values), -1),
-            torch.cat((indices, aux_indices), -1),
-            x_n,
-            self.W_enc,
-            self.b_enc,
-        )
-        return both[:, :k], indices, both[:, k:], aux_indices, aux_dead
+        # the decoder reads the same indices: one sort of them serves both weight gradients
+        acts = GatheredEncode.apply(values, indices, x_n, self.W_enc, self.b_enc, cache)
+        dead = self.dead_mask()
+        n_dead = int(dead.sum())
+        aux_k = cfg.aux_k
+        assert aux_k is not None  # TranscoderConfig.__post_init__ resolves None to its default
+        if n_dead == 0 or aux_k == 0 or cfg.aux_coefficient == 0:
+            return acts, indices, None, None, None
+        dead_index = dead.nonzero().squeeze(1)
+        pre_dead = F.linear(x_n, self.W_enc.index_select(1, dead_index).T, self.b_enc.index_select(0, dead_index))
+        if aux_k < n_dead:
+            local = pre_dead.detach().topk(aux_k, dim=-1, sorted=False).indices
+            return acts, indices, torch.relu(pre_dead.gather(-1, local)), dead_index[local], None
+        return acts, indices, torch.relu(pre_dead), dead_index.expand(x_n.shape[0], n_dead), dead_index
 
     def _aux_select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """The dead features' pre-activations that AuxK uses, or ``None`` when AuxK is off or nothing is dead.
