@@ -31,8 +31,8 @@ def _worker(r: int, world: int, port: int, root: str) -> None:
         else:
             assert "c2s_cell_type" not in adata.obs  # only rank 0 writes
         prompts = tokenize_prompts(model.tokenizer, model.build_prompts(adata.obs["cell_sentence"]))
-        where = os.path.join(root, "store")
-        store = collect_activations(model, prompts, where, batch_size=3, shard_rows=25, dtype=torch.float32, progress=0)
+        w = os.path.join(root, "store")
+        store = collect_activations(model, prompts, w, batch_size=3, shard_rows=25, dtype=torch.float32, progress=False)
         assert store.manifest.complete
     finally:
         dist.destroy_process_group()
