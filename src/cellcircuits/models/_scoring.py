@@ -159,7 +159,8 @@ def block_mask(
     group
         ``(T,)`` 0 for prompt columns, ``j + 1`` for the tokens of continuation ``j``.
     dtype
-        Dtype of the mask (the model's).
+        Dtype of an additive mask (the model's), or ``torch.bool`` for a mask that is true where attention goes
+        (what SDPA takes fastest).
     window
         Sliding attention window (a key more than ``window - 1`` positions back is masked); ``None``: none.
     """
@@ -170,6 +171,8 @@ def block_mask(
     if window is not None:
         allowed &= (pos[:, :, None] - pos[:, None, :]) < window
     allowed |= torch.eye(t, dtype=torch.bool, device=group.device)[None]  # padding rows attend to themselves
+    if dtype == torch.bool:
+        return allowed[:, None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=group.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
@@ -197,12 +200,15 @@ def score_batch(
     real = torch.cat([prompt_mask.bool(), torch.ones((b, e), dtype=torch.bool, device=device)], dim=1)
     pos = torch.cat([position_ids(prompt_mask), n[:, None] + labels.offset[None]], dim=1)
     group = torch.cat([torch.zeros(width, dtype=torch.long, device=device), labels.owner + 1])
-    dtype = next(model.parameters()).dtype
     config = model.config
-    mask: torch.Tensor | dict[str, torch.Tensor] = block_mask(real, pos, group, dtype)
+    # SDPA takes a boolean mask (its fused kernels read it directly); eager attention adds the mask to its scores
+    sdpa = getattr(config, "_attn_implementation", None) == "sdpa"
+    dtype = torch.bool if sdpa else next(model.parameters()).dtype
+    full = block_mask(real, pos, group, dtype)
+    mask: torch.Tensor | dict[str, torch.Tensor] = full
     window = getattr(config, "sliding_window", None)
     if window is not None and "sliding_attention" in (getattr(config, "layer_types", None) or []):
-        mask = {"full_attention": mask, "sliding_attention": block_mask(real, pos, group, dtype, int(window))}
+        mask = {"full_attention": full, "sliding_attention": block_mask(real, pos, group, dtype, int(window))}
     # logits only where they are read: each prompt's last token and the fed continuation tokens
     last = torch.full_like(n, width - 1) if padding_side == "left" else n - 1
     ends, end_index = torch.unique(last, return_inverse=True)
