@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -57,45 +57,68 @@ def check_attention(model: torch.nn.Module) -> None:
 
 @dataclass(frozen=True)
 class ContinuationBlock:
-    """Every continuation laid out for one pass: first tokens, and the tokens fed after the prompt.
+    """Every continuation laid out as a prefix tree of the tokens fed after the prompt.
 
     A continuation ``c`` is scored by the prompt's last logits at ``c[0]`` and by feeding ``c[:-1]`` after the
-    prompt: its token ``t`` predicts ``c[t + 1]``. The fed tokens of all continuations are concatenated.
+    prompt: the logits after ``c[:t + 1]`` give ``c[t + 1]``. Continuations sharing their first tokens share the
+    fed tokens of that prefix (a node each), so every distinct prefix runs once.
     """
 
     first: torch.Tensor
     """``(L,)`` first token of each continuation."""
     fed: torch.Tensor
-    """``(E,)`` tokens fed after the prompt, ``c[:-1]`` of each continuation in turn."""
+    """``(E,)`` token of each node (the last token of a distinct prefix ``c[:t + 1]``, ``t < len(c) - 1``)."""
+    depth: torch.Tensor
+    """``(E,)`` position of each node after the prompt (``t``)."""
+    sees: torch.Tensor
+    """``(E, E)`` whether node ``q`` attends to node ``k`` (``k`` is ``q`` or one of its ancestors)."""
+    node: torch.Tensor
+    """``(R,)`` node whose logits give each scored token after the first."""
     target: torch.Tensor
-    """``(E,)`` token each fed token predicts, ``c[1:]``."""
+    """``(R,)`` each scored token after the first."""
     owner: torch.Tensor
-    """``(E,)`` continuation each fed token belongs to."""
-    offset: torch.Tensor
-    """``(E,)`` position of each fed token within its continuation."""
+    """``(R,)`` continuation of each scored token."""
 
     @property
     def n_extra(self) -> int:
-        """Tokens appended after each prompt."""
+        """Tokens fed after each prompt."""
         return len(self.fed)
 
     @classmethod
     def build(cls, continuations: Sequence[Sequence[int]]) -> ContinuationBlock:
         """Lay out ``continuations`` (each at least one token)."""
-        conts = [list(c) for c in continuations]
-        fed = [t for c in conts for t in c[:-1]]
-        target = [t for c in conts for t in c[1:]]
-        owner = [j for j, c in enumerate(conts) for _ in c[1:]]
-        offset = [t for c in conts for t in range(len(c) - 1)]
+        nodes: dict[tuple[int, ...], int] = {}
+        parent: list[int] = []
+        node, target, owner = [], [], []
+        for j, c in enumerate(continuations):
+            c = [int(t) for t in c]
+            for t in range(len(c) - 1):
+                key = tuple(c[: t + 1])
+                if key not in nodes:
+                    parent.append(nodes[key[:-1]] if t else -1)
+                    nodes[key] = len(nodes)
+                node.append(nodes[key])
+                target.append(c[t + 1])
+                owner.append(j)
+        sees = torch.eye(len(nodes), dtype=torch.bool)
+        for i in range(len(nodes)):
+            up = parent[i]
+            while up >= 0:
+                sees[i, up] = True
+                up = parent[up]
+        keys = list(nodes)
 
         def long(values: list[int]) -> torch.Tensor:
             return torch.as_tensor(values, dtype=torch.long).reshape(-1)
 
-        return cls(long([c[0] for c in conts]), long(fed), long(target), long(owner), long(offset))
+        first = long([int(c[0]) for c in continuations])
+        fed, depth = long([k[-1] for k in keys]), long([len(k) - 1 for k in keys])
+        return cls(first, fed, depth, sees, long(node), long(target), long(owner))
 
     def to(self, device: torch.device) -> ContinuationBlock:
         """The block on ``device``."""
-        return ContinuationBlock(*(t.to(device) for t in (self.first, self.fed, self.target, self.owner, self.offset)))
+        fields = (self.first, self.fed, self.depth, self.sees, self.node, self.target, self.owner)
+        return ContinuationBlock(*(t.to(device) for t in fields))
 
 
 def token_batches(
@@ -145,40 +168,46 @@ def token_batches(
     return [b for b in batches if len(b)]
 
 
-def block_mask(
-    real: torch.Tensor, pos: torch.Tensor, group: torch.Tensor, dtype: torch.dtype, window: int | None = None
+def continuation_mask(
+    prompt_mask: torch.Tensor,
+    labels: ContinuationBlock,
+    pos: torch.Tensor,
+    dtype: torch.dtype,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Additive ``(B, 1, T, T)`` mask: causal, no padding keys, continuations seeing the prompt and themselves.
+    """``(B, 1, E, P + E)`` mask of the fed tokens over the prompt's cache and themselves.
+
+    Each fed token attends to the real prompt tokens and to its own prefix (:attr:`ContinuationBlock.sees`).
 
     Parameters
     ----------
-    real
-        ``(B, T)`` whether each column is a real token.
+    prompt_mask
+        ``(B, P)`` attention mask of the prompts (1 for real tokens).
+    labels
+        The continuations.
     pos
-        ``(B, T)`` position ids.
-    group
-        ``(T,)`` 0 for prompt columns, ``j + 1`` for the tokens of continuation ``j``.
+        ``(B, P + E)`` position ids of the prompt tokens and the fed tokens.
     dtype
-        Dtype of an additive mask (the model's), or ``torch.bool`` for a mask that is true where attention goes
-        (what SDPA takes fastest).
+        ``torch.bool`` for a mask that is true where attention goes (what SDPA takes), else the model's dtype for an
+        additive mask (eager attention).
     window
-        Sliding attention window (a key more than ``window - 1`` positions back is masked); ``None``: none.
+        Sliding attention window (a key ``window`` or more positions back is masked); ``None``: none.
     """
-    t = group.shape[0]
-    col = torch.arange(t, device=group.device)
-    allowed = (col[None, :] <= col[:, None]) & ((group[None, :] == 0) | (group[None, :] == group[:, None]))
-    allowed = allowed[None] & real[:, None, :]
+    b, p = prompt_mask.shape
+    e = labels.n_extra
+    allowed = torch.cat([prompt_mask.bool()[:, None, :].expand(b, e, p), labels.sees[None].expand(b, e, e)], dim=2)
     if window is not None:
-        allowed &= (pos[:, :, None] - pos[:, None, :]) < window
-    allowed |= torch.eye(t, dtype=torch.bool, device=group.device)[None]  # padding rows attend to themselves
+        allowed = allowed & ((pos[:, p:, None] - pos[:, None, :]) < window)
     if dtype == torch.bool:
         return allowed[:, None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=group.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def _keeps_logits(model: torch.nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+def _forward_parameters(model: torch.nn.Module) -> tuple[str, bool]:
+    """The name the forward takes its key/value cache by, and whether it takes ``logits_to_keep``."""
+    parameters = inspect.signature(model.forward).parameters
+    return ("cache" if "cache" in parameters else "past_key_values"), "logits_to_keep" in parameters
 
 
 def score_batch(
@@ -189,40 +218,58 @@ def score_batch(
     padding_side: Literal["left", "right"],
     device: torch.device,
 ) -> torch.Tensor:
-    """``(len(batch), L)`` float32 log-likelihoods of every continuation after each prompt, in one forward pass."""
+    """``(len(batch), L)`` float32 log-likelihoods of every continuation after each prompt.
+
+    Two forward passes: the prompts (logits only at each one's last token), then every continuation's fed tokens
+    at once over the prompts' key/value cache.
+    """
+    from transformers import DynamicCache
+
     labels = labels.to(device)
-    prompt_ids, prompt_mask = pad(batch, pad_token_id, padding_side)
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    b, width = prompt_ids.shape
-    e = labels.n_extra
+    ids, prompt_mask = pad(batch, pad_token_id, padding_side)
+    ids, prompt_mask = ids.to(device), prompt_mask.to(device)
+    b, width = ids.shape
     n = prompt_mask.sum(-1)
-    ids = torch.cat([prompt_ids, labels.fed[None].expand(b, -1)], dim=1)
-    real = torch.cat([prompt_mask.bool(), torch.ones((b, e), dtype=torch.bool, device=device)], dim=1)
-    pos = torch.cat([position_ids(prompt_mask), n[:, None] + labels.offset[None]], dim=1)
-    group = torch.cat([torch.zeros(width, dtype=torch.long, device=device), labels.owner + 1])
+    prompt_pos = position_ids(prompt_mask)
+    cache_name, keeps = _forward_parameters(model)
+    # a cache without the config keeps every layer's keys whole (no sliding-window truncation): the mask below
+    # applies the window itself
+    cache = DynamicCache()
+    last = torch.full_like(n, width - 1) if padding_side == "left" else n - 1
+    ends, end_index = torch.unique(last, return_inverse=True)
+    out = model(
+        input_ids=ids,
+        attention_mask=prompt_mask,
+        position_ids=prompt_pos,
+        use_cache=True,
+        **{cache_name: cache},
+        **({"logits_to_keep": ends} if keeps else {}),
+    )
+    logits = out.logits if keeps else out.logits[:, ends]
+    rows = torch.arange(b, device=device)
+    scores = torch.log_softmax(logits[rows, end_index].float(), -1)[:, labels.first]
+    if not labels.n_extra:
+        return scores
+    fed_pos = n[:, None] + labels.depth[None]
+    pos = torch.cat([prompt_pos, fed_pos], dim=1)
     config = model.config
     # SDPA takes a boolean mask (its fused kernels read it directly); eager attention adds the mask to its scores
-    sdpa = getattr(config, "_attn_implementation", None) == "sdpa"
-    dtype = torch.bool if sdpa else next(model.parameters()).dtype
-    full = block_mask(real, pos, group, dtype)
+    dtype = torch.bool if getattr(config, "_attn_implementation", None) == "sdpa" else next(model.parameters()).dtype
+    full = continuation_mask(prompt_mask, labels, pos, dtype)
     mask: torch.Tensor | dict[str, torch.Tensor] = full
     window = getattr(config, "sliding_window", None)
     if window is not None and "sliding_attention" in (getattr(config, "layer_types", None) or []):
-        mask = {"full_attention": full, "sliding_attention": block_mask(real, pos, group, dtype, int(window))}
-    # logits only where they are read: each prompt's last token and the fed continuation tokens
-    last = torch.full_like(n, width - 1) if padding_side == "left" else n - 1
-    ends, end_index = torch.unique(last, return_inverse=True)
-    keep = torch.cat([ends, torch.arange(width, width + e, device=device)])
-    kwargs: dict[str, Any] = {"logits_to_keep": keep} if _keeps_logits(model) else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs)
-    logits = out.logits if kwargs else out.logits[:, keep]
-    rows = torch.arange(b, device=device)
-    first = torch.log_softmax(logits[rows, end_index].float(), -1)[:, labels.first]
-    if e:
-        logp = torch.log_softmax(logits[:, len(ends) :].float(), -1)
-        rest = logp.gather(-1, labels.target[None, :, None].expand(b, -1, 1))[..., 0]
-        first = first.index_add(1, labels.owner, rest)
-    return first
+        mask = {"full_attention": full, "sliding_attention": continuation_mask(prompt_mask, labels, pos, dtype, window)}
+    out = model(
+        input_ids=labels.fed[None].expand(b, -1),
+        attention_mask=mask,
+        position_ids=fed_pos,
+        use_cache=True,
+        **{cache_name: cache},
+    )
+    logp = torch.log_softmax(out.logits.float(), -1)
+    rest = logp[:, labels.node, labels.target]
+    return scores.index_add(1, labels.owner, rest)
 
 
 @one_at_a_time
@@ -241,11 +288,12 @@ def score_continuations(
 ) -> np.ndarray:
     """Log-likelihood of every continuation after every prompt.
 
-    Each batch of prompts runs in one forward pass together with every continuation: the continuations' tokens
-    follow the prompt in the same sequence, each attending to the prompt and to its own earlier tokens only (a
-    block attention mask), at the positions it would have right after the prompt. Scoring ``L`` labels thus costs
-    one pass over ``prompt + sum(len(label) - 1)`` tokens per cell, without a Python loop over labels or a copy of
-    the key/value cache, and logits are computed only where they are read. Position ids are computed from the
+    Each batch of prompts runs once; then every continuation is scored in one more pass over the prompts'
+    key/value cache: the continuations' tokens (each distinct prefix once, as a prefix tree) follow the prompt,
+    each attending to the prompt and to its own earlier tokens only (a 4D attention mask), at the positions it
+    would have right after the prompt. Scoring ``L`` labels thus costs a prompt pass plus a pass over at most
+    ``sum(len(label) - 1)`` tokens per cell, without a Python loop over labels or a copy of the cache, and logits
+    are computed only where they are read. Position ids are computed from the
     attention mask, so left and right padding give the same scores. Log-probabilities are taken in float32
     whatever the model's dtype.
 
