@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cellcircuits.models import score_continuations
-from cellcircuits.models._scoring import pad, position_ids, token_batches
+from cellcircuits.models._scoring import ContinuationBlock, pad, position_ids, token_batches
 
 from ..helpers import make_tiny
 
@@ -127,3 +127,19 @@ def test_bfloat16_model_scores_in_float32_close_to_float32():
     low = score_continuations(model.to(torch.bfloat16), prompts, conts, pad_token_id=1, progress=False)
     assert low.dtype == np.float64
     np.testing.assert_allclose(low, ref, atol=0.1)
+
+
+def test_labels_sharing_first_tokens_share_their_fed_tokens():
+    block = ContinuationBlock.build([[4], [7, 8, 9, 3], [7, 8], [7, 5], [10, 11]])
+    # distinct fed prefixes: (7,), (7, 8), (7, 8, 9), (10,)
+    assert block.fed.tolist() == [7, 8, 9, 10] and block.depth.tolist() == [0, 1, 2, 0]
+    assert block.sees.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1]]
+    assert block.first.tolist() == [4, 7, 7, 7, 10]
+    assert list(zip(block.node.tolist(), block.target.tolist(), block.owner.tolist(), strict=True)) == [
+        (0, 8, 1),
+        (1, 9, 1),
+        (2, 3, 1),
+        (0, 8, 2),
+        (0, 5, 3),
+        (3, 11, 4),
+    ]
