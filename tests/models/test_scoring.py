@@ -113,11 +113,19 @@ def test_token_batches_respect_rows_and_budget():
         token_batches(lengths, batch_size=None, max_batch_tokens=None)
 
 
-def test_attention_without_4d_masks_is_refused_before_work():
-    model = make_tiny("llama", 30)
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_attention_without_4d_masks_runs_as_sdpa_or_eager_during_the_call(arch):
+    model = make_tiny(arch, 30)
+    prompts, conts = [[5, 6, 7], [8, 9]], [[4, 5], [7]]
+    ref = naive_scores(model, prompts, conts)
+    seen = []
+    hook = model.model.layers[0].register_forward_hook(lambda *_: seen.append(model.config._attn_implementation))
     model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
-        score_continuations(model, [[1, 2]], [[3]], pad_token_id=0, progress=False)
+    got = score_continuations(model, prompts, conts, pad_token_id=1, progress=False)
+    hook.remove()
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    assert set(seen) == {"eager" if arch == "gemma2" else "sdpa"}  # soft-capped Gemma-2 attention runs eager
+    assert model.config._attn_implementation == "flash_attention_2"  # restored
 
 
 def test_bfloat16_model_scores_in_float32_close_to_float32():

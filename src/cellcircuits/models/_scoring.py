@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 from ._hooks import one_at_a_time
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
     from transformers import PreTrainedModel
 
@@ -40,19 +41,27 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-#: Attention implementations that take the 4D block mask scoring builds (``None``: transformers' default).
+#: Attention implementations that take the 4D masks scoring builds (``None``: transformers' default).
 MASKABLE_ATTENTION = (None, "eager", "sdpa")
 
 
-def check_attention(model: torch.nn.Module) -> None:
-    """Refuse, before any work, a model whose attention cannot take a custom 4D mask (e.g. flash attention)."""
-    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if implementation not in MASKABLE_ATTENTION:
-        msg = (
-            f"scoring needs attention that takes a 4D mask ('eager' or 'sdpa'), but the model uses "
-            f"{implementation!r}; load it with attn_implementation='sdpa'."
-        )
-        raise ValueError(msg)
+@contextmanager
+def maskable_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block the model's attention takes a 4D mask: others (flash attention) switch to SDPA for it.
+
+    The same weights give the same scores under any implementation; models whose attention scores are soft-capped
+    (Gemma-2) switch to eager attention, which applies the cap.
+    """
+    config = getattr(model, "config", None)
+    old = getattr(config, "_attn_implementation", None)
+    if config is None or old in MASKABLE_ATTENTION:
+        yield
+        return
+    config._attn_implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
 
 
 @dataclass(frozen=True)
@@ -300,7 +309,8 @@ def score_continuations(
     Parameters
     ----------
     model
-        A Hugging Face causal LM whose attention takes a 4D mask (``"eager"`` or ``"sdpa"`` attention).
+        A Hugging Face causal LM. Attention that cannot take a 4D mask (flash attention) runs as SDPA (eager for
+        soft-capped attention) during the call.
     prompts
         Token ids of each prompt.
     continuations
@@ -327,8 +337,8 @@ def score_continuations(
     Raises
     ------
     ValueError
-        For an empty prompt or continuation, a ``batch_size`` or ``max_batch_tokens`` below 1 (or both ``None``),
-        or a model whose attention implementation cannot take a 4D mask.
+        For an empty prompt or continuation, or a ``batch_size`` or ``max_batch_tokens`` below 1 (or both
+        ``None``).
     """
     if any(len(c) == 0 for c in continuations):
         msg = "every continuation needs at least one token"
@@ -339,13 +349,13 @@ def score_continuations(
     if padding_side not in ("left", "right"):
         msg = f"padding side must be 'left' or 'right', got {padding_side!r}"
         raise ValueError(msg)
-    check_attention(model)
     labels = ContinuationBlock.build(continuations)
     lengths = [len(p) for p in prompts]
     batches = token_batches(lengths, batch_size=batch_size, max_batch_tokens=max_batch_tokens, extra=labels.n_extra)
     device = next(model.parameters()).device
     scores = np.zeros((len(prompts), len(continuations)), dtype=np.float64)
-    with tqdm(total=len(prompts), desc=desc, disable=not progress, unit="cell") as bar:
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="cell")
+    with bar, maskable_attention(model):
         for idx in batches:
             logp = score_batch(model, [prompts[i] for i in idx], labels, pad_token_id, padding_side, device)
             scores[idx] = logp.double().cpu().numpy()
