@@ -86,12 +86,18 @@ def kept_rows_hooks(model: C2SModel, points: dict[str, HookPoint], dtype: torch.
                 side = points[_n].side
                 t = input_tensor(args, kwargs) if side == "input" else output_tensor(output)
                 kept.rows[_n] = t.detach()[kept.where].to(dtype)
+                if len(kept.rows) == len(points):
+                    raise AllRecorded  # the layers above the last recorded point need not run
 
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
         yield kept
     finally:
         for h in handles:
             h.remove()
+
+
+class AllRecorded(Exception):
+    """Raised by the last hook of a pass to skip the rest of the forward pass."""
 
 
 class KeptRows:
@@ -138,7 +144,7 @@ def collect_activations(
         against the manifest (present, readable, the recorded tensors and row counts): a damaged store is refused
         with a ValueError unless ``repair`` is set.
     layers
-        Layers to record; default all.
+        Layers to record; default all. The layers above the highest one do not run.
     positions
         ``"genes+answer"``: the tokens spelling genes, the answer region (the closing text after the sentence up to
         the last prompt token) and the answer tokens; ``"all"``: every token (see :func:`kept_positions`).
@@ -264,8 +270,12 @@ def run_collection(
             pos = torch.from_numpy(np.concatenate(where))
             rows = torch.repeat_interleave(torch.arange(len(batch)), torch.as_tensor(counts))
             hooks.where = (rows.to(device), pos.to(device))
-            # the transformer without its unembedding: batch x tokens x vocabulary logits are not needed
-            model.model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            hooks.rows = {}
+            try:
+                # the transformer without its unembedding: batch x tokens x vocabulary logits are not needed
+                model.model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            except AllRecorded:
+                pass
             stacked = torch.stack([hooks.rows[name] for name in points]).cpu()  # one copy off the device
             tensors = dict(zip(points, stacked.unbind(0), strict=True))
             cells = torch.arange(first_cell + b, first_cell + batch.stop, dtype=torch.int32)
