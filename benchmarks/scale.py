@@ -146,7 +146,7 @@ def forward_row(ctx: Context, dtype: torch.dtype) -> Row:
 
     def run() -> None:
         for x, m in batches:
-            base(input_ids=x.to(ctx.device), attention_mask=m.to(ctx.device))
+            base(input_ids=x.to(ctx.device), attention_mask=m.to(ctx.device), use_cache=False)
 
     seconds, peak = measure(ctx, run)
     return Row("bare forward", str(dtype).removeprefix("torch."), sum(ctx.prompt_tokens) / seconds, "tokens/s", peak)
