@@ -34,6 +34,21 @@ def _worker(r: int, world: int, port: int, root: str) -> None:
         w = os.path.join(root, "store")
         store = collect_activations(model, prompts, w, batch_size=3, shard_rows=25, dtype=torch.float32, progress=False)
         assert store.manifest.complete
+        # a rank that cannot open its part stops every rank before any work, instead of leaving them waiting
+        bad = os.path.join(root, "bad")
+        if r == 1:
+            os.makedirs(os.path.join(bad, "ranks", "1-of-2"))
+            with open(os.path.join(bad, "ranks", "1-of-2", "manifest.json"), "w") as f:
+                f.write("{not json")
+        try:
+            collect_activations(model, prompts, bad, progress=False)
+        except ValueError as err:
+            message = str(err)
+        else:
+            message = ""
+        expected = "rank(s) [1] could not open" if r == 0 else "is not valid JSON"
+        assert expected in message, message
+        assert not os.path.exists(os.path.join(bad, "ranks", "0-of-2", "manifest.json"))
     finally:
         dist.destroy_process_group()
 

@@ -210,13 +210,44 @@ def collect_activations(
     r, world = rank(), world_size()
     lo, hi = int(bounds[r]), int(bounds[r + 1])
     part = replace(manifest, n_cells_total=hi - lo, fingerprint=f"{manifest.fingerprint}:{lo}-{hi}")
-    writer = StoreWriter(directory / rank_directory(r, world), part, shard_rows=shard_rows, repair=repair)
+    try:
+        writer = StoreWriter(directory / rank_directory(r, world), part, shard_rows=shard_rows, repair=repair)
+    except (ValueError, OSError):
+        failed_ranks(failed=True)  # the other ranks stop too, instead of waiting for this one
+        raise
+    failed = failed_ranks(failed=False)
+    if failed:
+        msg = (
+            f"rank(s) {failed} could not open their part of the activation store in {directory} (see their error); "
+            "no rank collected anything"
+        )
+        raise ValueError(msg)
     run_collection(model, prompts[lo:hi], appended[lo:hi], kept[lo:hi], writer, batch_size, dtype, lo, progress)
     dist.barrier()
     if r == 0:
         merge_rank_stores(directory, manifest, bounds)
     dist.barrier()
     return ActivationStore(directory)
+
+
+def failed_ranks(*, failed: bool) -> list[int]:
+    """Every rank says whether it failed; all of them learn which ranks did (a collective call).
+
+    Parameters
+    ----------
+    failed
+        Whether this rank failed.
+
+    Returns
+    -------
+    The ranks that failed, in order.
+    """
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    flags = torch.zeros(world_size(), dtype=torch.int32, device=device)
+    flags[rank()] = int(failed)
+    dist.all_reduce(flags)
+    return [int(i) for i in torch.nonzero(flags).flatten().tolist()]
 
 
 def rank_directory(r: int, world: int) -> str:
