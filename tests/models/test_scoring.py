@@ -71,7 +71,7 @@ def test_scoring_uses_the_cache_api_without_deprecation_warnings(arch):
 
 @pytest.mark.parametrize("arch", ["gpt_neox", "llama", "gemma2"])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_one_pass_over_all_labels_equals_a_per_label_reference_under_a_token_budget(arch, side):
+def test_all_labels_at_once_equal_a_per_label_reference_under_a_token_budget(arch, side):
     model = make_tiny(arch, 60, attn="sdpa" if arch == "llama" else "eager")
     if arch == "gemma2":
         model.config.sliding_window = 6  # prompts reach past the window: the sliding layers' mask is exercised
