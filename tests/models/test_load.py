@@ -139,3 +139,40 @@ def test_saved_files_get_the_umask_mode(tiny_c2s, tmp_path):
         os.umask(old)
     for path in (tmp_path / "m").iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name
+
+
+def test_default_dtype_is_float32_on_cpu_and_bfloat16_on_cuda(tiny_c2s, tmp_path, monkeypatch):
+    from cellcircuits.models._load import default_dtype
+
+    tiny_c2s.model.to(torch.bfloat16)
+    tiny_c2s.save(tmp_path)  # a bfloat16 checkpoint still runs in float32 on the CPU
+    assert cc.models.load(tmp_path, device="cpu").dtype == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert default_dtype(torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert default_dtype(torch.device("cuda")) == torch.float32
+    assert default_dtype(torch.device("cpu")) == torch.float32
+
+
+def test_a_dtype_the_device_cannot_run_is_refused_before_loading(tiny_c2s, tmp_path, monkeypatch):
+    import transformers
+
+    tiny_c2s.save(tmp_path)
+    real = torch.matmul
+
+    def no_bf16(a, b, *args, **kwargs):
+        if a.dtype == torch.bfloat16:
+            raise RuntimeError('"addmm_impl_cpu_" not implemented for BFloat16')
+        return real(a, b, *args, **kwargs)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(torch, "matmul", no_bf16)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
+    with pytest.raises(ValueError, match=r"dtype=bfloat16 cannot run on cpu .*not implemented for BFloat16.*float32"):
+        cc.models.load(tmp_path, device="cpu", dtype="bfloat16")
+    with pytest.raises(ValueError, match="floating torch dtype"):
+        cc.models.load(tmp_path, device="cpu", dtype="int8")
+    with pytest.raises(ValueError, match="floating torch dtype"):
+        cc.models.load(tmp_path, device="cpu", dtype="float33")

@@ -205,3 +205,17 @@ def test_collection_runs_the_transformer_of_every_architecture(arch, tiny_tokeni
         gene_tokens = np.concatenate(p.gene_positions)
         expected = tc.encode(rec[points[0]][0][0, gene_tokens]).amax(0).detach().numpy()
         np.testing.assert_allclose(features[1].pooled[cell], expected, atol=1e-5)
+
+
+def test_layers_above_the_highest_recorded_one_do_not_run(tiny_c2s, prompts, tmp_path):
+    calls = []
+    hook = tiny_c2s.model.gpt_neox.layers[1].attention.register_forward_hook(lambda *_: calls.append(1))
+    low = collect_activations(tiny_c2s, prompts, tmp_path / "low", layers=[0], dtype=torch.float32, progress=False)
+    assert calls == []
+    both = collect_activations(tiny_c2s, prompts, tmp_path / "both", dtype=torch.float32, progress=False)
+    hook.remove()
+    assert len(calls) > 0
+    got, ref = rows_by_index(low), rows_by_index(both)
+    assert got.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(got[key]["L0_out"], ref[key]["L0_out"])

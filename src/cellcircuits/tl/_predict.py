@@ -9,6 +9,7 @@ import pandas as pd
 from scipy.special import softmax
 
 from .._keys import PREDICTION, SentenceSettings, prediction_obsm
+from ..models._distributed import gather_rows, is_distributed, my_shard
 from ..models._hooks import one_at_a_time
 from ..models._scoring import score_continuations
 from ..models._tokens import label_token_ids
@@ -23,7 +24,13 @@ if TYPE_CHECKING:
     from ..models._load import C2SModel
 
 
-def candidate_labels(adata: AnnData, model: C2SModel, labels: Sequence[str] | None, batch_size: int) -> list[str]:
+#: Default token budget of a prediction batch (prompts, padding and appended label tokens).
+MAX_BATCH_TOKENS = 16384
+
+
+def candidate_labels(
+    adata: AnnData, model: C2SModel, labels: Sequence[str] | None, batch_size: int | None
+) -> list[str]:
     """Candidate labels (default the model's), after checking them, ``batch_size`` and that there are cells."""
     labels = list(model.labels or []) if labels is None else [str(label) for label in labels]
     if not labels:
@@ -32,7 +39,7 @@ def candidate_labels(adata: AnnData, model: C2SModel, labels: Sequence[str] | No
     if len(set(labels)) != len(labels):
         msg = f"labels contain duplicates: {labels}"
         raise ValueError(msg)
-    check_cells(adata, batch_size)
+    check_cells(adata, 1 if batch_size is None else batch_size)
     return labels
 
 
@@ -48,7 +55,8 @@ def predict_cell_types(
     gene_symbols: str | None = None,
     random_state: int = 0,
     organism: str | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
+    max_batch_tokens: int | None = MAX_BATCH_TOKENS,
     padding_side: Literal["left", "right"] = "left",
     key_added: str = PREDICTION,
     progress: bool = True,
@@ -59,7 +67,13 @@ def predict_cell_types(
     Each cell's prompt (the model's template, its cell sentence cut to the model's ``n_genes``) is followed by each
     candidate label; the label's log-likelihood (summed over its tokens, plus the end-of-sequence token when the
     model was trained with it) is its score, and a softmax over the candidates gives per-label probabilities.
-    The prompt runs once per cell and its key/value cache is shared by the labels.
+    Each cell's prompt and all candidate labels run in one forward pass (the labels' tokens attend to the prompt
+    and to their own tokens only), in batches of prompts of similar length up to ``max_batch_tokens`` tokens.
+
+    Under ``torch.distributed`` (``torchrun --nproc_per_node N``, or a process group the caller initialised) every
+    rank scores a contiguous share of the cells and rank 0 gathers the log-likelihoods and stores the results;
+    every rank must call it with the same ``adata`` and arguments. On the other ranks ``adata`` is left unchanged
+    and the call returns ``None`` (also with ``copy=True``).
 
     A softmax over a closed list has no "other" class: every cell gets one of the candidates, however poorly it
     fits, and the probabilities say only how the candidates compare. Cell2Sentence itself predicts by generating
@@ -86,7 +100,10 @@ def predict_cell_types(
         Organism named in the prompts (C2S models trained on human and mouse cells read it); default the model's
         ``prompt.organism``.
     batch_size
-        Cells per forward pass.
+        Most cells per forward pass (``None``: as many as ``max_batch_tokens`` allows).
+    max_batch_tokens
+        Most tokens per forward pass, padding and label tokens included (``None``: batches of ``batch_size``
+        cells). Lower it when memory runs out; raise it on a large GPU.
     padding_side
         Pad prompts on the left or the right (scores are the same either way).
     key_added
@@ -98,7 +115,8 @@ def predict_cell_types(
 
     Returns
     -------
-    ``None``, or a copy of ``adata`` when ``copy=True``. Sets the following fields:
+    ``None``, or a copy of ``adata`` when ``copy=True`` (on rank 0; other ranks of a process group return
+    ``None``). Sets the following fields:
 
     ``.obs[key_added]`` : :class:`pandas.Categorical`
         The most likely label of each cell.
@@ -110,23 +128,42 @@ def predict_cell_types(
         Log-likelihood of each label's continuation.
     ``.uns[key_added]['params']`` : :class:`dict`
         Model name, labels and settings.
+
+    Raises
+    ------
+    ValueError
+        Before any work: no candidate labels or duplicates, ``batch_size`` or ``max_batch_tokens`` below 1, no
+        cells, an AnnData the results cannot be written to, more ranks than cells.
     """
     settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state, organism)
     labels = candidate_labels(adata, model, labels, batch_size)
     check_writable(adata, copy, "predict_cell_types")
-    sentences = sentences_for(adata, model, settings)
+    if max_batch_tokens is not None and max_batch_tokens < 1:
+        msg = f"max_batch_tokens must be positive, got {max_batch_tokens!r}"
+        raise ValueError(msg)
+    if batch_size is None and max_batch_tokens is None:
+        msg = "pass batch_size or max_batch_tokens (or both)"
+        raise ValueError(msg)
+    n_obs = adata.n_obs
+    share = my_shard(n_obs)  # more ranks than cells fail here, before any work
+    cells = np.arange(share.start, share.stop) if is_distributed() else None
+    sentences = sentences_for(adata, model, settings, cells)
     tok = model.tokenizer
     prompt_ids = tok([p.text for p in model.build_prompts(sentences, organism)])["input_ids"]
-    logprob = score_continuations(
+    part = score_continuations(
         model.model,
         prompt_ids,
         label_token_ids(tok, model.prompt, labels),
         pad_token_id=tok.pad_token_id,
         batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
         padding_side=padding_side,
         progress=progress,
         desc="predicting cell types",
     )
+    logprob = gather_rows(part, n_obs)
+    if logprob is None:  # not rank 0: rank 0 stores the results
+        return None
     proba = softmax(logprob, axis=1)
     adata = adata.copy() if copy else adata
     adata.obs[key_added] = pd.Categorical(np.asarray(labels, dtype=object)[proba.argmax(1)], categories=labels)

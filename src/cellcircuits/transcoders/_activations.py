@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..models._hooks import one_at_a_time, record
+from ..models._distributed import is_distributed, rank, shard_bounds, world_size
+from ..models._hooks import input_tensor, one_at_a_time, output_tensor
 from ..models._scoring import pad
 from ..models._tokens import label_token_ids
-from ._store import ActivationStore, StoreManifest, StoreWriter, tensor_names
+from ._store import MANIFEST, ActivationStore, StoreManifest, StoreWriter, tensor_names
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
+    from ..models._adapter import HookPoint
     from ..models._load import C2SModel
     from ..models._tokens import TokenizedPrompt
 
@@ -63,6 +68,46 @@ def _hook_name(point: tuple[str, str]) -> str:
     return f"{point[0]}:{point[1]}"
 
 
+@contextmanager
+def kept_rows_hooks(model: C2SModel, points: dict[str, HookPoint], dtype: torch.dtype) -> Iterator[KeptRows]:
+    """Hooks that keep, during each forward pass, only the kept rows of every point, converted on the device.
+
+    Set ``where`` of the yielded :class:`KeptRows` (batch rows and token positions) before each pass; after it,
+    ``rows[name]`` holds that point's ``(kept rows, d_model)`` tensor in ``dtype``. Gathering in the hook frees
+    each layer's full activations at once, and one copy per point leaves the device per batch.
+    """
+    kept = KeptRows()
+    handles = []
+    try:
+        for name, point in points.items():
+            module = model.model.get_submodule(point.module)
+
+            def hook(_m: torch.nn.Module, args: tuple, kwargs: dict, output: object, _n: str = name) -> None:
+                side = points[_n].side
+                t = input_tensor(args, kwargs) if side == "input" else output_tensor(output)
+                kept.rows[_n] = t.detach()[kept.where].to(dtype)
+                if len(kept.rows) == len(points):
+                    raise AllRecorded  # the layers above the last recorded point need not run
+
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        yield kept
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class AllRecorded(Exception):
+    """Raised by the last hook of a pass to skip the rest of the forward pass."""
+
+
+class KeptRows:
+    """Where the rows to keep are in a batch, and the rows each hook kept."""
+
+    def __init__(self) -> None:
+        self.where: tuple[torch.Tensor, torch.Tensor] = (torch.zeros(0, dtype=torch.long),) * 2
+        self.rows: dict[str, torch.Tensor] = {}
+
+
 @one_at_a_time
 @torch.no_grad()
 def collect_activations(
@@ -81,6 +126,12 @@ def collect_activations(
 ) -> ActivationStore:
     """Run the model on prompts and store each chosen layer's MLP input and output at the kept positions.
 
+    Under ``torch.distributed`` (``torchrun --nproc_per_node N``, or a process group the caller initialised) every
+    rank collects a contiguous share of the prompts into its own sub-store, ``directory/ranks/<r>-of-<N>/`` (resumed
+    and repaired on its own), and rank 0 then writes ``directory/manifest.json`` listing every rank's shards in
+    cell order, so the result is one ordinary store. Every rank must call it with the same arguments and a
+    ``directory`` all of them can reach; each returns the store.
+
     Parameters
     ----------
     model
@@ -93,7 +144,7 @@ def collect_activations(
         against the manifest (present, readable, the recorded tensors and row counts): a damaged store is refused
         with a ValueError unless ``repair`` is set.
     layers
-        Layers to record; default all.
+        Layers to record; default all. The layers above the highest one do not run.
     positions
         ``"genes+answer"``: the tokens spelling genes, the answer region (the closing text after the sentence up to
         the last prompt token) and the answer tokens; ``"all"``: every token (see :func:`kept_positions`).
@@ -117,6 +168,12 @@ def collect_activations(
     Returns
     -------
     The store, opened for reading.
+
+    Raises
+    ------
+    ValueError
+        Before any work: no prompts, ``answers`` of another length, unknown ``positions``, more ranks than prompts,
+        or a directory holding a store of other activations or a damaged one (without ``repair``).
     """
     adapter = model.adapter
     layers = list(range(adapter.n_layers)) if layers is None else sorted({adapter.check_layer(i) for i in layers})
@@ -126,6 +183,7 @@ def collect_activations(
     if answers is not None and len(answers) != len(prompts):
         msg = f"answers has {len(answers)} entries for {len(prompts)} prompts"
         raise ValueError(msg)
+    bounds = shard_bounds(len(prompts))  # more ranks than prompts fail here, before any work
     manifest = StoreManifest(
         model_name=model.name,
         architecture=adapter.spec.name,
@@ -140,34 +198,123 @@ def collect_activations(
     )
     appended = [list(a) for a in answers] if answers is not None else [[] for _ in prompts]
     kept = [kept_positions(p, positions, len(a)) for p, a in zip(prompts, appended, strict=True)]
-    writer = StoreWriter(directory, manifest, shard_rows=shard_rows, repair=repair)
-    points = {i: (adapter.mlp_in(i), adapter.mlp_out(i)) for i in layers}
+    if not is_distributed():
+        writer = StoreWriter(directory, manifest, shard_rows=shard_rows, repair=repair)
+        run_collection(model, prompts, appended, kept, writer, batch_size, dtype, progress=progress)
+        return ActivationStore(directory)
+    directory = Path(directory)
+    if (directory / MANIFEST).is_file():  # a finished distributed (or single-process) collection
+        done = StoreWriter(directory, manifest, shard_rows=shard_rows, repair=repair)
+        if done.manifest.complete:
+            return ActivationStore(directory)
+    r, world = rank(), world_size()
+    lo, hi = int(bounds[r]), int(bounds[r + 1])
+    part = replace(manifest, n_cells_total=hi - lo, fingerprint=f"{manifest.fingerprint}:{lo}-{hi}")
+    try:
+        writer = StoreWriter(directory / rank_directory(r, world), part, shard_rows=shard_rows, repair=repair)
+    except (ValueError, OSError):
+        failed_ranks(failed=True)  # the other ranks stop too, instead of waiting for this one
+        raise
+    failed = failed_ranks(failed=False)
+    if failed:
+        msg = (
+            f"rank(s) {failed} could not open their part of the activation store in {directory} (see their error); "
+            "no rank collected anything"
+        )
+        raise ValueError(msg)
+    run_collection(model, prompts[lo:hi], appended[lo:hi], kept[lo:hi], writer, batch_size, dtype, lo, progress)
+    dist.barrier()
+    if r == 0:
+        merge_rank_stores(directory, manifest, bounds)
+    dist.barrier()
+    return ActivationStore(directory)
+
+
+def failed_ranks(*, failed: bool) -> list[int]:
+    """Every rank says whether it failed; all of them learn which ranks did (a collective call).
+
+    Parameters
+    ----------
+    failed
+        Whether this rank failed.
+
+    Returns
+    -------
+    The ranks that failed, in order.
+    """
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    flags = torch.zeros(world_size(), dtype=torch.int32, device=device)
+    flags[rank()] = int(failed)
+    dist.all_reduce(flags)
+    return [int(i) for i in torch.nonzero(flags).flatten().tolist()]
+
+
+def rank_directory(r: int, world: int) -> str:
+    """Sub-store of rank ``r`` of ``world``, relative to the store directory."""
+    return f"ranks/{r}-of-{world}"
+
+
+def merge_rank_stores(directory: Path, manifest: StoreManifest, bounds: np.ndarray) -> None:
+    """Write ``directory``'s manifest listing every rank's shards (in their sub-stores) in cell order."""
+    world = len(bounds) - 1
+    manifest = replace(manifest, shards=[], n_rows=0, n_cells_done=0)
+    for r in range(world):
+        sub = rank_directory(r, world)
+        part = StoreManifest.read(directory / sub)
+        for info in part.shards:
+            shard = {**info, "file": f"{sub}/{info['file']}", "first_cell": info["first_cell"] + int(bounds[r])}
+            manifest.shards.append(shard)
+        manifest.n_rows += part.n_rows
+        manifest.n_cells_done += part.n_cells_done
+    manifest.write(directory)
+
+
+def run_collection(
+    model: C2SModel,
+    prompts: Sequence[TokenizedPrompt],
+    appended: Sequence[list[int]],
+    kept: Sequence[np.ndarray],
+    writer: StoreWriter,
+    batch_size: int,
+    dtype: torch.dtype,
+    first_cell: int = 0,
+    progress: bool = True,
+) -> None:
+    """Collect ``prompts`` (cells ``first_cell, first_cell + 1, ...``) from ``writer.next_cell`` on, then flush."""
+    adapter = model.adapter
+    points: dict[str, HookPoint] = {}
+    for layer in writer.manifest.layers:
+        n_in, n_out = tensor_names(layer)
+        points[n_in], points[n_out] = adapter.mlp_in(layer), adapter.mlp_out(layer)
     device = model.device
     pad_id = model.tokenizer.pad_token_id
     start = writer.next_cell
-    with tqdm(total=len(prompts), initial=start, desc="collecting activations", disable=not progress) as bar:
+    bar = tqdm(total=len(prompts), initial=start, desc="collecting activations", disable=not progress)
+    with bar, kept_rows_hooks(model, points, dtype) as hooks:
         for b in range(start, len(prompts), batch_size):
-            batch = prompts[b : b + batch_size]
+            batch = range(b, min(b + batch_size, len(prompts)))
             # right padding: real tokens keep positions 0..n-1 and a causal model never sees the pads
-            ids, mask = pad(
-                [p.input_ids + a for p, a in zip(batch, appended[b : b + batch_size], strict=True)], pad_id, "right"
-            )
-            with record(model.model, [pt for pair in points.values() for pt in pair]) as store:
+            ids, mask = pad([prompts[i].input_ids + appended[i] for i in batch], pad_id, "right")
+            where = [kept[i] for i in batch]
+            counts = [len(w) for w in where]
+            pos = torch.from_numpy(np.concatenate(where))
+            rows = torch.repeat_interleave(torch.arange(len(batch)), torch.as_tensor(counts))
+            hooks.where = (rows.to(device), pos.to(device))
+            hooks.rows = {}
+            try:
                 # the transformer without its unembedding: batch x tokens x vocabulary logits are not needed
-                model.model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            for row in range(len(batch)):
-                pos = torch.from_numpy(kept[b + row]).to(device)
-                cell: dict[str, torch.Tensor] = {}
-                for layer, (p_in, p_out) in points.items():
-                    n_in, n_out = tensor_names(layer)
-                    cell[n_in] = store[p_in][0][row, pos].to("cpu", dtype)
-                    cell[n_out] = store[p_out][0][row, pos].to("cpu", dtype)
-                cell["cell"] = torch.full((len(pos),), b + row, dtype=torch.int32)
-                cell["position"] = pos.to("cpu", torch.int32)
-                writer.add_cell(cell)
+                model.model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            except AllRecorded:
+                pass
+            stacked = torch.stack([hooks.rows[name] for name in points]).cpu()  # one copy off the device
+            tensors = dict(zip(points, stacked.unbind(0), strict=True))
+            cells = torch.arange(first_cell + b, first_cell + batch.stop, dtype=torch.int32)
+            tensors["cell"] = torch.repeat_interleave(cells, torch.as_tensor(counts))
+            tensors["position"] = pos.to(torch.int32)
+            writer.add_cells(tensors, counts)
             bar.update(len(batch))
     writer.flush()
-    return ActivationStore(directory)
 
 
 def rotating_answers(model: C2SModel, n_cells: int) -> list[list[int]] | None:

@@ -239,6 +239,32 @@ class StoreWriter:
         if self._buffer_rows >= self.shard_rows:
             self.flush()
 
+    def add_cells(self, tensors: dict[str, torch.Tensor], n_rows: Sequence[int]) -> None:
+        """Buffer the rows of several consecutive cells at once, split at cell boundaries into shards.
+
+        Parameters
+        ----------
+        tensors
+            Tensors whose rows are the cells' rows one cell after the other (``sum(n_rows)`` rows each).
+        n_rows
+            Rows of each cell, in order.
+        """
+        ends = np.cumsum(np.asarray(n_rows, dtype=np.int64))
+        start, first = 0, 0
+        while first < len(ends):
+            # the shard closes at the first cell boundary at or past shard_rows, as with add_cell
+            room = self.shard_rows - self._buffer_rows
+            last = int(np.searchsorted(ends - start, room, side="left"))
+            last = min(last, len(ends) - 1) if last >= first else first
+            stop = int(ends[last])
+            for name, t in tensors.items():
+                self._buffer.setdefault(name, []).append(t[start:stop])
+            self._buffer_rows += stop - start
+            self._buffer_cells += last - first + 1
+            if self._buffer_rows >= self.shard_rows:
+                self.flush()
+            start, first = stop, last + 1
+
     def flush(self) -> None:
         """Write the buffered cells as a shard, then record it in the manifest."""
         if self._buffer_cells == 0:
