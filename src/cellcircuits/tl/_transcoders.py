@@ -7,10 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
-import torch.distributed as dist
 
 from .._keys import SentenceSettings
-from ..models._distributed import is_distributed, rank
 from ..models._hooks import one_at_a_time
 from ..transcoders._activations import collect_activations as _collect
 from ..transcoders._activations import prompts_fingerprint, rotating_answers
@@ -297,11 +295,8 @@ def train_transcoders(
         data = store_data(None, prompts_fingerprint(prompts, model.name, answers), positions)
         all_layers = list(range(model.adapter.n_layers)) if layers is None else layers
         resume_index(checkpoint_dir, run_settings(config, all_layers, n_tokens, batch_size, lr, 50, seed, data=data))
-    if is_distributed() and rank() != 0:
-        # rank 0 collects (or reuses) the store; the other ranks read it once it is complete
-        dist.barrier()
-        return train(ActivationStore(Path(store)))
-    # a complete store of these cells is reused as is, an unfinished one resumed, one of other cells refused
+    # a complete store of these cells is reused as is, an unfinished one resumed, one of other cells refused; under
+    # torch.distributed every rank collects its share of the cells (a collective call) into the one store
     opened = collect_activations(
         adata,
         model,
@@ -315,6 +310,4 @@ def train_transcoders(
         organism=organism,
         progress=progress,
     )
-    if is_distributed():
-        dist.barrier()
     return train(opened)
