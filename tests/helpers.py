@@ -446,3 +446,12 @@ def interrupted_store(collect, directory, monkeypatch, *, at_flush: int = 3) -> 
         collect(directory)
     monkeypatch.setattr(StoreWriter, "flush", real_flush)
     return ActivationStore(directory)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test's torch.distributed rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -15,7 +15,7 @@ import cellcircuits as cc
 from cellcircuits.circuits import trace_prompts
 from cellcircuits.models._distributed import frames_from_bytes, frames_to_bytes
 
-from ..helpers import random_transcoders
+from ..helpers import free_port, random_transcoders
 
 N_CELLS = 3
 
@@ -50,7 +50,7 @@ def _worker(r: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_two_ranks_trace_the_tables_of_one_process(tmp_path):
-    port = 29600 + os.getpid() % 1000
+    port = free_port()
     mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     single = _trace(*_inputs())
     for r in range(2):  # every rank returns the tables of all cells

@@ -12,6 +12,8 @@ import torch.multiprocessing as mp
 
 from cellcircuits.models._distributed import gather_rows, my_shard, rank, shard_bounds, world_size
 
+from ..helpers import free_port
+
 
 def _worker(r: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -31,7 +33,7 @@ def _worker(r: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_ranks_share_the_cells_and_gather_them_in_order(tmp_path):
-    port = 29500 + os.getpid() % 1000
+    port = free_port()
     mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     gathered = np.load(tmp_path / "gathered.npy")
     np.testing.assert_array_equal(gathered, np.arange(21, dtype=np.float32).reshape(7, 3) * 10)

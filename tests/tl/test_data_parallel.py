@@ -15,6 +15,8 @@ import cellcircuits as cc
 from cellcircuits.models import tokenize_prompts
 from cellcircuits.transcoders import ActivationStore, collect_activations
 
+from ..helpers import free_port
+
 
 def _worker(r: int, world: int, port: int, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -66,7 +68,7 @@ def test_two_gloo_ranks_predict_and_collect_as_one_process(toy_adata, tiny_c2s, 
     cc.pp.cell_sentences(toy_adata)
     tiny_c2s.save(tmp_path / "model")
     toy_adata.write_h5ad(tmp_path / "cells.h5ad")
-    port = 29600 + os.getpid() % 1000
+    port = free_port()
     mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
 
     model = cc.models.load(tmp_path / "model", device="cpu")

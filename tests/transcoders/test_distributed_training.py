@@ -21,6 +21,7 @@ from cellcircuits.transcoders import (
     train_on_stream,
 )
 
+from ..helpers import free_port
 from .streaming import make_prompts
 
 # no feature goes dead in these short runs, so the auxiliary loss (normalised per rank) stays off
@@ -64,7 +65,7 @@ def _worker(r: int, world: int, port: int, out_dir: str, model, prompts) -> None
 def test_two_ranks_train_the_transcoders_one_process_trains_on_the_doubled_batch(tiny_c2s, tmp_path):
     prompts = make_prompts(tiny_c2s, 12)
     store = collect_activations(tiny_c2s, prompts, tmp_path / "store", progress=False)
-    port = 29500 + (os.getpid() + 7) % 1000
+    port = free_port()
     mp.spawn(_worker, args=(2, port, str(tmp_path), tiny_c2s, prompts), nprocs=2, join=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
