@@ -9,9 +9,13 @@ table gives, for the current code:
 - a bare forward pass of the transformer (no unembedding, the same prompts and batch size), tokens/s and cells/s;
 - activation collection (``cellcircuits.transcoders.collect_activations``, every layer, float16 store) tokens/s;
 - the ratios collection / bare forward, predict bfloat16 / float32 and predict / bare forward;
-- peak memory: the process's peak RSS on CPU, ``torch.cuda.max_memory_allocated`` per row on CUDA.
+- peak memory: the process's peak RSS on CPU, ``torch.cuda.max_memory_allocated`` per row on CUDA;
+- circuit tracing (``cellcircuits.circuits.trace_prompts``, one cell traced to a label, in float32) with random TopK
+  transcoders on every layer (width 16384, k 64; ``--tiny``: 1024, k 16): seconds per cell and peak memory at each
+  number of feature nodes (``--trace-nodes``, default 128 1024 8192; ``--tiny``: 128 1024) and prompt length
+  (``--trace-genes``, default 100 200 400; ``--tiny``: 100 200).
 
-It runs on CUDA when available. ``--tiny`` uses a small shape that runs on a CPU in a minute or two.
+It runs on CUDA when available. ``--tiny`` uses a small shape that runs on a CPU in a few minutes.
 
     python benchmarks/scale.py --tiny
     python benchmarks/scale.py --cells 512 --max-batch-tokens 16384
@@ -37,7 +41,7 @@ import cellcircuits as cc
 from cellcircuits.models import C2SModel, ModelAdapter, tokenize_prompts
 from cellcircuits.models._scoring import pad
 from cellcircuits.pp import PromptConfig
-from cellcircuits.transcoders import collect_activations
+from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet, collect_activations
 
 #: Shapes: C2S-Pythia-410m's, and a small one for CPUs and CI.
 SHAPES = {
@@ -176,6 +180,51 @@ def collect_row(ctx: Context, dtype: torch.dtype) -> Row:
     )
 
 
+def random_transcoders(model: C2SModel, n_features: int, k: int, seed: int = 0) -> TranscoderSet:
+    """Random TopK transcoders on every layer of ``model``, their features sized to matter next to the MLPs."""
+    torch.manual_seed(seed)
+    d, n_layers = model.adapter.d_model, model.adapter.n_layers
+    tcs = {}
+    for layer in range(n_layers):
+        tc = Transcoder(TranscoderConfig(d_in=d, d_out=d, n_features=n_features, k=k, layer=layer))
+        with torch.no_grad():
+            tc.W_dec.mul_(5.0)
+        tcs[layer] = tc.to(model.device)
+    return TranscoderSet(tcs, n_layers_model=n_layers)
+
+
+def trace_table(ctx: Context, nodes: list[int], genes: list[int], n_features: int, k: int) -> list[str]:
+    """Seconds per cell and peak memory of tracing one cell, per number of feature nodes and prompt length."""
+    ctx.model.model.to(torch.float32)
+    tset = random_transcoders(ctx.model, n_features, k)
+    names = np.asarray(cc.ds.pbmc68k().var_names, dtype=object)
+    rng = np.random.default_rng(1)
+    label = (ctx.model.labels or [""])[0]
+    kept = ctx.model.prompt.n_genes
+    lines = []
+    try:
+        for g in genes:
+            ctx.model.prompt.n_genes = g
+            sentence = " ".join(rng.permutation(names)[:g])
+            (prompt,) = tokenize_prompts(ctx.model.tokenizer, ctx.model.build_prompts([sentence]))
+            for n in nodes:
+
+                def run(prompt=prompt, n=n) -> None:
+                    cc.circuits.trace_prompts(
+                        ctx.model, tset, [prompt], [label], max_feature_nodes=n, batch_size=32, progress=False
+                    )
+
+                repeats, ctx.repeats = ctx.repeats, 1
+                try:
+                    seconds, peak = measure(ctx, run)
+                finally:
+                    ctx.repeats = repeats
+                lines.append(f"| {n:>13} | {g:>5} | {len(prompt.input_ids):>13} | {seconds:>7.1f} | {peak:>10.0f} |")
+    finally:
+        ctx.model.prompt.n_genes = kept
+    return lines
+
+
 def extra_rows(ctx: Context) -> list[Row]:
     """Rows added by other benchmarks at this scale: training against sparsify, and tracing. None yet.
 
@@ -195,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="default CUDA when available, else CPU")
     parser.add_argument("--repeats", type=int, default=1, help="time each row this often, keep the fastest")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--trace-nodes", type=int, nargs="*", help="feature nodes of the tracing rows (none: skip)")
+    parser.add_argument("--trace-genes", type=int, nargs="+", help="genes per prompt of the tracing rows")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -243,6 +294,15 @@ def main(argv: list[str] | None = None) -> None:
     print()
     for k, v in ratios.items():
         print(f"{k:<44} {v:.2f}x")
+    nodes = args.trace_nodes if args.trace_nodes is not None else ([128, 1024] if args.tiny else [128, 1024, 8192])
+    if nodes:
+        genes = args.trace_genes or ([100, 200] if args.tiny else [100, 200, 400])
+        width, k = (1024, 16) if args.tiny else (16384, 64)
+        print(f"\ntracing one cell, random TopK transcoders on every layer (width {width}, k {k}), float32:")
+        print(f"| feature nodes | genes | prompt tokens |  s/cell | {mem[:-4]} MiB |")
+        print(f"|{'-' * 15}|{'-' * 7}|{'-' * 15}|{'-' * 9}|{'-' * 12}|")
+        for line in trace_table(ctx, nodes, genes, width, k):
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

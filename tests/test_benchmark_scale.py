@@ -16,7 +16,8 @@ def test_scale_benchmark_prints_its_table(capsys, monkeypatch):
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up
     spec.loader.exec_module(module)
-    module.main(["--tiny", "--cells", "4", "--genes", "12", "--batch-size", "2"])
+    tracing = ["--trace-nodes", "8", "--trace-genes", "6"]
+    module.main(["--tiny", "--cells", "4", "--genes", "12", "--batch-size", "2", *tracing])
     out = capsys.readouterr().out
     rows = {n: v for n, _, v in re.findall(r"^\| (\w[\w ]*?) +\| (\w+) +\| +([\d.]+) \|", out, re.MULTILINE)}
     for name in ("predict_cell_types", "bare forward", "collect_activations"):
@@ -24,3 +25,5 @@ def test_scale_benchmark_prints_its_table(capsys, monkeypatch):
     for ratio in ("collection / bare forward (float32)", "predict bfloat16 / float32", "predict / bare forward"):
         assert re.search(re.escape(ratio) + r".* [\d.]+x", out)
     assert "4 cells of 12 genes" in out
+    traced = re.search(r"^\| +8 \| +6 \| +(\d+) \| +([\d.]+) \|", out, re.MULTILINE)
+    assert traced and int(traced.group(1)) > 6 and float(traced.group(2)) > 0
