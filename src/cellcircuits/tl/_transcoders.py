@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -248,6 +247,16 @@ def train_transcoders(
         dead_after_tokens=dead_after_tokens,
         dtype="float32",
     )
+    optimisation: dict[str, Any] = {
+        "n_tokens": n_tokens,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "device": model.device,
+        "checkpoint_dir": checkpoint_dir,
+        "checkpoint_every": checkpoint_every,
+        "progress": progress,
+    }
     if store is None:
         prompts = cell_prompts(adata, model, SentenceSettings(sentence_key, layer, use_raw, organism=organism))
         stream = ActivationStream(
@@ -260,32 +269,11 @@ def train_transcoders(
             cells_per_pass=cells_per_pass,
             seed=seed,
         )
-        return train_on_stream(
-            stream,
-            config,
-            n_tokens=n_tokens,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            device=model.device,
-            checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every,
-            progress=progress,
-        )
-    train = functools.partial(
-        train_on_store,
-        config=config,
-        layers=layers,
-        n_layers_model=model.adapter.n_layers,
-        n_tokens=n_tokens,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        device=model.device,
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every,
-        progress=progress,
-    )
+        return train_on_stream(stream, config, **optimisation)
+
+    def train(opened: ActivationStore) -> TranscoderSet:
+        return train_on_store(opened, config, layers=layers, n_layers_model=model.adapter.n_layers, **optimisation)
+
     if isinstance(store, ActivationStore):
         return train(store)
     if checkpoint_dir is not None:
