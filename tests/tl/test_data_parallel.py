@@ -51,6 +51,12 @@ def _worker(r: int, world: int, port: int, root: str) -> None:
         expected = "rank(s) [1] could not open" if r == 0 else "is not valid JSON"
         assert expected in message, message
         assert not os.path.exists(os.path.join(bad, "ranks", "0-of-2", "manifest.json"))
+        # training from a store: every rank collects its share of the cells into it, then trains on it
+        tset = cc.tl.train_transcoders(
+            adata, model, [0], n_features=32, k=4, n_tokens=256, batch_size=32,
+            store=os.path.join(root, "train_store"), progress=False,
+        )  # fmt: skip
+        np.save(os.path.join(root, f"W_enc_rank{r}.npy"), tset[0].W_enc.detach().numpy())
     finally:
         dist.destroy_process_group()
 
@@ -87,6 +93,9 @@ def test_two_gloo_ranks_predict_and_collect_as_one_process(toy_adata, tiny_c2s, 
     assert got.keys() == ref.keys()
     for key in ref:
         torch.testing.assert_close(got[key]["L1_out"], ref[key]["L1_out"], atol=1e-5, rtol=1e-5)
+    trained = [np.load(tmp_path / f"W_enc_rank{r}.npy") for r in range(2)]
+    np.testing.assert_array_equal(trained[0], trained[1])  # the ranks end with the same transcoder
+    assert ActivationStore(tmp_path / "train_store").n_cells == 12
     # the merged store is an ordinary one: a one-process call with the same prompts returns it as it is
     again = collect_activations(model, prompts, tmp_path / "store", batch_size=3, dtype=torch.float32, progress=False)
     assert again.manifest.shards == parallel.manifest.shards
