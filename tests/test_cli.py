@@ -48,7 +48,8 @@ def test_cli_errors(tmp_path, capsys):
 
 def test_organism_option_names_the_organism_in_every_prompt(tmp_path, capsys):
     out = tmp_path / "pred.h5ad"
-    assert main(["predict", "--organism", "Mus musculus", "--out", str(out), "--quiet"]) == 0
+    options = ["--organism", "Mus musculus", "--max-batch-tokens", "2000"]
+    assert main(["predict", *options, "--out", str(out), "--quiet"]) == 0
     assert ad.read_h5ad(out).uns["c2s_cell_type"]["params"]["organism"] == "Mus musculus"
 
 

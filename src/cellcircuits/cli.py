@@ -116,7 +116,9 @@ def _predict(args: argparse.Namespace) -> int:
     check_obs_column(adata, label_key, "--label-key")
     model = _load_model(args)
     _threads(args)
-    cc.tl.predict_cell_types(adata, model, batch_size=args.batch_size, progress=not args.quiet)
+    cc.tl.predict_cell_types(
+        adata, model, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, progress=not args.quiet
+    )
     if label_key is not None:
         truth = adata.obs[label_key].astype(str)
         accuracy = float((adata.obs[PREDICTION].astype(str) == truth).mean())
@@ -291,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="cellcircuits_predicted.h5ad", help="output .h5ad")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="most cells per batch")
+    p.add_argument("--max-batch-tokens", type=positive_int, default=16384, help="token budget of a batch")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
