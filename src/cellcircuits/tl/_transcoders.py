@@ -14,7 +14,14 @@ from ..transcoders._activations import prompts_fingerprint, rotating_answers
 from ..transcoders._config import TranscoderConfig
 from ..transcoders._store import ActivationStore
 from ..transcoders._stream import ActivationStream, train_on_stream
-from ..transcoders._training import check_training, resume_index, run_settings, store_data, train_on_store
+from ..transcoders._training import (
+    WARMUP_STEPS,
+    check_training,
+    resume_index,
+    run_settings,
+    store_data,
+    train_on_store,
+)
 from ._cells import cell_prompts
 
 if TYPE_CHECKING:
@@ -231,7 +238,7 @@ def train_transcoders(
         Before any work, for ``n_tokens`` or ``batch_size`` below 1, ``lr`` not positive, ``buffer_rows`` too small,
         more ranks than cells, or a checkpoint in ``checkpoint_dir`` of other settings.
     """
-    SentenceSettings(sentence_key, layer, use_raw)  # checked before any work
+    settings = SentenceSettings(sentence_key, layer, use_raw, organism=organism)  # checked before any work
     check_training(n_tokens, batch_size, lr)
     if layers is not None:
         layers = sorted({model.adapter.check_layer(int(i)) for i in layers})
@@ -257,45 +264,34 @@ def train_transcoders(
         "checkpoint_every": checkpoint_every,
         "progress": progress,
     }
-    if store is None:
-        prompts = cell_prompts(adata, model, SentenceSettings(sentence_key, layer, use_raw, organism=organism))
-        stream = ActivationStream(
-            model,
-            prompts,
-            layers=layers,
-            positions=positions,
-            answers=rotating_answers(model, len(prompts)) if answer_tokens else None,
-            buffer_rows=buffer_rows,
-            cells_per_pass=cells_per_pass,
-            seed=seed,
-        )
-        return train_on_stream(stream, config, **optimisation)
 
     def train(opened: ActivationStore) -> TranscoderSet:
         return train_on_store(opened, config, layers=layers, n_layers_model=model.adapter.n_layers, **optimisation)
 
     if isinstance(store, ActivationStore):
         return train(store)
+    prompts = cell_prompts(adata, model, settings)
+    answers = rotating_answers(model, len(prompts)) if answer_tokens else None
+    if store is None:
+        stream = ActivationStream(
+            model,
+            prompts,
+            layers=layers,
+            positions=positions,
+            answers=answers,
+            buffer_rows=buffer_rows,
+            cells_per_pass=cells_per_pass,
+            seed=seed,
+        )
+        return train_on_stream(stream, config, **optimisation)
     if checkpoint_dir is not None:
         # a checkpoint of other settings is refused before the store is collected
-        prompts = cell_prompts(adata, model, SentenceSettings(sentence_key, layer, use_raw, organism=organism))
-        answers = rotating_answers(model, len(prompts)) if answer_tokens else None
         data = store_data(None, prompts_fingerprint(prompts, model.name, answers), positions)
         all_layers = list(range(model.adapter.n_layers)) if layers is None else layers
-        resume_index(checkpoint_dir, run_settings(config, all_layers, n_tokens, batch_size, lr, 50, seed, data=data))
+        settings_now = run_settings(config, all_layers, n_tokens, batch_size, lr, WARMUP_STEPS, seed, data=data)
+        resume_index(checkpoint_dir, settings_now)
     # a complete store of these cells is reused as is, an unfinished one resumed, one of other cells refused; under
     # torch.distributed every rank collects its share of the cells (a collective call) into the one store
-    opened = collect_activations(
-        adata,
-        model,
-        Path(store),
-        layers=layers,
-        positions=positions,
-        answer_tokens=answer_tokens,
-        sentence_key=sentence_key,
-        layer=layer,
-        use_raw=use_raw,
-        organism=organism,
-        progress=progress,
+    return train(
+        _collect(model, prompts, Path(store), layers=layers, positions=positions, answers=answers, progress=progress)
     )
-    return train(opened)

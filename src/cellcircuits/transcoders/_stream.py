@@ -21,7 +21,15 @@ from ._activations import Positions, kept_positions, prompts_fingerprint
 from ._config import TranscoderConfig
 from ._loop import TrainingLoop, run_training, steps_for
 from ._store import tensor_names
-from ._training import check_checkpointing, check_training, finish, make_transcoders, resume_index, run_settings
+from ._training import (
+    WARMUP_STEPS,
+    check_checkpointing,
+    check_training,
+    finish,
+    make_transcoders,
+    resume_index,
+    run_settings,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -273,7 +281,7 @@ def train_on_stream(
     n_tokens: int = 4_000_000,
     batch_size: int = 1024,
     lr: float = 1e-3,
-    warmup_steps: int = 50,
+    warmup_steps: int = WARMUP_STEPS,
     seed: int = 0,
     device: str | torch.device = "cpu",
     checkpoint_dir: str | Path | None = None,

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from ._store import ActivationStore, StoreManifest
 
 
+#: Learning-rate warm-up steps of every training run unless given.
+WARMUP_STEPS = 50
+
+
 def check_training(n_tokens: int, batch_size: int, lr: float, warmup_steps: int = 0) -> None:
     """Refuse training settings that would train nothing or diverge, before any work.
 
@@ -143,7 +147,7 @@ def train_on_store(
     n_tokens: int = 4_000_000,
     batch_size: int = 1024,
     lr: float = 1e-3,
-    warmup_steps: int = 50,
+    warmup_steps: int = WARMUP_STEPS,
     seed: int = 0,
     device: str | torch.device = "cpu",
     rank: int = 0,
