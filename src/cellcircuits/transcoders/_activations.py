@@ -22,7 +22,7 @@ from ._store import MANIFEST, ActivationStore, StoreManifest, StoreWriter, tenso
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
-    from ..models._adapter import HookPoint
+    from ..models._adapter import HookPoint, ModelAdapter
     from ..models._load import C2SModel
     from ..models._tokens import TokenizedPrompt
 
@@ -108,6 +108,38 @@ class KeptRows:
         self.rows: dict[str, torch.Tensor] = {}
 
 
+def recorded_layers(adapter: ModelAdapter, layers: Sequence[int] | None) -> list[int]:
+    """The model layers to record, sorted and without repeats (every layer when ``None``)."""
+    return list(range(adapter.n_layers)) if layers is None else sorted({adapter.check_layer(i) for i in layers})
+
+
+def check_prompts(
+    prompts: Sequence[TokenizedPrompt], answers: Sequence[Sequence[int]] | None, doing: str
+) -> np.ndarray:
+    """Refuse no prompts, answers of another length and more ranks than prompts; the ranks' shares of the prompts.
+
+    Parameters
+    ----------
+    prompts
+        The prompts to run.
+    answers
+        Answer tokens appended per prompt, or ``None``.
+    doing
+        What the prompts are for, in the message (``"collect activations from"``).
+
+    Returns
+    -------
+    The boundaries of each rank's contiguous share of the prompts.
+    """
+    if not prompts:
+        msg = f"no prompts to {doing}"
+        raise ValueError(msg)
+    if answers is not None and len(answers) != len(prompts):
+        msg = f"answers has {len(answers)} entries for {len(prompts)} prompts"
+        raise ValueError(msg)
+    return shard_bounds(len(prompts))  # more ranks than prompts fail here, before any work
+
+
 @one_at_a_time
 @torch.no_grad()
 def collect_activations(
@@ -176,14 +208,8 @@ def collect_activations(
         or a directory holding a store of other activations or a damaged one (without ``repair``).
     """
     adapter = model.adapter
-    layers = list(range(adapter.n_layers)) if layers is None else sorted({adapter.check_layer(i) for i in layers})
-    if not prompts:
-        msg = "no prompts to collect activations from"
-        raise ValueError(msg)
-    if answers is not None and len(answers) != len(prompts):
-        msg = f"answers has {len(answers)} entries for {len(prompts)} prompts"
-        raise ValueError(msg)
-    bounds = shard_bounds(len(prompts))  # more ranks than prompts fail here, before any work
+    layers = recorded_layers(adapter, layers)
+    bounds = check_prompts(prompts, answers, "collect activations from")
     manifest = StoreManifest(
         model_name=model.name,
         architecture=adapter.spec.name,

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..models._distributed import my_shard, rank, shard_bounds
+from ..models._distributed import my_shard, rank
 from ..models._hooks import record
 from ..models._scoring import pad
-from ._activations import Positions, kept_positions, prompts_fingerprint
+from ._activations import Positions, check_prompts, kept_positions, prompts_fingerprint, recorded_layers
 from ._config import TranscoderConfig
 from ._loop import TrainingLoop, run_training, steps_for
 from ._store import tensor_names
@@ -89,19 +89,13 @@ class ActivationStream:
         dtype: torch.dtype = torch.float16,
     ) -> None:
         adapter = model.adapter
-        if not prompts:
-            msg = "no prompts to stream activations from"
-            raise ValueError(msg)
-        if answers is not None and len(answers) != len(prompts):
-            msg = f"answers has {len(answers)} entries for {len(prompts)} prompts"
-            raise ValueError(msg)
+        check_prompts(prompts, answers, "stream activations from")
         for name, value in (("buffer_rows", buffer_rows), ("cells_per_pass", cells_per_pass)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 msg = f"{name} must be a positive integer, got {value!r}"
                 raise ValueError(msg)
-        shard_bounds(len(prompts))  # more ranks than cells is refused here
         self.model, self.prompts, self.positions = model, prompts, positions
-        self.layers = list(range(adapter.n_layers)) if layers is None else [adapter.check_layer(i) for i in layers]
+        self.layers = recorded_layers(adapter, layers)
         self.answers = answers
         self.cells = np.arange(len(prompts))[my_shard(len(prompts))]
         self.rows_per_cell = np.array([len(self._kept(int(i))) for i in self.cells], dtype=np.int64)
