@@ -133,8 +133,9 @@ def attribution_graph(
         rm, target_row, max_feature_nodes=max_feature_nodes, batch_size=batch_size, memory_budget=memory_budget
     )
     A, order = compact_matrix(rm, selected, tracker)
-    row_sums = tracker.fold(torch.zeros(len(rm.nodes), dtype=torch.long), 1)[1:, 0]
     n_rows = 1 + len(selected)
+    # folding keeps each row's total, so the compact rows give the features' summed attributions
+    row_sums = np.asarray(A[1:n_rows].sum(1)).ravel()
     nodes = rm.nodes
     kind = np.array([NodeKind.TARGET.tag, *nodes.kind[order[1:]]], dtype=object)
     codes = NodeKind.codes(kind)
