@@ -91,6 +91,26 @@ def parse_bytes(size: int | str | None) -> int | None:
     return int(value)
 
 
+def check_graph_size(max_feature_nodes: int, memory_budget: int | str | None) -> int | None:
+    """Refuse ``max_feature_nodes`` below 1 or a malformed memory budget, before any work.
+
+    Parameters
+    ----------
+    max_feature_nodes
+        Most features given attribution rows.
+    memory_budget
+        Bytes of rows kept on the device, as :func:`parse_bytes` reads them.
+
+    Returns
+    -------
+    The budget in bytes (``None``: no budget).
+    """
+    if max_feature_nodes < 1:
+        msg = f"max_feature_nodes must be a positive integer, got {max_feature_nodes!r}"
+        raise ValueError(msg)
+    return parse_bytes(memory_budget)
+
+
 class RowStore:
     """Attribution rows kept on the device up to a memory budget, the rest in host memory.
 
@@ -328,12 +348,10 @@ def select_features(
     ValueError
         For ``max_feature_nodes`` below 1, or a memory budget that cannot hold one row.
     """
-    if max_feature_nodes < 1:
-        msg = f"max_feature_nodes must be a positive integer, got {max_feature_nodes!r}"
-        raise ValueError(msg)
+    budget = check_graph_size(max_feature_nodes, memory_budget)
     nodes = rm.nodes
     row = torch.as_tensor(target_row).to(rm.device)
-    tracker = InfluenceTracker(row, max_feature_nodes, parse_bytes(memory_budget))
+    tracker = InfluenceTracker(row, max_feature_nodes, budget)
     eligible = torch.as_tensor(nodes.kind == "feature", device=rm.device)
     while tracker.size < max_feature_nodes:
         score = torch.where(eligible, tracker.influence, torch.full_like(tracker.influence, -1.0))

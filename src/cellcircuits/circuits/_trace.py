@@ -19,7 +19,7 @@ from ..models._tokens import label_token_ids
 from ._aggregate import aggregate, cell_graph_tables, top_paths
 from ._graph import attribution_graph
 from ._replacement import ReplacementModel
-from ._select import parse_bytes
+from ._select import check_graph_size
 from ._targets import LogitTarget, label_target
 
 if TYPE_CHECKING:
@@ -205,10 +205,7 @@ def trace_prompts(
     if len(prompts) == 0:
         msg = "no prompt to trace"
         raise ValueError(msg)
-    if max_feature_nodes < 1:
-        msg = f"max_feature_nodes must be a positive integer, got {max_feature_nodes!r}"
-        raise ValueError(msg)
-    budget = parse_bytes(memory_budget)
+    budget = check_graph_size(max_feature_nodes, memory_budget)
     all_label_ids = label_token_ids(model.tokenizer, model.prompt, model.prompt.labels or [])
     targets = [label_target(all_label_ids, label_index(model, str(label)), target_mode) for label in labels]
     check_context(model, [len(p.input_ids) + len(t.prefix) for p, t in zip(prompts, targets, strict=True)])

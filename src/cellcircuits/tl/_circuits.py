@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .._keys import SentenceSettings, store_circuit
-from ..circuits._select import parse_bytes
+from ..circuits._select import check_graph_size
 from ..circuits._trace import NODE_COLUMNS, check_thresholds, label_index, trace_prompts
 from ..models._hooks import one_at_a_time
 from ..pp._sentences import check_writable
@@ -235,10 +235,7 @@ def trace_circuit(
         For a ``groupby`` column or ``cells`` not in ``adata``.
     """
     check_thresholds(node_threshold, edge_threshold)
-    if max_feature_nodes < 1:
-        msg = f"max_feature_nodes must be a positive integer, got {max_feature_nodes!r}"
-        raise ValueError(msg)
-    parse_bytes(memory_budget)  # a malformed size fails before any work
+    check_graph_size(max_feature_nodes, memory_budget)
     adapter = model.adapter
     transcoders.check_model(model)
     check_cells(adata, batch_size)
