@@ -216,17 +216,15 @@ def _no_settings_warning(name: str, prompt: PromptConfig) -> None:
 
 
 def _prompt_settings(
-    name: str, local: Path | None, preset: str | PromptConfig | None, revision: str | None, offline: bool
+    name: str, local: Path | None, preset: PromptConfig | None, revision: str | None, offline: bool
 ) -> PromptConfig:
     """The model's prompt settings.
 
     ``preset=`` when given, else its ``cellcircuits.json``, else its hub id's preset, else the C2S defaults with a
     warning.
     """
-    if isinstance(preset, PromptConfig):
-        return preset
     if preset is not None:
-        return get_preset(preset)
+        return preset
     stored = PromptConfig.from_dir(local) if local is not None else _prompt_config_from_hub(name, revision, offline)
     if stored is not None:
         return stored
@@ -360,7 +358,7 @@ def load(
     if local is None and not offline:
         check_hub_id(name, revision)
     if isinstance(preset, str):
-        get_preset(preset)  # an unknown preset fails before the model loads
+        preset = get_preset(preset)  # an unknown preset fails before the model loads
     device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     run_dtype = check_dtype(dtype, device)  # a dtype the device cannot run fails before the model loads
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": offline, "revision": revision}
