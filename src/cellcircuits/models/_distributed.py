@@ -30,6 +30,11 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def collective_device() -> torch.device:
+    """Where tensors for a collective call live: this rank's CUDA device under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def shard_bounds(n: int, ranks: int | None = None) -> np.ndarray:
     """Boundaries of contiguous, near-equal shares of ``n`` items: rank ``r`` takes ``bounds[r]:bounds[r + 1]``.
 
@@ -82,8 +87,7 @@ def gather_rows(part: torch.Tensor | np.ndarray, n: int) -> np.ndarray | None:
         return array
     bounds = shard_bounds(n)
     width = int(np.diff(bounds).max())
-    backend = dist.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    device = collective_device()
     padded = torch.zeros((width, *array.shape[1:]), dtype=torch.from_numpy(array[:0]).dtype, device=device)
     padded[: len(array)] = torch.from_numpy(np.ascontiguousarray(array)).to(device)
     pieces = [torch.empty_like(padded) for _ in range(world_size())]
@@ -107,8 +111,7 @@ def all_gather_bytes(payload: bytes) -> list[bytes]:
     """
     if not is_distributed():
         return [payload]
-    backend = dist.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    device = collective_device()
     length = torch.tensor([len(payload)], dtype=torch.long, device=device)
     lengths = [torch.empty_like(length) for _ in range(world_size())]
     dist.all_gather(lengths, length)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..models._distributed import is_distributed, rank, shard_bounds, world_size
+from ..models._distributed import collective_device, is_distributed, rank, shard_bounds, world_size
 from ..models._hooks import input_tensor, one_at_a_time, output_tensor
 from ..models._scoring import pad
 from ..models._tokens import label_token_ids
@@ -268,9 +268,7 @@ def failed_ranks(*, failed: bool) -> list[int]:
     -------
     The ranks that failed, in order.
     """
-    backend = dist.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    flags = torch.zeros(world_size(), dtype=torch.int32, device=device)
+    flags = torch.zeros(world_size(), dtype=torch.int32, device=collective_device())
     flags[rank()] = int(failed)
     dist.all_reduce(flags)
     return [int(i) for i in torch.nonzero(flags).flatten().tolist()]
