@@ -98,3 +98,12 @@ def cell_prompts(
         raise ValueError(msg)
     sentences = sentences_for(adata, model, settings, cells)
     return tokenize_prompts(model.tokenizer, model.build_prompts(sentences, settings.organism))
+
+
+def prompt_token_ids(
+    adata: AnnData, model: C2SModel, settings: SentenceSettings, cells: np.ndarray | None = None
+) -> list[list[int]]:
+    """Token ids of the cells' prompts (all, or the ``cells`` rows), for tools that need no gene positions."""
+    sentences = sentences_for(adata, model, settings, cells)
+    prompts = model.build_prompts(sentences, settings.organism)
+    return [list(ids) for ids in model.tokenizer([p.text for p in prompts])["input_ids"]]

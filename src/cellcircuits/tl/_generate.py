@@ -11,7 +11,7 @@ from ..models._generate import check_generation, generate_answers
 from ..models._hooks import one_at_a_time
 from ..models._tokens import end_of_answer_id
 from ..pp._sentences import check_writable
-from ._cells import check_cells, sentences_for
+from ._cells import check_cells, prompt_token_ids
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -96,12 +96,8 @@ def generate_cell_types(
     check_cells(adata, batch_size)
     end_of_answer_id(model.tokenizer, model.prompt)  # a tokenizer without the terminator fails before any work
     check_writable(adata, copy, "generate_cell_types")
-    settings = SentenceSettings(
-        sentence_key=sentence_key, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, random_state=random_state
-    )
-    sentences = sentences_for(adata, model, settings, None)
-    prompts = model.build_prompts(sentences, organism)
-    prompt_ids = model.tokenizer([p.text for p in prompts])["input_ids"]
+    settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state, organism)
+    prompt_ids = prompt_token_ids(adata, model, settings)
     answers = generate_answers(
         model,
         prompt_ids,

@@ -14,7 +14,7 @@ from ..models._hooks import one_at_a_time
 from ..models._scoring import score_continuations
 from ..models._tokens import label_token_ids
 from ..pp._sentences import check_writable
-from ._cells import check_cells, sentences_for
+from ._cells import check_cells, prompt_token_ids
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -147,9 +147,8 @@ def predict_cell_types(
     n_obs = adata.n_obs
     share = my_shard(n_obs)  # more ranks than cells fail here, before any work
     cells = np.arange(share.start, share.stop) if is_distributed() else None
-    sentences = sentences_for(adata, model, settings, cells)
+    prompt_ids = prompt_token_ids(adata, model, settings, cells)
     tok = model.tokenizer
-    prompt_ids = tok([p.text for p in model.build_prompts(sentences, organism)])["input_ids"]
     part = score_continuations(
         model.model,
         prompt_ids,
