@@ -18,6 +18,8 @@ Key                                       Written by
 ``.uns["rank_features_groups"]``          :func:`~cellcircuits.tl.rank_features_groups`
 ``.uns["circuits"][key]``                 :func:`~cellcircuits.tl.trace_circuit`; ``["validation"]`` by
                                           :func:`~cellcircuits.tl.validate_circuit`
+``.uns["circuits"][key]["gene_validation"]`` :func:`~cellcircuits.tl.validate_circuit_genes` (gene knockouts)
+``.uns["circuits"][key]["gene_ranking"]`` :func:`~cellcircuits.tl.rank_circuit_genes`
 ``.uns["transcoder_quality"]``            ``cellcircuits run``
 ========================================  =======================================================================
 """
@@ -132,6 +134,38 @@ def circuit_result(adata: AnnData, key: str) -> dict:
             msg += f" Stored circuits: {have}."
         raise KeyError(msg)
     return store[key]
+
+
+def circuit_genes(adata: AnnData, key: str) -> pd.DataFrame:
+    """The per-cell gene table of the circuit ``key`` (every gene of each traced sentence); clear error if absent."""
+    result = circuit_result(adata, key)
+    if "genes" not in result:
+        msg = f"The circuit under .uns[{CIRCUITS!r}][{key!r}] has no per-cell gene table; trace it again."
+        raise KeyError(msg)
+    return result["genes"]
+
+
+#: Entries of a stored circuit written by later tools.
+GENE_VALIDATION = "gene_validation"
+GENE_RANKING = "gene_ranking"
+
+
+def gene_validation(adata: AnnData, key: str) -> dict:
+    """What :func:`cellcircuits.tl.validate_circuit_genes` stored for the circuit ``key``; clear error if absent."""
+    result = circuit_result(adata, key)
+    if GENE_VALIDATION not in result:
+        msg = f"No gene knockouts for the circuit {key!r}; run cellcircuits.tl.validate_circuit_genes first."
+        raise KeyError(msg)
+    return result[GENE_VALIDATION]
+
+
+def gene_ranking(adata: AnnData, key: str) -> dict:
+    """What :func:`cellcircuits.tl.rank_circuit_genes` stored for the circuit under ``key``; clear error if absent."""
+    result = circuit_result(adata, key)
+    if GENE_RANKING not in result:
+        msg = f"No gene ranking for the circuit {key!r}; run cellcircuits.tl.rank_circuit_genes first."
+        raise KeyError(msg)
+    return result[GENE_RANKING]
 
 
 def store_circuit(adata: AnnData, key: str, result: dict) -> None:

@@ -42,7 +42,7 @@ def _worker(r: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=r, world_size=world)
     try:
         tables = _trace(*_inputs())
-        payload = frames_to_bytes([tables.nodes, tables.edges, tables.cells])
+        payload = frames_to_bytes([tables.nodes, tables.edges, tables.cells, tables.genes])
         with open(os.path.join(out_dir, f"rank{r}.npz"), "wb") as f:
             f.write(payload)
     finally:
@@ -54,11 +54,13 @@ def test_two_ranks_trace_the_tables_of_one_process(tmp_path):
     mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     single = _trace(*_inputs())
     for r in range(2):  # every rank returns the tables of all cells
-        nodes, edges, cells = frames_from_bytes((tmp_path / f"rank{r}.npz").read_bytes())
+        nodes, edges, cells, genes = frames_from_bytes((tmp_path / f"rank{r}.npz").read_bytes())
+        pd.testing.assert_frame_equal(genes, single.genes.reset_index(drop=True), check_dtype=False, rtol=1e-6)
         pd.testing.assert_frame_equal(cells, single.cells.reset_index(drop=True), check_dtype=False, rtol=1e-6)
         pd.testing.assert_frame_equal(nodes, single.nodes.reset_index(drop=True), check_dtype=False, rtol=1e-6)
         pd.testing.assert_frame_equal(edges, single.edges.reset_index(drop=True), check_dtype=False, rtol=1e-6)
     assert len(single.cells) == N_CELLS and set(single.cells["group"]) == {"a", "b"}
+    assert list(pd.unique(single.genes["cell"])) == list(range(N_CELLS))
 
 
 def test_frames_round_trip_exactly_without_pickle():

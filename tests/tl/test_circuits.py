@@ -247,3 +247,34 @@ def test_organism_of_a_trace_is_recorded_and_reused_by_validation(cells, tiny_c2
     monkeypatch.setattr(type(tiny_c2s), "build_prompts", spy)
     cc.tl.validate_circuit(cells, tiny_c2s, tset, "CD56+ NK", progress=False)
     assert built and set(built) == {"Mus musculus"}
+
+
+def test_gene_table_holds_every_sentence_gene_and_agrees_with_the_kept_gene_nodes(cells, tiny_c2s, tmp_path):
+    tset = tiny_tset()
+    cc.tl.trace_circuit(
+        cells, tiny_c2s, tset, groupby="label", n_cells=1, max_feature_nodes=8, node_threshold=1.0,
+        edge_threshold=1.0, progress=False,
+    )  # fmt: skip
+    result = cells.uns["circuits"]["label"]
+    genes = cc._keys.circuit_genes(cells, "label")
+    assert list(genes.columns) == ["obs_name", "group", "gene", "rank", "n_tokens", "influence", "attribution"]
+    assert list(pd.unique(genes["obs_name"])) == list(result["cells"]["obs_name"])
+    for obs_name, rows in genes.groupby("obs_name", sort=False):
+        prompt = cc.tl._cells.cell_prompts(cells, tiny_c2s, cells=np.array([cells.obs_names.get_loc(obs_name)]))[0]
+        assert list(rows["gene"]) == prompt.genes and list(rows["rank"]) == list(range(len(prompt.genes)))
+        assert list(rows["n_tokens"]) == [len(p) for p in prompt.gene_positions]
+        assert (rows["influence"] >= 0).all() and rows["influence"].sum() > 0
+        # one cell per group, nothing pruned: the gene nodes carry the same whole-graph values
+        group = rows["group"].iloc[0]
+        nodes = result["nodes"]
+        kept = nodes[(nodes["group"] == group) & (nodes["kind"] == "gene")].set_index("gene")
+        assert len(kept) > 0
+        mine = rows.set_index("gene").loc[kept.index]
+        np.testing.assert_allclose(mine["influence"], kept["influence"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(mine["attribution"], kept["attribution"], rtol=1e-9, atol=1e-12)
+    cells.write_h5ad(tmp_path / "c.h5ad")
+    back = cc._keys.circuit_genes(ad.read_h5ad(tmp_path / "c.h5ad"), "label")
+    pd.testing.assert_frame_equal(back.reset_index(drop=True), genes.reset_index(drop=True), check_dtype=False)
+    del cells.uns["circuits"]["label"]["genes"]
+    with pytest.raises(KeyError, match="trace it again"):
+        cc._keys.circuit_genes(cells, "label")

@@ -112,6 +112,29 @@ def cell_graph_tables(
     return merged.reset_index(), merged_edges.reset_index()
 
 
+def cell_gene_table(graph: Graph, prompt: TokenizedPrompt) -> pd.DataFrame:
+    """Every gene of a cell's sentence, pruned or not, with its tokens' summed values in the whole graph.
+
+    Columns: ``gene``, ``rank`` (position in the sentence, 0 first), ``n_tokens``, ``influence`` and signed
+    ``attribution`` (the effect of :func:`~cellcircuits.circuits._graph.total_effect`).
+    """
+    tokens = graph.tokens
+    positions = tokens["position"].to_numpy()
+    influence = np.zeros(max(len(prompt.input_ids), int(positions.max(initial=-1)) + 1))
+    effect = np.zeros_like(influence)
+    np.add.at(influence, positions, tokens["influence"].to_numpy())
+    np.add.at(effect, positions, tokens["effect"].to_numpy())
+    return pd.DataFrame(
+        {
+            "gene": np.asarray(prompt.genes, dtype=object),
+            "rank": np.arange(len(prompt.genes), dtype=np.int64),
+            "n_tokens": np.asarray([len(p) for p in prompt.gene_positions], dtype=np.int64),
+            "influence": np.asarray([influence[p].sum() for p in prompt.gene_positions], dtype=np.float64),
+            "attribution": np.asarray([effect[p].sum() for p in prompt.gene_positions], dtype=np.float64),
+        }
+    )
+
+
 # many cells
 def aggregate(tables: list[tuple[pd.DataFrame, pd.DataFrame]], groups: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per group: mean over its cells (absent counts as 0), the fraction of cells holding each node or edge."""

@@ -30,7 +30,8 @@ class Graph:
     the target's value that flows from the node, through the direct edge and through features). ``edges`` has
     ``source`` and ``target`` (row numbers of ``nodes``), ``weight`` (direct attribution), ``via`` (the first attention
     head the edge crosses, ``"residual"`` or ``"skip"``) and ``via_share`` (that part's share of the edge's absolute
-    split).
+    split). ``tokens`` has every input token of the prompt, pruned or not: ``position``, ``influence`` and ``effect``
+    in the whole graph.
     """
 
     nodes: pd.DataFrame
@@ -38,6 +39,7 @@ class Graph:
     target_value: float
     scores: dict[str, float]
     """``replacement`` and ``completeness`` of the whole graph, and of the pruned one (``*_pruned``)."""
+    tokens: pd.DataFrame
 
 
 def compact_matrix(
@@ -182,7 +184,15 @@ def attribution_graph(
     )
     if via_heads and len(edges):
         _split_edges(rm, target, node_table, edges, order, keep, batch_size)
-    return Graph(node_table, edges, float(attribution.values[0]), scores)
+    is_token = np.flatnonzero(kind == "token")
+    tokens = pd.DataFrame(
+        {
+            "position": nodes.position[order[is_token]],
+            "influence": pruned.node_influence[is_token],
+            "effect": effect[is_token],
+        }
+    )
+    return Graph(node_table, edges, float(attribution.values[0]), scores, tokens)
 
 
 def _biases(rm: ReplacementModel, selected: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from .._compat import warn_at_caller
 from ..models._distributed import all_gather_bytes, frames_from_bytes, frames_to_bytes, is_distributed, my_shard
 from ..models._hooks import one_at_a_time
 from ..models._tokens import label_token_ids
-from ._aggregate import aggregate, cell_graph_tables, top_paths
+from ._aggregate import aggregate, cell_gene_table, cell_graph_tables, top_paths
 from ._graph import attribution_graph
 from ._replacement import ReplacementModel
 from ._select import check_graph_size
@@ -67,6 +67,10 @@ class CircuitTables(NamedTuple):
     """Per prompt: ``group``, ``label``, ``target_value`` and the graph's ``*_score`` columns."""
     uncovered_layers: list[int]
     """Model layers without a transcoder: their MLPs entered the graphs as error nodes."""
+    genes: pd.DataFrame
+    """Per prompt and gene of its sentence, pruned or not: ``cell`` (the prompt's index), ``group``, ``gene``,
+    ``rank`` (position in the sentence, 0 first), ``n_tokens``, ``influence`` and ``attribution`` (signed) in the
+    whole graph (:func:`~cellcircuits.circuits._aggregate.cell_gene_table`)."""
 
 
 def label_index(model: C2SModel, label: str) -> int:
@@ -111,15 +115,15 @@ def check_context(model: C2SModel, lengths: Sequence[int]) -> None:
 
 
 def gather_cell_tables(
-    tables: list[tuple[pd.DataFrame, pd.DataFrame]], cell_rows: list[dict]
-) -> tuple[list[tuple[pd.DataFrame, pd.DataFrame]], list[dict]]:
+    tables: list[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]], cell_rows: list[dict]
+) -> tuple[list[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]], list[dict]]:
     """Every rank's per-cell tables and cell rows, in rank order (ranks hold contiguous shares of the cells)."""
-    frames = [frame for pair in tables for frame in pair] + [pd.DataFrame(cell_rows)]
-    all_tables: list[tuple[pd.DataFrame, pd.DataFrame]] = []
+    frames = [frame for triple in tables for frame in triple] + [pd.DataFrame(cell_rows)]
+    all_tables: list[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]] = []
     all_rows: list[dict] = []
     for payload in all_gather_bytes(frames_to_bytes(frames)):
         got = frames_from_bytes(payload)
-        all_tables += [(got[i], got[i + 1]) for i in range(0, len(got) - 1, 2)]
+        all_tables += [(got[i], got[i + 1], got[i + 2]) for i in range(0, len(got) - 1, 3)]
         all_rows += got[-1].to_dict("records")
     return all_tables, all_rows
 
@@ -222,7 +226,7 @@ def trace_prompts(
             batch_size=batch_size, node_threshold=node_threshold, edge_threshold=edge_threshold,
             memory_budget=budget,
         )  # fmt: skip
-        tables.append(cell_graph_tables(graph, prompt, str(label), len(ids)))
+        tables.append((*cell_graph_tables(graph, prompt, str(label), len(ids)), cell_gene_table(graph, prompt)))
         cell_rows.append(
             {
                 "label": str(label),
@@ -232,11 +236,14 @@ def trace_prompts(
         )
     if is_distributed():
         tables, cell_rows = gather_cell_tables(tables, cell_rows)
-    nodes, edges = aggregate(tables, group_of.astype(str))
+    genes = pd.concat([t[2].assign(cell=i, group=group_of[i]) for i, t in enumerate(tables)], ignore_index=True)[
+        ["cell", "group", "gene", "rank", "n_tokens", "influence", "attribution"]
+    ]
+    nodes, edges = aggregate([t[:2] for t in tables], group_of.astype(str))
     nodes = nodes[[*NODE_COLUMNS, "frequency"]].copy()
     edges = edges[EDGE_COLUMNS]
     paths = top_paths(nodes, edges, n_paths)
     nodes.loc[nodes["kind"] == "target", "layer"] = model.adapter.n_layers
     cells = pd.DataFrame(cell_rows)
     cells.insert(0, "group", group_of.astype(str))
-    return CircuitTables(nodes.reset_index(drop=True), edges, paths, cells, uncovered)
+    return CircuitTables(nodes.reset_index(drop=True), edges, paths, cells, uncovered, genes)

@@ -219,6 +219,10 @@ def trace_circuit(
     ``cells`` : :class:`pandas.DataFrame`
         Per traced cell: ``obs_name``, ``group``, ``label``, ``target_value`` and the graph's ``replacement_score``
         and ``completeness_score`` (whole graph, and ``*_pruned``).
+    ``genes`` : :class:`pandas.DataFrame`
+        Per traced cell and every gene of its sentence, kept by pruning or not: ``obs_name``, ``group``, ``gene``,
+        ``rank`` (position in the sentence, 0 first), ``n_tokens``, ``influence`` and signed ``attribution`` in the
+        cell's whole graph (what :func:`cellcircuits.tl.rank_circuit_genes` ranks).
     ``params`` : :class:`dict`
         The settings, the model, ``n_layers`` and ``uncovered_layers``.
 
@@ -259,7 +263,10 @@ def trace_circuit(
         [*NODE_COLUMNS, "frequency", "label", "is_marker", "marker_sets"]
     ]
     cell_table = traced.cells
-    cell_table.insert(0, "obs_name", adata.obs_names[rows].astype(str).to_numpy())
+    obs_names = adata.obs_names[rows].astype(str).to_numpy()
+    cell_table.insert(0, "obs_name", obs_names)
+    genes = traced.genes.copy()
+    genes.insert(0, "obs_name", obs_names[genes.pop("cell").to_numpy()])
 
     adata = adata.copy() if copy else adata
     key = key_added or (target if target is not None else (groupby or "circuit"))
@@ -271,6 +278,7 @@ def trace_circuit(
             "edges": traced.edges,
             "paths": traced.paths,
             "cells": cell_table,
+            "genes": genes,
             "params": {
                 "target": target or "",
                 "target_mode": target_mode,
