@@ -254,3 +254,35 @@ def test_train_transcoders_at_toy_scale(tiny_inputs, tmp_path):
     assert main([*argv, "--layers", "1", "--n-tokens", "2000", "--out", str(out)]) == 0
     assert cc.load_transcoders(out).layers == [1]
     assert main([*argv, "--out", str(out)]) == 2  # never silently replaced
+
+
+@pytest.mark.filterwarnings("ignore:no transcoder for layer:UserWarning")
+def test_run_uses_the_transcoders_shipped_for_the_model_and_trains_only_when_asked(
+    tiny_inputs, tmp_path, capsys, monkeypatch
+):
+    import torch
+
+    import cellcircuits as cc
+    import cellcircuits.transcoders._io as tc_io
+
+    data, model, transcoders = tiny_inputs
+    loaded = cc.models.load(str(model), device="cpu")
+    # the tiny model as if a set shipped for it
+    real = tc_io.shipped_transcoders_path
+    monkeypatch.setattr(
+        tc_io, "shipped_transcoders_path", lambda name: transcoders if name == loaded.name else real(name)
+    )
+    common = ["--adata", str(data), "--model", str(model), "--device", "cpu", "--quiet", "--groupby", "label"]
+    common += ["--groups", LABELS[0], "--n-cells", "1"]
+    assert main(["run", *common, "--out", str(tmp_path / "shipped")]) == 0
+    assert "transcoders shipped" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "shipped" / "summary.json").read_text())
+    assert summary["transcoders"] == "shipped" and "train transcoders" not in summary["seconds"]
+    used = cc.load_transcoders(tmp_path / "shipped" / "transcoders")
+    given = cc.load_transcoders(transcoders)
+    assert used.layers == given.layers == [1]
+    assert torch.equal(used[1].W_enc, given[1].W_enc)
+    assert main(["run", *common, "--train-transcoders", "--n-tokens", "2000", "--out", str(tmp_path / "trained")]) == 0
+    summary = json.loads((tmp_path / "trained" / "summary.json").read_text())
+    assert summary["transcoders"] == "trained" and "train transcoders" in summary["seconds"]
+    assert cc.load_transcoders(tmp_path / "trained" / "transcoders").layers == [0, 1]

@@ -197,7 +197,7 @@ def fake_pipeline(written: list[str], fail: BaseException | None = None):
         if fail is not None:
             raise fail
         adata.write_h5ad(out / "adata.h5ad")
-        return {"accuracy": 0.5, "groups_traced": ["CD19+ B"]}
+        return {"accuracy": 0.5, "groups_traced": ["CD19+ B"], "transcoders": "given"}
 
     return run_pipeline
 

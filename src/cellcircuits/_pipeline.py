@@ -87,6 +87,7 @@ def run_pipeline(
     groupby: str,
     layers: Sequence[int] | None = None,
     transcoders: TranscoderSet | None = None,
+    train_transcoders: bool = False,
     n_tokens: int = 4_000_000,
     n_cells: int = 2,
     groups: Sequence[str] | None = None,
@@ -95,7 +96,9 @@ def run_pipeline(
 ) -> dict:
     """Predict, train and evaluate transcoders, transcode, interpret, trace and validate; write everything.
 
-    The groups traced are checked first (:func:`choose_groups`), before any work. Writes into ``out``:
+    Transcoders: ``transcoders`` when given; else those shipped for the model (the embedded default has a set) unless
+    ``train_transcoders``; else trained on the ``train`` split. The groups traced are checked first
+    (:func:`choose_groups`), before any work. Writes into ``out``:
     ``transcoders/``, ``circuits/<group>.json`` and ``.graphml``, ``figures/`` (PNG and SVG), ``tables/`` (CSV),
     ``adata.h5ad`` holding every result and ``report.html`` (self-contained). Returns a summary of the run (also
     written as ``summary.json``).
@@ -121,9 +124,19 @@ def run_pipeline(
     tl.predict_cell_types(adata, model, progress=progress)
     accuracy = float((adata.obs[PREDICTION].astype(str) == adata.obs[groupby].astype(str)).mean())
     done()
+    from .transcoders._io import load_transcoders, shipped_transcoders_path
+
+    source = "given"
+    shipped = shipped_transcoders_path(model.name) if transcoders is None and not train_transcoders else None
+    if shipped is not None:
+        log(f"using the transcoders shipped for {model.name} (train new ones with --train-transcoders)")
+        transcoders = load_transcoders(shipped)
+        transcoders = transcoders.select(layers) if layers is not None else transcoders
+        source = "shipped"
     if transcoders is None:
         done = step("train transcoders")
         transcoders = train_for(adata, model, layers=layers, n_tokens=n_tokens, progress=progress)
+        source = "trained"
         done()
     transcoders.save(out / "transcoders")
     done = step("evaluate transcoders")
@@ -169,6 +182,7 @@ def run_pipeline(
         "groupby": groupby,
         "accuracy": accuracy,
         "groups_traced": chosen,
+        "transcoders": source,
         "seconds": timings,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

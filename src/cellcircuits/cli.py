@@ -77,9 +77,11 @@ def _load_model(args: argparse.Namespace):
 
 def _load_transcoders(path: str):
     import cellcircuits as cc
+    from cellcircuits.transcoders._io import SHIPPED_TRANSCODERS, shipped_transcoders_path
 
-    if not Path(path).is_dir():
-        msg = f"--transcoders: no such transcoder directory: {path}"
+    if not Path(path).is_dir() and shipped_transcoders_path(path) is None:
+        shipped = sorted(SHIPPED_TRANSCODERS)
+        msg = f"--transcoders: no such transcoder directory, nor a shipped set ({shipped}): {path}"
         raise CliError(msg)
     try:
         return cc.load_transcoders(path)
@@ -240,11 +242,15 @@ def _run(args: argparse.Namespace) -> int:
     _threads(args)
     with staged(out, "dir") as temp:
         summary = run_pipeline(
-            adata, model, temp, groupby=groupby, layers=args.layers, transcoders=tset, n_tokens=args.n_tokens,
-            n_cells=args.n_cells, groups=args.groups, progress=not args.quiet,
+            adata, model, temp, groupby=groupby, layers=args.layers, transcoders=tset,
+            train_transcoders=args.train_transcoders, n_tokens=args.n_tokens, n_cells=args.n_cells,
+            groups=args.groups, progress=not args.quiet,
             log=(lambda _msg: None) if args.quiet else print,
         )  # fmt: skip
-    print(f"accuracy vs {groupby!r}: {summary['accuracy']:.3f}; circuits of {len(summary['groups_traced'])} groups")
+    print(
+        f"accuracy vs {groupby!r}: {summary['accuracy']:.3f}; circuits of {len(summary['groups_traced'])} groups; "
+        f"transcoders {summary['transcoders']}"
+    )
     print(f"wrote {out}")
     return 0
 
@@ -349,7 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groupby", help="column of .obs with cell types (default: bulk_labels of the embedded data)")
     p.add_argument("--groups", nargs="+", help="groups to trace (default: every group the model has a label for)")
     p.add_argument("--layers", type=layer_number, nargs="+", help="model layers given transcoders (default: all)")
-    p.add_argument("--transcoders", help="use these transcoders instead of training them")
+    p.add_argument(
+        "--transcoders",
+        help="transcoders to use: a directory, or a shipped set by model name (default: shipped, else trained)",
+    )
+    p.add_argument(
+        "--train-transcoders", action="store_true",
+        help="train transcoders even when a set ships for the model (the embedded default has one)",
+    )  # fmt: skip
     p.add_argument("--n-tokens", type=positive_int, default=4_000_000, help="training tokens per layer")
     p.add_argument("--n-cells", type=positive_int, default=2, help="cells traced per group")
     p.add_argument("--out", default="cellcircuits_out", help="output directory")

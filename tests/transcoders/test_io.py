@@ -9,6 +9,8 @@ from safetensors.torch import load_file, save_file
 import cellcircuits as cc
 from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet, load_transcoders
 
+from ..helpers import random_transcoders
+
 D = 8
 
 
@@ -217,3 +219,27 @@ def test_written_files_get_the_umask_mode(tiny_c2s, toy_adata, tmp_path):
     assert any(p.suffix == ".safetensors" for p in files) and any(p.name == "manifest.json" for p in files)
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o640, path.name
+
+
+def test_select_keeps_the_same_modules_and_names_a_missing_layer():
+    tset = random_transcoders("gpt_neox", 16, [0, 2, 3], 4, n_features=8, k=2)
+    sub = tset.select([3, 0])
+    assert sub.layers == [0, 3] and sub[3] is tset[3] and sub.n_layers_model == 4 and sub.model_name == tset.model_name
+    with pytest.raises(ValueError, match=r"no transcoder for layer\(s\) \[1\]; this set covers \[0, 2, 3\]"):
+        tset.select([1, 2])
+
+
+def test_a_shipped_set_loads_by_model_name_and_a_folder_of_that_name_wins(tmp_path, monkeypatch):
+    import cellcircuits.transcoders._io as tc_io
+
+    shipped = tmp_path / "package_data"
+    random_transcoders("gpt_neox", 16, [1], 4, n_features=8, k=2).save(shipped)
+    monkeypatch.setattr(tc_io, "SHIPPED_TRANSCODERS", {"my-model": "x"})
+    monkeypatch.setattr(tc_io, "shipped_transcoders_path", lambda name: shipped if name == "my-model" else None)
+    assert cc.load_transcoders("my-model").layers == [1]
+    local = tmp_path / "cwd"
+    random_transcoders("gpt_neox", 16, [2], 4, n_features=8, k=2).save(local / "my-model")
+    monkeypatch.chdir(local)
+    assert cc.load_transcoders("my-model").layers == [2]
+    with pytest.raises(FileNotFoundError, match="transcoders ship for the models"):
+        cc.load_transcoders("other-model")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,18 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from ._config import TranscoderConfig
+
+
+#: Transcoder sets shipped inside the package, by the name of the shipped model they were trained on.
+SHIPPED_TRANSCODERS: dict[str, str] = {"pbmc68k-genes": "pbmc68k-genes"}
+
+
+def shipped_transcoders_path(name: str) -> Path | None:
+    """Directory of the transcoder set shipped for the shipped model ``name``, or ``None`` when none ships."""
+    if name not in SHIPPED_TRANSCODERS:
+        return None
+    path = Path(str(resources.files("cellcircuits.transcoders") / "_data" / SHIPPED_TRANSCODERS[name]))
+    return path if path.is_dir() else None
 
 
 def save_transcoders(transcoders: TranscoderSet, directory: str | Path) -> None:
@@ -54,7 +67,9 @@ def load_transcoders(
     Parameters
     ----------
     directory
-        Folder holding ``transcoder_set.json`` and one ``layer_{L}`` folder per layer.
+        Folder holding ``transcoder_set.json`` and one ``layer_{L}`` folder per layer, or the name of a shipped
+        model whose transcoders ship with the package (``"pbmc68k-genes"``; :data:`SHIPPED_TRANSCODERS`). A folder
+        of that name in the working directory wins over the shipped set.
     n_layers
         Number of layers of the model the transcoders will be used with; a mismatch is an error.
     d_model
@@ -66,9 +81,13 @@ def load_transcoders(
     -------
     The transcoder set, with scales of 1 (the files hold folded weights) and no dead-feature history.
     """
+    shipped = shipped_transcoders_path(str(directory))
     directory = Path(directory)
+    if not directory.is_dir() and shipped is not None:
+        directory = shipped
     if not directory.is_dir():
-        msg = f"{directory} is not a directory"
+        have = sorted(n for n in SHIPPED_TRANSCODERS if shipped_transcoders_path(n) is not None)
+        msg = f"{directory} is not a directory (transcoders ship for the models {have})"
         raise FileNotFoundError(msg)
     meta = read_set_meta(directory / SET_FILE)
     transcoders = {}

@@ -10,7 +10,7 @@ from torch import nn
 from ._format import write_set
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Iterable, Iterator, Mapping
     from pathlib import Path
 
     from ..models._load import C2SModel
@@ -101,6 +101,21 @@ class TranscoderSet(nn.Module):
     def items(self) -> Iterator[tuple[int, Transcoder]]:
         """``(layer, transcoder)`` pairs, ascending by layer."""
         return ((int(key), cast("Transcoder", tc)) for key, tc in self.transcoders.items())
+
+    def select(self, layers: Iterable[int]) -> TranscoderSet:
+        """The set of the transcoders of ``layers`` only (the same modules, not copies); error for a missing one."""
+        wanted = sorted({int(layer) for layer in layers})
+        missing = [layer for layer in wanted if layer not in self]
+        if missing:
+            msg = f"no transcoder for layer(s) {missing}; this set covers {self.layers}"
+            raise ValueError(msg)
+        return TranscoderSet(
+            {layer: self[layer] for layer in wanted},
+            n_layers_model=self.n_layers_model,
+            model_name=self.model_name,
+            architecture=self.architecture,
+            d_model=self.d_model,
+        )
 
     def check_model(self, model: C2SModel) -> None:
         """Check this set against the model a tool runs it with.
