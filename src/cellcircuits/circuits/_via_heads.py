@@ -149,8 +149,11 @@ class ViaHeadsMixin:
         v, src_layer, q = self._source_vectors(index)
         H, L = self.adapter.n_heads, self.n_layers
         with torch.no_grad():
-            rows = self._attribution_rows(grads)  # (K, n_nodes)
-            total = rows[owner, torch.as_tensor(index, device=dev)]
+            # each pair's direct edge: the source's vector dotted with its target's gradient where it is written
+            total = v.new_zeros(len(index))
+            for layer in torch.unique(src_layer).tolist():
+                mine = src_layer == layer
+                total[mine] = (v[mine] * grads[layer + 1][owner[mine], q[mine]]).sum(-1)
             heads = v.new_zeros(len(index), L * H)
             skip = torch.zeros_like(v)  # what the skip connections have added so far, at the source's position
             target_layer = readout.layer.to(dev)[owner]
