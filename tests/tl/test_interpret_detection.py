@@ -107,9 +107,12 @@ def test_prefix_feature_is_read_only_at_every_token(planted):
         assert (row["detection_n_positive"] > 0) == (mode == "all")
         assert out.uns["interpret_features"]["detection"]["cells"] == "subset"
     assert "detection_auroc" not in labelled.uns["interpret_features"]["features"]  # copy=True left it alone
-    cc.tl.score_feature_labels(labelled, model, tset, cells=held_out, net=NET, key_added="scored", progress=False)
+    cc.tl.score_feature_labels(
+        labelled, model, tset, cells=held_out, net=NET, key_added="scored", n_shuffles=0, progress=False
+    )
     assert "detection_auroc" not in labelled.uns["interpret_features"]["features"]
     assert labelled.uns["scored"]["features"]["detection_auroc"].notna().sum() >= 1
+    assert labelled.uns["scored"]["features"]["detection_auroc_shuffled"].isna().all()
     assert labelled.uns["scored"]["params"]["gene_tokens"] == "all"  # the rest of the interpret result comes along
 
 

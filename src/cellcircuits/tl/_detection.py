@@ -68,12 +68,15 @@ def shuffled_detection_auroc(
 ) -> np.ndarray:
     """:func:`detection_auroc` with the genes of every set permuted, averaged over ``n_shuffles`` permutations.
 
-    A permutation keeps each set's size and gives it random genes; its expected AUROC is 0.5.
+    A permutation keeps each set's size and gives it random genes; its expected AUROC is 0.5. NaN for no
+    permutation.
     """
+    if n_shuffles < 1:
+        return np.full(active.shape[0], np.nan)
     total = np.zeros(active.shape[0])
     for _ in range(n_shuffles):
         total += detection_auroc(active, occurrences, members[:, rng.permutation(members.shape[1])])
-    return total / max(n_shuffles, 1)
+    return total / n_shuffles
 
 
 def label_sets(sets: sparse.csr_matrix, term_row: dict[str, int], terms: Sequence[str]) -> np.ndarray:
@@ -245,7 +248,7 @@ def score_feature_labels(
         first token no other gene shares, so a feature firing on a shared name prefix counts as inactive) or
         ``"all"``.
     n_shuffles
-        Random sets averaged for ``detection_auroc_shuffled``.
+        Random sets averaged for ``detection_auroc_shuffled`` (0: none, the column is NaN).
     sentence_key, layer, use_raw, gene_symbols, random_state
         Cell sentences of ``cells``, as in :func:`cellcircuits.tl.transcode`; ``random_state`` also seeds the
         random sets.
@@ -374,17 +377,18 @@ def score_feature_labels(
 
 
 def detection_summary(summary: pd.DataFrame, table: pd.DataFrame, layers: Sequence[int]) -> pd.DataFrame:
-    """The interpret summary with each scored layer's median detection AUROC (and shuffled), and how many scored."""
+    """The interpret summary with each scored layer's median detection AUROC (and shuffled), and how many scored.
+
+    Columns of an earlier scoring are replaced: layers not in ``layers`` get NaN, as their rows of ``table`` do.
+    """
     summary = summary.copy()
     for column in ("median_detection_auroc", "median_detection_auroc_shuffled", "n_detection_scored"):
-        if column not in summary:
-            summary[column] = np.nan
+        summary[column] = np.nan
     for i in layers:
         t = table[(table["layer"] == i) & table["detection_auroc"].notna()]
         at = summary["layer"] == i
-        summary.loc[at, "median_detection_auroc"] = t["detection_auroc"].median() if len(t) else np.nan
-        summary.loc[at, "median_detection_auroc_shuffled"] = (
-            t["detection_auroc_shuffled"].median() if len(t) else np.nan
-        )
+        for column in ("detection_auroc", "detection_auroc_shuffled"):
+            values = t[column].dropna()
+            summary.loc[at, f"median_{column}"] = values.median() if len(values) else np.nan
         summary.loc[at, "n_detection_scored"] = len(t)
     return summary
