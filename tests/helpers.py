@@ -455,3 +455,73 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# A transcoder feature planted on chosen tokens (tests/tl/test_interpret*.py)
+
+
+def planted_feature_read_tokens(tokenizer, genes, gene_tokens: str = "identifying") -> dict[str, list[int]]:
+    """Per gene, the token ids :func:`cellcircuits.tl.transcode` reads for it (its identifying tokens on, or all)."""
+    from cellcircuits.models import identifying_offsets
+
+    offset = identifying_offsets(tokenizer, genes)
+    spelled = {g: tokenizer(" " + g, add_special_tokens=False)["input_ids"] for g in genes}
+    if gene_tokens == "all":
+        return spelled
+    return {g: ids[min(offset[g], len(ids) - 1) :] for g, ids in spelled.items()}
+
+
+def planted_feature_tokens(tokenizer, genes, chosen, gene_tokens: str = "identifying") -> set[int]:
+    """Tokens read for some gene of ``chosen`` and for no other gene of ``genes``: a feature firing exactly there is
+    active on a gene occurrence (at the tokens ``gene_tokens`` reads) if and only if the gene is in ``chosen``."""
+    read = planted_feature_read_tokens(tokenizer, genes, gene_tokens)
+    inside = {t for g in chosen for t in read[g]}
+    outside = {t for g in genes if g not in chosen for t in read[g]}
+    tokens = inside - outside
+    lacking = [g for g in chosen if not set(read[g]) & tokens]
+    if lacking:
+        raise ValueError(f"genes {lacking} have no token that only genes of the chosen set have")
+    return tokens
+
+
+def planted_feature_transcoders(c2s, genes, plants: dict[int, set[int]], *, n_features: int = 8) -> TranscoderSet:
+    """A ReLU transcoder on layer 0 of ``c2s`` (a parallel-residual GPT-NeoX) whose feature ``f`` has activation 1 at
+    exactly the tokens ``plants[f]`` among those spelling ``genes``, and 0 at the others; its other features are
+    random.
+
+    With a parallel residual the first MLP reads ``post_attention_layernorm(embedding)``, a function of the token
+    alone; those inputs are recorded for every token of the genes' spellings, and each planted encoder row solves
+    ``w . x_t + b = +1`` (planted tokens) or ``-1`` (the others) exactly: fewer such tokens than ``d_model + 1``
+    lie in general position. The fit is checked, so the activations are what the test says.
+    """
+    from cellcircuits.models import record
+
+    assert c2s.model.config.use_parallel_residual, "the first MLP's input depends on context"
+    tokens = sorted({t for g in genes for t in c2s.tokenizer(" " + g, add_special_tokens=False)["input_ids"]})
+    point = c2s.adapter.mlp_in(0)
+    with torch.no_grad(), record(c2s.model, [point]) as rec:
+        c2s.model(input_ids=torch.tensor(tokens)[:, None])
+    X = rec[point][0][:, 0].double()  # (n_tokens, d_model), one token per row
+    design = torch.cat([X, torch.ones(len(tokens), 1, dtype=X.dtype)], 1)
+    torch.manual_seed(5)
+    cfg = TranscoderConfig(d_in=X.shape[1], d_out=X.shape[1], n_features=n_features, activation="relu", layer=0)
+    tc = Transcoder(cfg)
+    with torch.no_grad():
+        tc.W_enc.mul_(5.0)
+        for feature, planted in plants.items():
+            target = torch.tensor([1.0 if t in planted else -1.0 for t in tokens], dtype=X.dtype)
+            solution = torch.linalg.lstsq(design, target[:, None]).solution[:, 0]
+            fitted = design @ solution
+            assert torch.allclose(fitted, target, atol=1e-4), "the planted feature cannot be fitted exactly"
+            tc.W_enc[:, feature] = solution[:-1].float()
+            tc.b_enc[feature] = solution[-1].float()
+    return TranscoderSet({0: tc}, n_layers_model=c2s.adapter.n_layers)
+
+
+def planted_feature_adata(n_cells: int = 60, seed: int = 0) -> ad.AnnData:
+    """``n_cells`` cells over ``GENES`` with distinct random expression (a sentence holds each cell's top genes)."""
+    rng = np.random.default_rng(seed)
+    X = np.stack([rng.permutation(len(GENES)) for _ in range(n_cells)]).astype(np.float32)
+    obs = pd.DataFrame({"split": np.where(np.arange(n_cells) < 2 * n_cells // 3, "train", "test")})
+    obs.index = [f"cell{i}" for i in range(n_cells)]
+    return ad.AnnData(X, obs=obs, var=pd.DataFrame(index=GENES))

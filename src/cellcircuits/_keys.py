@@ -14,7 +14,8 @@ Key                                       Written by
 ``.obsm[f"X_{key}_L{l}"]``                :func:`~cellcircuits.tl.transcode` (``"transcoder"``), per model layer
 ``.varm[f"{key}_L{l}_in"]``, ``_out``     the same: feature-gene input and output maps
 ``.uns[f"{key}_L{l}_{side}_enrichment"]`` :func:`~cellcircuits.tl.feature_enrichment`
-``.uns["interpret_features"]``            :func:`~cellcircuits.tl.interpret_features`
+``.uns["interpret_features"]``            :func:`~cellcircuits.tl.interpret_features`; detection columns by
+                                          :func:`~cellcircuits.tl.score_feature_labels`
 ``.uns["rank_features_groups"]``          :func:`~cellcircuits.tl.rank_features_groups`
 ``.uns["circuits"][key]``                 :func:`~cellcircuits.tl.trace_circuit`; ``["validation"]`` by
                                           :func:`~cellcircuits.tl.validate_circuit`
@@ -106,6 +107,14 @@ def transcode_result(adata: AnnData, key: str) -> dict:
     """What :func:`cellcircuits.tl.transcode` stored under ``key`` (params, provenance); clear error if absent."""
     if key not in adata.uns or "params" not in adata.uns[key]:
         msg = f".uns[{key!r}] not found; run cellcircuits.tl.transcode(adata, model, transcoders) first."
+        raise KeyError(msg)
+    return adata.uns[key]
+
+
+def interpret_result(adata: AnnData, key: str) -> dict:
+    """What :func:`cellcircuits.tl.interpret_features` stored under ``key``; clear error if absent."""
+    if key not in adata.uns or "features" not in adata.uns[key] or "summary" not in adata.uns[key]:
+        msg = f".uns[{key!r}] not found; run cellcircuits.tl.interpret_features(adata) first."
         raise KeyError(msg)
     return adata.uns[key]
 

@@ -150,3 +150,112 @@ def test_old_layer_spelling_warns_and_gives_the_same_table(featured):
         cc.tl.interpret_features(adata, layer=0, net=sets, n_top_genes=20, key_added="old")
     pd.testing.assert_frame_equal(adata.uns["old"]["features"], adata.uns["new"]["features"])
     np.testing.assert_array_equal(adata.uns["old"]["params"]["layers"], [0])
+
+
+def circuit_nodes(rows: list[tuple[str, str, int, int, float]]) -> pd.DataFrame:
+    """A circuit's node table from ``(group, kind, layer, feature, influence)`` rows."""
+    df = pd.DataFrame(rows, columns=["group", "kind", "layer", "feature", "influence"])
+    df["node"] = [f"n{i}" for i in range(len(df))]
+    return df
+
+
+def test_top_features_by_circuit_use(featured):
+    adata, sets = featured
+    # two circuits: feature nodes of layers 0 and 2 in two groups, and nodes of other kinds that must not count
+    adata.uns["circuits"] = {
+        "one": {
+            "nodes": circuit_nodes(
+                [
+                    ("a", "feature", 0, 3, 0.5),
+                    ("a", "feature", 0, 3, 0.25),  # the same feature at a second position
+                    ("b", "feature", 0, 4, 0.6),
+                    ("a", "feature", 0, 0, 0.2),
+                    ("a", "feature", 2, 5, 0.9),
+                    ("a", "gene", -1, -1, 5.0),
+                    ("a", "error", 0, -1, 5.0),
+                ]
+            )
+        },
+        "two": {"nodes": circuit_nodes([("a", "feature", 0, 0, 0.3), ("b", "feature", 0, 7, 0.1)])},
+    }
+    cc.tl.interpret_features(adata, groupby="type", net=sets, n_top_genes=20, n_top=2)
+    result = adata.uns["interpret_features"]
+    table = result["features"].set_index(["layer", "feature"])["circuit_influence"]
+    # by hand: layer 0 -> feature 3: 0.75, 4: 0.6, 0: 0.5, 7: 0.1; layer 2 -> feature 5: 0.9; the rest 0
+    expected = {(0, 3): 0.75, (0, 4): 0.6, (0, 0): 0.5, (0, 7): 0.1, (2, 5): 0.9}
+    for (layer, feature), value in table.items():
+        assert value == pytest.approx(expected.get((layer, feature), 0.0))
+    summary = result["summary"].set_index("layer")
+    assert summary.loc[0, "n_circuit_features"] == 4 and summary.loc[2, "n_circuit_features"] == 1
+    enriched = result["features"].set_index(["layer", "feature"])["enriched"]
+    # the two of most use in layer 0 are features 3 and 4; in layer 2 only feature 5 is used
+    assert summary.loc[0, "fraction_enriched_top2_circuit"] == pytest.approx(enriched[[(0, 3), (0, 4)]].mean())
+    assert summary.loc[2, "fraction_enriched_top2_circuit"] == pytest.approx(float(enriched[(2, 5)]))
+    assert list(result["params"]["circuits"]) == ["one", "two"]
+    # one circuit by name
+    cc.tl.interpret_features(adata, net=sets, n_top_genes=20, n_top=2, circuits="two", key_added="two")
+    two = adata.uns["two"]["features"].set_index(["layer", "feature"])["circuit_influence"]
+    assert two[(0, 0)] == pytest.approx(0.3) and two[(0, 3)] == 0.0
+    with pytest.raises(KeyError, match="No circuit"):
+        cc.tl.interpret_features(adata, net=sets, circuits="three", key_added="three")
+    assert "three" not in adata.uns
+
+
+def test_without_circuits_the_circuit_use_is_nan(featured):
+    adata, sets = featured
+    cc.tl.interpret_features(adata, net=sets, n_top_genes=20, n_top=2)
+    result = adata.uns["interpret_features"]
+    assert result["features"]["circuit_influence"].isna().all()
+    assert result["summary"]["fraction_enriched_top2_circuit"].isna().all()
+    assert (result["summary"]["n_circuit_features"] == 0).all()
+    assert len(result["params"]["circuits"]) == 0
+
+
+def test_shuffled_gene_labels_control(featured):
+    adata, sets = featured
+    cc.tl.interpret_features(adata, net=sets, n_top_genes=20, n_top=2)
+    result = adata.uns["interpret_features"]
+    table, summary = result["features"], result["summary"]
+    # the planted features are enriched; with the gene labels shuffled nothing is
+    assert table.loc[table["feature"].isin([0, 1]), "enriched"].all()
+    assert (summary["fraction_enriched_top2"] == 1.0).all()
+    assert (summary["fraction_enriched_top2_shuffled"] == 0.0).all()
+    assert (summary["fraction_enriched_live_shuffled"] == 0.0).all()
+    assert (table.loc[table["live"], "enrichment_fdr_shuffled"] > 0.05).all()
+    # the control's maps are the same values under other genes: the shuffled run tested the same features
+    tested = adata.uns["transcoder_L0_in_enrichment"]["best"]["feature"]
+    assert table.loc[(table["layer"] == 0) & ~table["feature"].isin(tested), "enrichment_fdr_shuffled"].eq(1.0).all()
+    # the user's maps are left alone
+    assert adata.varm["transcoder_L0_in"][:20, 0].min() > 2.0
+    assert list(summary["gene_tokens"]) == ["all", "all"]
+    off = cc.tl.interpret_features(adata, net=sets, n_top_genes=20, shuffled_control=False, copy=True)
+    assert "enriched_shuffled" not in off.uns["interpret_features"]["features"]
+    assert off.uns["interpret_features"]["summary"]["fraction_enriched_live_shuffled"].isna().all()
+
+
+def test_shuffled_control_is_the_enrichment_of_maps_permuted_among_seen_genes(featured):
+    adata, sets = featured
+    unseen = adata.var_names[-10:]
+    adata.varm["transcoder_L0_in"] = adata.varm["transcoder_L0_in"].copy()
+    adata.varm["transcoder_L0_in"][-10:] = 0.0
+    adata.uns["transcoder"]["unseen_genes"] = np.asarray(unseen)
+    cc.tl.interpret_features(adata, layers=0, net=sets, n_top_genes=20, random_state=3)
+    table = adata.uns["interpret_features"]["features"]
+    # by hand: the rows of the genes the model saw permuted with the seed (random_state, layer), the rest in place
+    rows = np.arange(N_GENES)
+    rows[: N_GENES - 10] = np.random.default_rng([3, 0]).permutation(N_GENES - 10)
+    by_hand = adata.copy()
+    by_hand.varm["transcoder_L0_in"] = adata.varm["transcoder_L0_in"][rows]
+    cc.tl.feature_enrichment(by_hand, sets, layers=0, n_top_genes=20, key_added="by_hand")
+    best = by_hand.uns["by_hand"]["best"].set_index("feature")["fdr"]
+    live = table[table["live"]].set_index("feature")
+    np.testing.assert_allclose(live["enrichment_fdr_shuffled"], best.reindex(live.index))
+    assert (live["enriched_shuffled"] == (best.reindex(live.index) < 0.05)).all()
+
+
+def test_read_out_mode_is_recorded(featured):
+    adata, sets = featured
+    adata.uns["transcoder"]["params"]["gene_tokens"] = "identifying"
+    cc.tl.interpret_features(adata, net=sets, n_top_genes=20)
+    assert list(adata.uns["interpret_features"]["summary"]["gene_tokens"]) == ["identifying", "identifying"]
+    assert adata.uns["interpret_features"]["params"]["gene_tokens"] == "identifying"

@@ -1,6 +1,7 @@
 """Tools: where AnnData meets the model."""
 
 from ._circuits import trace_circuit
+from ._detection import score_feature_labels
 from ._enrichment import feature_enrichment
 from ._evaluate import evaluate_transcoders
 from ._generate import generate_cell_types, generated_labels
@@ -21,6 +22,7 @@ __all__ = [
     "interpret_features",
     "predict_cell_types",
     "rank_features_groups",
+    "score_feature_labels",
     "trace_circuit",
     "train_c2s",
     "train_transcoders",

@@ -19,6 +19,13 @@ from .._keys import (
     transcode_result,
 )
 from ._enrichment import feature_enrichment
+from ._interpret_controls import (
+    chosen_circuits,
+    circuit_influence,
+    enriched_fractions,
+    layer_influence,
+    shuffled_enrichment,
+)
 from ._rank_features import auroc
 
 if TYPE_CHECKING:
@@ -77,8 +84,15 @@ def feature_table(
     groupby: str | None,
     n_genes: int,
     fdr_threshold: float,
+    shuffled: pd.DataFrame | None = None,
+    influence: pd.Series | None = None,
 ) -> pd.DataFrame:
-    """One row per feature of a layer: activity, best enrichment, most specific group, top genes, flags."""
+    """One row per feature of a layer: activity, best enrichment, most specific group, top genes, flags.
+
+    With ``shuffled`` (the ``best`` table of the enrichment re-run with shuffled gene labels) the columns
+    ``enrichment_fdr_shuffled`` and ``enriched_shuffled``; ``influence`` gives ``circuit_influence``
+    (:func:`circuit_influence`; NaN when ``None``).
+    """
     X = feature_matrix(adata, key, layer)
     X = sparse.csr_matrix(X)
     n_cells, n_features = X.shape
@@ -108,6 +122,11 @@ def feature_table(
     df["enrichment_score"] = best["score"].reindex(df["feature"]).to_numpy()
     df["enrichment_fdr"] = best["fdr"].reindex(df["feature"]).fillna(1.0).to_numpy()
     df["enriched"] = df["enrichment_fdr"] < fdr_threshold
+    if shuffled is not None:
+        control = shuffled.set_index("feature")["fdr"].reindex(df["feature"]).fillna(1.0).to_numpy()
+        df["enrichment_fdr_shuffled"] = control
+        df["enriched_shuffled"] = control < fdr_threshold
+    df["circuit_influence"] = layer_influence(influence, int(layer), n_features)
 
     df["cell_type"] = ""
     df["specificity"] = np.nan
@@ -137,20 +156,26 @@ def feature_table(
 
 
 def layer_summary(table: pd.DataFrame, n_top: int) -> dict:
-    """One summary row: how many features are live, and what fraction of the top-``n_top`` and live are enriched."""
+    """One summary row: how many features are live, and what fraction of them are enriched.
+
+    The fractions of the top-``n_top`` by activation and by circuit use and of the live features, with their
+    shuffled-label controls (:func:`enriched_fractions`).
+    """
     live = table[table["live"]]
     top = live.nlargest(n_top, "mean_activation")
+    fractions = enriched_fractions(table, n_top)
     return {
         "layer": int(table["layer"].iloc[0]),
         "n_features": len(table),
         "n_live_features": len(live),
         "n_dense_features": int(table["dense"].sum()),
-        f"fraction_enriched_top{n_top}": float(top["enriched"].mean()) if len(top) else np.nan,
-        "fraction_enriched_live": float(live["enriched"].mean()) if len(live) else np.nan,
+        f"fraction_enriched_top{n_top}": fractions.pop(f"fraction_enriched_top{n_top}"),
+        "fraction_enriched_live": fractions.pop("fraction_enriched_live"),
         "n_enriched_live": int(live["enriched"].sum()),
         "median_cell_type_auroc_top": float(top["cell_type_auroc"].median())
         if top["cell_type_auroc"].notna().any()
         else np.nan,
+        **fractions,
     }
 
 
@@ -168,6 +193,9 @@ def interpret_features(
     n_top: int = 20,
     n_genes: int = 5,
     fdr_threshold: float = 0.05,
+    circuits: str | Sequence[str] | None = None,
+    shuffled_control: bool = True,
+    random_state: int = 0,
     key_added: str = INTERPRET,
     copy: bool = False,
 ) -> AnnData | None:
@@ -177,13 +205,18 @@ def interpret_features(
     run here with ``net``, ``side``, ``method`` and ``n_top_genes`` unless ``.uns[f"{key}_L{layer}_{side}_enrichment"]``
     already holds a result, which is then used as is), the group of ``groupby`` where it is most active, and its top
     input and output genes. A feature's label is its best term when that is significant (FDR < ``fdr_threshold``),
-    else its top input genes. The summary gives, per layer, the fraction of the ``n_top`` most active live features
-    and of all live features that are enriched: the automated counterpart of judging features by hand.
+    else its top input genes. The summary gives, per layer, the fraction enriched of three sets of features: the
+    ``n_top`` most active live features, every live feature, and the ``n_top`` features the traced circuits use
+    most (their summed influence over ``.uns["circuits"]``), which are the features an explanation of the model's
+    calls rests on. Each fraction comes with its control: the same enrichment of the same maps with the gene labels
+    shuffled, which a calibrated test keeps near 0.
 
     An enrichment says which genes activate a feature, not why. Genes are spelled in several tokens, and a feature
     firing on a shared name prefix (" HLA" "-" "D", " RPL") maps to the whole family, which often shares a function;
-    to see which enrichments hold at the tokens that name single genes, run
-    ``cellcircuits.tl.transcode(..., gene_tokens="identifying")`` under another ``key_added`` and compare.
+    the maps of ``cellcircuits.tl.transcode(..., gene_tokens="identifying")`` read only the tokens that name single
+    genes. This summary is of the maps under ``key`` and records how they were read (``gene_tokens``): transcode both
+    ways under two keys and interpret each to compare. :func:`cellcircuits.tl.score_feature_labels` then tests the
+    labels on held-out cells.
 
     Parameters
     ----------
@@ -204,6 +237,15 @@ def interpret_features(
         Top input and output genes listed per feature.
     fdr_threshold
         FDR under which an enrichment is significant.
+    circuits
+        Keys of ``.uns["circuits"]`` (:func:`cellcircuits.tl.trace_circuit`) whose feature nodes rank the features by
+        circuit use; default every stored circuit. The circuits must have been traced with the transcoders
+        ``key`` was transcoded with. Without circuits the circuit-use column and fractions are NaN.
+    shuffled_control
+        Re-run each layer's enrichment (with its stored settings) on the maps with their rows permuted among the
+        genes the model saw, and count the features enriched there; ``False`` skips it (the controls are then NaN).
+    random_state
+        Seed of the gene-label permutation (one per layer).
     key_added
         Key in ``.uns`` for the result.
     copy
@@ -221,18 +263,27 @@ def interpret_features(
         ``mean_activation``, ``frequency`` (fraction of cells where it fires), flags ``live`` and ``dense`` (fires in
         more than half the cells), ``top_input_genes`` and ``top_output_genes``, and ``shared_spelling`` with
         ``spelling_share``: the three letters most of its 10 top input genes contain and the fraction that do (a
-        feature reading tokens rather than biology has a high share; so do gene families).
+        feature reading tokens rather than biology has a high share; so do gene families),
+        ``circuit_influence`` (summed influence of the feature's nodes over every group of the circuits, 0 for a
+        feature they do not hold, NaN without circuits), and with ``shuffled_control`` ``enrichment_fdr_shuffled``
+        and ``enriched_shuffled`` (the best FDR with shuffled gene labels, and whether it is significant).
     ``.uns[key_added]["summary"]`` : :class:`pandas.DataFrame`
         One row per layer: ``layer``, ``n_features``, ``n_live_features``, ``n_dense_features``,
-        ``fraction_enriched_top{n_top}``, ``fraction_enriched_live``, ``n_enriched_live`` and
-        ``median_cell_type_auroc_top``.
+        ``fraction_enriched_top{n_top}``, ``fraction_enriched_live``, ``n_enriched_live``,
+        ``median_cell_type_auroc_top``, ``fraction_enriched_top{n_top}_shuffled``,
+        ``fraction_enriched_live_shuffled``, ``fraction_enriched_top{n_top}_circuit`` (the ``n_top`` features of
+        highest ``circuit_influence`` above 0; fewer when the circuits use fewer) with its
+        ``..._circuit_shuffled``, ``n_circuit_features`` (features of the layer the circuits use),
+        ``gene_tokens`` (how ``transcode`` read the maps: ``"all"`` or ``"identifying"``) and ``enrichment_key``.
+    ``.uns[key_added]["params"]`` : :class:`dict`
+        The settings, ``gene_tokens`` and ``circuits`` (the circuit keys used, empty when none).
     ``.uns[f"{key}_L{layer}_{side}_enrichment"]``
         The enrichment of each layer, when it was run here.
 
     Raises
     ------
     KeyError
-        When ``transcode`` has not run, or ``groupby`` is not a column of ``.obs``.
+        When ``transcode`` has not run, ``groupby`` is not a column of ``.obs``, or a named circuit is not stored.
     ValueError
         When ``groupby`` has fewer than two groups, or for a bad ``n_top``/``fdr_threshold``.
 
@@ -256,6 +307,9 @@ def interpret_features(
     if not 0 < fdr_threshold <= 1:
         msg = f"fdr_threshold must be in (0, 1], got {fdr_threshold}"
         raise ValueError(msg)
+    used_circuits = chosen_circuits(adata, circuits)
+    circuit_use = circuit_influence(adata, used_circuits)
+    gene_tokens = str(transcoded["params"].get("gene_tokens", "all"))
     done = [int(i) for i in np.atleast_1d(transcoded["params"]["layers"])]
     chosen = done if layers is None else [int(i) for i in np.atleast_1d(layers)]
     missing = [i for i in chosen if i not in done]
@@ -273,11 +327,13 @@ def interpret_features(
                 key_added=enrichment_key,
             )  # fmt: skip
         best = adata.uns[enrichment_key]["best"]
+        shuffled = shuffled_enrichment(adata, enrichment_key, net, random_state) if shuffled_control else None
         table = feature_table(
-            adata, i, key=key, enrichment=best, groupby=groupby, n_genes=n_genes, fdr_threshold=fdr_threshold
-        )
+            adata, i, key=key, enrichment=best, groupby=groupby, n_genes=n_genes, fdr_threshold=fdr_threshold,
+            shuffled=shuffled, influence=circuit_use,
+        )  # fmt: skip
         tables.append(table)
-        rows.append({**layer_summary(table, n_top), "enrichment_key": enrichment_key})
+        rows.append({**layer_summary(table, n_top), "gene_tokens": gene_tokens, "enrichment_key": enrichment_key})
     adata.uns[key_added] = {
         "features": pd.concat(tables, ignore_index=True),
         "summary": pd.DataFrame(rows),
@@ -288,6 +344,10 @@ def interpret_features(
             "side": side,
             "n_top": int(n_top),
             "fdr_threshold": float(fdr_threshold),
+            "gene_tokens": gene_tokens,
+            "circuits": np.asarray(used_circuits, dtype=str),
+            "shuffled_control": bool(shuffled_control),
+            "random_state": int(random_state),
         },
     }
     return adata if copy else None
