@@ -2,6 +2,7 @@
 
 from ._adapter import AttentionWeights, HookPoint, ModelAdapter, spec_for
 from ._answer_check import compare_answer_formats
+from ._gene_vocab import gene_token_ids
 from ._generate import generate_answers
 from ._hooks import record
 from ._load import SHIPPED_MODELS, C2SModel, ModelLoadError, load, shipped_model_path
@@ -24,6 +25,7 @@ __all__ = [
     "compare_answer_formats",
     "distinguishing_tokens",
     "end_of_answer_id",
+    "gene_token_ids",
     "gene_token_positions",
     "generate_answers",
     "get_preset",

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 #: Checkpoints shipped inside the package, loadable offline by name.
-SHIPPED_MODELS = {"pbmc68k-tiny": "pbmc68k-tiny"}
+SHIPPED_MODELS = {"pbmc68k-tiny": "pbmc68k-tiny", "pbmc68k-genes": "pbmc68k-genes"}
 
 
 class ModelLoadError(OSError):

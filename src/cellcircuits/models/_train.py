@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..pp._prompts import PromptConfig, answer_text, build_prompt
 from ._adapter import ModelAdapter
+from ._gene_vocab import add_gene_words, check_gene_vocab, gene_word_pre_tokenizer, words_without_genes
 from ._load import C2SModel
 from ._scoring import pad
 
@@ -23,27 +24,49 @@ if TYPE_CHECKING:
 EOS, PAD = "<|endoftext|>", "<|padding|>"  # the GPT-NeoX/Pythia special tokens
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer (the GPT-NeoX kind) on ``texts``.
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 512, gene_vocab: Sequence[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (the GPT-NeoX kind) on ``texts``, optionally with genes as single tokens.
 
-    A small vocabulary keeps gene symbols split into several tokens, as C2S-Pythia's 50k-token vocabulary does.
+    A small vocabulary keeps gene symbols split into several tokens, as C2S-Pythia's 50k-token vocabulary does. With
+    ``gene_vocab``, every gene of it becomes one token where it stands as a word of a cell sentence (after a space,
+    before a space or the sentence's final ``"."``): the pre-tokenizer keeps whitespace-delimited words whole, the
+    BPE is trained on the words that are not genes (so its merges spell the template and the labels), and each
+    gene's word is added to the vocabulary as one entry that bypasses the merges. Other text (the template, labels
+    such as ``"CD14+ Monocyte"``, genes outside ``gene_vocab``) is spelled by the byte-level BPE; a gene symbol
+    inside a longer word (``CD1`` in ``CD14``, ``CD14`` in ``CD14+``) is not matched. A gene is one token after a
+    space, as every gene of a C2S prompt stands; at the very start of a text it is spelled by the BPE.
 
     Parameters
     ----------
     texts
         Training texts (full prompts with answers).
     vocab_size
-        Vocabulary size, including the 256 byte tokens and the special tokens.
+        Vocabulary size of the BPE, including the 256 byte tokens and the special tokens; the genes of
+        ``gene_vocab`` come on top of it.
+    gene_vocab
+        Gene symbols to make single tokens; ``None`` (default) keeps the plain byte-level BPE.
 
     Returns
     -------
     A fast tokenizer with GPT-NeoX's ``<|endoftext|>`` (BOS/EOS) and ``<|padding|>`` tokens.
+
+    Raises
+    ------
+    ValueError
+        When ``gene_vocab`` is empty or holds a symbol that cannot be one word of a cell sentence (empty, with
+        whitespace, or ending in ``.,:;!?``).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    genes = None if gene_vocab is None else check_gene_vocab(gene_vocab)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if genes is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = gene_word_pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=True)
     trainer = trainers.BpeTrainer(
@@ -53,7 +76,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
         min_frequency=2,
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer)
+    tok.train_from_iterator(texts if genes is None else words_without_genes(texts, genes), trainer)
+    if genes is not None:
+        tok = add_gene_words(tok, genes)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=PAD)
 
 
@@ -93,6 +118,7 @@ def train_c2s(
     n_heads: int = 4,
     d_mlp: int | None = None,
     vocab_size: int = 512,
+    gene_vocab: Sequence[str] | None = None,
     epochs: int = 30,
     batch_size: int = 16,
     lr: float = 2e-3,
@@ -111,7 +137,8 @@ def train_c2s(
     followed by its answer in the C2S format (``" " + label + answer_suffix``) and an end-of-sequence token. The
     model learns next-token prediction over the whole text, the label tokens weighted by ``answer_weight``. A
     byte-level BPE tokenizer with a small vocabulary is trained first, so gene symbols are split into several tokens,
-    as in C2S-Pythia. From an AnnData, use :func:`cellcircuits.tl.train_c2s`.
+    as in C2S-Pythia, unless ``gene_vocab`` names genes to make single tokens (:func:`train_tokenizer`). From an
+    AnnData, use :func:`cellcircuits.tl.train_c2s`.
 
     Parameters
     ----------
@@ -133,6 +160,10 @@ def train_c2s(
         Model shape; ``d_mlp`` defaults to ``4 * d_model``.
     vocab_size
         Size of the BPE vocabulary.
+    gene_vocab
+        Gene symbols the tokenizer spells as single tokens in cell sentences, on top of the BPE vocabulary (every
+        gene a sentence can hold, so each gene is one position of the prompt); ``None``: genes are spelled by the
+        BPE alone.
     epochs, batch_size, lr, weight_decay, dropout
         Optimisation (AdamW, linear warm-up then cosine decay); ``dropout`` applies to the residual branches.
     answer_weight
@@ -157,7 +188,8 @@ def train_c2s(
     TypeError
         When ``sentences`` is an AnnData (use :func:`cellcircuits.tl.train_c2s`).
     ValueError
-        When ``labels`` and ``sentences`` differ in length, or there are fewer than two classes.
+        When ``labels`` and ``sentences`` differ in length, there are fewer than two classes, or ``gene_vocab``
+        is empty or holds a symbol that cannot be one word of a cell sentence.
     """
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -177,6 +209,7 @@ def train_c2s(
     if len(classes) < 2:
         msg = "fewer than two labels; nothing to learn."
         raise ValueError(msg)
+    genes = None if gene_vocab is None else check_gene_vocab(gene_vocab)
     config = PromptConfig(
         n_genes=n_genes, organism=organism, labels=classes, answer_suffix=answer_suffix, append_eos=True
     )
@@ -184,7 +217,7 @@ def train_c2s(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     first = training_texts(first_sentences, labels, config)
-    tokenizer = train_tokenizer((p + a for p, a in first), vocab_size=vocab_size)
+    tokenizer = train_tokenizer((p + a for p, a in first), vocab_size=vocab_size, gene_vocab=genes)
     examples = encode_examples(tokenizer, first, config.append_eos)
     max_len = max(len(ids) for ids, _ in examples)
     # rotary_pct is a named argument in transformers 4.x and a legacy keyword (read into rope_parameters) in 5.x
@@ -258,6 +291,7 @@ def train_c2s(
             "n_heads": n_heads,
             "d_mlp": d_mlp or 4 * d_model,
             "vocab_size": vocab_size,
+            "gene_tokens": len(genes or []),
             "epochs": epochs,
             "batch_size": batch_size,
             "lr": lr,

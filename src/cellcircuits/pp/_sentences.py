@@ -305,6 +305,14 @@ def iter_ranked_genes(
         yield from rank_genes(block, name_hashes(adata.obs_names[sel]), gene_ids, n_genes, random_state)
 
 
+def sentence_gene_names(
+    adata: AnnData, *, layer: str | None = None, use_raw: bool | None = None, gene_symbols: str | None = None
+) -> np.ndarray:
+    """Every gene a cell sentence of ``adata`` can hold (the checked symbols of the ranked matrix's genes)."""
+    _, var, where = _resolve_matrix(adata, layer, use_raw)
+    return gene_names(var, gene_symbols, where=_var_where(where))
+
+
 def sentences_from_adata(
     adata: AnnData,
     *,

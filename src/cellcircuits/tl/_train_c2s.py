@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from .._keys import SentenceSettings
+from ..models._gene_vocab import check_gene_vocab
 from ..models._train import train_c2s as _train_c2s
-from ..pp._sentences import sentences_from_adata
+from ..pp._sentences import sentence_gene_names, sentences_from_adata
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -34,6 +35,7 @@ def train_c2s(
     n_heads: int = 4,
     d_mlp: int | None = None,
     vocab_size: int = 512,
+    gene_tokens: bool = False,
     epochs: int = 30,
     batch_size: int = 16,
     lr: float = 2e-3,
@@ -51,7 +53,8 @@ def train_c2s(
     The cells' sentences (:func:`cellcircuits.pp.cell_sentences`, cut to ``n_genes``) and their labels in
     ``.obs[label_key]`` train :func:`cellcircuits.models.train_c2s`: the full C2S text, prompt, answer
     (``" " + label + answer_suffix``) and end-of-sequence token, by next-token prediction with the label tokens
-    weighted by ``answer_weight``.
+    weighted by ``answer_weight``. With ``gene_tokens=True`` every gene of the ranked matrix (``.raw``'s genes when
+    the sentences come from it) is one token of the tokenizer, so each gene of a prompt is one position.
 
     Parameters
     ----------
@@ -71,6 +74,10 @@ def train_c2s(
         Model shape; ``d_mlp`` defaults to ``4 * d_model``.
     vocab_size
         Size of the BPE vocabulary.
+    gene_tokens
+        Make every gene a sentence can hold a single token on top of the BPE vocabulary
+        (:func:`cellcircuits.models.train_tokenizer` with ``gene_vocab``); ``False``: genes are spelled by the BPE
+        alone, in several tokens each.
     epochs, batch_size, lr, weight_decay, dropout
         Optimisation (AdamW, linear warm-up then cosine decay); ``dropout`` applies to the residual branches.
     answer_weight
@@ -96,7 +103,8 @@ def train_c2s(
     KeyError
         When ``label_key`` is not a column of ``.obs``.
     ValueError
-        When labels are missing or there are fewer than two.
+        When labels are missing or there are fewer than two, or (``gene_tokens``) a gene symbol cannot be one word of
+        a cell sentence.
     """
     settings = SentenceSettings(layer=layer, use_raw=use_raw, gene_symbols=gene_symbols, random_state=seed)
     if label_key not in adata.obs.columns:
@@ -112,6 +120,11 @@ def train_c2s(
         msg = f"adata.obs[{label_key!r}] has fewer than two labels; nothing to learn."
         raise ValueError(msg)
 
+    gene_vocab = None
+    if gene_tokens:
+        genes = sentence_gene_names(adata, layer=layer, use_raw=use_raw, gene_symbols=gene_symbols)
+        gene_vocab = check_gene_vocab(genes.tolist())
+
     def sentences(epoch: int) -> list[str]:
         return sentences_from_adata(
             adata,
@@ -125,7 +138,7 @@ def train_c2s(
     return _train_c2s(
         sentences if resample_ties else sentences(0), y.astype(str).tolist(), classes=classes, n_genes=n_genes,
         organism=organism, answer_suffix=answer_suffix, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
-        d_mlp=d_mlp, vocab_size=vocab_size,
+        d_mlp=d_mlp, vocab_size=vocab_size, gene_vocab=gene_vocab,
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, dropout=dropout,
         answer_weight=answer_weight, seed=seed, device=device, output_dir=output_dir,
         metadata={"label_key": label_key}, progress=progress,
