@@ -34,7 +34,7 @@ def bag_of_sentence_genes(adata, n_genes: int) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="pbmc68k-tiny", help="shipped model name or checkpoint directory")
+    parser.add_argument("--model", default="pbmc68k-genes", help="shipped model name or checkpoint directory")
     args = parser.parse_args()
     torch.set_num_threads(2)
     adata = cc.ds.pbmc68k()

@@ -1,6 +1,7 @@
 """Circuits of the cell-type calls of the shipped model: are they faithful, and do they name the right genes?
 
-Transcoders for all 4 MLPs of ``pbmc68k-tiny`` (default settings of ``cc.tl.train_transcoders`` on the ``train``
+Transcoders for all MLPs of a shipped model (``--model``, default ``pbmc68k-genes``; default settings of
+``cc.tl.train_transcoders`` on the ``train``
 cells, or loaded with ``--transcoders``) encode all 700 cells of ``cc.ds.pbmc68k()``, and
 ``cc.tl.interpret_features`` labels their features. ``cc.tl.trace_circuit`` then traces ``--n-cells`` cells of each of
 the 10 cell types of ``bulk_labels`` (default 10, so 100 cells), each to its own label, and
@@ -71,11 +72,13 @@ def peak_rss_mb() -> float:
 
 
 # child process: trace and report cost
-def trace_child(adata_path: str, tc_path: str, out_path: str, n_cells: int, one: bool, threads: int) -> None:
+def trace_child(
+    adata_path: str, tc_path: str, out_path: str, n_cells: int, one: bool, threads: int, model_name: str
+) -> None:
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     adata = ad.read_h5ad(adata_path)
-    model = cc.models.load("pbmc68k-tiny", device="cpu")
+    model = cc.models.load(model_name, device="cpu")
     tset = cc.load_transcoders(tc_path)
     kwargs = {"groups": [str(adata.obs[KEY].iloc[0])], "n_cells": 1} if one else {"n_cells": n_cells}
     before = peak_rss_mb()
@@ -89,12 +92,14 @@ def trace_child(adata_path: str, tc_path: str, out_path: str, n_cells: int, one:
     print(json.dumps({"cells": len(result["cells"]), "seconds": seconds, "rss_before": before, "rss_peak": after}))
 
 
-def traced_in_child(adata, tc_path: str, n_cells: int, one: bool, threads: int, tmp: str) -> tuple[dict, dict]:
+def traced_in_child(
+    adata, tc_path: str, n_cells: int, one: bool, threads: int, tmp: str, model_name: str
+) -> tuple[dict, dict]:
     adata_path, out_path = Path(tmp) / "adata.h5ad", Path(tmp) / f"circuit_{int(one)}.h5ad"
     if not adata_path.exists():
         adata.write_h5ad(adata_path)
     cmd = [sys.executable, __file__, "--_trace", str(adata_path), tc_path, str(out_path), "--n-cells", str(n_cells)]
-    cmd += ["--threads", str(threads)] + (["--_one"] if one else [])
+    cmd += ["--threads", str(threads), "--model", model_name] + (["--_one"] if one else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -181,7 +186,8 @@ def feature_node_curve(adata, model, tset, counts: list[int], per_group: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--transcoders", help="load transcoders from this directory instead of training them")
+    parser.add_argument("--model", default="pbmc68k-genes", help="shipped model name or checkpoint directory")
+    parser.add_argument("--transcoders", help="load transcoders (a directory or a shipped name) instead of training")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-cells", type=int, default=10, help="cells traced per cell type")
     parser.add_argument("--curve", type=int, nargs="+", help="print the feature-node curve at these graph sizes")
@@ -190,7 +196,7 @@ def main() -> None:
     parser.add_argument("--_one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._trace:
-        trace_child(*args._trace, n_cells=args.n_cells, one=args._one, threads=args.threads)
+        trace_child(*args._trace, n_cells=args.n_cells, one=args._one, threads=args.threads, model_name=args.model)
         return
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -200,7 +206,7 @@ def main() -> None:
     start_all = time.perf_counter()
 
     adata = cc.ds.pbmc68k()
-    model = cc.models.load("pbmc68k-tiny", device="cpu")
+    model = cc.models.load(args.model, device="cpu")
     start = time.perf_counter()
     tset = transcoders(adata, model, args.transcoders)
     train_s = time.perf_counter() - start
@@ -224,8 +230,8 @@ def main() -> None:
         if not tc_path:
             tc_path = str(Path(tmp) / "tc")
             tset.save(tc_path)
-        _, one_cost = traced_in_child(adata, tc_path, 1, True, args.threads, tmp)
-        circuits, all_cost = traced_in_child(adata, tc_path, args.n_cells, False, args.threads, tmp)
+        _, one_cost = traced_in_child(adata, tc_path, 1, True, args.threads, tmp, args.model)
+        circuits, all_cost = traced_in_child(adata, tc_path, args.n_cells, False, args.threads, tmp, args.model)
     adata.uns["circuits"] = {KEY: circuits}
     cells = pd.DataFrame(circuits["cells"])
     groups = [str(g) for g in pd.unique(cells["group"])]

@@ -1,6 +1,6 @@
 """How many transcoder features carry a significant gene-set enrichment, and how well their labels detect them.
 
-Transcoders for every MLP of ``--model`` (default ``pbmc68k-tiny``; ``pbmc68k-genes`` or any name or path
+Transcoders for every MLP of ``--model`` (default ``pbmc68k-genes``; ``pbmc68k-tiny`` or any name or path
 ``cc.models.load`` takes), trained on the ``train`` cells of ``cc.ds.pbmc68k()`` with the default settings of
 ``cc.tl.train_transcoders`` or loaded with ``--transcoders``, encode the ``train`` cells twice: reading every token
 of each gene, and reading each gene only from its identifying token on (``transcode(gene_tokens="identifying")``:
@@ -134,7 +134,7 @@ def other_settings(adata) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="pbmc68k-tiny", help="model name or path (cc.models.load)")
+    parser.add_argument("--model", default="pbmc68k-genes", help="model name or path (cc.models.load)")
     parser.add_argument("--transcoders", help="load transcoders from this directory instead of training them")
     parser.add_argument("--n-tokens", type=int, default=4_000_000, help="training rows per transcoder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the transcoder training and the controls")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -33,6 +34,16 @@ def train(model_name: str, threads: int = 2) -> tuple[cc.TranscoderSet, float]:
     return tset, (time.perf_counter() - start) / 60
 
 
+def evaluation(model_name: str, tset: cc.TranscoderSet) -> list[dict]:
+    """``cc.tl.evaluate_transcoders`` on the 142 held-out ``test`` cells, as JSON-ready rows."""
+    model = cc.models.load(model_name, device="cpu")
+    adata = cc.ds.pbmc68k()
+    test = adata[adata.obs["split"] == "test"].copy()
+    table = cc.tl.evaluate_transcoders(test, model, tset, label_key="bulk_labels", progress=False)
+    table["layer"] = table["layer"].astype(str)
+    return json.loads(table.to_json(orient="records"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="pbmc68k-genes", help="shipped model the transcoders are for")
@@ -41,7 +52,18 @@ def main() -> None:
     args = parser.parse_args()
     tset, minutes = train(args.model, args.threads)
     tset.save(args.out)
-    print(json.dumps({"model": args.model, "layers": tset.layers, "train_minutes": round(minutes, 1), "out": args.out}))
+    record = {
+        "script": "scripts/train_shipped_transcoders.py",
+        "model": args.model,
+        "data": "cc.ds.pbmc68k(), split == 'train'",
+        "arguments": RECIPE,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "train_minutes": round(minutes, 1),
+        "evaluation": evaluation(args.model, tset),
+    }
+    (Path(args.out) / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({k: record[k] for k in ("model", "train_minutes")} | {"layers": tset.layers, "out": args.out}))
 
 
 if __name__ == "__main__":

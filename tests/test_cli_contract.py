@@ -42,7 +42,7 @@ def leftovers(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def model():
-    return cc.models.load("pbmc68k-tiny", device="cpu")
+    return cc.models.load("pbmc68k-genes", device="cpu")
 
 
 @pytest.fixture(scope="module")

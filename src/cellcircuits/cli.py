@@ -275,7 +275,7 @@ def _report(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     p.add_argument("--adata", help=".h5ad file (default: the embedded pbmc68k data)")
     if model:
-        p.add_argument("--model", default="pbmc68k-tiny", help="shipped model, local directory or hub id")
+        p.add_argument("--model", default="pbmc68k-genes", help="shipped model, local directory or hub id")
         p.add_argument("--preset", help="prompt settings of a public C2S checkpoint (cellcircuits.models.PRESETS)")
         p.add_argument("--organism", help="organism named in the prompts (default: the model's)")
         p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="predict cell types with a C2S model and write an annotated .h5ad")
     p.add_argument("--adata", help=".h5ad file (default: the embedded pbmc68k data)")
-    p.add_argument("--model", default="pbmc68k-tiny", help="shipped model, local directory or hub id")
+    p.add_argument("--model", default="pbmc68k-genes", help="shipped model, local directory or hub id")
     p.add_argument("--preset", help="prompt settings of a public C2S checkpoint (cellcircuits.models.PRESETS)")
     p.add_argument("--organism", help="organism named in the prompts (default: the model's)")
     p.add_argument("--label-key", help="column of .obs with true labels, to report accuracy")

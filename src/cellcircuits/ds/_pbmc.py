@@ -42,7 +42,7 @@ def pbmc68k(*, test_fraction: float = 0.2, seed: int = 0) -> AnnData:
     """Scanpy's bundled ``pbmc68k_reduced`` (700 PBMCs, 765 genes), with a fixed train/test split.
 
     ``.X`` is scaled; ``.raw`` holds the log-normalised values that cell sentences are built from. The split the
-    shipped ``pbmc68k-tiny`` model was trained with is the default one.
+    shipped models (``pbmc68k-genes``, ``pbmc68k-tiny``) were trained with is the default one.
 
     Parameters
     ----------
