@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -99,12 +100,14 @@ def test_gradient_x_input_is_the_autograd_gradient(tiny_c2s):
     assert all(p.grad is None for p in hf.parameters())  # the model's parameters are left without gradients
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_batched_equals_one_at_a_time(tiny_c2s, side):
+@pytest.mark.parametrize(("side", "batch_size"), [("left", 16), ("right", 16), ("left", 3)])
+def test_batched_equals_one_at_a_time(tiny_c2s, side, batch_size):
     prompts, targets = _setup(tiny_c2s)
     genes = [list(range(len(s))) for s in SENTENCES]
     one = knockout_genes(tiny_c2s, prompts, targets, genes, batch_size=1, progress=False)
-    many = knockout_genes(tiny_c2s, prompts, targets, genes, batch_size=16, padding_side=side, progress=False)
+    # batch_size 16: every variant of every prompt in one chunk; 3: chunks of 24 variants, the first two prompts
+    many = knockout_genes(tiny_c2s, prompts, targets, genes, batch_size=batch_size, padding_side=side, progress=False)
+    pd.testing.assert_frame_equal(many[["prompt", "gene_index"]], one[["prompt", "gene_index"]])
     for c in ("target_value", "deletion", "masking", "gradient_x_input"):
         np.testing.assert_allclose(many[c], one[c], rtol=1e-4, atol=1e-6, err_msg=c)
     # the inputs have different lengths, so these batches were padded

@@ -12,8 +12,11 @@ the circuit was traced to.
   model's template and tokenized again; no gene enters at the end, so the sentence is one gene shorter.
 - **masking**: token positions are kept, and the embedding of each of the gene's tokens (what enters the residual
   stream: the embedding module's output) is replaced by the *neutral embedding*, the mean embedding over the whole
-  vocabulary (:func:`neutral_embedding`). The mean is a fixed, gene-agnostic input near the centre of the embedding
-  cloud; a zero vector would be far off the model's inputs and a layer norm would amplify whatever is left.
+  vocabulary (:func:`neutral_embedding`): a fixed input that stands for no gene in particular, the same for every
+  gene and cell. Its norm is far below a token's (0.017 against a median of 0.23 on the shipped model), and the
+  pre-attention norm of a pre-norm model rescales it (up to the norm's epsilon), so attention at a masked position
+  reads the direction of the average token. Other baselines (a zero vector, a padding token) would give other
+  masking effects; the gradient x input below uses the same baseline, so the two stay comparable.
 - **gradient x input**: ``d target / d embedding`` at the gene's tokens, dotted with ``embedding - neutral`` and summed
   over the tokens: the first-order (linear) estimate of the masking effect.
 
@@ -290,23 +293,31 @@ def gradient_x_input(
 
 
 # knockouts of genes of prompts
+def check_rebuilds(model: C2SModel, prompts: Sequence[TokenizedPrompt], organism: str | None = None) -> None:
+    """Refuse prompts whose own genes do not rebuild their token ids (another template, organism or tokenizer)."""
+    texts = [p.text for p in model.build_prompts([" ".join(p.genes) for p in prompts], organism)]
+    rebuilt = model.tokenizer(texts)["input_ids"] if texts else []
+    for i, (ids, p) in enumerate(zip(rebuilt, prompts, strict=True)):
+        if list(ids) != list(p.input_ids):
+            msg = (
+                f"prompt {i}: its genes do not rebuild its token ids with this model's template and organism "
+                f"({organism or model.prompt.organism!r}); pass the organism the prompt was built with"
+            )
+            raise ValueError(msg)
+
+
 def deletion_inputs(
-    model: C2SModel, prompt: TokenizedPrompt, genes: Sequence[int], organism: str | None = None
+    model: C2SModel, prompt: TokenizedPrompt, genes: Sequence[int], organism: str | None = None, *, check: bool = True
 ) -> list[list[int]]:
     """Token ids of the prompt rebuilt without each of ``genes`` (indices into ``prompt.genes``).
 
     Raises
     ------
     ValueError
-        When the prompt's own genes do not rebuild its token ids (another template, organism or tokenizer).
+        With ``check``, when the prompt's own genes do not rebuild its token ids (:func:`check_rebuilds`).
     """
-    rebuilt = model.build_prompts([" ".join(prompt.genes)], organism)[0].text
-    if list(model.tokenizer(rebuilt)["input_ids"]) != list(prompt.input_ids):
-        msg = (
-            "the prompt's genes do not rebuild its token ids with this model's template and organism "
-            f"({organism or model.prompt.organism!r}); pass the organism the prompt was built with"
-        )
-        raise ValueError(msg)
+    if check:
+        check_rebuilds(model, [prompt], organism)
     sentences = [" ".join(g for k, g in enumerate(prompt.genes) if k != j) for j in genes]
     texts = [p.text for p in model.build_prompts(sentences, organism)]
     return [list(ids) for ids in model.tokenizer(texts)["input_ids"]] if texts else []
@@ -338,15 +349,16 @@ def knockout_genes(
     targets
         Per prompt, its label target; the target's prefix is teacher-forced after every variant of the prompt.
     genes
-        Per prompt, the indices (into ``prompt.genes``) of the genes knocked out, one at a time.
+        Per prompt, the indices (into ``prompt.genes``) of the genes knocked out, one at a time, in this order.
     organism
         Organism the prompts name (``None``: the model's), so deleted variants are rebuilt the same way.
     batch_size
-        Prompts per forward pass (original, deleted and masked variants of several prompts run together).
+        Prompts per forward pass: the original, deleted and masked variants of several prompts run together, a
+        chunk of prompts (about ``8 * batch_size`` variants) at a time.
     padding_side
         Pad on the left or the right; both give the same values.
     progress
-        Show a progress bar over the forward passes' prompts.
+        Show a progress bar over the variants run.
 
     Returns
     -------
@@ -357,61 +369,89 @@ def knockout_genes(
     Raises
     ------
     ValueError
-        Before any forward pass: lists of other lengths than ``prompts``, a gene index outside its prompt, or a
-        prompt whose genes do not rebuild it.
+        Before any forward pass: lists of other lengths than ``prompts``, a gene index outside its prompt or given
+        twice, a prompt whose genes do not rebuild it, or a ``batch_size`` below 1.
     """
     from tqdm.auto import tqdm
 
     if len(targets) != len(prompts) or len(genes) != len(prompts):
         msg = f"{len(prompts)} prompts, {len(targets)} targets and {len(genes)} gene lists: one of each per prompt"
         raise ValueError(msg)
+    if batch_size < 1:
+        msg = f"batch_size must be positive, got {batch_size!r}"
+        raise ValueError(msg)
     chosen = [np.asarray(g, dtype=np.int64).reshape(-1) for g in genes]
     for i, (p, g) in enumerate(zip(prompts, chosen, strict=True)):
         if len(g) and (g.min() < 0 or g.max() >= len(p.genes) or len(set(g.tolist())) != len(g)):
             msg = f"prompt {i}: gene indices must be distinct and in 0..{len(p.genes) - 1}, got {g.tolist()}"
             raise ValueError(msg)
+    check_rebuilds(model, prompts, organism)
+    neutral = neutral_embedding(model)
+    n_runs = [1 + 2 * len(g) for g in chosen]
+    chunks: list[list[int]] = [[]]
+    for i, n in enumerate(n_runs):  # chunks of about 8 batches: the variants of all prompts are never held at once
+        if chunks[-1] and sum(n_runs[j] for j in chunks[-1]) + n > 8 * batch_size:
+            chunks.append([])
+        chunks[-1].append(i)
+    parts = []
+    bar = tqdm(total=sum(n_runs) + len(prompts), desc="knockout", disable=not progress, unit="prompt")
+    with bar:
+        for chunk in chunks:
+            parts += _knockout_chunk(
+                model, [prompts[i] for i in chunk], [targets[i] for i in chunk], [chosen[i] for i in chunk],
+                organism, neutral, batch_size, padding_side, bar.update,
+            )  # fmt: skip
+    for i, part in zip([i for c in chunks for i in c], parts, strict=True):
+        part.insert(0, "prompt", np.full(len(part), i, dtype=np.int64))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=KNOCKOUT_COLUMNS)
+
+
+def _knockout_chunk(
+    model: C2SModel,
+    prompts: list[TokenizedPrompt],
+    targets: list[LabelTarget],
+    chosen: list[np.ndarray],
+    organism: str | None,
+    neutral: torch.Tensor,
+    batch_size: int,
+    padding_side: Padding,
+    update: Callable[[int], object],
+) -> list[pd.DataFrame]:
+    """The knockout table of each prompt of a chunk (without the ``prompt`` column)."""
     originals = [list(p.input_ids) + list(t.prefix) for p, t in zip(prompts, targets, strict=True)]
-    deleted = [
-        [ids + list(t.prefix) for ids in deletion_inputs(model, p, g.tolist(), organism)]
-        for p, t, g in zip(prompts, targets, chosen, strict=True)
-    ]
     # one list of runs: each original, its deletions, its maskings
     inputs: list[list[int]] = []
     masked: list[np.ndarray] = []
     run_targets: list[LabelTarget] = []
     none = np.zeros(0, dtype=np.int64)
-    for p, t, g, d, o in zip(prompts, targets, chosen, deleted, originals, strict=True):
-        inputs += [o, *d, *([o] * len(g))]
+    for p, t, g, o in zip(prompts, targets, chosen, originals, strict=True):
+        deleted = [ids + list(t.prefix) for ids in deletion_inputs(model, p, g.tolist(), organism, check=False)]
+        inputs += [o, *deleted, *([o] * len(g))]
         masked += [none] * (1 + len(g)) + [np.asarray(p.gene_positions[j], dtype=np.int64) for j in g]
         run_targets += [t] * (1 + 2 * len(g))
-    neutral = neutral_embedding(model)
-    bar = tqdm(total=len(inputs) + len(prompts), desc="knockout", disable=not progress, unit="prompt")
-    with bar:
-        values = target_values(
-            model, inputs, run_targets, masked=masked, neutral=neutral, batch_size=batch_size,
-            padding_side=padding_side, progress=bar.update,
-        )  # fmt: skip
-        positions = [[p.gene_positions[j] for j in g] for p, g in zip(prompts, chosen, strict=True)]
-        grads = gradient_x_input(
-            model, originals, list(targets), positions, neutral=neutral, batch_size=batch_size,
-            padding_side=padding_side,
-        )  # fmt: skip
-        bar.update(len(prompts))
+    values = target_values(
+        model, inputs, run_targets, masked=masked, neutral=neutral, batch_size=batch_size,
+        padding_side=padding_side, progress=update,
+    )  # fmt: skip
+    positions = [[p.gene_positions[j] for j in g] for p, g in zip(prompts, chosen, strict=True)]
+    grads = gradient_x_input(
+        model, originals, targets, positions, neutral=neutral, batch_size=batch_size, padding_side=padding_side
+    )
+    update(len(prompts))
     parts, start = [], 0
-    for i, g in enumerate(chosen):
+    for g, grad in zip(chosen, grads, strict=True):
         n = len(g)
         base = values[start]
         parts.append(
             pd.DataFrame(
                 {
-                    "prompt": np.full(n, i, dtype=np.int64),
                     "gene_index": g,
                     "target_value": np.full(n, base),
                     "deletion": base - values[start + 1 : start + 1 + n],
                     "masking": base - values[start + 1 + n : start + 1 + 2 * n],
-                    "gradient_x_input": grads[i],
+                    "gradient_x_input": grad,
                 }
             )
         )
         start += 1 + 2 * n
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=KNOCKOUT_COLUMNS)
+    return parts
