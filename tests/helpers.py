@@ -525,3 +525,52 @@ def planted_feature_adata(n_cells: int = 60, seed: int = 0) -> ad.AnnData:
     obs = pd.DataFrame({"split": np.where(np.arange(n_cells) < 2 * n_cells // 3, "train", "test")})
     obs.index = [f"cell{i}" for i in range(n_cells)]
     return ad.AnnData(X, obs=obs, var=pd.DataFrame(index=GENES))
+
+
+# A planted circuit (tests/tl/test_validate_genes.py): one gene drives the target, by construction.
+
+
+def planted_direction(model: torch.nn.Module, token: int, competitors) -> torch.Tensor:
+    """Unit vector along ``unembedding[token] - mean unembedding[competitors]``, centred (what a final norm reads)."""
+    W = model.get_output_embeddings().weight.detach()
+    u = W[token] - W[list(competitors)].mean(0) if competitors else W[token].clone()
+    u = u - u.mean()
+    return u / u.norm()
+
+
+def planted_c2s(c2s, planted_tokens, sink_token: int, token: int, competitors, strength: float = 5.0):
+    """``c2s`` (a tiny GPT-NeoX C2S model), edited in place so that only ``planted_tokens`` drive the target.
+
+    Attention queries and keys are zeroed (every position attends uniformly to its prefix) and each head's value and
+    output maps pass the normalised residual through unchanged; the MLPs write nothing. Every token embedding is
+    projected off the direction ``d`` the target reads (:func:`planted_direction`), and the planted tokens get
+    ``strength * d`` added: only they put anything along ``d`` into the residual stream. ``sink_token`` (one no
+    prompt holds) gets as much along ``-d``, so the mean embedding over the vocabulary (the masking's neutral
+    embedding) has nothing along ``d`` either.
+    """
+    model, adapter = c2s.model, c2s.adapter
+    d = planted_direction(model, token, competitors)
+    nh, dh, dm = adapter.n_heads, adapter.d_head, adapter.d_model
+    with torch.no_grad():
+        for layer in range(adapter.n_layers):
+            attn = adapter.module(layer, "attn")
+            qkv = attn.query_key_value
+            w = torch.zeros(nh, 3, dh, dm)
+            eye = torch.eye(dm)
+            for h in range(nh):
+                w[h, 2] = eye[h * dh : (h + 1) * dh]  # values: this head's slice of the residual
+            qkv.weight.copy_(w.reshape(-1, dm))
+            qkv.bias.zero_()
+            attn.dense.weight.copy_(eye)  # outputs: each head's slice back in place
+            attn.dense.bias.zero_()
+            mlp = adapter.module(layer, "mlp")
+            mlp.dense_4h_to_h.weight.zero_()
+            mlp.dense_4h_to_h.bias.zero_()
+            for norm in ("attn_in_norm", "mlp_in_norm"):
+                adapter.module(layer, norm).weight.fill_(1.0)
+                adapter.module(layer, norm).bias.zero_()
+        E = adapter.embed.weight
+        E.sub_((E @ d)[:, None] * d[None])
+        E[list(planted_tokens)] += strength * d
+        E[sink_token] -= strength * len(planted_tokens) * d
+    return c2s

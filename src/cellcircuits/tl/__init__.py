@@ -12,6 +12,7 @@ from ._train_c2s import train_c2s
 from ._transcode import transcode
 from ._transcoders import collect_activations, train_transcoders
 from ._validate import validate_circuit
+from ._validate_genes import validate_circuit_genes
 
 __all__ = [
     "collect_activations",
@@ -28,4 +29,5 @@ __all__ = [
     "train_transcoders",
     "transcode",
     "validate_circuit",
+    "validate_circuit_genes",
 ]
