@@ -125,7 +125,8 @@ def stability(tables: dict[int, pd.DataFrame], by: str) -> pd.DataFrame:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed0", default="/work/bench/tc_final", help="transcoders of seed 0 ('' to train them)")
-    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "cellcircuits_circuit_genes"), help="trained sets and traced circuits")
+    cache = str(Path(tempfile.gettempdir()) / "cellcircuits_circuit_genes")
+    parser.add_argument("--cache", default=cache, help="where trained sets and traced circuits are kept")
     parser.add_argument("--n-cells", type=int, default=8, help="cells traced per cell type")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny transcoders, 2 cells of 3 groups: a smoke test")

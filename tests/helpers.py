@@ -462,6 +462,7 @@ def free_port() -> int:
 
 RANKED_GENES = ["LYZ", "CD14", "MS4A1", "NKG7", *[f"GENE{i}" for i in range(26)]]  # 30 genes, 3 of them markers
 RANKED_PLANTED = "LYZ"  # influence beyond its position in group "mono"
+RANKED_LEADER = "GENE0"  # always among the first 3 genes: high influence, all of it from its position
 
 
 def ranked_positional(rank: np.ndarray) -> np.ndarray:
@@ -478,7 +479,8 @@ def ranked_circuit_adata(
     no ``.raw``) is random with a few group-specific genes; each traced cell's sentence is a random order of
     ``sentence_len`` of the 30 genes (not the expression order, so that every gene visits many positions), and a
     gene's influence is ``ranked_positional(rank)`` plus noise, plus ``bump`` for ``RANKED_PLANTED`` in group
-    ``mono``; attribution is the influence with a random sign.
+    ``mono``; attribution is the influence with a random sign. ``RANKED_LEADER`` is moved to one of the first 3
+    positions of every sentence, so its influence is high, yet all of it comes from its position.
     """
     rng = np.random.default_rng(seed)
     groups = ["mono", "B", "NK", "T"][: len(n_cells)]
@@ -497,7 +499,8 @@ def ranked_circuit_adata(
     for g, n in zip(groups, n_cells, strict=True):
         members = np.flatnonzero(labels == g)[:n]
         for i in members:
-            sentence = rng.permutation(RANKED_GENES)[:sentence_len]
+            others = rng.permutation([x for x in RANKED_GENES if x != RANKED_LEADER])[: sentence_len - 1]
+            sentence = np.insert(others, rng.integers(0, 3), RANKED_LEADER)
             rank = np.arange(sentence_len)
             influence = ranked_positional(rank) + noise * rng.random(sentence_len)
             if g == "mono":
