@@ -23,6 +23,7 @@ from transformers import (
 )
 
 import cellcircuits as cc
+from cellcircuits._keys import SentenceSettings
 from cellcircuits.circuits._replacement import ReplacementModel
 from cellcircuits.transcoders import ActivationStore, StoreWriter, Transcoder, TranscoderConfig, TranscoderSet
 
@@ -574,3 +575,84 @@ def planted_c2s(c2s, planted_tokens, sink_token: int, token: int, competitors, s
         E[list(planted_tokens)] += strength * d
         E[sink_token] -= strength * len(planted_tokens) * d
     return c2s
+
+
+# A synthetic circuit with a per-cell gene table, for cc.tl.rank_circuit_genes (tests/tl, tests/pl)
+
+RANKED_GENES = ["LYZ", "CD14", "MS4A1", "NKG7", *[f"GENE{i}" for i in range(26)]]  # 30 genes, 3 of them markers
+RANKED_PLANTED = "LYZ"  # influence beyond its position in group "mono"
+RANKED_LEADER = "GENE0"  # always among the first 3 genes: high influence, all of it from its position
+
+
+def ranked_positional(rank: np.ndarray) -> np.ndarray:
+    """The influence ``ranked_circuit_adata`` gives a gene for its sentence position alone."""
+    return np.exp(-np.asarray(rank, dtype=float) / 5.0)
+
+
+def ranked_circuit_adata(
+    n_cells: tuple[int, ...] = (30, 30), *, sentence_len: int = 20, bump: float = 0.2, noise: float = 0.01, seed=0
+) -> ad.AnnData:
+    """An AnnData holding a circuit ``"t"`` with a ``genes`` table as ``trace_circuit`` writes it (no model).
+
+    Groups ``mono``, ``B``, ... (``n_cells`` traced cells each, plus 5 untraced cells each). The expression (``.X``,
+    no ``.raw``) is random with a few group-specific genes; each traced cell's sentence is a random order of
+    ``sentence_len`` of the 30 genes (not the expression order, so that every gene visits many positions), and a
+    gene's influence is ``ranked_positional(rank)`` plus noise, plus ``bump`` for ``RANKED_PLANTED`` in group
+    ``mono``; attribution is the influence with a random sign. ``RANKED_LEADER`` is moved to one of the first 3
+    positions of every sentence, so its influence is high, yet all of it comes from its position.
+    """
+    rng = np.random.default_rng(seed)
+    groups = ["mono", "B", "NK", "T"][: len(n_cells)]
+    sizes = [n + 5 for n in n_cells]
+    labels = np.repeat(groups, sizes)
+    X = rng.gamma(1.0, 1.0, size=(len(labels), len(RANKED_GENES))) * (
+        rng.random((len(labels), len(RANKED_GENES))) > 0.3
+    )
+    for k, g in enumerate(groups):  # group-specific genes: the k-th gene and a few others up in group k
+        X[labels == g, k] += 3.0
+        X[labels == g, 4 + 3 * k : 7 + 3 * k] += 1.5
+    obs_names = [f"cell{i}" for i in range(len(labels))]
+    adata = ad.AnnData(X.astype(np.float32), obs=pd.DataFrame({"cell_type": labels}, index=obs_names))
+    adata.var_names = RANKED_GENES
+    rows, cells = [], []
+    for g, n in zip(groups, n_cells, strict=True):
+        members = np.flatnonzero(labels == g)[:n]
+        for i in members:
+            others = rng.permutation([x for x in RANKED_GENES if x != RANKED_LEADER])[: sentence_len - 1]
+            sentence = np.insert(others, rng.integers(0, 3), RANKED_LEADER)
+            rank = np.arange(sentence_len)
+            influence = ranked_positional(rank) + noise * rng.random(sentence_len)
+            if g == "mono":
+                influence = influence + bump * (sentence == RANKED_PLANTED)
+            sign = rng.choice([-1.0, 1.0], sentence_len)
+            rows.append(
+                pd.DataFrame(
+                    {"obs_name": obs_names[i], "group": g, "gene": sentence, "rank": rank, "n_tokens": 2,
+                     "influence": influence, "attribution": sign * influence}
+                )
+            )  # fmt: skip
+            cells.append({"obs_name": obs_names[i], "group": g, "label": g, "target_value": 1.0})
+    adata.uns["circuits"] = {
+        "t": {
+            "nodes": pd.DataFrame({"group": groups, "node": "target:x", "kind": "target", "influence": 1.0}),
+            "cells": pd.DataFrame(cells),
+            "genes": pd.concat(rows, ignore_index=True),
+            "params": {
+                "target": "",
+                "groupby": "cell_type",
+                "groups": np.asarray(groups),
+                "sentences": SentenceSettings().to_params(),
+            },
+        }
+    }
+    return adata
+
+
+def ranked_knockouts(adata: ad.AnnData, *, seed: int = 0) -> pd.DataFrame:
+    """A synthetic ``effects`` table as ``validate_circuit_genes`` writes it: the first 5 genes of each traced cell."""
+    rng = np.random.default_rng(seed)
+    genes = pd.DataFrame(adata.uns["circuits"]["t"]["genes"])
+    effects = genes[genes["rank"] < 5][["obs_name", "group", "gene"]].reset_index(drop=True)
+    effects["deletion"] = rng.normal(0.5, 0.3, len(effects))
+    effects["masking"] = rng.normal(0.3, 0.3, len(effects))
+    return effects

@@ -2,6 +2,14 @@
 
 from ._circuit import circuit, circuit_df, write_circuit
 from ._predictions import cell_type_probabilities
+from ._rank_circuit_genes import rank_circuit_genes_df
 from ._rank_features import rank_features_groups_df
 
-__all__ = ["cell_type_probabilities", "circuit", "circuit_df", "rank_features_groups_df", "write_circuit"]
+__all__ = [
+    "cell_type_probabilities",
+    "circuit",
+    "circuit_df",
+    "rank_circuit_genes_df",
+    "rank_features_groups_df",
+    "write_circuit",
+]

@@ -7,6 +7,7 @@ from ._evaluate import evaluate_transcoders
 from ._generate import generate_cell_types, generated_labels
 from ._interpret import interpret_features
 from ._predict import predict_cell_types
+from ._rank_circuit_genes import rank_circuit_genes
 from ._rank_features import rank_features_groups
 from ._train_c2s import train_c2s
 from ._transcode import transcode
@@ -22,6 +23,7 @@ __all__ = [
     "generated_labels",
     "interpret_features",
     "predict_cell_types",
+    "rank_circuit_genes",
     "rank_features_groups",
     "score_feature_labels",
     "trace_circuit",
