@@ -1,8 +1,9 @@
 """Circuit markers across transcoder seeds: do the genes a circuit ranks top stay the same when the transcoders change?
 
-Transcoders for all 4 MLPs of ``pbmc68k-tiny`` are trained with three seeds (``cc.tl.train_transcoders`` with its
-default settings on the ``train`` cells, as the other benchmarks do; ``--seed0 DIR`` loads seed 0's from a directory,
-by default ``/work/bench/tc_final``, trained by ``benchmarks/interpretability.py`` with seed 0 and default settings).
+Transcoders for all MLPs of ``--model`` (default ``pbmc68k-genes``) are trained with three seeds
+(``cc.tl.train_transcoders`` with its default settings on the ``train`` cells, as the other benchmarks do;
+``--seed0 NAME|DIR`` loads seed 0's, by default the set shipped for the model when one ships, which is seed 0 with
+default settings).
 With each set, ``cc.tl.trace_circuit`` traces the same ``--n-cells`` cells of each cell type of ``bulk_labels`` (the
 cell sampling is seeded apart from the transcoders), each to its own label, and ``cc.tl.rank_circuit_genes`` ranks
 the genes of each group by their mean whole-graph influence. Per group this prints:
@@ -124,7 +125,8 @@ def stability(tables: dict[int, pd.DataFrame], by: str) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed0", default="/work/bench/tc_final", help="transcoders of seed 0 ('' to train them)")
+    parser.add_argument("--model", default="pbmc68k-genes", help="shipped model name or checkpoint directory")
+    parser.add_argument("--seed0", default=None, help="transcoders of seed 0 (default: the shipped set; '' trains)")
     cache = str(Path(tempfile.gettempdir()) / "cellcircuits_circuit_genes")
     parser.add_argument("--cache", default=cache, help="where trained sets and traced circuits are kept")
     parser.add_argument("--n-cells", type=int, default=8, help="cells traced per cell type")
@@ -136,10 +138,15 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     pd.set_option("display.width", 160)
 
-    cache = Path(args.cache) / ("quick" if args.quick else "full")
+    cache = Path(args.cache) / Path(args.model).name / ("quick" if args.quick else "full")
     cache.mkdir(parents=True, exist_ok=True)
     adata = cc.ds.pbmc68k()
-    model = cc.models.load("pbmc68k-tiny", device="cpu")
+    model = cc.models.load(args.model, device="cpu")
+    if args.seed0 is None:
+        from cellcircuits.transcoders._io import shipped_transcoders_path
+
+        shipped = shipped_transcoders_path(args.model)
+        args.seed0 = str(shipped) if shipped is not None else ""
     seed0 = None if args.quick or not args.seed0 else args.seed0
     n_tokens = QUICK_TOKENS if args.quick else None
     n_cells = QUICK_CELLS if args.quick else args.n_cells

@@ -1,8 +1,9 @@
 """Do a circuit's gene scores predict what knocking the genes out does? The shipped model's circuits, gene by gene.
 
 ``cc.tl.trace_circuit`` traces ``--n-cells`` cells of each of the ``--groups`` first cell types of ``bulk_labels``
-(default 8 cells of all 10) in ``cc.ds.pbmc68k()``, each to its own label, with the transcoders of ``--transcoders``
-(default ``/work/bench/tc_final``; trained on the ``train`` cells when the directory is absent). Then
+(default 8 cells of all 10) in ``cc.ds.pbmc68k()``, each to its own label, on ``--model`` (default
+``pbmc68k-genes``) with the transcoders of ``--transcoders`` (a directory or a shipped set; default the set shipped
+for ``pbmc68k-genes``; ``""`` trains them on the ``train`` cells). Then
 ``cc.tl.validate_circuit_genes`` knocks out, in every traced cell, each circuit gene of its group (the group's
 ``--n-circuit-genes`` gene nodes of most influence, default 20, that the cell's sentence holds; a traced graph keeps
 most genes of its sentence, so all its gene nodes would be nearly the whole sentence) and ``--n-other-genes`` other
@@ -30,7 +31,6 @@ circuit's correlation with deletion beats every baseline's. Last: in how many gr
 from __future__ import annotations
 
 import argparse
-import os
 import time
 import warnings
 
@@ -42,17 +42,18 @@ from _common import transcoders
 import cellcircuits as cc
 
 KEY = "bulk_labels"
-DEFAULT_TRANSCODERS = "/work/bench/tc_final"
+DEFAULT_TRANSCODERS = "pbmc68k-genes"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--transcoders", default=DEFAULT_TRANSCODERS, help="transcoders directory")
+    parser.add_argument("--model", default="pbmc68k-genes", help="shipped model name or checkpoint directory")
+    parser.add_argument("--transcoders", default=DEFAULT_TRANSCODERS, help="transcoders (directory or shipped set)")
     parser.add_argument("--groups", type=int, default=10, help="cell types traced (the first ones of bulk_labels)")
     parser.add_argument("--n-cells", type=int, default=8, help="cells traced per cell type")
     parser.add_argument("--n-circuit-genes", type=int, default=20, help="circuit genes: the group's top gene nodes")
     parser.add_argument("--n-other-genes", type=int, default=10, help="non-circuit genes knocked out per cell")
-    parser.add_argument("--max-feature-nodes", type=int, default=128)
+    parser.add_argument("--max-feature-nodes", type=int, default=None, help="default: trace_circuit's")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -64,15 +65,15 @@ def main() -> None:
     start_all = time.perf_counter()
 
     adata = cc.ds.pbmc68k()
-    model = cc.models.load("pbmc68k-tiny", device="cpu")
-    path = args.transcoders if args.transcoders and os.path.isdir(args.transcoders) else None
+    model = cc.models.load(args.model, device="cpu")
+    path = args.transcoders or None
     tset = transcoders(adata, model, path)
     groups = sorted(adata.obs[KEY].astype(str).unique())[: args.groups]
 
     start, cpu = time.perf_counter(), time.process_time()
     cc.tl.trace_circuit(
-        adata, model, tset, groupby=KEY, groups=groups, n_cells=args.n_cells,
-        max_feature_nodes=args.max_feature_nodes, progress=False,
+        adata, model, tset, groupby=KEY, groups=groups, n_cells=args.n_cells, progress=False,
+        **({} if args.max_feature_nodes is None else {"max_feature_nodes": args.max_feature_nodes}),
     )  # fmt: skip
     trace_s, trace_cpu = time.perf_counter() - start, time.process_time() - cpu
     start, cpu = time.perf_counter(), time.process_time()
@@ -88,7 +89,8 @@ def main() -> None:
 
     print(
         f"{n_cells} cells ({args.n_cells} per cell type, {len(groups)} cell types of {KEY}), each traced to its own "
-        f"label with {'the transcoders of ' + path if path else 'transcoders trained now'}; "
+        f"label ({args.model}, {adata.uns['circuits'][KEY]['params']['max_feature_nodes']} feature nodes) with "
+        f"{'the transcoders ' + path if path else 'transcoders trained now'}; "
         f"{len(effects)} (cell, gene) knockouts ({int(effects['in_circuit'].sum())} of circuit genes: the group's top "
         f"{args.n_circuit_genes} gene nodes by influence; up to {args.n_other_genes} other genes per cell)\n"
     )

@@ -90,6 +90,7 @@ def run_pipeline(
     train_transcoders: bool = False,
     n_tokens: int = 4_000_000,
     n_cells: int = 2,
+    max_feature_nodes: int | None = None,
     groups: Sequence[str] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -154,7 +155,12 @@ def run_pipeline(
     adata.uns[INTERPRET]["features"].to_csv(out / "tables" / "features.csv", index=False)
     done()
     done = step("trace circuits")
-    tl.trace_circuit(adata, model, transcoders, groupby=groupby, groups=chosen, n_cells=n_cells, progress=progress)
+    from .circuits._select import DEFAULT_FEATURE_NODES
+
+    tl.trace_circuit(
+        adata, model, transcoders, groupby=groupby, groups=chosen, n_cells=n_cells, progress=progress,
+        max_feature_nodes=DEFAULT_FEATURE_NODES if max_feature_nodes is None else max_feature_nodes,
+    )  # fmt: skip
     done()
     done = step("validate circuits")
     validation = tl.validate_circuit(adata, model, transcoders, groupby, progress=progress)

@@ -208,9 +208,10 @@ def _trace(args: argparse.Namespace) -> int:
         check_labels([args.target], labels, "--target")
     else:
         check_traceable(adata, args.groupby, args.groups, labels, some=False)
+    nodes = {} if args.max_feature_nodes is None else {"max_feature_nodes": args.max_feature_nodes}
     cc.tl.trace_circuit(
         adata, model, tset, args.target, groupby=args.groupby, groups=args.groups, n_cells=args.n_cells,
-        progress=not args.quiet, key_added="circuit",
+        progress=not args.quiet, key_added="circuit", **nodes,
     )  # fmt: skip
     validation = cc.tl.validate_circuit(adata, model, tset, "circuit", progress=not args.quiet)
     print(validation[["group", "faithfulness", "zero_drop", "random_zero_drop", "replacement_score"]].to_string())
@@ -244,6 +245,7 @@ def _run(args: argparse.Namespace) -> int:
         summary = run_pipeline(
             adata, model, temp, groupby=groupby, layers=args.layers, transcoders=tset,
             train_transcoders=args.train_transcoders, n_tokens=args.n_tokens, n_cells=args.n_cells,
+            max_feature_nodes=args.max_feature_nodes,
             groups=args.groups, progress=not args.quiet,
             log=(lambda _msg: None) if args.quiet else print,
         )  # fmt: skip
@@ -340,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", nargs="+", help="groups to trace (default: all)")
     p.add_argument("--target", help="one label traced for every group (default: each group's own name)")
     p.add_argument("--n-cells", type=positive_int, default=5, help="cells traced per group")
+    p.add_argument(
+        "--max-feature-nodes", type=positive_int,
+        help="features per cell given attribution rows (default: trace_circuit's, 1024; fewer trace faster)",
+    )  # fmt: skip
     p.add_argument("--out", default="cellcircuits_circuits", help="output directory")
     p.set_defaults(func=_trace)
 
@@ -365,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--n-tokens", type=positive_int, default=4_000_000, help="training tokens per layer")
     p.add_argument("--n-cells", type=positive_int, default=2, help="cells traced per group")
+    p.add_argument(
+        "--max-feature-nodes", type=positive_int,
+        help="features per cell given attribution rows (default: trace_circuit's, 1024; fewer trace faster)",
+    )  # fmt: skip
     p.add_argument("--out", default="cellcircuits_out", help="output directory")
     p.set_defaults(func=_run)
     return parser

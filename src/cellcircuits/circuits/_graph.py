@@ -12,7 +12,7 @@ from scipy import sparse
 
 from ._kinds import NodeKind
 from ._prune import completeness_score, prune_graph, replacement_score
-from ._select import InfluenceTracker, select_features
+from ._select import DEFAULT_FEATURE_NODES, InfluenceTracker, select_features
 from ._targets import FeatureTarget
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ def attribution_graph(
     rm: ReplacementModel,
     target: Target,
     *,
-    max_feature_nodes: int = 128,
+    max_feature_nodes: int = DEFAULT_FEATURE_NODES,
     batch_size: int = 32,
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,

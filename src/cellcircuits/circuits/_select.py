@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 #: flows below this are treated as zero (influence is a share of the target, between 0 and 1)
 TINY = 1e-15
+#: Default number of features given attribution rows per prompt: on the shipped ``pbmc68k-genes`` model and its
+#: transcoders, the smallest size of ``benchmarks/circuits.py --curve`` whose median completeness reaches 0.90.
+DEFAULT_FEATURE_NODES = 1024
 
 
 def influence_from_rows(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

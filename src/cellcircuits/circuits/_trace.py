@@ -19,7 +19,7 @@ from ..models._tokens import label_token_ids
 from ._aggregate import aggregate, cell_gene_table, cell_graph_tables, top_paths
 from ._graph import attribution_graph
 from ._replacement import ReplacementModel
-from ._select import check_graph_size
+from ._select import DEFAULT_FEATURE_NODES, check_graph_size
 from ._targets import LogitTarget, label_target
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ def trace_prompts(
     target_mode: TargetMode = "distinguishing",
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
-    max_feature_nodes: int = 128,
+    max_feature_nodes: int = DEFAULT_FEATURE_NODES,
     n_paths: int = 10,
     batch_size: int = 32,
     memory_budget: int | str | None = None,
