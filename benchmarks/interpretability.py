@@ -143,6 +143,7 @@ def main() -> None:
     )
     parser.add_argument("--save", help="save the trained transcoders to this directory")
     parser.add_argument("--circuit-cells", type=int, default=4, help="train cells traced per cell type")
+    parser.add_argument("--circuit-nodes", type=int, default=128, help="max_feature_nodes of those circuits")
     parser.add_argument("--n-shuffles", type=int, default=100, help="random gene sets per label for the control")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="skip the table of other enrichment settings")
@@ -167,7 +168,10 @@ def main() -> None:
 
     start = time.perf_counter()
     traced = train.copy()
-    cc.tl.trace_circuit(traced, model, tset, groupby=KEY, n_cells=args.circuit_cells, progress=False)
+    cc.tl.trace_circuit(
+        traced, model, tset, groupby=KEY, n_cells=args.circuit_cells, max_feature_nodes=args.circuit_nodes,
+        progress=False,
+    )  # fmt: skip
     circuit = traced.uns["circuits"][KEY]
     n_groups = len(circuit["params"]["groups"])
     print(f"circuits: {len(circuit['cells'])} train cells ({args.circuit_cells} per cell type, {n_groups} types) "
