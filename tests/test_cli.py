@@ -142,7 +142,9 @@ def test_run_writes_every_result(small_h5ad, tmp_path, capsys):
                  "--gene-tokens", "identifying", "--out", str(strict), "--quiet"]) == 0  # fmt: skip
     back = ad.read_h5ad(strict)
     assert back.uns["transcoder"]["params"]["gene_tokens"] == "identifying"
-    assert not np.array_equal(back.varm["transcoder_L0_in"], ad.read_h5ad(trans).varm["transcoder_L0_in"])
+    # the embedded model spells every gene in one token, so both readings give the same maps (the multi-token
+    # case is covered in tests/tl/test_transcode.py)
+    assert np.array_equal(back.varm["transcoder_L0_in"], ad.read_h5ad(trans).varm["transcoder_L0_in"])
     traced = tmp_path / "trace"
     assert main(["trace", "--adata", str(trans), "--transcoders", str(out / "transcoders"), "--groupby", "bulk_labels",
                  "--groups", "CD19+ B", "--n-cells", "1", "--out", str(traced), "--quiet"]) == 0  # fmt: skip
