@@ -118,7 +118,7 @@ def _check_block(block: np.ndarray | sparse.spmatrix, where: str) -> None:
         raise ValueError(msg)
 
 
-def _resolve_matrix(adata: AnnData, layer: str | None, use_raw: bool | None) -> tuple[Any, pd.Index, str]:
+def sentence_matrix(adata: AnnData, layer: str | None, use_raw: bool | None) -> tuple[Any, pd.Index, str]:
     """The matrix to rank, its var index and a name for messages (scanpy's ``use_raw=None`` semantics)."""
     if layer is not None and use_raw:
         msg = "Pass either layer or use_raw=True, not both."
@@ -138,8 +138,8 @@ def _resolve_matrix(adata: AnnData, layer: str | None, use_raw: bool | None) -> 
     return adata.X, adata.var, "adata.X"
 
 
-def _var_where(where: str) -> str:
-    """How the var of the matrix ``where`` (from :func:`_resolve_matrix`) is spelled in messages."""
+def var_where(where: str) -> str:
+    """How the var of the matrix ``where`` (from :func:`sentence_matrix`) is spelled in messages."""
     return "adata.raw.var" if where.startswith("adata.raw") else "adata.var"
 
 
@@ -291,9 +291,9 @@ def iter_ranked_genes(
     cells: Sequence[int] | np.ndarray | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield, per cell, the indices of its expressed genes by descending expression (chunked, backed-safe)."""
-    X, var, where = _resolve_matrix(adata, layer, use_raw)
+    X, var, where = sentence_matrix(adata, layer, use_raw)
     idx = np.arange(adata.n_obs) if cells is None else cell_positions(cells, adata.n_obs)
-    gene_ids = name_hashes(gene_names(var, gene_symbols, where=_var_where(where)))
+    gene_ids = name_hashes(gene_names(var, gene_symbols, where=var_where(where)))
     for start in range(0, len(idx), _CHUNK):
         sel = idx[start : start + _CHUNK]
         contiguous = len(sel) > 0 and sel[-1] - sel[0] == len(sel) - 1 and np.all(np.diff(sel) == 1)
@@ -309,8 +309,8 @@ def sentence_gene_names(
     adata: AnnData, *, layer: str | None = None, use_raw: bool | None = None, gene_symbols: str | None = None
 ) -> np.ndarray:
     """Every gene a cell sentence of ``adata`` can hold (the checked symbols of the ranked matrix's genes)."""
-    _, var, where = _resolve_matrix(adata, layer, use_raw)
-    return gene_names(var, gene_symbols, where=_var_where(where))
+    _, var, where = sentence_matrix(adata, layer, use_raw)
+    return gene_names(var, gene_symbols, where=var_where(where))
 
 
 def sentences_from_adata(
@@ -327,8 +327,8 @@ def sentences_from_adata(
     if n_genes is not None and int(n_genes) < 1:
         msg = f"n_genes must be a positive integer or None, got {n_genes!r}"
         raise ValueError(msg)
-    _, var, where = _resolve_matrix(adata, layer, use_raw)
-    names = gene_names(var, gene_symbols, where=_var_where(where))
+    _, var, where = sentence_matrix(adata, layer, use_raw)
+    names = gene_names(var, gene_symbols, where=var_where(where))
     ranked = iter_ranked_genes(
         adata,
         n_genes=n_genes,

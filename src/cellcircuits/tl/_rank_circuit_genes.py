@@ -24,7 +24,7 @@ from .._keys import (
     encode_optional_bool,
     store_circuit,
 )
-from ..pp._sentences import check_writable, gene_names
+from ..pp._sentences import check_writable, gene_names, sentence_matrix, var_where
 from ._circuits import MARKER_COLLECTIONS
 from ._rank_features import keep_torch_threads
 
@@ -98,27 +98,6 @@ def _settings(result: dict, layer: str | None, use_raw: bool | None) -> Sentence
     if layer is None and use_raw is None:
         return stored
     return SentenceSettings(stored.sentence_key, layer, use_raw, stored.gene_symbols, stored.random_state)
-
-
-def _expression(adata: AnnData, settings: SentenceSettings) -> tuple[Any, pd.DataFrame, str]:
-    """The matrix the sentences rank (``.raw`` when present and no layer is given, as scanpy), its var, its name."""
-    layer, use_raw = settings.layer, settings.use_raw
-    if layer is not None and use_raw:
-        msg = "Pass either layer or use_raw=True, not both."
-        raise ValueError(msg)
-    if use_raw is None:
-        use_raw = layer is None and adata.raw is not None
-    if use_raw:
-        if adata.raw is None:
-            msg = "use_raw=True but adata.raw is None."
-            raise ValueError(msg)
-        return adata.raw.X, adata.raw.var, "adata.raw.X"
-    if layer is not None:
-        if layer not in adata.layers:
-            msg = f"Layer {layer!r} not found; adata.layers has {list(adata.layers.keys())}."
-            raise KeyError(msg)
-        return adata.layers[layer], adata.var, f"adata.layers[{layer!r}]"
-    return adata.X, adata.var, "adata.X"
 
 
 def _loaded(X: Any) -> np.ndarray | sparse.spmatrix:
@@ -348,10 +327,8 @@ def rank_circuit_genes(
     _check_options(ci, n_bootstrap)
     check_writable(adata, copy, "rank_circuit_genes")
     settings = _settings(result, layer, use_raw)
-    X, var, where = _expression(adata, settings)
-    symbols = gene_names(
-        var, settings.gene_symbols, where="adata.raw.var" if where.startswith("adata.raw") else "adata.var"
-    )
+    X, var, where = sentence_matrix(adata, settings.layer, settings.use_raw)
+    symbols = gene_names(var, settings.gene_symbols, where=var_where(where))
     groupby = str(result.get("params", {}).get("groupby", "") or "")
     if groupby and groupby not in adata.obs.columns:
         msg = f"The circuit {key!r} was traced by groupby={groupby!r}, which is no longer a column of .obs."

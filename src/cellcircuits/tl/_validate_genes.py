@@ -14,7 +14,7 @@ from ..circuits._targets import label_target
 from ..circuits._trace import as_target_mode, label_index
 from ..models._hooks import one_at_a_time
 from ..models._tokens import label_token_ids
-from ..pp._sentences import gene_names
+from ..pp._sentences import gene_names, sentence_matrix, var_where
 from ._cells import cell_prompts, check_unique_obs_names
 
 if TYPE_CHECKING:
@@ -82,20 +82,14 @@ def de_scores(adata: AnnData, settings: SentenceSettings, column: str, groups: l
     import anndata as ad
     import scanpy as sc
 
-    use_raw = settings.use_raw if settings.use_raw is not None else settings.layer is None and adata.raw is not None
-    if use_raw and adata.raw is not None:
-        X, var, where = adata.raw.X, adata.raw.var, "adata.raw.var"
-    elif settings.layer is not None:
-        X, var, where = adata.layers[settings.layer], adata.var, "adata.var"
-    else:
-        X, var, where = adata.X, adata.var, "adata.var"
+    X, var, where = sentence_matrix(adata, settings.layer, settings.use_raw)
     labels = adata.obs[column].astype("object").where(adata.obs[column].notna(), "nan").astype(str)
     counts = labels.value_counts()
     scorable = [g for g in dict.fromkeys(groups) if counts.get(g, 0) >= 2 and counts.get(g, 0) < len(labels)]
     if not scorable:
         return {}
     slim = ad.AnnData(X, obs=pd.DataFrame({"group": pd.Categorical(labels.to_numpy())}, index=adata.obs_names))
-    slim.var_names = pd.Index(gene_names(var, settings.gene_symbols, where=where))
+    slim.var_names = pd.Index(gene_names(var, settings.gene_symbols, where=var_where(where)))
     # Wilcoxon scores do not change under a monotone transform, so scanpy's "log your data" notice is not printed
     verbosity = sc.settings.verbosity
     sc.settings.verbosity = 0
