@@ -168,13 +168,16 @@ def gene_validation(adata: AnnData, key: str) -> dict:
     return result[GENE_VALIDATION]
 
 
-def gene_ranking(adata: AnnData, key: str) -> dict:
-    """What :func:`cellcircuits.tl.rank_circuit_genes` stored for the circuit under ``key``; clear error if absent."""
+def gene_ranking(adata: AnnData, key: str, key_added: str = GENE_RANKING) -> dict:
+    """What :func:`cellcircuits.tl.rank_circuit_genes` stored for circuit ``key`` under ``key_added``, or an error."""
     result = circuit_result(adata, key)
-    if GENE_RANKING not in result:
-        msg = f"No gene ranking for the circuit {key!r}; run cellcircuits.tl.rank_circuit_genes first."
+    if key_added not in result or "table" not in result[key_added]:
+        msg = (
+            f"No gene ranking under .uns[{CIRCUITS!r}][{key!r}][{key_added!r}]; run "
+            f"cellcircuits.tl.rank_circuit_genes first (key_added={key_added!r})."
+        )
         raise KeyError(msg)
-    return result[GENE_RANKING]
+    return result[key_added]
 
 
 def store_circuit(adata: AnnData, key: str, result: dict) -> None:

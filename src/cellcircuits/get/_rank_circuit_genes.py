@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
-from .._keys import CIRCUITS, GENE_RANKING, circuit_result, gene_ranking
+from .._keys import GENE_RANKING, gene_ranking
 from ._circuit import _table
 
 if TYPE_CHECKING:
@@ -17,20 +17,6 @@ if TYPE_CHECKING:
 
 SortBy = Literal["influence", "position_adjusted", "attribution", "knockout"]
 _SORT_BY = ("influence", "position_adjusted", "attribution", "knockout")
-
-
-def circuit_ranking(adata: AnnData, key: str, key_added: str = GENE_RANKING) -> dict:
-    """What :func:`cellcircuits.tl.rank_circuit_genes` stored for the circuit ``key``; clear error if absent."""
-    if key_added == GENE_RANKING:
-        return gene_ranking(adata, key)
-    result = circuit_result(adata, key)
-    if key_added not in result or "table" not in result[key_added]:
-        msg = (
-            f"No gene ranking under .uns[{CIRCUITS!r}][{key!r}][{key_added!r}]; run "
-            f"cellcircuits.tl.rank_circuit_genes(adata, {key!r}, key_added={key_added!r}) first."
-        )
-        raise KeyError(msg)
-    return result[key_added]
 
 
 def ranked_groups(ranking: dict) -> list[str]:
@@ -80,7 +66,7 @@ def rank_circuit_genes_df(
     if sort_by not in _SORT_BY:
         msg = f"sort_by must be one of {list(_SORT_BY)}, got {sort_by!r}"
         raise ValueError(msg)
-    ranking = circuit_ranking(adata, key, key_added)
+    ranking = gene_ranking(adata, key, key_added)
     ranked = ranked_groups(ranking)
     wanted = ranked if group is None else [str(group)] if isinstance(group, str) else [str(g) for g in group]
     unknown = [g for g in wanted if g not in ranked]

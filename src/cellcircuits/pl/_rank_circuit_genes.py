@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._docs import doc_params
-from .._keys import GENE_RANKING
-from ..get._rank_circuit_genes import SortBy, circuit_ranking, rank_circuit_genes_df, ranked_groups
+from .._keys import GENE_RANKING, gene_ranking
+from ..get._rank_circuit_genes import SortBy, rank_circuit_genes_df, ranked_groups
 from ._plotter import Plotter
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ def rank_circuit_genes(
     if n_genes < 1 or ncols < 1 or (n_de is not None and n_de < 0):
         msg = f"n_genes and ncols must be at least 1 and n_de at least 0, got {n_genes}, {ncols} and {n_de}"
         raise ValueError(msg)
-    ranking = circuit_ranking(adata, key, key_added)
+    ranking = gene_ranking(adata, key, key_added)
     table = rank_circuit_genes_df(adata, key, groups, sort_by=sort_by, key_added=key_added)
     shown = ranked_groups(ranking) if groups is None else [groups] if isinstance(groups, str) else list(groups)
     shown = [str(g) for g in shown]
