@@ -33,7 +33,7 @@ from scipy import sparse
 import cellcircuits as cc
 from cellcircuits.models import C2SModel, ModelAdapter
 from cellcircuits.pp import PromptConfig
-from cellcircuits.pp._sentences import _resolve_matrix, name_hashes, sentences_from_adata, tiebreak_keys
+from cellcircuits.pp._sentences import name_hashes, sentence_matrix, sentences_from_adata, tiebreak_keys
 
 from .helpers import GENES, LABELS, make_tiny
 
@@ -487,7 +487,7 @@ def test_sentences_from_adata_fuzz(wrapper: str, clean: bool, data: st.DataObjec
             assert not problems, f"no error, expected one of {sorted(problems)}"
             assert got == want
             assert _empty_warning(caught) == ("" in want)
-            used = _resolve_matrix(a, p["layer"], p["use_raw"])[0]
+            used = sentence_matrix(a, p["layer"], p["use_raw"])[0]
             if isinstance(used, h5py.Dataset) and cells is not None and cells != sorted(set(cells)):
                 event("cells out of order or repeated, read from a backed dense matrix")  # h5py reads increasing rows
         assert_same(snapshot(a), before)  # never writes
