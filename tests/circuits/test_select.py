@@ -43,7 +43,9 @@ def random_dag_rows(rng, n_nodes: int, n_rows: int):
 def test_incremental_influence_equals_from_scratch_after_every_batch(seed, near_rows):
     rng = np.random.default_rng(seed)
     target, cols, rows = random_dag_rows(rng, n_nodes=60, n_rows=24)
-    budget = None if near_rows is None else near_rows * 60 * 8  # the rest of the rows offloaded
+    budget = (
+        None if near_rows is None else near_rows * 60 * 9
+    )  # 8 bytes a value, 1 a sign; the rest of the rows offloaded
     tracker = InfluenceTracker(torch.as_tensor(target), capacity=24, memory_budget=budget)
     np.testing.assert_allclose(tracker.influence.numpy(), np.abs(target) / np.abs(target).sum(), rtol=1e-12)
     start = 0
@@ -103,17 +105,20 @@ def test_max_feature_nodes_below_one_is_refused(case):
 def test_row_store_past_its_budget_equals_one_in_memory():
     rng = np.random.default_rng(3)
     full = torch.as_tensor(rng.normal(size=(10, 30)))
-    store = RowStore(10, 30, torch.float64, torch.device("cpu"), budget=3 * 30 * 8 + 7)  # 3 rows near, 7 far
+    store = RowStore(
+        10, 30, torch.float64, torch.device("cpu"), budget=3 * 30 * 9 + 7
+    )  # 3 rows near, 7 far (8 bytes a value, 1 a sign)
     assert store.n_near == 3 and len(store.far) == 7
     store.put(0, full[:2])
     store.put(2, full[2:6])  # straddles the budget
     store.put(6, full[6:])
     index = torch.tensor([9, 0, 4, 2, 3])
     cols = torch.tensor([5, 1, 29])
-    torch.testing.assert_close(store.columns(index, cols), full[index][:, cols], rtol=0, atol=0)
+    torch.testing.assert_close(store.abs_columns(index, cols), full[index][:, cols].abs(), rtol=0, atol=0)
     torch.testing.assert_close(store.abs_sums(index), full[index].abs().sum(1), rtol=1e-15, atol=0)
-    w = torch.as_tensor(rng.random(5))
-    torch.testing.assert_close(store.weighted_abs_sum(w, index), w @ full[index].abs(), rtol=1e-12, atol=1e-15)
+    w = torch.as_tensor(rng.random(9))  # rows 0-2 on the device, 3-8 on the host
+    torch.testing.assert_close(store.weighted_abs_sum(w), w @ full[:9].abs(), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(store.weighted_abs_sum(w[:2]), w[:2] @ full[:2].abs(), rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(store.rows(1, 8), full[1:8], rtol=0, atol=0)
     column = torch.as_tensor(rng.integers(0, 4, size=30))
     folded = torch.zeros(8, 4, dtype=torch.float64).index_add_(1, column, full[1:9])
@@ -133,7 +138,7 @@ def test_parse_bytes():
 def test_offloaded_rows_give_the_graph_of_rows_in_memory(case):
     rm = case.rm
     target = LogitTarget(rm.n_positions - 1, 3, (4, 5, 6))
-    row_bytes = len(rm.nodes) * 8
+    row_bytes = len(rm.nodes) * 9  # a float64 value and a sign byte per node
     kept = attribution_graph(rm, target, max_feature_nodes=16, batch_size=8)
     offloaded = attribution_graph(rm, target, max_feature_nodes=16, batch_size=8, memory_budget=3 * row_bytes)
     pd.testing.assert_frame_equal(kept.nodes, offloaded.nodes)

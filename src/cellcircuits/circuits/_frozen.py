@@ -40,6 +40,11 @@ class FrozenNorm:
         y = x / scale[:, None] * self.gain
         return y + self.bias if bias and self.bias is not None else y
 
+    def transpose(self, g: torch.Tensor) -> torch.Tensor:
+        """The adjoint of the linear part, applied to ``g`` (``(..., n_positions, d)``): the gradient at the input."""
+        g = g * self.gain / self.scale[:, None]
+        return g - g.mean(-1, keepdim=True) if self.centre else g  # centring is its own adjoint
+
 
 #: Frozen norms of a replacement model, keyed ``(layer, part)`` (parts of the adapter's spec) and ``"final"``.
 FrozenNorms: TypeAlias = dict[str | tuple[int, str], FrozenNorm]
@@ -77,6 +82,20 @@ class FrozenAttention(NamedTuple):
         # batch rows side by side: one (T, T) @ (T, B * d_head) product per head, the pattern never copied
         z = (self.pattern @ v.reshape(H, T, -1)).view(v.shape)
         return torch.einsum("htbe,hed->btd", z, self.W_O) + self.b_O
+
+    def value_gradient(self, g: torch.Tensor) -> torch.Tensor:
+        """``(n_heads, T, B, d_head)`` the gradient at each head's values, given ``g`` (``(B, T, d)``) at the output."""
+        H, T = self.pattern.shape[:2]
+        at_z = torch.einsum("btd,hed->htbe", g, self.W_O)
+        return (self.pattern.transpose(1, 2) @ at_z.reshape(H, T, -1)).view(at_z.shape)
+
+    def transpose(self, g: torch.Tensor, at_values: torch.Tensor | None = None) -> torch.Tensor:
+        """The adjoint of the linear part, applied to ``g`` (``(B, T, d)``): the gradient at the (normed) input.
+
+        ``at_values``: :meth:`value_gradient` of ``g``, when it is at hand.
+        """
+        at_v = self.value_gradient(g) if at_values is None else at_values
+        return torch.einsum("htbe,hde->btd", at_v, self.W_V)
 
 
 def freeze_attention(adapter: ModelAdapter, layer: int, pattern: torch.Tensor) -> FrozenAttention:

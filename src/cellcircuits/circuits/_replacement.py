@@ -99,6 +99,7 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         self.uncovered_layers = [m for m in range(self.n_layers) if m not in features]
         self.nodes = build_nodes(features, self.n_positions, self.n_layers)
         self._decoders: dict[int, torch.Tensor] = {}
+        self._padded: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
     @classmethod
     @one_at_a_time
@@ -207,6 +208,15 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         dev = x.device
         return (x * tc.input_scale.float().to(dev)) @ tc.W_skip.float().to(dev) / tc.output_scale.float().to(dev)
 
+    def _skip_transposed(self, layer: int, g: torch.Tensor) -> torch.Tensor | None:
+        """The adjoint of :meth:`_skip_out` applied to ``g``; ``None`` without a skip connection."""
+        tc = self.transcoders[layer] if layer in self.features else None
+        if tc is None or tc.W_skip is None:
+            return None
+        dev = g.device
+        at_out = g / tc.output_scale.float().to(dev)
+        return (at_out @ tc.W_skip.float().to(dev).T) * tc.input_scale.float().to(dev)
+
     def _mlp_affine(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """What a covered MLP's replacement adds besides its sources: ``b_dec / output_scale`` and the skip term."""
         out = self._skip_out(layer, x)
@@ -215,11 +225,9 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
             out = out + tc.b_dec.float().to(x.device) / tc.output_scale.float().to(x.device)
         return out
 
-    def _attn_block(self, layer: int, r: torch.Tensor, probe: torch.Tensor | None) -> torch.Tensor:
-        """The attention block's contribution to the residual stream; ``probe`` is added before a post-norm."""
+    def _attn_block(self, layer: int, r: torch.Tensor) -> torch.Tensor:
+        """The attention block's contribution to the residual stream."""
         a = self.attention[layer](self.norms[layer, "attn_in_norm"](r))
-        if probe is not None:
-            a = a + probe
         if (layer, "attn_out_norm") in self.norms:
             a = self.norms[layer, "attn_out_norm"](a)
         return a
@@ -231,7 +239,6 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         writes: list[torch.Tensor],
         readout: Readout,
         *,
-        probes: list[torch.Tensor] | None = None,
         final: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
@@ -242,7 +249,6 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         writes: list[torch.Tensor],
         readout: None,
         *,
-        probes: list[torch.Tensor] | None = None,
         final: bool = False,
     ) -> tuple[None, torch.Tensor | None]: ...
 
@@ -252,7 +258,6 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         writes: list[torch.Tensor],
         readout: Readout | None,
         *,
-        probes: list[torch.Tensor] | None = None,
         final: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Propagate ``(B, T, d)`` sources; ``(B, K)`` readout values and, if reached, the final norm's output.
@@ -268,7 +273,7 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
             values = readout.const[None]
         r = embed
         for m in range(last + 1):
-            a = self._attn_block(m, r, None if probes is None else probes[m])
+            a = self._attn_block(m, r)
             if self.adapter.parallel_residual:
                 x = self.norms[m, "mlp_in_norm"](r)
                 r = r + a

@@ -117,6 +117,10 @@ def check_graph_size(max_feature_nodes: int, memory_budget: int | str | None) ->
 class RowStore:
     """Attribution rows kept on the device up to a memory budget, the rest in host memory.
 
+    Each row is kept as its absolute values and its signs, since influence reads only the absolute values: weighted
+    sums of rows run as one matrix-vector product over the stored block, with no copy; the signed rows are rebuilt,
+    exactly, only where they are read.
+
     Parameters
     ----------
     capacity
@@ -140,7 +144,7 @@ class RowStore:
     def __init__(
         self, capacity: int, n_nodes: int, dtype: torch.dtype, device: torch.device, budget: int | None = None
     ) -> None:
-        row_bytes = n_nodes * torch.empty(0, dtype=dtype).element_size()
+        row_bytes = n_nodes * (torch.empty(0, dtype=dtype).element_size() + 1)  # values and a sign byte
         if budget is not None and budget < row_bytes:
             msg = (
                 f"the memory budget of {budget} bytes cannot hold one attribution row ({n_nodes} nodes, "
@@ -150,8 +154,10 @@ class RowStore:
         on_device = capacity if budget is None else min(capacity, budget // row_bytes)
         self.device = device
         self.near = torch.zeros(on_device, n_nodes, dtype=dtype, device=device)
+        self.near_sign = torch.zeros(on_device, n_nodes, dtype=torch.bool, device=device)
         pin = device.type == "cuda"
         self.far = torch.zeros(capacity - on_device, n_nodes, dtype=dtype, pin_memory=pin)
+        self.far_sign = torch.zeros(capacity - on_device, n_nodes, dtype=torch.bool, pin_memory=pin)
 
     @property
     def n_near(self) -> int:
@@ -165,15 +171,17 @@ class RowStore:
 
     def put(self, start: int, rows: torch.Tensor) -> None:
         """Store ``rows`` at ``start, start + 1, ...``."""
-        for i, row in enumerate(rows):  # rows of a batch may straddle the budget
-            k = start + i
-            if k < self.n_near:
-                self.near[k] = row
-            else:
-                self.far[k - self.n_near].copy_(row, non_blocking=True)
+        n_near = min(max(self.n_near - start, 0), len(rows))  # rows of a batch may straddle the budget
+        if n_near:
+            self.near[start : start + n_near] = rows[:n_near].abs()
+            self.near_sign[start : start + n_near] = torch.signbit(rows[:n_near])
+        if n_near < len(rows):
+            lo = start + n_near - self.n_near
+            self.far[lo : lo + len(rows) - n_near].copy_(rows[n_near:].abs(), non_blocking=True)
+            self.far_sign[lo : lo + len(rows) - n_near].copy_(torch.signbit(rows[n_near:]), non_blocking=True)
 
-    def columns(self, index: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """``rows[index][:, cols]``, on the device."""
+    def abs_columns(self, index: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``|rows[index][:, cols]|``, on the device."""
         near, near_at, far, far_at = self._parts(index)
         out = torch.empty(len(index), len(cols), dtype=self.near.dtype, device=self.device)
         out[near] = self.near[near_at[:, None], cols[None, :]]  # only the entries asked for, not whole rows
@@ -186,25 +194,32 @@ class RowStore:
         """``|rows[index]|.sum(1)`` in float64, on the device."""
         near, near_at, far, far_at = self._parts(index)
         out = torch.empty(len(index), dtype=torch.float64, device=self.device)
-        out[near] = self.near[near_at].abs().double().sum(1)
+        out[near] = self.near[near_at].double().sum(1)
         if len(far_at):
-            out[far] = self.far[far_at.cpu()].abs().double().sum(1).to(self.device)
+            out[far] = self.far[far_at.cpu()].double().sum(1).to(self.device)
         return out
 
-    def weighted_abs_sum(self, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """``weights @ |rows[index]|`` in float64 (``(n_nodes,)``, on the device), host rows summed on the host."""
-        near, near_at, far, far_at = self._parts(index)
-        out = weights[near] @ self.near[near_at].abs().double()
-        if len(far_at):
-            out += (weights[far].cpu() @ self.far[far_at.cpu()].abs().double()).to(self.device)
+    def weighted_abs_sum(self, weights: torch.Tensor) -> torch.Tensor:
+        """``weights @ |rows[:len(weights)]|`` in float64 (``(n_nodes,)``, on the device); host rows on the host."""
+        n = len(weights)
+        weights = weights.to(self.near.dtype)
+        out = (weights[: self.n_near] @ self.near[: min(n, self.n_near)]).double()
+        if n > self.n_near:
+            far = weights[self.n_near :].cpu() @ self.far[: n - self.n_near]
+            out += far.double().to(self.device)
         return out
+
+    @staticmethod
+    def _signed(values: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        return torch.where(negative, -values, values)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` on the device (a view when all of them are there)."""
+        """Rows ``start:stop`` on the device."""
+        head = self._signed(self.near[start : min(stop, self.n_near)], self.near_sign[start : min(stop, self.n_near)])
         if stop <= self.n_near:
-            return self.near[start:stop]
-        head = self.near[start : min(stop, self.n_near)]
-        tail = self.far[max(0, start - self.n_near) : stop - self.n_near].to(self.device)
+            return head
+        lo, hi = max(0, start - self.n_near), stop - self.n_near
+        tail = self._signed(self.far[lo:hi], self.far_sign[lo:hi]).to(self.device)
         return torch.cat([head, tail])
 
     def fold_columns(self, start: int, stop: int, column: torch.Tensor, n_out: int) -> torch.Tensor:
@@ -213,11 +228,11 @@ class RowStore:
         Computed where each row is kept; the ``(stop - start, n_out)`` float64 result is moved to the host.
         """
         parts = []
-        for lo, hi, rows in ((start, min(stop, self.n_near), self.near), (max(start, self.n_near), stop, self.far)):
+        for lo, hi, near in ((start, min(stop, self.n_near), True), (max(start, self.n_near), stop, False)):
             if hi <= lo:
                 continue
-            offset = 0 if rows is self.near else self.n_near
-            block = rows[lo - offset : hi - offset].double()
+            values, sign, offset = (self.near, self.near_sign, 0) if near else (self.far, self.far_sign, self.n_near)
+            block = self._signed(values[lo - offset : hi - offset], sign[lo - offset : hi - offset]).double()
             out = torch.zeros(len(block), n_out, dtype=torch.float64, device=block.device)
             out.index_add_(1, column.to(block.device), block)
             parts.append(out.cpu())
@@ -255,11 +270,11 @@ class InfluenceTracker:
         self.C = torch.zeros(capacity + 1, capacity, dtype=torch.float64, device=device)
         self.reach = torch.zeros(capacity + 1, dtype=torch.float64, device=device)
         self.reach[0] = 1.0
-        self.influence = self.store.weighted_abs_sum(1.0 / self.norm[:1], first)
+        self.influence = self.store.weighted_abs_sum(1.0 / self.norm[:1])
         self.size = 0
 
     def _shares(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        return self.store.columns(rows, cols).abs().double() / self.norm[rows][:, None]
+        return self.store.abs_columns(rows, cols).double() / self.norm[rows][:, None]
 
     def add(self, cols: torch.Tensor, rows: torch.Tensor) -> None:
         """Add the attribution rows of newly selected features.
@@ -295,9 +310,8 @@ class InfluenceTracker:
             frontier = torch.cat([frontier.new_zeros(1), step])
             delta += frontier
         self.reach[: S + 1 + B] += delta
-        touched = torch.nonzero(delta > 0).ravel()
-        if len(touched):
-            self.influence += self.store.weighted_abs_sum(delta[touched] / self.norm[touched], touched)
+        if bool((delta > 0).any()):
+            self.influence += self.store.weighted_abs_sum(delta / self.norm[: S + 1 + B])
         self.size = S + B
 
     def selected(self) -> torch.Tensor:

@@ -35,7 +35,7 @@ class ViaHeads:
 class ViaHeadsMixin:
     """The per-head split of :class:`~cellcircuits.circuits.ReplacementModel`'s direct edges.
 
-    It runs the model's backward passes with probes at each attention output (``_readout``, ``_gradients``,
+    It runs the model's backward passes, which give the gradients at each head's values (``_readout``, ``_gradients``,
     ``_attribution_rows``, ``_skip_out``) and reads its frozen ``attention`` and ``norms``, ``nodes``, ``embed``,
     ``errors``, ``features`` and ``transcoders``.
     """
@@ -61,7 +61,7 @@ class ViaHeadsMixin:
         def _skip_out(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
 
         def _gradients(
-            self, readout: Readout, *, probes: bool = False
+            self, readout: Readout, *, values: bool = False
         ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]: ...
 
         def _attribution_rows(self, grads: list[torch.Tensor]) -> torch.Tensor: ...
@@ -144,8 +144,8 @@ class ViaHeadsMixin:
         dev = self.device
         owner = torch.as_tensor(np.repeat(np.arange(len(targets)), counts), dtype=torch.long, device=dev)
         readout = self._readout(targets)
-        _, grads, probe_grads = self._gradients(readout, probes=True)
-        assert probe_grads is not None  # given with probes=True
+        _, grads, value_grads = self._gradients(readout, values=True)
+        assert value_grads is not None  # given with values=True
         v, src_layer, q = self._source_vectors(index)
         H, L = self.adapter.n_heads, self.n_layers
         with torch.no_grad():
@@ -164,10 +164,9 @@ class ViaHeadsMixin:
                 r = (v + skip) * (src_layer < m)[:, None]  # only sources written before layer m reach it
                 att = self.attention[m]
                 value_in = torch.einsum("sd,hde->she", self.norms[m, "attn_in_norm"](r, q, bias=False), att.W_V)
-                # sum_p pattern[h, p, q] grad[p] W_O[h]^T: each target's gradient at each head's value of key q
-                at_value = torch.einsum("kpd,hed->khpe", probe_grads[m], att.W_O)
-                back = att.pattern.transpose(1, 2)[None] @ at_value  # (K, H, T, d_head)
-                heads[:, m * H : (m + 1) * H] = (value_in * back[owner, :, q]).sum(-1)
+                # each target's gradient at each head's value of key q: sum_p pattern[h, p, q] (grad at p) W_O[h]^T
+                back = value_grads[m][:, q, owner]  # (H, n_pairs, d_head)
+                heads[:, m * H : (m + 1) * H] = (value_in * back.transpose(0, 1)).sum(-1)
                 skip = skip + self._skip_out(m, self.norms[m, "mlp_in_norm"](r, q, bias=False))
             at_end = target_layer == L
             skip_at_target[at_end] = skip[at_end]
