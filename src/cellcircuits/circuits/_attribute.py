@@ -5,14 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+from torch.nn import functional as F
+
+from ._adjoint import AdjointMixin
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from ..models._adapter import ModelAdapter
     from ..transcoders._transcoder_set import TranscoderSet
-    from ._frozen import FrozenAttention, FrozenNorms
     from ._nodes import ActiveFeatures, Nodes
     from ._targets import Readout, Target
 
@@ -43,11 +45,12 @@ class Attribution:
         return self.values - self.matrix.sum(1) - self.bias
 
 
-class AttributionMixin:
+class AttributionMixin(AdjointMixin):
     """The attribution methods of :class:`~cellcircuits.circuits.ReplacementModel`.
 
-    They run on its frozen forward pass (``_sources``, ``_run``, ``_readout``, ``_node_scale``) and read its
-    ``nodes``, ``features``, ``transcoders``, ``embed``, ``errors`` and ``n_layers``.
+    They take gradients from its adjoint pass (:class:`~cellcircuits.circuits._adjoint.AdjointMixin`), run its frozen
+    forward pass for the constant terms (``_sources``, ``_run``, ``_readout``) and read its ``nodes``,
+    ``features``, ``transcoders``, ``embed``, ``errors`` and ``n_layers``.
     """
 
     _decoders: dict[int, torch.Tensor]
@@ -56,105 +59,30 @@ class AttributionMixin:
     nodes: Nodes
     features: dict[int, ActiveFeatures]
     transcoders: TranscoderSet
-    embed: torch.Tensor
     errors: torch.Tensor
-    n_layers: int
-    adapter: ModelAdapter
-    attention: list[FrozenAttention]
-    norms: FrozenNorms
+    n_positions: int
 
     if TYPE_CHECKING:  # ReplacementModel's frozen forward pass
 
-        @property
-        def device(self) -> torch.device: ...
-
-        def _sources(self, node_scale: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
-
-        def _run(
-            self,
-            embed: torch.Tensor,
-            writes: list[torch.Tensor],
-            readout: Readout,
-            *,
-            final: bool = False,
-        ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
-
         def _readout(self, targets: Sequence[Target]) -> Readout: ...
 
-        def _node_scale(self, node_scale: torch.Tensor | None) -> torch.Tensor: ...
-
-        def _skip_transposed(self, layer: int, g: torch.Tensor) -> torch.Tensor | None: ...
-
-    def _gradients(
-        self, readout: Readout, *, values: bool = False
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
-        """Target values and their gradients, one target per batch row (each row seeds only its own target).
-
-        Returns the ``(B,)`` values, the gradients at the embedding and at each layer's MLP write (``(B, T, d)``
-        each, the embedding's first), and with ``values`` at each layer's attention values (``(n_heads, T, B,
-        d_head)``, :meth:`FrozenAttention.value_gradient`).
-
-        The frozen model is affine, so its gradients do not depend on the point they are taken at: the values come
-        from one forward pass, and the ``B`` gradients from one pass of the model's adjoint (the transposed linear
-        maps in reverse order, :meth:`_transposed_run`), batched, with no forward pass per row.
-        """
-        with torch.no_grad():
-            out, _ = self._run(*self._sources(self._node_scale(None)), readout)
-            at_writes, at_values = self._transposed_run(readout)
-        return out[0], at_writes, (at_values if values else None)
-
-    def _transposed_run(self, readout: Readout) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The adjoint of :meth:`_run` seeded with one readout per batch row.
-
-        Returns the ``(B, T, d)`` gradients at the embedding and each layer's MLP write (embedding first), and the
-        ``(n_heads, T, B, d_head)`` gradients at each layer's attention values.
-        """
-        L, B, T = self.n_layers, len(readout.layer), len(self.embed)
-        rows = torch.arange(B, device=self.device)
-
-        def seed(layer: int) -> torch.Tensor | None:
-            mine = readout.layer == layer
-            if not bool(mine.any()):
-                return None
-            g = self.embed.new_zeros(B, T, self.embed.shape[-1])
-            g[rows[mine], readout.position[mine]] = readout.weight[mine]
-            return g
-
-        g = self.embed.new_zeros(B, T, self.embed.shape[-1])
-        at_final = seed(L)
-        if at_final is not None:
-            g = self.norms["final"].transpose(at_final)
-        zeros = torch.zeros_like(g)
-        H, d_head = self.attention[0].W_V.shape[0], self.attention[0].W_V.shape[-1]
-        at_writes, at_values = [zeros] * L, [g.new_zeros(H, T, B, d_head)] * L
-        for m in range(int(readout.layer.max().clamp(max=L - 1)), -1, -1):
-            at_writes[m] = g
-            at_x = self._skip_transposed(m, g)
-            here = seed(m)
-            if here is not None:
-                at_x = here if at_x is None else at_x + here
-            at_mlp_in = None if at_x is None else self.norms[m, "mlp_in_norm"].transpose(at_x)
-            at_r = g if at_mlp_in is None or self.adapter.parallel_residual else g + at_mlp_in
-            # through the attention block: its post-norm, the attention, its input norm
-            at_a = at_r
-            if (m, "attn_out_norm") in self.norms:
-                at_a = self.norms[m, "attn_out_norm"].transpose(at_a)
-            at_values[m] = self.attention[m].value_gradient(at_a)
-            g = at_r + self.norms[m, "attn_in_norm"].transpose(self.attention[m].transpose(at_a, at_values[m]))
-            if at_mlp_in is not None and self.adapter.parallel_residual:
-                g = g + at_mlp_in
-        return [g, *at_writes], at_values
-
     def _feature_dots(self, layer: int, grad: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-        """``(B, n_active)`` each active feature's source vector · ``grad`` (``(B, T, d)``) at its position."""
+        """``(B, n_active)`` each active feature's source vector · ``grad`` (``(B, P, d)``) at its position.
+
+        ``grad`` may cover only the first ``P`` positions: features after them get 0.
+        """
         f, tc = self.features[layer], self.transcoders[layer]
-        B, T, _ = grad.shape
+        B, P, _ = grad.shape
         padded = self._padded_sources(layer)
         if padded is not None:
             # per position, its own features' source vectors: one small product per position, batched
             vectors, slot = padded
-            dots = torch.bmm(grad.transpose(0, 1), vectors.transpose(1, 2))  # (T, B, k_max)
-            return dots.transpose(0, 1).reshape(B, -1)[:, slot]
+            dots = torch.bmm(grad.transpose(0, 1), vectors[:P].transpose(1, 2))  # (P, B, k_max)
+            out = grad.new_zeros(B, vectors.shape[0] * vectors.shape[1])
+            out[:, : dots.shape[0] * dots.shape[2]] = dots.transpose(0, 1).reshape(B, -1)
+            return out[:, slot]
+        T = self.n_positions
+        grad = F.pad(grad, (0, 0, 0, T - P))
         if B * T * tc.cfg.n_features <= DENSE_DOTS_MAX:
             # one matmul against every decoder row, then pick the active (position, feature) pairs
             dense = grad @ self._decoder(layer).T
@@ -195,10 +123,15 @@ class AttributionMixin:
         return self._decoders[layer]
 
     def _attribution_rows(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """``(B, n_nodes)`` direct attributions from the gradients at the embedding and the MLP writes."""
-        parts = [(self.embed * grads[0]).sum(-1)]
+        """``(B, n_nodes)`` direct attributions from the gradients at the embedding and the MLP writes.
+
+        The gradients may cover only the first ``P`` positions (zero after them).
+        """
+        P = grads[0].shape[1]
+        T = self.n_positions
+        parts = [F.pad((self.embed[:P] * grads[0]).sum(-1), (0, T - P))]
         parts += [self._feature_dots(m, grads[m + 1]) for m in self.features]
-        parts += [(self.errors[m] * grads[m + 1]).sum(-1) for m in range(self.n_layers)]
+        parts += [F.pad((self.errors[m, :P] * grads[m + 1]).sum(-1), (0, T - P)) for m in range(self.n_layers)]
         return torch.cat(parts, 1)
 
     def attribute(self, targets: Sequence[Target], *, batch_size: int = 32, on_device: bool = False) -> Attribution:
@@ -209,7 +142,9 @@ class AttributionMixin:
         targets
             Feature pre-activations and/or logit targets.
         batch_size
-            Targets per backward pass; memory grows with it (about ``(n_layers + 1) * batch_size * T * d`` floats).
+            Most targets per backward pass; memory grows with it (about ``(n_layers + 1) * batch_size * T * d``
+            floats). Targets are batched by position (a batch of early targets needs only the start of the prompt),
+            so the batches may hold fewer.
         on_device
             Keep the attribution matrix on the model's device (default: move it to CPU).
 
@@ -221,18 +156,21 @@ class AttributionMixin:
             msg = f"batch_size must be a positive integer, got {batch_size!r}"
             raise ValueError(msg)
         targets = list(targets)
-        values, rows, bias = [], [], []
-        for start in range(0, len(targets), batch_size):
-            batch = targets[start : start + batch_size]
-            readout = self._readout(batch)
-            v, grads, _ = self._gradients(readout)
+        values, rows, bias, order = [], [], [], []
+        for batch in self._batch_plan(targets, batch_size):
+            readout = self._readout([targets[i] for i in batch])
+            v, grads, _ = self._gradients(readout, pad=False)
             with torch.no_grad():
                 matrix = self._attribution_rows(grads)
                 rows.append(matrix if on_device else matrix.cpu())
                 values.append(v.cpu())
                 # every source zeroed: by linearity, what the frozen model adds on its own
-                zero = torch.zeros(1, len(self.nodes), device=self.device)
-                bias.append(self._run(*self._sources(zero), readout)[0][0].cpu())
+                bias.append(self._read_points(readout, zero=True).cpu())
+            order.append(batch)
+        if order:  # back to the order of the targets
+            back = torch.as_tensor(np.argsort(np.concatenate(order), kind="stable"))
+            values, bias = [torch.cat(values)[back]], [torch.cat(bias)[back]]
+            rows = [torch.cat(rows)[back.to(rows[0].device)]]
         empty = torch.zeros(0)
         return Attribution(
             targets,

@@ -41,8 +41,8 @@ class FrozenNorm:
         return y + self.bias if bias and self.bias is not None else y
 
     def transpose(self, g: torch.Tensor) -> torch.Tensor:
-        """The adjoint of the linear part, applied to ``g`` (``(..., n_positions, d)``): the gradient at the input."""
-        g = g * self.gain / self.scale[:, None]
+        """The adjoint of the linear part, applied to ``g`` (``(..., P, d)``, the first ``P`` positions)."""
+        g = g * self.gain / self.scale[: g.shape[-2], None]
         return g - g.mean(-1, keepdim=True) if self.centre else g  # centring is its own adjoint
 
 
@@ -84,13 +84,16 @@ class FrozenAttention(NamedTuple):
         return torch.einsum("htbe,hed->btd", z, self.W_O) + self.b_O
 
     def value_gradient(self, g: torch.Tensor) -> torch.Tensor:
-        """``(n_heads, T, B, d_head)`` the gradient at each head's values, given ``g`` (``(B, T, d)``) at the output."""
-        H, T = self.pattern.shape[:2]
+        """``(n_heads, P, B, d_head)`` the gradient at each head's values, given ``g`` (``(B, P, d)``) at the output.
+
+        ``g`` may cover only the first ``P`` positions when the pattern is causal (no query reads a later key).
+        """
+        H, P = self.pattern.shape[0], g.shape[1]
         at_z = torch.einsum("btd,hed->htbe", g, self.W_O)
-        return (self.pattern.transpose(1, 2) @ at_z.reshape(H, T, -1)).view(at_z.shape)
+        return (self.pattern[:, :P, :P].transpose(1, 2) @ at_z.reshape(H, P, -1)).view(at_z.shape)
 
     def transpose(self, g: torch.Tensor, at_values: torch.Tensor | None = None) -> torch.Tensor:
-        """The adjoint of the linear part, applied to ``g`` (``(B, T, d)``): the gradient at the (normed) input.
+        """The adjoint of the linear part, applied to ``g`` (``(B, P, d)``): the gradient at the (normed) input.
 
         ``at_values``: :meth:`value_gradient` of ``g``, when it is at hand.
         """

@@ -228,9 +228,12 @@ def _split_edges(
             readouts.append(FeatureTarget(int(nodes.layer[node]), int(nodes.position[node]), int(nodes.feature[node])))
         sources.append(order[keep[group["source"].to_numpy()]])
     splits = rm.edges_via_heads(readouts, sources, batch_size=batch_size)
-    for (_, group), split in zip(groups, splits, strict=True):
-        parts = split.values.numpy()
-        best = np.abs(parts).argmax(1)
-        share = np.abs(parts).max(1) / np.maximum(np.abs(parts).sum(1), 1e-30)
-        edges.loc[group.index, "via"] = [split.columns[b] for b in best]
-        edges.loc[group.index, "via_share"] = share
+    if not splits:
+        return
+    parts = np.abs(np.concatenate([split.values.numpy() for split in splits]))
+    best = parts.argmax(1)
+    at = edges.index.get_indexer(np.concatenate([group.index.to_numpy() for _, group in groups]))
+    via, share = edges["via"].to_numpy(dtype=object).copy(), edges["via_share"].to_numpy(dtype=float).copy()
+    via[at] = np.asarray(splits[0].columns, dtype=object)[best]
+    share[at] = parts.max(1) / np.maximum(parts.sum(1), 1e-30)
+    edges["via"], edges["via_share"] = via, share

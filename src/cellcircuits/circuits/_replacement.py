@@ -100,6 +100,9 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         self.nodes = build_nodes(features, self.n_positions, self.n_layers)
         self._decoders: dict[int, torch.Tensor] = {}
         self._padded: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._points: dict[bool, list[torch.Tensor]] = {}
+        # no query reads a later key: a target's gradient is zero after its position
+        self.causal = all(not bool(a.pattern.triu(1).any()) for a in attention)
 
     @classmethod
     @one_at_a_time
@@ -240,6 +243,7 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         readout: Readout,
         *,
         final: bool = False,
+        points: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     @overload
@@ -250,6 +254,7 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         readout: None,
         *,
         final: bool = False,
+        points: list[torch.Tensor] | None = None,
     ) -> tuple[None, torch.Tensor | None]: ...
 
     def _run(
@@ -259,10 +264,12 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         readout: Readout | None,
         *,
         final: bool = False,
+        points: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Propagate ``(B, T, d)`` sources; ``(B, K)`` readout values and, if reached, the final norm's output.
 
-        Stops after the last layer a readout needs unless ``final``.
+        Stops after the last layer a readout needs unless ``final``. ``points`` collects what readouts read: each
+        layer's normed MLP input, then the final norm's output.
         """
         L = self.n_layers
         values: torch.Tensor | None = None  # set with a readout, and only then
@@ -282,13 +289,32 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
                 x = self.norms[m, "mlp_in_norm"](r)
             if readout is not None and values is not None:
                 values = values + _read(x, readout, m)
+            if points is not None:
+                points.append(x)
             r = r + writes[m] + self._mlp_affine(m, x)
         if last < L - 1:
             return values, None
         normed = self.norms["final"](r)
+        if points is not None:
+            points.append(normed)
         if readout is not None and values is not None:
             values = values + _read(normed, readout, L)
         return values, normed
+
+    def _read_points(self, readout: Readout, *, zero: bool = False) -> torch.Tensor:
+        """``(K,)`` readout values of the frozen model with every source kept (or, ``zero``, zeroed).
+
+        What the readouts read is computed once per replacement model and kept.
+        """
+        if zero not in self._points:
+            points: list[torch.Tensor] = []
+            with torch.no_grad():
+                self._run(*self._sources(self._node_scale(None) * (0.0 if zero else 1.0)), None, points=points)
+            self._points[zero] = points
+        values = readout.const[None]
+        for m, x in enumerate(self._points[zero]):
+            values = values + _read(x, readout, m)
+        return values[0]
 
     def _node_scale(self, node_scale: torch.Tensor | np.ndarray | None) -> torch.Tensor:
         if node_scale is None:

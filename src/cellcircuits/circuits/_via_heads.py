@@ -66,6 +66,8 @@ class ViaHeadsMixin:
 
         def _attribution_rows(self, grads: list[torch.Tensor]) -> torch.Tensor: ...
 
+        def _batch_plan(self, targets: Sequence[Target], batch_size: int) -> list[np.ndarray]: ...
+
     def _source_vectors(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(S, d)`` what each node writes, the layer it writes after (-1: embedding) and its position."""
         nodes, dev = self.nodes, self.device
@@ -120,7 +122,8 @@ class ViaHeadsMixin:
         sources
             Per target, the node indices of its sources.
         batch_size
-            Targets per backward pass.
+            Most targets per backward pass (batched by position, as in
+            :meth:`~cellcircuits.circuits.ReplacementModel.attribute`).
 
         Returns
         -------
@@ -129,12 +132,12 @@ class ViaHeadsMixin:
         if len(targets) != len(sources):
             msg = f"{len(targets)} targets for {len(sources)} source lists"
             raise ValueError(msg)
-        out: list[ViaHeads] = []
-        for start in range(0, len(targets), batch_size):
-            out += self._split_batch(
-                list(targets[start : start + batch_size]), list(sources[start : start + batch_size])
-            )
-        return out
+        out: list[ViaHeads | None] = [None] * len(targets)
+        for batch in self._batch_plan(targets, batch_size):
+            splits = self._split_batch([targets[i] for i in batch], [sources[i] for i in batch])
+            for i, split in zip(batch, splits, strict=True):
+                out[i] = split
+        return [split for split in out if split is not None]
 
     def _split_batch(self, targets: list[Target], sources: list[Sequence[int] | np.ndarray]) -> list[ViaHeads]:
         """One backward pass for ``targets``; every (target, source) pair split at once."""
