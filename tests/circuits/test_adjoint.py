@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellcircuits.circuits import FeatureTarget, LogitTarget, _attribute
+from cellcircuits.circuits import FeatureTarget, LogitTarget, _adjoint, _attribute
 
 from ..helpers import ARCHS, Case, replacement_case
 
@@ -76,3 +76,44 @@ def test_feature_dots_equal_a_dense_product(case: Case, path, monkeypatch):
         assert (rm._padded[layer] is not None) == padded
         torch.testing.assert_close(got, _dense_dots(rm, layer, grad), rtol=1e-5, atol=1e-5)
     rm._padded.clear()
+
+
+def _plan_cost(batches, positions, depths, n_positions, d_model) -> float:
+    def row(p, layers):
+        return layers * (2 * p * d_model + p * p)
+
+    overhead = row(n_positions, int(depths.max()))
+    return sum(overhead + len(b) * row(positions[b].max() + 1, int(depths[b].max())) for b in batches)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_plan_covers_every_target_once_in_position_order(seed):
+    rng = np.random.default_rng(seed)
+    n, T, d, batch_size = 70, 200, 64, 16
+    positions = np.concatenate([rng.integers(0, T // 3, n - 10), np.full(10, T - 1)])  # many early, some last
+    depths = rng.integers(1, 7, n)
+    batches = _adjoint.plan_batches(positions, depths, batch_size, T, d)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(n))
+    assert max(len(b) for b in batches) <= batch_size
+    assert np.all(np.diff(positions[flat]) >= 0)  # in order of position
+    # no worse than batching in the given order, and than sorted fixed-size chunks
+    order = np.argsort(positions, kind="stable")
+    naive = [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    sorted_chunks = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    cost = _plan_cost(batches, positions, depths, T, d)
+    assert cost <= _plan_cost(sorted_chunks, positions, depths, T, d) < _plan_cost(naive, positions, depths, T, d)
+    # early targets run on a short prefix: the first batch ends well before the last position
+    assert positions[batches[0]].max() < T // 3
+
+
+def test_attributions_do_not_depend_on_the_batches(case: Case):
+    rm = case.rm
+    targets = _targets(case)
+    one = rm.attribute(targets, batch_size=1)
+    many = rm.attribute(targets, batch_size=64)
+    assert len(rm._batch_plan(targets, 64)) < len(targets)
+    torch.testing.assert_close(many.values, one.values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(many.bias, one.bias, rtol=1e-5, atol=1e-5)
+    scale = float(one.matrix.abs().max())
+    torch.testing.assert_close(many.matrix, one.matrix, rtol=0, atol=1e-5 * scale)
