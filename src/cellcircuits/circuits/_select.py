@@ -153,11 +153,12 @@ class RowStore:
             raise ValueError(msg)
         on_device = capacity if budget is None else min(capacity, budget // row_bytes)
         self.device = device
-        self.near = torch.zeros(on_device, n_nodes, dtype=dtype, device=device)
-        self.near_sign = torch.zeros(on_device, n_nodes, dtype=torch.bool, device=device)
+        # rows are read only after they are put: no need to fill the blocks
+        self.near = torch.empty(on_device, n_nodes, dtype=dtype, device=device)
+        self.near_sign = torch.empty(on_device, n_nodes, dtype=torch.bool, device=device)
         pin = device.type == "cuda"
-        self.far = torch.zeros(capacity - on_device, n_nodes, dtype=dtype, pin_memory=pin)
-        self.far_sign = torch.zeros(capacity - on_device, n_nodes, dtype=torch.bool, pin_memory=pin)
+        self.far = torch.empty(capacity - on_device, n_nodes, dtype=dtype, pin_memory=pin)
+        self.far_sign = torch.empty(capacity - on_device, n_nodes, dtype=torch.bool, pin_memory=pin)
 
     @property
     def n_near(self) -> int:
@@ -222,20 +223,25 @@ class RowStore:
         tail = self._signed(self.far[lo:hi], self.far_sign[lo:hi]).to(self.device)
         return torch.cat([head, tail])
 
-    def fold_columns(self, start: int, stop: int, column: torch.Tensor, n_out: int) -> torch.Tensor:
+    def fold_columns(self, start: int, stop: int, column: torch.Tensor, n_out: int, chunk: int = 64) -> torch.Tensor:
         """Rows ``start:stop`` with their entries summed by ``column``: ``out[:, column[j]] += row[j]``.
 
-        Computed where each row is kept; the ``(stop - start, n_out)`` float64 result is moved to the host.
+        Computed where each row is kept, ``chunk`` rows at a time; the ``(stop - start, n_out)`` float64 result is
+        moved to the host.
         """
         parts = []
-        for lo, hi, near in ((start, min(stop, self.n_near), True), (max(start, self.n_near), stop, False)):
-            if hi <= lo:
-                continue
-            values, sign, offset = (self.near, self.near_sign, 0) if near else (self.far, self.far_sign, self.n_near)
-            block = self._signed(values[lo - offset : hi - offset], sign[lo - offset : hi - offset]).double()
-            out = torch.zeros(len(block), n_out, dtype=torch.float64, device=block.device)
-            out.index_add_(1, column.to(block.device), block)
-            parts.append(out.cpu())
+        for lo in range(start, stop, chunk):
+            hi = min(stop, lo + chunk)
+            for a, b, near in ((lo, min(hi, self.n_near), True), (max(lo, self.n_near), hi, False)):
+                if b <= a:
+                    continue
+                values, sign, offset = (
+                    (self.near, self.near_sign, 0) if near else (self.far, self.far_sign, self.n_near)
+                )
+                block = self._signed(values[a - offset : b - offset], sign[a - offset : b - offset]).double()
+                out = torch.zeros(len(block), n_out, dtype=torch.float64, device=block.device)
+                out.index_add_(1, column.to(block.device), block)
+                parts.append(out.cpu())
         return torch.cat(parts) if parts else torch.zeros(0, n_out, dtype=torch.float64)
 
 
