@@ -127,12 +127,15 @@ class AttributionMixin(AdjointMixin):
 
         The gradients may cover only the first ``P`` positions (zero after them).
         """
-        P = grads[0].shape[1]
-        T = self.n_positions
-        parts = [F.pad((self.embed[:P] * grads[0]).sum(-1), (0, T - P))]
-        parts += [self._feature_dots(m, grads[m + 1]) for m in self.features]
-        parts += [F.pad((self.errors[m, :P] * grads[m + 1]).sum(-1), (0, T - P)) for m in range(self.n_layers)]
-        return torch.cat(parts, 1)
+        B, P, _ = grads[0].shape
+        nodes = self.nodes
+        out = grads[0].new_zeros(B, len(nodes))
+        out[:, nodes.token_slice.start : nodes.token_slice.start + P] = (self.embed[:P] * grads[0]).sum(-1)
+        for m, where in nodes.feature_slices.items():
+            out[:, where] = self._feature_dots(m, grads[m + 1])
+        for m, where in nodes.error_slices.items():
+            out[:, where.start : where.start + P] = (self.errors[m, :P] * grads[m + 1]).sum(-1)
+        return out
 
     def attribute(self, targets: Sequence[Target], *, batch_size: int = 32, on_device: bool = False) -> Attribution:
         """Direct attributions of each target to every node, by batched backward passes.

@@ -358,33 +358,39 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
     __call__ = forward
 
     def _readout(self, targets: Sequence[Target]) -> Readout:
-        layer, position, weight, const = [], [], [], []
-        unembed = self.adapter.unembed
+        n, d = len(targets), self.embed.shape[-1]
         for t in targets:
             if not 0 <= t.position < self.n_positions:
                 msg = f"position {t.position} out of range for a prompt of {self.n_positions} tokens"
                 raise IndexError(msg)
+        weight = torch.zeros(n, d, device=self.device)
+        const = torch.zeros(n, device=self.device)
+        layer = [t.layer if isinstance(t, FeatureTarget) else self.n_layers for t in targets]
+        by_layer: dict[int, list[int]] = {}
+        unembed = self.adapter.unembed
+        for i, t in enumerate(targets):
             if isinstance(t, FeatureTarget):
-                tc = self.transcoders[t.layer]
-                w = tc.W_enc[:, t.feature].float() * tc.input_scale.float()
-                c = tc.b_enc[t.feature].float()
-                layer.append(t.layer)
-            else:
-                comp = torch.tensor(list(t.competitors), dtype=torch.long, device=unembed.weight.device)
-                w = unembed.weight[t.token].float()
-                c = unembed.bias[t.token].float() if unembed.bias is not None else w.new_zeros(())
-                if len(comp):
-                    w = w - unembed.weight[comp].float().mean(0)
-                    c = c - (unembed.bias[comp].float().mean() if unembed.bias is not None else 0.0)
-                layer.append(self.n_layers)
-            position.append(t.position)
-            weight.append(w.detach().to(self.device))
-            const.append(c.detach().to(self.device))
+                by_layer.setdefault(t.layer, []).append(i)
+                continue
+            comp = torch.tensor(list(t.competitors), dtype=torch.long, device=unembed.weight.device)
+            w = unembed.weight[t.token].float()
+            c = unembed.bias[t.token].float() if unembed.bias is not None else w.new_zeros(())
+            if len(comp):
+                w = w - unembed.weight[comp].float().mean(0)
+                c = c - (unembed.bias[comp].float().mean() if unembed.bias is not None else 0.0)
+            weight[i], const[i] = w.detach().to(self.device), c.detach().to(self.device)
+        for m, rows in by_layer.items():  # a feature's pre-activation reads its encoder column, all at once
+            tc = self.transcoders[m]
+            feature = torch.tensor([targets[i].feature for i in rows], dtype=torch.long, device=tc.W_enc.device)  # type: ignore[union-attr]
+            at = torch.tensor(rows, dtype=torch.long, device=self.device)
+            w = tc.W_enc.detach()[:, feature].T.float() * tc.input_scale.detach().float()
+            weight[at] = w.to(self.device)
+            const[at] = tc.b_enc.detach()[feature].float().to(self.device)
         return Readout(
             torch.tensor(layer, dtype=torch.long, device=self.device),
-            torch.tensor(position, dtype=torch.long, device=self.device),
-            torch.stack(weight),
-            torch.stack(const),
+            torch.tensor([t.position for t in targets], dtype=torch.long, device=self.device),
+            weight,
+            const,
         )
 
     @torch.no_grad()

@@ -61,7 +61,7 @@ class ViaHeadsMixin:
         def _skip_out(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
 
         def _gradients(
-            self, readout: Readout, *, values: bool = False
+            self, readout: Readout, *, values: bool = False, pad: bool = True
         ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]: ...
 
         def _attribution_rows(self, grads: list[torch.Tensor]) -> torch.Tensor: ...
@@ -147,9 +147,11 @@ class ViaHeadsMixin:
         dev = self.device
         owner = torch.as_tensor(np.repeat(np.arange(len(targets)), counts), dtype=torch.long, device=dev)
         readout = self._readout(targets)
-        _, grads, value_grads = self._gradients(readout, values=True)
-        assert value_grads is not None  # given with values=True
         v, src_layer, q = self._source_vectors(index)
+        # a causal model's gradients stop at the last target's position; sources after it (no edge) need them all
+        late = len(index) > 0 and int(q.max()) > int(readout.position.max())
+        _, grads, value_grads = self._gradients(readout, values=True, pad=late)
+        assert value_grads is not None  # given with values=True
         H, L = self.adapter.n_heads, self.n_layers
         with torch.no_grad():
             # each pair's direct edge: the source's vector dotted with its target's gradient where it is written
