@@ -51,7 +51,7 @@ def plan_batches(
     n = len(order)
     pos, depth = positions[order].astype(np.float64) + 1, depths[order]
 
-    def row_cost(p: float, layers: int) -> float:
+    def row_cost(p: float, layers: np.ndarray | int) -> np.ndarray | float:
         return layers * (2 * p * d_model + p * p)
 
     overhead = row_cost(n_positions, int(depths.max(initial=1)))
@@ -59,12 +59,11 @@ def plan_batches(
     best[0] = 0.0
     start = np.zeros(n + 1, dtype=np.int64)
     for j in range(1, n + 1):
-        deepest = 0
-        for i in range(j - 1, max(0, j - batch_size) - 1, -1):  # batch i..j-1: its last position is pos[j - 1]
-            deepest = max(deepest, int(depth[i]))
-            cost = best[i] + overhead + (j - i) * row_cost(pos[j - 1], deepest)
-            if cost < best[j]:
-                best[j], start[j] = cost, i
+        lo = max(0, j - batch_size)  # batch i..j-1 for i in lo..j-1; its last position is pos[j - 1]
+        deepest = np.maximum.accumulate(depth[lo:j][::-1])[::-1]  # deepest[i - lo]: max depth of i..j-1
+        cost = best[lo:j] + overhead + (j - np.arange(lo, j)) * row_cost(pos[j - 1], deepest)
+        i = int(np.argmin(cost))
+        best[j], start[j] = cost[i], lo + i
     batches, j = [], n
     while j > 0:
         batches.append(order[start[j] : j])

@@ -88,9 +88,10 @@ class FrozenAttention(NamedTuple):
 
         ``g`` may cover only the first ``P`` positions when the pattern is causal (no query reads a later key).
         """
-        H, P = self.pattern.shape[0], g.shape[1]
-        at_z = torch.einsum("btd,hed->htbe", g, self.W_O)
-        return (self.pattern[:, :P, :P].transpose(1, 2) @ at_z.reshape(H, P, -1)).view(at_z.shape)
+        (B, P, d), (H, e) = g.shape, (self.W_O.shape[0], self.W_O.shape[1])
+        at_z = (g.reshape(B * P, d) @ self.W_O.reshape(H * e, d).T).view(B, P, H, e)
+        at_z = at_z.permute(2, 1, 0, 3).reshape(H, P, B * e)  # batch rows side by side, as in the forward pass
+        return (self.pattern[:, :P, :P].transpose(1, 2) @ at_z).view(H, P, B, e)
 
     def transpose(self, g: torch.Tensor, at_values: torch.Tensor | None = None) -> torch.Tensor:
         """The adjoint of the linear part, applied to ``g`` (``(B, P, d)``): the gradient at the (normed) input.
@@ -98,7 +99,9 @@ class FrozenAttention(NamedTuple):
         ``at_values``: :meth:`value_gradient` of ``g``, when it is at hand.
         """
         at_v = self.value_gradient(g) if at_values is None else at_values
-        return torch.einsum("htbe,hde->btd", at_v, self.W_V)
+        H, P, B, e = at_v.shape
+        flat = at_v.permute(2, 1, 0, 3).reshape(B * P, H * e)
+        return (flat @ self.W_V.permute(0, 2, 1).reshape(H * e, -1)).view(B, P, -1)
 
 
 def freeze_attention(adapter: ModelAdapter, layer: int, pattern: torch.Tensor) -> FrozenAttention:

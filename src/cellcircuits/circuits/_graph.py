@@ -12,7 +12,7 @@ from scipy import sparse
 
 from ._kinds import NodeKind
 from ._prune import completeness_score, prune_graph, replacement_score
-from ._select import DEFAULT_FEATURE_NODES, InfluenceTracker, select_features
+from ._select import DEFAULT_BATCH_SIZE, DEFAULT_FEATURE_NODES, InfluenceTracker, select_features
 from ._targets import FeatureTarget
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def attribution_graph(
     target: Target,
     *,
     max_feature_nodes: int = DEFAULT_FEATURE_NODES,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     via_heads: bool = True,
@@ -111,7 +111,8 @@ def attribution_graph(
     max_feature_nodes
         Features given attribution rows, picked by estimated influence (:func:`select_features`).
     batch_size
-        Targets per backward pass.
+        Most targets per backward pass; memory grows with it. Features are also selected in rounds of at most
+        ``batch_size`` (an eighth of ``max_feature_nodes``, at least 32), the influence estimate updated after each.
     node_threshold, edge_threshold
         Fractions of influence kept by pruning (:func:`cellcircuits.circuits.prune_graph`), in ``(0, 1]``.
     via_heads
@@ -213,7 +214,7 @@ def _split_edges(
     edges: pd.DataFrame,
     order: np.ndarray,
     keep: np.ndarray,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> None:
     """Fill ``via`` and ``via_share`` of every edge: the head split of every node with kept inputs, batched."""
     nodes = rm.nodes

@@ -23,6 +23,18 @@ TINY = 1e-15
 #: Default number of features given attribution rows per prompt: on the shipped ``pbmc68k-genes`` model and its
 #: transcoders, the smallest size of ``benchmarks/circuits.py --curve`` whose median completeness reaches 0.90.
 DEFAULT_FEATURE_NODES = 1024
+#: Default most targets per backward pass when a graph is built.
+DEFAULT_BATCH_SIZE = 128
+#: The influence estimate is updated after every ``1 / SELECTION_ROUNDS`` of the features (circuit-tracer updates it
+#: after every 4 batches of 256 rows, about 7 times for its 7,500 feature nodes) ...
+SELECTION_ROUNDS = 8
+#: ... and after at most ``MIN_ROUND_SIZE`` features in small graphs.
+MIN_ROUND_SIZE = 32
+
+
+def round_size(max_feature_nodes: int, batch_size: int) -> int:
+    """Features selected between two updates of the influence estimate: an eighth of the graph, 32 to ``batch_size``."""
+    return max(1, min(batch_size, max(MIN_ROUND_SIZE, -(-max_feature_nodes // SELECTION_ROUNDS))))
 
 
 def influence_from_rows(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -353,10 +365,11 @@ def select_features(
 ) -> tuple[np.ndarray, InfluenceTracker]:
     """Pick the features with most influence on the target, computing their attribution rows in batches.
 
-    Starting from the direct attributions, the next batch is always the unselected features of highest influence
+    Starting from the direct attributions, the next round is always the unselected features of highest influence
     estimated through the rows computed so far (the circuit-tracing recipe, so features that act only through others
-    are found too). The estimate is updated as each batch arrives (:class:`InfluenceTracker`), on the device the
-    rows are computed on.
+    are found too). The estimate is updated as each round's rows arrive (:class:`InfluenceTracker`), on the device
+    the rows are computed on. A round holds an eighth of ``max_feature_nodes``, at least 32 features and at most
+    ``batch_size`` (:func:`round_size`).
 
     Parameters
     ----------
@@ -367,7 +380,7 @@ def select_features(
     max_feature_nodes
         Most features selected.
     batch_size
-        Features whose rows one backward pass computes.
+        Most features whose rows one backward pass computes, and most features per round.
     memory_budget
         Bytes of attribution rows kept on the model's device (an int, or a size such as ``"8GB"``); rows past it are
         kept in host memory. ``None``: all on the device.
@@ -389,7 +402,7 @@ def select_features(
     while tracker.size < max_feature_nodes:
         score = torch.where(eligible, tracker.influence, torch.full_like(tracker.influence, -1.0))
         score[tracker.selected()] = -1.0
-        k = min(batch_size, max_feature_nodes - tracker.size, len(score))
+        k = min(round_size(max_feature_nodes, batch_size), max_feature_nodes - tracker.size, len(score))
         best, index = torch.topk(score, k)
         take = index[best > 0].cpu().numpy()
         if len(take) == 0:

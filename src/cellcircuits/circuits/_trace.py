@@ -19,7 +19,7 @@ from ..models._tokens import label_token_ids
 from ._aggregate import aggregate, cell_gene_table, cell_graph_tables, top_paths
 from ._graph import attribution_graph
 from ._replacement import ReplacementModel
-from ._select import DEFAULT_FEATURE_NODES, check_graph_size
+from ._select import DEFAULT_BATCH_SIZE, DEFAULT_FEATURE_NODES, check_graph_size
 from ._targets import LogitTarget, label_target
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ def trace_prompts(
     edge_threshold: float = 0.98,
     max_feature_nodes: int = DEFAULT_FEATURE_NODES,
     n_paths: int = 10,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     memory_budget: int | str | None = None,
     progress: bool = True,
 ) -> CircuitTables:
@@ -178,7 +178,8 @@ def trace_prompts(
     n_paths
         Strongest source-to-target paths kept per group.
     batch_size
-        Targets per backward pass.
+        Most targets per backward pass; memory grows with it. Features are also selected in rounds of at most
+        ``batch_size`` (an eighth of ``max_feature_nodes``, at least 32), the influence estimate updated after each.
     memory_budget
         Bytes of attribution rows per prompt kept on the model's device (an int, or a size such as ``"8GB"``); rows
         past it are kept in host memory. ``None``: all on the device.

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .._keys import SentenceSettings, store_circuit
-from ..circuits._select import DEFAULT_FEATURE_NODES, check_graph_size
+from ..circuits._select import DEFAULT_BATCH_SIZE, DEFAULT_FEATURE_NODES, check_graph_size
 from ..circuits._trace import NODE_COLUMNS, check_thresholds, label_index, trace_prompts
 from ..models._hooks import one_at_a_time
 from ..pp._sentences import check_writable
@@ -126,7 +126,7 @@ def trace_circuit(
     edge_threshold: float = 0.98,
     max_feature_nodes: int = DEFAULT_FEATURE_NODES,
     n_paths: int = 10,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     memory_budget: int | str | None = None,
     sentence_key: str = "cell_sentence",
     layer: str | None = None,
@@ -182,7 +182,8 @@ def trace_circuit(
     n_paths
         Strongest source-to-target paths kept per group (greedy search over the aggregated graph).
     batch_size
-        Targets per backward pass.
+        Most targets per backward pass; memory grows with it. Features are also selected in rounds of at most
+        ``batch_size`` (an eighth of ``max_feature_nodes``, at least 32), the influence estimate updated after each.
     memory_budget
         Bytes of attribution rows per cell kept on the model's device (an int, or a size such as ``"8GB"``); rows
         past it are kept in host memory. ``None``: all on the device.
