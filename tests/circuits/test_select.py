@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from cellcircuits.circuits._graph import attribution_graph
-from cellcircuits.circuits._select import InfluenceTracker, RowStore, influence_from_rows, parse_bytes, select_features
+from cellcircuits.circuits._select import (
+    InfluenceTracker,
+    RowStore,
+    influence_from_rows,
+    parse_bytes,
+    round_size,
+    select_features,
+)
 from cellcircuits.circuits._targets import FeatureTarget, LogitTarget
 
 
@@ -152,3 +159,25 @@ def test_offloaded_rows_give_the_graph_of_rows_in_memory(case):
     assert kept.scores == offloaded.scores
     with pytest.raises(ValueError, match="cannot hold one attribution row"):
         attribution_graph(rm, target, max_feature_nodes=16, memory_budget=row_bytes - 1)
+
+
+def test_rounds_are_an_eighth_of_the_graph_between_32_and_the_batch_size():
+    assert [round_size(n, 128) for n in (1, 128, 256, 512, 1024, 8192)] == [32, 32, 32, 64, 128, 128]
+    assert round_size(1024, 16) == 16 and round_size(5, 4) == 4
+
+
+def test_features_are_selected_in_rounds(case, monkeypatch):
+    rm = case.rm
+    target = LogitTarget(rm.n_positions - 1, 3, (4, 5, 6))
+    row = rm.attribute([target]).matrix[0].double()
+    sizes: list[int] = []
+    add = InfluenceTracker.add
+
+    def spy(self, cols, rows):
+        sizes.append(len(cols))
+        return add(self, cols, rows)
+
+    monkeypatch.setattr(InfluenceTracker, "add", spy)
+    monkeypatch.setattr("cellcircuits.circuits._select.MIN_ROUND_SIZE", 3)
+    selected, _ = select_features(rm, row, max_feature_nodes=40, batch_size=8)
+    assert len(selected) == sum(sizes) and max(sizes) == 5  # an eighth of 40, within 3..8
