@@ -172,6 +172,8 @@ def feature_node_curve(adata, model, tset, counts: list[int], per_group: int) ->
     print(f"feature-node curve: {len(prompts)} cells ({per_group} per cell type, mean {tokens:.0f} tokens)")
     columns = ["replacement_score", "completeness_score", "replacement_pruned_score", "completeness_pruned_score"]
     print("feature nodes | s/cell | replacement | completeness | replacement (pruned) | completeness (pruned)")
+    # the first trace of a process pays one-time costs (lazy imports, thread start-up): an untimed one comes first
+    cc.circuits.trace_prompts(model, tset, prompts[:1], labels[:1], max_feature_nodes=64, progress=False)
     for n in counts:
         start = time.perf_counter()
         tables = cc.circuits.trace_prompts(model, tset, prompts, labels, labels, max_feature_nodes=n, progress=False)

@@ -137,27 +137,42 @@ def circuit(adata: AnnData, key: str, group: str | None = None) -> nx.DiGraph:
         cells = _table(result["cells"])
         graph.graph["n_traced_cells"] = int((cells["group"].astype(str) == group).sum())
     nodes = _group_rows(_table(result["nodes"]), group)
-    for record in nodes.to_dict("records"):
-        graph.add_node(str(record["node"]), **{k: plain(v) for k, v in record.items()})
+    graph.add_nodes_from(zip(nodes["node"].astype(str), _plain_records(nodes), strict=True))
     if "edges" in result:
         edges = _group_rows(_table(result["edges"]), group)
+        source, target = edges["source"].astype(str), edges["target"].astype(str)
+        kept = (source.isin(graph.nodes) & target.isin(graph.nodes)).to_numpy()
         columns = [c for c in edges.columns if c not in _EDGE_INDEX]
-        for record in edges.to_dict("records"):
-            source, target = str(record["source"]), str(record["target"])
-            if source in graph and target in graph:
-                graph.add_edge(source, target, **{c: plain(record[c]) for c in columns})
+        records = _plain_records(edges.loc[kept, columns])
+        graph.add_edges_from(zip(source[kept], target[kept], records, strict=True))
     return graph
 
 
+_PLAIN_TYPES = (str, int, float, bool)
+
+
+def _plain_records(df: pd.DataFrame) -> list[dict]:
+    """``df``'s rows as dicts of plain Python values (:func:`plain`), a column at a time."""
+    columns = {}
+    for name in df.columns:
+        values = df[name].tolist()  # numpy scalars become Python scalars here
+        if not all(v is None or type(v) in _PLAIN_TYPES for v in values):  # numpy.str_ is a str, yet not plain
+            values = [plain(v) for v in values]
+        columns[str(name)] = values
+    return [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+
+
 def _json_safe(value: Any) -> Any:
-    value = plain(value)
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if value is None or type(value) in _PLAIN_TYPES:
+        return value
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
         return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    value = plain(value)  # numpy scalars and arrays, bytes, pandas' missing values
+    return _json_safe(value) if isinstance(value, list | float) else value
 
 
 def _graphml_safe(attrs: dict) -> dict:

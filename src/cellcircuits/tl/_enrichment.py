@@ -28,6 +28,12 @@ DEFAULT_NETS = ("markers_immune", "markers_heart", "go_bp_2023", "wikipathways_2
 
 
 # gene sets
+def _without_attrs(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` (a table of our own) without its ``attrs``, which pandas deep-copies on every operation."""
+    df.attrs = {}
+    return df
+
+
 def as_net(net: NetLike) -> tuple[pd.DataFrame, str]:
     """A decoupler-style ``source``/``target``/``weight`` table with upper-case targets, and a name for it.
 
@@ -41,7 +47,7 @@ def as_net(net: NetLike) -> tuple[pd.DataFrame, str]:
         parts, names = [], []
         for name in DEFAULT_NETS:
             try:
-                df = ds.gene_sets(name, format="dataframe")
+                df = _without_attrs(ds.gene_sets(name, format="dataframe"))
             except ModuleNotFoundError as err:  # the pathway libraries come with an optional package
                 warnings.warn(f"{err}; enrichment uses the other default collections", stacklevel=3)
                 continue
@@ -68,7 +74,7 @@ def as_net(net: NetLike) -> tuple[pd.DataFrame, str]:
             )
             label = str(path)
         else:
-            df, label = ds.gene_sets(str(net), format="dataframe"), str(net)
+            df, label = _without_attrs(ds.gene_sets(str(net), format="dataframe")), str(net)
     else:
         msg = f"net must be a DataFrame, a dict, a GMT path, a shipped collection name or None; got {type(net)}"
         raise TypeError(msg)
@@ -367,10 +373,13 @@ def _pair_genes(
 ) -> list[str]:
     """Per pair, up to 20 of the term's genes (ORA: those among the feature's top genes), highest in the map first."""
     genes = []
+    # the sparse rows read through their index arrays: slicing a scipy row per pair costs far more than the rest
+    m_ptr, m_idx = tested.members.indptr, tested.members.indices
+    h_ptr, h_idx = (tested.hits.indptr, tested.hits.indices) if tested.hits is not None else (None, None)
     for i, j in zip(rows, cols, strict=True):
-        members = tested.members[j].indices
-        if tested.hits is not None:
-            members = np.intersect1d(members, tested.hits[i].indices)
+        members = m_idx[m_ptr[j] : m_ptr[j + 1]]
+        if h_ptr is not None and h_idx is not None:
+            members = np.intersect1d(members, h_idx[h_ptr[i] : h_ptr[i + 1]])
         members = members[np.argsort(-maps[i, members], kind="stable")]
         genes.append(";".join(universe[members[:20]]))
     return genes
