@@ -29,7 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import anndata as ad
@@ -193,15 +193,17 @@ def random_transcoders(model: C2SModel, n_features: int, k: int, seed: int = 0) 
     return TranscoderSet(tcs, n_layers_model=n_layers)
 
 
-def trace_table(ctx: Context, nodes: list[int], genes: list[int], n_features: int, k: int) -> list[str]:
-    """Seconds per cell and peak memory of tracing one cell, per number of feature nodes and prompt length."""
+def trace_table(ctx: Context, nodes: list[int], genes: list[int], n_features: int, k: int) -> Iterator[str]:
+    """Seconds per cell and peak memory of tracing one cell, per number of feature nodes and prompt length.
+
+    Traces at the library's defaults (``batch_size`` included); each row is given as soon as it is measured.
+    """
     ctx.model.model.to(torch.float32)
     tset = random_transcoders(ctx.model, n_features, k)
     names = np.asarray(cc.ds.pbmc68k().var_names, dtype=object)
     rng = np.random.default_rng(1)
     label = (ctx.model.labels or [""])[0]
     kept = ctx.model.prompt.n_genes
-    lines = []
     try:
         for g in genes:
             ctx.model.prompt.n_genes = g
@@ -210,19 +212,16 @@ def trace_table(ctx: Context, nodes: list[int], genes: list[int], n_features: in
             for n in nodes:
 
                 def run(prompt=prompt, n=n) -> None:
-                    cc.circuits.trace_prompts(
-                        ctx.model, tset, [prompt], [label], max_feature_nodes=n, batch_size=32, progress=False
-                    )
+                    cc.circuits.trace_prompts(ctx.model, tset, [prompt], [label], max_feature_nodes=n, progress=False)
 
                 repeats, ctx.repeats = ctx.repeats, 1
                 try:
                     seconds, peak = measure(ctx, run)
                 finally:
                     ctx.repeats = repeats
-                lines.append(f"| {n:>13} | {g:>5} | {len(prompt.input_ids):>13} | {seconds:>7.1f} | {peak:>10.0f} |")
+                yield f"| {n:>13} | {g:>5} | {len(prompt.input_ids):>13} | {seconds:>7.1f} | {peak:>10.0f} |"
     finally:
         ctx.model.prompt.n_genes = kept
-    return lines
 
 
 def extra_rows(ctx: Context) -> list[Row]:
