@@ -2,8 +2,9 @@
 
 The frozen model is affine in its sources, so the gradient of a target does not depend on the point it is taken at.
 One forward pass gives the targets' values; one pass of the adjoint, batched over targets, gives every target's
-gradient at every source, with no forward pass per target. The model is causal, so a batch of targets needs only the
-positions up to its last target's: batches are planned over targets sorted by position (:func:`plan_batches`).
+gradient at every source, with no forward pass per target. When the model is causal (no recorded pattern reads a
+later key), a batch of targets needs only the positions up to its last target's: batches are planned over targets
+sorted by position (:func:`plan_batches`).
 """
 
 from __future__ import annotations
