@@ -366,11 +366,13 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         weight = torch.zeros(n, d, device=self.device)
         const = torch.zeros(n, device=self.device)
         layer = [t.layer if isinstance(t, FeatureTarget) else self.n_layers for t in targets]
-        by_layer: dict[int, list[int]] = {}
+        by_layer: dict[int, tuple[list[int], list[int]]] = {}  # layer: the targets' rows and features
         unembed = self.adapter.unembed
         for i, t in enumerate(targets):
             if isinstance(t, FeatureTarget):
-                by_layer.setdefault(t.layer, []).append(i)
+                rows, features = by_layer.setdefault(t.layer, ([], []))
+                rows.append(i)
+                features.append(t.feature)
                 continue
             comp = torch.tensor(list(t.competitors), dtype=torch.long, device=unembed.weight.device)
             w = unembed.weight[t.token].float()
@@ -379,9 +381,9 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
                 w = w - unembed.weight[comp].float().mean(0)
                 c = c - (unembed.bias[comp].float().mean() if unembed.bias is not None else 0.0)
             weight[i], const[i] = w.detach().to(self.device), c.detach().to(self.device)
-        for m, rows in by_layer.items():  # a feature's pre-activation reads its encoder column, all at once
+        for m, (rows, features) in by_layer.items():  # a feature's pre-activation reads its encoder column
             tc = self.transcoders[m]
-            feature = torch.tensor([targets[i].feature for i in rows], dtype=torch.long, device=tc.W_enc.device)  # type: ignore[union-attr]
+            feature = torch.tensor(features, dtype=torch.long, device=tc.W_enc.device)
             at = torch.tensor(rows, dtype=torch.long, device=self.device)
             w = tc.W_enc.detach()[:, feature].T.float() * tc.input_scale.detach().float()
             weight[at] = w.to(self.device)

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ._adjoint import AdjointMixin
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from ..models._adapter import ModelAdapter
     from ..transcoders._transcoder_set import TranscoderSet
-    from ._frozen import FrozenAttention, FrozenNorms
     from ._nodes import ActiveFeatures, Nodes
     from ._targets import Readout, Target
 
@@ -32,41 +32,25 @@ class ViaHeads:
     """``(n_sources,)`` the direct edge weights."""
 
 
-class ViaHeadsMixin:
+class ViaHeadsMixin(AdjointMixin):
     """The per-head split of :class:`~cellcircuits.circuits.ReplacementModel`'s direct edges.
 
-    It runs the model's backward passes, which give the gradients at each head's values (``_readout``, ``_gradients``,
-    ``_attribution_rows``, ``_skip_out``) and reads its frozen ``attention`` and ``norms``, ``nodes``, ``embed``,
-    ``errors``, ``features`` and ``transcoders``.
+    It takes the gradients at each head's values from the model's adjoint pass
+    (:class:`~cellcircuits.circuits._adjoint.AdjointMixin`), builds readouts and skip terms with ``_readout`` and
+    ``_skip_out``, and reads its ``nodes``, ``errors``, ``features`` and ``transcoders``.
     """
 
     # held by ReplacementModel
-    adapter: ModelAdapter
     nodes: Nodes
     features: dict[int, ActiveFeatures]
     transcoders: TranscoderSet
-    embed: torch.Tensor
     errors: torch.Tensor
-    attention: list[FrozenAttention]
-    norms: FrozenNorms
-    n_layers: int
 
-    if TYPE_CHECKING:  # ReplacementModel's frozen forward pass and AttributionMixin's backward passes
-
-        @property
-        def device(self) -> torch.device: ...
+    if TYPE_CHECKING:  # ReplacementModel's frozen forward pass
 
         def _readout(self, targets: Sequence[Target]) -> Readout: ...
 
         def _skip_out(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
-
-        def _gradients(
-            self, readout: Readout, *, values: bool = False, pad: bool = True
-        ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]: ...
-
-        def _attribution_rows(self, grads: list[torch.Tensor]) -> torch.Tensor: ...
-
-        def _batch_plan(self, targets: Sequence[Target], batch_size: int) -> list[np.ndarray]: ...
 
     def _source_vectors(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(S, d)`` what each node writes, the layer it writes after (-1: embedding) and its position."""
