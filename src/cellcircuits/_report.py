@@ -14,6 +14,7 @@ import pandas as pd
 from ._keys import INTERPRET, TRANSCODER_QUALITY, circuit_result
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from pathlib import Path
 
     from anndata import AnnData
@@ -32,14 +33,18 @@ nav a { margin-right: 1em; }
 """
 
 
-def _png(fig) -> str:
-    """A figure as a PNG data URI."""
+def _png(fig) -> bytes:
+    """A figure as PNG bytes (the figure is closed)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight", dpi=90)
     plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 def _table(df: pd.DataFrame, digits: int = 3) -> str:
@@ -125,7 +130,14 @@ VALIDATION_SHOWN = [
 ]
 
 
-def write_report(adata: AnnData, key: str, path: str | Path, *, title: str = "cellcircuits report") -> None:
+def write_report(
+    adata: AnnData,
+    key: str,
+    path: str | Path,
+    *,
+    title: str = "cellcircuits report",
+    figures: Mapping[str, tuple[bytes, bytes]] | None = None,
+) -> None:
     """Write the HTML report of the circuits under ``.uns["circuits"][key]`` (figures embedded, no other files).
 
     Parameters
@@ -139,6 +151,9 @@ def write_report(adata: AnnData, key: str, path: str | Path, *, title: str = "ce
         Output ``.html`` file.
     title
         Page title.
+    figures
+        Per group, the PNG bytes of its circuit and gene figures when they are drawn already (as ``cellcircuits run``
+        does); the groups not in it are drawn here.
     """
     import matplotlib
 
@@ -172,12 +187,15 @@ def write_report(adata: AnnData, key: str, path: str | Path, *, title: str = "ce
         parts.append(_table(pd.DataFrame(data["interpretation"])))
     for i, (g, entry) in enumerate(data["groups"].items()):
         parts.append(f'<h2 id="g{i}">{html.escape(g)}</h2>')
-        circuit_fig = pl.circuit(adata, key, group=g, return_fig=True)
-        genes_fig = pl.circuit_genes(adata, key, group=g, return_fig=True)
+        if figures is not None and g in figures:
+            circuit_png, genes_png = figures[g]
+        else:
+            circuit_png = _png(pl.circuit(adata, key, group=g, return_fig=True))
+            genes_png = _png(pl.circuit_genes(adata, key, group=g, return_fig=True))
         name = html.escape(g)
         parts.append(
-            f'<div class="figs"><div class="wide"><img alt="circuit of {name}" src="{_png(circuit_fig)}"></div>'
-            f'<div><img alt="genes of {name}" src="{_png(genes_fig)}"></div></div>'
+            f'<div class="figs"><div class="wide"><img alt="circuit of {name}" src="{_data_uri(circuit_png)}"></div>'
+            f'<div><img alt="genes of {name}" src="{_data_uri(genes_png)}"></div></div>'
         )
         if "validation" in entry:
             v = entry["validation"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.testing import assert_close
 
-from cellcircuits.circuits._intervene import clean_run, run_edits
+from cellcircuits.circuits._intervene import FeatureEdits, clean_run, run_edits, run_feature_edits
 from cellcircuits.models._hooks import output_tensor as _output_tensor
 from cellcircuits.transcoders._splice import replace_output as _replace_output
 
@@ -64,3 +64,56 @@ def test_override_sets_values(case):
     override[first][1] = run.activations[first]  # ... and set back to its clean value: nothing changes
     logits = run_edits(model, tset, run, scale, override)
     assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+
+
+def _random_edits(run, tc, m: int, batch: int, generator: torch.Generator) -> FeatureEdits:
+    """Edits of layer ``m`` on every run: factors and set values at active and at inactive features."""
+    T, F = len(run.input_ids), tc.cfg.n_features
+    active = run.activations[m].nonzero()
+    inactive = (run.activations[m] == 0).nonzero()
+    scale_at, set_at = [], []
+    for b in range(batch):
+        pick = active[torch.randperm(len(active), generator=generator)[: 2 + len(active) // 3]]
+        off = inactive[torch.randperm(len(inactive), generator=generator)[:3]]
+        both = torch.cat([pick, off])
+        half = len(both) // 2
+        scale_at.append(torch.cat([torch.full((half, 1), b), both[:half]], 1))
+        set_at.append(torch.cat([torch.full((len(both) - half, 1), b), both[half:]], 1))
+    scale_at_t, set_at_t = torch.cat(scale_at), torch.cat(set_at)
+    assert scale_at_t[:, 1].max() < T and set_at_t[:, 2].max() < F
+    default = torch.tensor([1.0, 0.0, 1.0, 0.5])[:batch]
+    scale = torch.rand(len(scale_at_t), generator=generator) * 3
+    value = torch.rand(len(set_at_t), generator=generator) * 2
+    return FeatureEdits(default, scale_at_t, scale, set_at_t, value)
+
+
+def test_feature_edits_equal_the_dense_edits(case):
+    """The sparse path (TopK) and its dense fallback (JumpReLU) give the logits of the same edits made densely."""
+    model, tset = case.model, case.transcoders
+    run = clean_run(model, tset, case.ids)
+    generator = torch.Generator().manual_seed(0)
+    edits = {m: _random_edits(run, tset[m], m, 4, generator) for m in tset.layers}
+    T = len(run.input_ids)
+    dense = {m: e.dense(T, tset[m].cfg.n_features) for m, e in edits.items()}
+    want = run_edits(model, tset, run, {m: d[0] for m, d in dense.items()}, {m: d[1] for m, d in dense.items()})
+    got = run_feature_edits(model, tset, run, edits)
+    assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - run.logits).abs().amax() > 1e-2  # the edits do change the logits
+    # values set on features the run does not activate reach the output through their decoder rows
+    only_set = {
+        m: e._replace(default=torch.ones(4), scale_at=e.scale_at[:0], scale=e.scale[:0]) for m, e in edits.items()
+    }
+    dense = {m: e.dense(T, tset[m].cfg.n_features) for m, e in only_set.items()}
+    want = run_edits(model, tset, run, {m: d[0] for m, d in dense.items()}, {m: d[1] for m, d in dense.items()})
+    assert_close(run_feature_edits(model, tset, run, only_set), want, rtol=1e-4, atol=1e-4)
+
+
+def test_no_feature_edit_reproduces_the_model(case):
+    run = clean_run(case.model, case.transcoders, case.ids)
+    none = torch.zeros(0, 3, dtype=torch.long)
+    edits = {
+        m: FeatureEdits(torch.ones(2), none, torch.zeros(0), none, torch.zeros(0)) for m in case.transcoders.layers
+    }
+    logits = run_feature_edits(case.model, case.transcoders, run, edits)
+    for b in range(2):
+        assert_close(logits[b], run.logits, rtol=1e-4, atol=1e-4)

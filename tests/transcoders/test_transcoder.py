@@ -72,6 +72,24 @@ def test_config_json_round_trip():
         TranscoderConfig.from_dict({**data, "format": "sae/9"})
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_topk_encode_and_decode_equal_the_dense_ones(skip):
+    tc = make("topk", d_in=8, d_out=5, n_features=32, skip=skip)
+    with torch.no_grad():
+        tc.input_scale.fill_(1.7)
+        tc.output_scale.fill_(0.6)
+        tc.b_dec.normal_()
+    x = torch.randn(2, 3, 8)
+    acts, indices = tc.encode_topk(x)
+    assert acts.shape == indices.shape == (2, 3, tc.cfg.k)
+    dense = torch.zeros(2, 3, 32).scatter(-1, indices, acts)
+    torch.testing.assert_close(dense, tc.encode(x))
+    torch.testing.assert_close(tc.decode_topk(acts, indices, x), tc.decode(dense, x))
+    torch.testing.assert_close(tc.decode_topk(acts * 2, indices), tc.decode(dense * 2))
+    with pytest.raises(ValueError, match="needs a TopK transcoder"):
+        make("relu", d_in=8, d_out=5, n_features=16).encode_topk(x)
+
+
 # shapes and initialisation
 @pytest.mark.parametrize("skip", [False, True])
 @pytest.mark.parametrize("activation", ACTIVATIONS)

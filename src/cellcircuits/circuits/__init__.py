@@ -7,7 +7,7 @@ from ._attribute import Attribution
 from ._feature_pair import FeaturePair, feature_pair
 from ._graph import Graph, attribution_graph
 from ._influence import edge_influence, node_influence, normalize_matrix
-from ._intervene import CleanRun, clean_run, edited_features, run_edits
+from ._intervene import CleanRun, FeatureEdits, clean_run, edited_features, run_edits, run_feature_edits
 from ._kinds import NodeKind
 from ._nodes import Nodes
 from ._paths import greedy_paths
@@ -22,6 +22,7 @@ __all__ = [
     "Attribution",
     "CircuitTables",
     "CleanRun",
+    "FeatureEdits",
     "FeaturePair",
     "FeatureTarget",
     "Graph",
@@ -44,6 +45,7 @@ __all__ = [
     "prune_graph",
     "replacement_score",
     "run_edits",
+    "run_feature_edits",
     "trace_prompts",
     "validate_prompts",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -19,7 +19,7 @@ from ..models._hooks import input_tensor, model_lock, one_at_a_time, output_tens
 from ..transcoders._splice import replace_output
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from torch import nn
     from transformers import PreTrainedModel
@@ -111,9 +111,30 @@ def edited_features(
         Per layer, ``(B, T, n_features)`` values that replace the activations where they are not NaN (applied after
         ``scale``), e.g. a feature's mean activation.
     """
+    override = override or {}
+
+    def edited(tc: Transcoder, x: torch.Tensor, m: int) -> torch.Tensor:
+        acts = tc.encode(x).float()
+        if m in scale:
+            acts = acts * scale[m].to(acts.device)
+        if m in override:
+            acts = torch.where(torch.isnan(override[m]), acts, override[m].to(acts.device))
+        return tc.decode(acts.to(tc.W_dec.dtype), x).float()
+
+    with _replaced(model, transcoders, errors, edited):
+        yield
+
+
+@contextmanager
+def _replaced(
+    model: C2SModel | PreTrainedModel,
+    transcoders: TranscoderSet,
+    errors: dict[int, torch.Tensor],
+    output: Callable[[Transcoder, torch.Tensor, int], torch.Tensor],
+) -> Iterator[None]:
+    """Replace each covered MLP ``m`` by ``output(transcoder, x, m)`` plus the clean error while the block runs."""
     hf, adapter = _parts(model)
     handles = []
-    override = override or {}
     lock = model_lock(hf)
     lock.acquire()  # no other thread runs the model edited, nor hooks it meanwhile
     try:
@@ -133,21 +154,16 @@ def edited_features(
                 _mod: nn.Module,
                 args: tuple,
                 kwargs: dict,
-                output: object,
+                out: object,
                 _m: int = m,
                 _tc: Transcoder = tc,
                 _stash: dict = stash,
                 _own: bool = mlp_module is out_module,
             ) -> object:
                 x = (input_tensor(args, kwargs) if _own else _stash.pop("x")).to(_tc.W_enc.device)
-                ref = output_tensor(output)
-                acts = _tc.encode(x).float()
-                if _m in scale:
-                    acts = acts * scale[_m].to(acts.device)
-                if _m in override:
-                    acts = torch.where(torch.isnan(override[_m]), acts, override[_m].to(acts.device))
-                y = _tc.decode(acts.to(_tc.W_dec.dtype), x).float() + errors[_m].to(x.device)
-                return replace_output(output, y.to(device=ref.device, dtype=ref.dtype))
+                ref = output_tensor(out)
+                y = output(_tc, x, _m) + errors[_m].to(x.device)
+                return replace_output(out, y.to(device=ref.device, dtype=ref.dtype))
 
             handles.append(out_module.register_forward_hook(replace, with_kwargs=True, prepend=True))
         yield
@@ -187,4 +203,119 @@ def run_edits(
     ids = run.input_ids[None].expand(batch, -1)
     hf, _ = _parts(model)
     with edited_features(model, transcoders, run.errors, scale, override):
+        return hf(input_ids=ids, use_cache=False).logits.float()
+
+
+class FeatureEdits(NamedTuple):
+    """Edits of one layer's features in ``B`` runs side by side, as lists of ``(run, position, feature)`` entries.
+
+    The sparse form of :func:`run_edits`' ``scale`` and ``override``: an activation is multiplied by its entry in
+    ``scale`` when listed there, else by its run's ``default``; then an entry of ``value`` replaces it. Memory grows
+    with the entries, not with ``B * n_positions * n_features``.
+    """
+
+    default: torch.Tensor
+    """``(B,)`` factor of every activation not in ``scale_at`` (1 keeps, 0 ablates)."""
+    scale_at: torch.Tensor
+    """``(S, 3)`` long: run, position and feature of each listed factor (no entry twice)."""
+    scale: torch.Tensor
+    """``(S,)`` the listed factors."""
+    set_at: torch.Tensor
+    """``(O, 3)`` long: run, position and feature of each set value (no entry twice)."""
+    value: torch.Tensor
+    """``(O,)`` values that replace the (scaled) activations, e.g. a feature's mean activation."""
+
+    def dense(self, n_positions: int, n_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same edits as :func:`run_edits` takes them: ``(B, T, F)`` scale and override (NaN: not set)."""
+        B = len(self.default)
+        scale = self.default.float()[:, None, None].repeat(1, n_positions, n_features)
+        scale[tuple(self.scale_at.T)] = self.scale.float()
+        override = torch.full((B, n_positions, n_features), float("nan"), device=self.default.device)
+        override[tuple(self.set_at.T)] = self.value.float()
+        return scale, override
+
+
+def _keys(at: torch.Tensor, n_positions: int, n_features: int) -> torch.Tensor:
+    return (at[:, 0] * n_positions + at[:, 1]) * n_features + at[:, 2]
+
+
+def _lookup(keys: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of ``keys``, whether it is in ``table`` (distinct keys) and where; as boolean mask and indices."""
+    if len(table) == 0:
+        return torch.zeros_like(keys, dtype=torch.bool), torch.zeros_like(keys)
+    order = torch.argsort(table)
+    where = torch.searchsorted(table[order], keys).clamp(max=len(table) - 1)
+    hit = table[order][where] == keys
+    return hit, order[where]
+
+
+def _sparse_output(tc: Transcoder, x: torch.Tensor, edits: FeatureEdits) -> torch.Tensor:
+    """A TopK transcoder's ``(B, T, d)`` output with ``edits`` applied, from its ``k`` active features per row."""
+    B, T = x.shape[:2]
+    F = tc.cfg.n_features
+    acts, idx = tc.encode_topk(x)
+    acts = acts.float()
+    device = acts.device
+    rows = torch.arange(B, device=device)[:, None, None]
+    keys = (rows * T + torch.arange(T, device=device)[None, :, None]) * F + idx
+    factor = edits.default.to(device).float()[:, None, None].expand_as(acts).clone()
+    hit, at = _lookup(keys, _keys(edits.scale_at.to(device), T, F))
+    factor[hit] = edits.scale.to(device).float()[at[hit]]
+    acts = acts * factor
+    set_keys = _keys(edits.set_at.to(device), T, F)
+    hit, at = _lookup(keys, set_keys)
+    acts[hit] = edits.value.to(device).float()[at[hit]]
+    y = tc.decode_topk(acts, idx, x).float()
+    placed = torch.zeros(len(set_keys), dtype=torch.bool, device=device)
+    placed[at[hit]] = True
+    if not bool(placed.all()):  # values set on features that are not active in this run: add their decoder rows
+        r, t, f = edits.set_at.to(device)[~placed].T
+        rows_of = (edits.value.to(device).float()[~placed, None] * tc.W_dec[f].float()) / tc.output_scale
+        y.view(B * T, -1).index_add_(0, r * T + t, rows_of.to(y.dtype))
+    return y
+
+
+@one_at_a_time
+@torch.no_grad()
+def run_feature_edits(
+    model: C2SModel | PreTrainedModel, transcoders: TranscoderSet, run: CleanRun, edits: dict[int, FeatureEdits]
+) -> torch.Tensor:
+    """Logits of a prompt under ``B`` edits at once, given as lists of entries (:class:`FeatureEdits`).
+
+    The same logits as :func:`run_edits` with the edits' dense form. A TopK transcoder is read and edited at its
+    ``k`` active features per position, so neither the edits nor the activations take ``B * T * n_features``
+    memory; other transcoders take the dense path.
+
+    Parameters
+    ----------
+    model
+        The model of the clean run.
+    transcoders
+        Its transcoders.
+    run
+        The prompt's clean run (:func:`clean_run`), whose errors are added back.
+    edits
+        Per layer, the edits of its features; every layer's edits have the same ``B``. A covered layer without
+        edits keeps its features.
+
+    Returns
+    -------
+    ``(B, T, vocab)`` logits.
+    """
+    batch = max([len(e.default) for e in edits.values()] + [1])
+    T = len(run.input_ids)
+
+    def edited(tc: Transcoder, x: torch.Tensor, m: int) -> torch.Tensor:
+        if m not in edits:
+            return tc.decode(tc.encode(x), x).float()
+        if tc.cfg.activation == "topk":
+            return _sparse_output(tc, x, edits[m])
+        scale, override = edits[m].dense(T, tc.cfg.n_features)
+        acts = tc.encode(x).float() * scale.to(x.device)
+        acts = torch.where(torch.isnan(override), acts, override.to(x.device))
+        return tc.decode(acts.to(tc.W_dec.dtype), x).float()
+
+    hf, _ = _parts(model)
+    ids = run.input_ids[None].expand(batch, -1)
+    with _replaced(model, transcoders, run.errors, edited):
         return hf(input_ids=ids, use_cache=False).logits.float()

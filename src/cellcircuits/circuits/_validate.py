@@ -15,7 +15,7 @@ import torch
 from ..models._hooks import one_at_a_time
 from ..models._tokens import label_token_ids
 from ._aggregate import node_names, position_roles
-from ._intervene import clean_run, run_edits
+from ._intervene import FeatureEdits, clean_run, run_feature_edits
 from ._targets import label_target
 from ._trace import label_index
 
@@ -188,6 +188,23 @@ def validate_prompts(
     return validation
 
 
+def _entries(parts: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries of :class:`FeatureEdits`: ``(n, 3)`` run, position and feature, and ``(n,)`` values.
+
+    ``parts`` holds ``(run, positions, features, value or values)``.
+    """
+    at = [torch.stack([torch.full_like(p, run), p, f], 1) for run, p, f, _ in parts]
+    values = [torch.as_tensor(v, dtype=torch.float32).expand(len(p)) for _, p, _, v in parts]
+    if not at:
+        return torch.zeros(0, 3, dtype=torch.long), torch.zeros(0)
+    return torch.cat(at).long(), torch.cat(values)
+
+
+def _members(names: np.ndarray, chosen: set[str]) -> np.ndarray:
+    """Which of ``names`` are in ``chosen``, by hashing (``np.isin`` would sort both string arrays)."""
+    return np.fromiter((n in chosen for n in names), dtype=bool, count=len(names))
+
+
 def cell_edits(
     model: C2SModel,
     transcoders: TranscoderSet,
@@ -205,9 +222,8 @@ def cell_edits(
 ) -> dict:
     """Every edit of one cell in one batch; the target and probability under each."""
     layers = transcoders.layers
-    T = len(run.input_ids)
-    in_circuit = {m: np.isin(named[m][2], list(circuit)) for m in layers}
-    in_support = {m: np.isin(named[m][2], list(support or ())) for m in layers}
+    in_circuit = {m: _members(named[m][2], circuit) for m in layers}
+    in_support = {m: _members(named[m][2], support or set()) for m in layers}
     n_circuit = int(sum(v.sum() for v in in_circuit.values()))
     n_support = int(sum(v.sum() for v in in_support.values()))
     # every active non-circuit feature instance, to draw the random baselines from
@@ -220,36 +236,33 @@ def cell_edits(
     support_draws = [draw_random(n_support) for _ in range(n_random)]
     rows = ["full", "zero", "mean", "only", "none", "clamp", "support"] + [f"rz{d}" for d in range(n_random)]
     rows += [f"rm{d}" for d in range(n_random)] + [f"rs{d}" for d in range(n_random)]
-    B = len(rows)
-    scale, override = {}, {}
+    at = {r: k for k, r in enumerate(rows)}
+    edits = {}
     for m in layers:
-        F = transcoders[m].cfg.n_features
-        s = torch.ones(B, T, F)
-        o = torch.full((B, T, F), float("nan"))
         pos, feat, names = named[m]
+        pos, feat = pos.cpu(), feat.cpu()
+        default = torch.ones(len(rows))
+        default[[at["only"], at["none"]]] = 0.0
+        scaled: list[tuple] = []  # (run, positions, features, factor or values) per kind of edit
+        setting: list[tuple] = []
         c = torch.as_tensor(in_circuit[m])
-        cp, cf = pos[c].cpu(), feat[c].cpu()
-        s[rows.index("zero"), cp, cf] = 0.0
-        o[rows.index("mean"), cp, cf] = means[m][cf].cpu().float()
-        s[rows.index("only")] = 0.0
-        s[rows.index("only"), cp, cf] = 1.0
-        s[rows.index("none")] = 0.0
+        cp, cf = pos[c], feat[c]
+        scaled += [(at["zero"], cp, cf, 0.0), (at["only"], cp, cf, 1.0)]
+        setting.append((at["mean"], cp, cf, means[m][cf].cpu().float()))
         sup = torch.as_tensor(in_support[m])
-        s[rows.index("support"), pos[sup].cpu(), feat[sup].cpu()] = 0.0
+        scaled.append((at["support"], pos[sup], feat[sup], 0.0))
         clamp = torch.as_tensor(names == clamp_name)
-        s[rows.index("clamp"), pos[clamp].cpu(), feat[clamp].cpu()] = clamp_factor
+        scaled.append((at["clamp"], pos[clamp], feat[clamp], clamp_factor))
         for d, draw in enumerate(draws):
             mine = [j for (mm, j) in draw if mm == m]
-            rp, rf = pos.cpu()[mine], feat.cpu()[mine]
-            s[rows.index(f"rz{d}"), rp, rf] = 0.0
-            o[rows.index(f"rm{d}"), rp, rf] = means[m][rf].cpu().float()
+            scaled.append((at[f"rz{d}"], pos[mine], feat[mine], 0.0))
+            setting.append((at[f"rm{d}"], pos[mine], feat[mine], means[m][feat[mine]].cpu().float()))
         for d, draw_ in enumerate(support_draws):
             mine = [j for (mm, j) in draw_ if mm == m]
-            s[rows.index(f"rs{d}"), pos.cpu()[mine], feat.cpu()[mine]] = 0.0
-        scale[m], override[m] = s, o
-    logits = run_edits(model, transcoders, run, scale, override)
+            scaled.append((at[f"rs{d}"], pos[mine], feat[mine], 0.0))
+        edits[m] = FeatureEdits(default, *_entries(scaled), *_entries(setting))
+    logits = run_feature_edits(model, transcoders, run, edits)
     value, prob = target_metrics(logits, position, target.token, target.competitors)
-    at = {r: k for k, r in enumerate(rows)}
     full = value[at["full"]]
     return {
         "n_circuit": n_circuit,

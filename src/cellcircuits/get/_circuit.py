@@ -233,7 +233,7 @@ def write_circuit(
             data = nx.node_link_data(graph, edges="links")
         except TypeError:  # networkx < 3.4 writes "links" and knows no edges=
             data = nx.node_link_data(graph)
-        path.write_text(json.dumps(_json_safe(data), indent=1, allow_nan=False))
+        path.write_text(json.dumps(_json_safe(data), allow_nan=False))  # no indent: the C encoder, 3x faster
     else:
         safe = nx.DiGraph(**_graphml_safe(graph.graph))
         safe.add_nodes_from((n, _graphml_safe(a)) for n, a in graph.nodes(data=True))

@@ -322,7 +322,7 @@ def score_feature_labels(
     check_cells(data, batch_size)
 
     symbols = gene_names(data.var, gene_symbols)
-    universe = np.asarray(pd.unique(symbols[np.isin(symbols, net_df["target"].unique())]), dtype=str)
+    universe = np.asarray(pd.unique(symbols[pd.Index(symbols).isin(net_df["target"].unique())]), dtype=str)
     row_of = {g: i for i, g in enumerate(universe)}
     settings = SentenceSettings(sentence_key, layer, use_raw, gene_symbols, random_state, organism)
     prompts = cell_prompts(data, model, settings, cells=rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
@@ -47,14 +48,13 @@ def as_net(net: NetLike) -> tuple[pd.DataFrame, str]:
         parts, names = [], []
         for name in DEFAULT_NETS:
             try:
-                df = _without_attrs(ds.gene_sets(name, format="dataframe"))
+                parts.append(_collection(name, prefixed=True))
             except ModuleNotFoundError as err:  # the pathway libraries come with an optional package
                 warnings.warn(f"{err}; enrichment uses the other default collections", stacklevel=3)
                 continue
-            parts.append(df.assign(source=name + ": " + df["source"].astype(str)))
             names.append(name)
-        df, label = pd.concat(parts, ignore_index=True), "+".join(names)
-    elif isinstance(net, pd.DataFrame):
+        return pd.concat(parts, ignore_index=True), "+".join(names)
+    if isinstance(net, pd.DataFrame):
         missing = {"source", "target"} - set(net.columns)
         if missing:
             msg = f"net needs columns 'source' and 'target' (decoupler layout); missing {sorted(missing)}"
@@ -74,10 +74,15 @@ def as_net(net: NetLike) -> tuple[pd.DataFrame, str]:
             )
             label = str(path)
         else:
-            df, label = _without_attrs(ds.gene_sets(str(net), format="dataframe")), str(net)
+            return _collection(str(net), prefixed=False).copy(), str(net)
     else:
         msg = f"net must be a DataFrame, a dict, a GMT path, a shipped collection name or None; got {type(net)}"
         raise TypeError(msg)
+    return _normalised(df, label), label
+
+
+def _normalised(df: pd.DataFrame, label: str) -> pd.DataFrame:
+    """``source``/``target``/``weight`` with stripped upper-case targets, no empty target, no duplicate pair."""
     df = pd.DataFrame(
         {
             "source": df["source"].astype(str).to_numpy(),
@@ -89,7 +94,20 @@ def as_net(net: NetLike) -> tuple[pd.DataFrame, str]:
     if df.empty:
         msg = f"the gene-set collection {label!r} is empty"
         raise ValueError(msg)
-    return df, label
+    return df
+
+
+@cache
+def _collection(name: str, *, prefixed: bool) -> pd.DataFrame:
+    """A shipped or installed collection, normalised once per process (the enrichment of every layer reads it).
+
+    ``prefixed``: term names carry the collection's name (``"markers_immune: CD14+ Monocyte"``). Callers must not
+    change the table (:func:`as_net` hands out a copy or a concatenation).
+    """
+    from .. import ds
+
+    df = _normalised(_without_attrs(ds.gene_sets(name, format="dataframe")), name)
+    return df.assign(source=name + ": " + df["source"]) if prefixed else df
 
 
 def membership(net: pd.DataFrame, universe: Sequence[str] | np.ndarray) -> tuple[sparse.csr_matrix, np.ndarray]:
@@ -291,8 +309,8 @@ def gene_universe(
     seen = np.ones(len(symbols), dtype=bool)
     if side == "in":
         unseen = set(np.asarray(adata.uns.get(key, {}).get("unseen_genes", []), dtype=str))
-        seen = ~np.isin(symbols, list(unseen))
-    in_sets = np.isin(symbols, net["target"].unique()) & seen
+        seen = ~pd.Index(symbols).isin(list(unseen))  # pandas hashes; np.isin sorts strings
+    in_sets = pd.Index(symbols).isin(net["target"].unique()) & seen
     _, first = np.unique(symbols, return_index=True)
     keep = np.zeros(len(symbols), dtype=bool)
     keep[first] = True
@@ -371,15 +389,23 @@ def _pair_table(
 def _pair_genes(
     tested: Tested, maps: np.ndarray, universe: np.ndarray, rows: np.ndarray, cols: np.ndarray
 ) -> list[str]:
-    """Per pair, up to 20 of the term's genes (ORA: those among the feature's top genes), highest in the map first."""
-    genes = []
-    # the sparse rows read through their index arrays: slicing a scipy row per pair costs far more than the rest
-    m_ptr, m_idx = tested.members.indptr, tested.members.indices
-    h_ptr, h_idx = (tested.hits.indptr, tested.hits.indices) if tested.hits is not None else (None, None)
-    for i, j in zip(rows, cols, strict=True):
-        members = m_idx[m_ptr[j] : m_ptr[j + 1]]
-        if h_ptr is not None and h_idx is not None:
-            members = np.intersect1d(members, h_idx[h_ptr[i] : h_ptr[i + 1]])
-        members = members[np.argsort(-maps[i, members], kind="stable")]
-        genes.append(";".join(universe[members[:20]]))
-    return genes
+    """Per pair, up to 20 of the term's genes (ORA: those among the feature's top genes), highest in the map first.
+
+    Ties go to the gene earlier in ``universe``. All pairs at once: their gene lists are the rows of one sparse
+    matrix (the terms' rows, times the features' top genes for ORA), sorted together.
+    """
+    if len(rows) == 0:
+        return []
+    genes = sparse.csr_matrix(tested.members[cols], dtype=np.float64)
+    if tested.hits is not None:
+        genes = sparse.csr_matrix(genes.multiply(tested.hits[rows]))
+    genes.eliminate_zeros()
+    genes.sort_indices()
+    counts = np.diff(genes.indptr)
+    pair = np.repeat(np.arange(len(rows)), counts)
+    order = np.lexsort((genes.indices, -np.asarray(maps)[rows[pair], genes.indices], pair))
+    rank = np.arange(len(order)) - np.repeat(genes.indptr[:-1], counts)  # place within the pair, after sorting
+    top = order[rank < 20]
+    names = universe[genes.indices[top]]
+    bounds = np.cumsum(np.minimum(counts, 20))[:-1]
+    return [";".join(part) for part in np.split(names, bounds)]

@@ -115,10 +115,25 @@ def ora(query: sparse.csr_matrix, terms: sparse.csr_matrix) -> tuple[np.ndarray,
     x = np.asarray((query @ terms.T).todense())
     k = np.asarray(query.sum(1)).reshape(-1, 1)  # query sizes
     m = np.asarray(terms.sum(1)).reshape(1, -1)  # term sizes
-    pvals = stats.hypergeom.sf(x - 1, n_universe, m, k)
-    pvals = np.where(x > 0, pvals, 1.0)  # an empty overlap is never over-represented
+    pvals = np.ones(x.shape)  # an empty overlap is never over-represented
+    rows, cols = np.nonzero(x)
+    pvals[rows, cols] = _hypergeom_sf(x[rows, cols], m[0, cols], k[rows, 0], n_universe)
     odds = ((x + 0.5) * (n_universe - m - k + x + 0.5)) / ((m - x + 0.5) * (k - x + 0.5))
     return x.astype(np.int64), np.clip(pvals, 0.0, 1.0), odds
+
+
+def _hypergeom_sf(x: np.ndarray, m: np.ndarray, k: np.ndarray, n: int) -> np.ndarray:
+    """``P(X >= x)`` for hypergeometric ``X`` (``k`` draws from ``n``, ``m`` marked), per entry.
+
+    Computed once per distinct ``(x, m, k)``: overlaps, term sizes and query sizes repeat across the many pairs, and
+    each of scipy's evaluations is costly.
+    """
+    x, m, k = (np.asarray(v, dtype=np.int64) for v in (x, m, k))
+    if x.size == 0:
+        return np.zeros(0)
+    key = (x * (m.max() + 1) + m) * (k.max() + 1) + k
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    return stats.hypergeom.sf(x[first] - 1, n, m[first], k[first])[inverse.ravel()]
 
 
 def fdr(pvals: np.ndarray) -> np.ndarray:

@@ -72,7 +72,7 @@ def shuffled_map_adata(adata: AnnData, key: str, layer: int, side: Literal["in",
 
     maps = gene_map(adata, key, layer, side)
     unseen = set(np.asarray(adata.uns.get(key, {}).get("unseen_genes", []), dtype=str))
-    seen = np.flatnonzero(~np.isin(np.asarray(adata.var_names, dtype=str), list(unseen)))
+    seen = np.flatnonzero(~pd.Index(np.asarray(adata.var_names, dtype=str)).isin(list(unseen)))
     rng = np.random.default_rng([int(random_state), int(layer)])
     rows = np.arange(adata.n_vars)
     rows[seen] = seen[rng.permutation(len(seen))]

@@ -34,20 +34,6 @@ class CellFeatures(NamedTuple):
     """``(n_genes,)`` number of cells whose prompt contains the gene."""
 
 
-def pool_rows(acts: torch.Tensor, pool: Pool) -> torch.Tensor:
-    """Pool ``(n_tokens, n_features)`` activations over tokens (zeros when there are none)."""
-    if acts.shape[0] == 0:
-        return acts.new_zeros(acts.shape[1])
-    if pool == "max":
-        return acts.amax(0)
-    if pool == "mean":
-        return acts.mean(0)
-    if pool == "sum":
-        return acts.sum(0)
-    msg = f"pool must be 'max', 'mean' or 'sum', got {pool!r}"
-    raise ValueError(msg)
-
-
 @one_at_a_time
 @torch.no_grad()
 def cell_and_gene_features(
@@ -111,38 +97,110 @@ def cell_and_gene_features(
             with record(model.model, [*points, norm_point]) as rec:
                 # the transformer without its unembedding: batch x tokens x vocabulary logits are not needed
                 model.model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            for row, p in enumerate(batch):
-                cell = start + row
-                pos = np.concatenate(p.gene_positions) if p.gene_positions else np.zeros(0, dtype=np.int64)
-                if len(pos):
-                    pos_all = torch.as_tensor(pos, device=device, dtype=torch.long)
-                    scale_sum += float(norm_scale(adapter, rec[norm_point][0][row, pos_all]).sum())
-                    scale_n += len(pos)
-                read = p.gene_positions
-                if skip_tokens is not None:
-                    read = [g[min(int(s), len(g) - 1) :] for g, s in zip(read, skip_tokens[cell], strict=True)]
-                    pos = np.concatenate(read) if read else pos
-                pos_t = torch.as_tensor(pos, device=device, dtype=torch.long)
-                rows = gene_index[cell]
-                keep = rows >= 0
-                gene_cells[rows[keep]] += 1
-                lengths = torch.as_tensor([len(g) for g in read], dtype=torch.long, device=device)
-                owner = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
-                keep_t = torch.as_tensor(keep, device=device)
-                for layer in layers:
-                    tc = transcoders[layer]
-                    x = rec[adapter.mlp_in(layer)][0][row, pos_t].to(tc.W_enc.dtype)
-                    acts = tc.encode(x) if len(pos) else x.new_zeros(0, n_feat[layer])
-                    pooled[layer][cell] = pool_rows(acts, pool).float().cpu().numpy()
-                    if keep.any():
-                        # each gene's activation is the mean over the tokens that spell it
-                        per_gene = acts.new_zeros(len(lengths), n_feat[layer]).index_add_(0, owner, acts)
-                        per_gene /= lengths.clamp(min=1)[:, None]
-                        # a gene occurs once per sentence, so its rows are distinct and += adds each once
-                        gene_sum[layer][rows[keep]] += per_gene[keep_t].double().cpu().numpy()
+            spans = _batch_spans(batch, prompts_from=start, gene_index=gene_index, skip_tokens=skip_tokens)
+            if len(spans.all_rows):
+                at = (spans.all_rows.to(device), spans.all_positions.to(device))
+                scale_sum += float(norm_scale(adapter, rec[norm_point][0][at]).sum())
+                scale_n += len(spans.all_rows)
+            np.add.at(gene_cells, spans.gene_rows, 1)
+            read = (spans.rows.to(device), spans.positions.to(device))
+            owner = spans.owner.to(device)
+            kept = torch.as_tensor(spans.kept, device=device)
+            lengths = spans.lengths.to(device).clamp(min=1)[:, None]
+            for layer in layers:
+                tc = transcoders[layer]
+                x = rec[adapter.mlp_in(layer)][0][read].to(tc.W_enc.dtype)
+                acts = tc.encode(x).float() if len(x) else x.new_zeros(0, n_feat[layer], dtype=torch.float32)
+                pooled[layer][start : start + len(batch)] = pool_cells(acts, read[0], len(batch), pool).cpu().numpy()
+                if len(spans.gene_rows):
+                    # each gene's activation is the mean over the tokens that spell it; a gene occurs once per
+                    # sentence, but may occur in several sentences of the batch: sum those per table row first
+                    per_gene = acts.new_zeros(len(lengths), n_feat[layer]).index_add_(0, owner, acts) / lengths
+                    table_rows, slot = np.unique(spans.gene_rows, return_inverse=True)
+                    summed = torch.zeros(len(table_rows), n_feat[layer], dtype=torch.float64, device=device)
+                    summed.index_add_(0, torch.as_tensor(slot, device=device), per_gene[kept].double())
+                    gene_sum[layer][table_rows] += summed.cpu().numpy()
             bar.update(len(batch))
     out = {layer: CellFeatures(pooled[layer], gene_sum[layer], gene_cells) for layer in layers}
     return out, scale_sum / max(scale_n, 1)
+
+
+class _Spans(NamedTuple):
+    """Where a batch's genes are read: flat token coordinates, and which cell and gene each token belongs to."""
+
+    rows: torch.Tensor  # batch row (cell) of each read token
+    positions: torch.Tensor  # its position
+    owner: torch.Tensor  # its gene, numbered across the batch
+    lengths: torch.Tensor  # tokens read per gene of the batch
+    kept: np.ndarray  # per gene of the batch: in the gene table
+    gene_rows: np.ndarray  # the table rows of the kept genes
+    all_rows: torch.Tensor  # every gene token (none skipped): batch row
+    all_positions: torch.Tensor  # ... and position
+
+
+def _batch_spans(
+    batch: Sequence[TokenizedPrompt],
+    *,
+    prompts_from: int,
+    gene_index: Sequence[np.ndarray],
+    skip_tokens: Sequence[np.ndarray] | None,
+) -> _Spans:
+    """The read tokens of a batch of prompts (the first is prompt ``prompts_from``), for one gather per layer."""
+    rows: list[np.ndarray] = []
+    positions: list[np.ndarray] = []
+    all_rows: list[np.ndarray] = []
+    all_positions: list[np.ndarray] = []
+    gene_rows: list[np.ndarray] = []
+    kept: list[np.ndarray] = []
+    lengths: list[int] = []
+    for row, p in enumerate(batch):
+        cell = prompts_from + row
+        read = list(p.gene_positions)
+        if skip_tokens is not None:  # a gene keeps at least its last token
+            read = [g[min(int(s), len(g) - 1) :] for g, s in zip(read, skip_tokens[cell], strict=True)]
+        if read:
+            every, read_flat = np.concatenate(p.gene_positions), np.concatenate(read)
+            all_rows.append(np.full(len(every), row))
+            all_positions.append(every)
+            rows.append(np.full(len(read_flat), row))
+            positions.append(read_flat)
+            lengths.extend(len(g) for g in read)
+        index = np.asarray(gene_index[cell])
+        kept.append(index >= 0)
+        gene_rows.append(index[index >= 0])
+
+    def flat(parts: list) -> torch.Tensor:
+        return torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0), dtype=torch.long)
+
+    length_t = torch.as_tensor(lengths, dtype=torch.long)
+    return _Spans(
+        rows=flat(rows),
+        positions=flat(positions),
+        owner=torch.repeat_interleave(torch.arange(len(lengths)), length_t),
+        lengths=length_t,
+        kept=np.concatenate(kept) if kept else np.zeros(0, dtype=bool),
+        gene_rows=np.concatenate(gene_rows).astype(np.int64) if gene_rows else np.zeros(0, dtype=np.int64),
+        all_rows=flat(all_rows),
+        all_positions=flat(all_positions),
+    )
+
+
+def pool_cells(acts: torch.Tensor, cell: torch.Tensor, n_cells: int, pool: Pool) -> torch.Tensor:
+    """Pool ``(n_tokens, n_features)`` activations into ``(n_cells, n_features)`` by each token's ``cell``.
+
+    A cell without tokens pools to zeros.
+    """
+    out = acts.new_zeros(n_cells, acts.shape[1])
+    if pool == "max":
+        index = cell[:, None].expand(-1, acts.shape[1])
+        return out.scatter_reduce_(0, index, acts, "amax", include_self=False)
+    if pool not in ("mean", "sum"):
+        msg = f"pool must be 'max', 'mean' or 'sum', got {pool!r}"
+        raise ValueError(msg)
+    out.index_add_(0, cell, acts)
+    if pool == "mean":
+        out /= torch.bincount(cell, minlength=n_cells).clamp(min=1)[:, None].to(out.dtype)
+    return out
 
 
 def norm_scale(adapter: ModelAdapter, x: torch.Tensor) -> torch.Tensor:

@@ -165,6 +165,29 @@ class Transcoder(nn.Module):
             out = out + x_n @ self.W_skip
         return out
 
+    def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The active features of a TopK transcoder: ``(..., k)`` activations and their feature indices.
+
+        The same activations as :meth:`encode` without the ``(..., n_features)`` block of zeros; pass them to
+        :meth:`decode_topk`. Raises a ValueError for other activations, whose number of active features varies.
+        """
+        if self.cfg.activation != "topk":
+            msg = f"encode_topk needs a TopK transcoder; this one's activation is {self.cfg.activation!r}"
+            raise ValueError(msg)
+        pre = self.pre_acts(x)
+        acts, indices = self._topk(pre.reshape(-1, pre.shape[-1]))
+        return acts.view(*pre.shape[:-1], -1), indices.view(*pre.shape[:-1], -1)
+
+    def decode_topk(self, acts: torch.Tensor, indices: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`decode` of ``(..., k)`` activations at feature ``indices`` (:meth:`encode_topk`'s layout).
+
+        Sums ``k`` decoder rows per row instead of multiplying by the whole decoder.
+        """
+        k = indices.shape[-1]
+        x_n = None if x is None else self._normalise_input(x).reshape(-1, x.shape[-1])
+        out = self._decode_sparse(acts.reshape(-1, k).to(self.W_dec.dtype), indices.reshape(-1, k), x_n)
+        return (out / self.output_scale).view(*indices.shape[:-1], -1)
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., n_features)`` pre-activations of ``x`` (``(..., d_in)``, model units)."""
         return self._pre_acts(self._normalise_input(x))
