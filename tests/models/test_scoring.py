@@ -151,3 +151,24 @@ def test_labels_sharing_first_tokens_share_their_fed_tokens():
         (0, 5, 3),
         (3, 11, 4),
     ]
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "gemma2"])
+def test_scores_with_prompt_logits_equal_each_prompt_alone(arch):
+    """The prompt pass can hand back its logits at every position: each unpadded prompt's own logits."""
+    from cellcircuits.models._scoring import score_batch
+
+    model = make_tiny(arch, 60, attn="sdpa" if arch != "gemma2" else "eager")
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(2, 60, size=n).tolist() for n in (5, 9, 3)]
+    conts = [[4], [7, 8, 9]]
+    block = ContinuationBlock.build(conts)
+    with torch.no_grad():
+        plain, none = score_batch(model, prompts, block, 1, "right", torch.device("cpu"))
+        scores, logits = score_batch(model, prompts, block, 1, "right", torch.device("cpu"), prompt_logits=True)
+        assert none is None and logits is not None and logits.shape[:2] == (3, 9)
+        for i, p in enumerate(prompts):
+            alone = model(input_ids=torch.tensor([p])).logits[0]
+            torch.testing.assert_close(logits[i, : len(p)], alone, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scores, plain)
+    np.testing.assert_allclose(scores.double().numpy(), naive_scores(model, prompts, conts), atol=1e-4, rtol=1e-4)

@@ -226,11 +226,15 @@ def score_batch(
     pad_token_id: int,
     padding_side: Literal["left", "right"],
     device: torch.device,
-) -> torch.Tensor:
+    *,
+    prompt_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(len(batch), L)`` float32 log-likelihoods of every continuation after each prompt.
 
     Two forward passes: the prompts (logits only at each one's last token), then every continuation's fed tokens
-    at once over the prompts' key/value cache.
+    at once over the prompts' key/value cache. ``prompt_logits``: the prompt pass keeps its logits at every
+    position and returns them too (``(len(batch), width, vocab)``, padded as ``padding_side`` says), for callers
+    that need the prompts' own token predictions from the same pass; else the second value is ``None``.
     """
     from transformers import DynamicCache
 
@@ -252,13 +256,14 @@ def score_batch(
         position_ids=prompt_pos,
         use_cache=True,
         **{cache_name: cache},
-        **({"logits_to_keep": ends} if keeps else {}),
+        **({"logits_to_keep": ends} if keeps and not prompt_logits else {}),
     )
-    logits = out.logits if keeps else out.logits[:, ends]
+    kept = out.logits if prompt_logits else None
+    logits = out.logits if keeps and not prompt_logits else out.logits[:, ends]
     rows = torch.arange(b, device=device)
     scores = torch.log_softmax(logits[rows, end_index].float(), -1)[:, labels.first]
     if not labels.n_extra:
-        return scores
+        return scores, kept
     fed_pos = n[:, None] + labels.depth[None]
     pos = torch.cat([prompt_pos, fed_pos], dim=1)
     config = model.config
@@ -278,7 +283,7 @@ def score_batch(
     )
     logp = torch.log_softmax(out.logits.float(), -1)
     rest = logp[:, labels.node, labels.target]
-    return scores.index_add(1, labels.owner, rest)
+    return scores.index_add(1, labels.owner, rest), kept
 
 
 @one_at_a_time
@@ -357,7 +362,7 @@ def score_continuations(
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="cell")
     with bar, maskable_attention(model):
         for idx in batches:
-            logp = score_batch(model, [prompts[i] for i in idx], labels, pad_token_id, padding_side, device)
+            logp, _ = score_batch(model, [prompts[i] for i in idx], labels, pad_token_id, padding_side, device)
             scores[idx] = logp.double().cpu().numpy()
             bar.update(len(idx))
     return scores

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models._hooks import one_at_a_time, record
-from ..models._scoring import pad, position_ids, score_continuations
+from ..models._scoring import ContinuationBlock, maskable_attention, pad, position_ids, score_batch
 from ..models._tokens import label_token_ids
 from ._splice import splice
 
@@ -154,10 +154,12 @@ def evaluate(
     ce = {v: [0.0, 0] for v in range(len(variants))}
     points = [p for layer_ in covered for p in (adapter.mlp_in(layer_), adapter.mlp_out(layer_))]
     device = model.device
-    predicted: list[tuple[str, tuple[int | str, list[int]] | None]] = [("original", None)]
-    predicted += [("spliced", g) for g in groups]
-    total = n * (len(variants) + len(predicted))
-    with tqdm(total=total, desc="evaluating transcoders", disable=not progress, unit="cell") as bar, torch.no_grad():
+    # the original and the spliced variants score the labels in the same pass as their cross-entropy
+    block = ContinuationBlock.build(label_ids)
+    scores = {v: np.zeros((n, len(labels))) for v, (kind, _) in enumerate(variants) if kind != "zero"}
+    prompt_ids = [list(p.input_ids) for p in prompts]
+    bar = tqdm(total=n * len(variants), desc="evaluating transcoders", disable=not progress, unit="cell")
+    with bar, torch.no_grad(), maskable_attention(model.model):
         for start in range(0, n, batch_size):
             batch = range(start, min(start + batch_size, n))
             ids, mask = pad([prompts[i].input_ids for i in batch], tok.pad_token_id, "right")
@@ -170,37 +172,33 @@ def evaluate(
             cols_r = torch.as_tensor(np.concatenate([positions[i][1] for i in batch]))
             rows_t, cols_t, rows_r, cols_r = (t.long().to(device) for t in (rows_t, cols_t, rows_r, cols_r))
             for v, (kind, group) in enumerate(variants):
-                if kind == "original":
-                    with record(model.model, points) as rec:
+                with context(kind, group), record(model.model, points if kind == "original" else []) as rec:
+                    if kind == "zero":
                         logits = model.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+                    else:
+                        logp, full = score_batch(
+                            model.model, [prompt_ids[i] for i in batch], block, tok.pad_token_id, "right", device,
+                            prompt_logits=True,
+                        )  # fmt: skip
+                        scores[v][start : start + len(batch)] = logp.double().cpu().numpy()
+                        assert full is not None  # asked for
+                        logits = full
+                if kind == "original":
                     for layer_, tc in transcoders.items():
                         x = rec[adapter.mlp_in(layer_)][0][rows_r, cols_r]
                         y = rec[adapter.mlp_out(layer_)][0][rows_r, cols_r]
                         out = tc(x.to(tc.W_enc.device))
                         moments[layer_].add(y, out.output.to(y.device))
                         feats[layer_].add(out.features)
-                else:
-                    with context(kind, group):
-                        logits = model.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
                 s, c = _token_ce(logits, ids, rows_t, cols_t)
                 ce[v][0] += s
                 ce[v][1] += c
                 bar.update(len(batch))
-
-        preds = {}
-        prompt_ids = [p.input_ids for p in prompts]
-        for kind, group in predicted:
-            with context(kind, group):
-                logprob = score_continuations(
-                    model.model,
-                    prompt_ids,
-                    label_ids,
-                    pad_token_id=tok.pad_token_id,
-                    batch_size=batch_size,
-                    progress=False,
-                )
-            preds[None if group is None else group[0]] = np.asarray(labels, dtype=object)[logprob.argmax(1)]
-            bar.update(n)
+    preds = {
+        None if group is None else group[0]: np.asarray(labels, dtype=object)[scores[v].argmax(1)]
+        for v, (kind, group) in enumerate(variants)
+        if kind != "zero"
+    }
 
     def mean_ce(kind: str, group: tuple[int | str, list[int]] | None) -> float:
         s, c = ce[variants.index((kind, group))]
