@@ -31,8 +31,9 @@ def write_circuits(adata: AnnData, key: str, directory: Path) -> None:
 
     directory.mkdir(parents=True, exist_ok=True)
     for g in circuit_result(adata, key)["params"]["groups"]:
+        graph = get.circuit(adata, key, str(g))
         for suffix in (".json", ".graphml"):
-            get.write_circuit(adata, key, directory / f"{safe_name(str(g))}{suffix}", group=str(g))
+            get.write_graph(graph, directory / f"{safe_name(str(g))}{suffix}")
 
 
 def write_figures(adata: AnnData, key: str, group: str, directory: Path) -> tuple[bytes, bytes]:

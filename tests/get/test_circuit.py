@@ -131,6 +131,28 @@ def test_write_graphml_round_trip(circ, tmp_path):
         cc.get.write_circuit(circ, "t", tmp_path / "c.txt", group="B", format="gml")
 
 
+def test_write_graph_writes_a_filtered_circuit(circ, tmp_path):
+    graph = cc.get.circuit(circ, "t", "mono")
+    strong = graph.edge_subgraph([(u, v) for u, v, w in graph.edges(data="weight") if abs(w) >= 0.5]).copy()
+    assert 0 < strong.number_of_edges() < graph.number_of_edges()
+    for suffix in (".json", ".graphml"):
+        path = cc.get.write_graph(strong, tmp_path / f"strong{suffix}")
+        back = (
+            nx.read_graphml(path)
+            if suffix == ".graphml"
+            else nx.node_link_graph(json.loads(path.read_text()), directed=True, multigraph=False, edges="links")
+        )
+        assert set(back.edges) == set(strong.edges) and set(back.nodes) == set(strong.nodes)
+    assert (tmp_path / "whole.json").exists() is False
+    cc.get.write_circuit(circ, "t", tmp_path / "whole.json", group="mono")
+    assert (
+        json.loads((tmp_path / "whole.json").read_text())["links"]
+        == json.loads(cc.get.write_graph(graph, tmp_path / "again.json").read_text())["links"]
+    )
+    with pytest.raises(ValueError, match="suffix"):
+        cc.get.write_graph(graph, tmp_path / "c.txt")
+
+
 def test_circuit_survives_h5ad(circ, tmp_path):
     circ.write_h5ad(tmp_path / "c.h5ad")
     back = ad.read_h5ad(tmp_path / "c.h5ad")

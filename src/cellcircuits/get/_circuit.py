@@ -216,19 +216,43 @@ def write_circuit(
     The path written. Read it back with ``networkx.node_link_graph(json.load(f), edges="links")`` or
     ``networkx.read_graphml(path)``.
     """
-    import networkx as nx
+    format = _format_of(Path(path), format)  # checked before the graph is built
+    return write_graph(circuit(adata, key, group), path, format)
 
-    path = Path(path)
+
+def _format_of(path: Path, format: str | None) -> Literal["json", "graphml"]:
     if format is None:
-        format = _SUFFIX_FORMATS.get(path.suffix.lower())
-        if format is None:
+        found = _SUFFIX_FORMATS.get(path.suffix.lower())
+        if found is None:
             msg = f"cannot tell the format from {path.name!r}; use a .json or .graphml suffix or pass format="
             raise ValueError(msg)
+        return found
     if format not in ("json", "graphml"):
         msg = f"format must be 'json' or 'graphml', got {format!r}"
         raise ValueError(msg)
-    graph = circuit(adata, key, group)
-    if format == "json":
+    return "json" if format == "json" else "graphml"
+
+
+def write_graph(graph: nx.DiGraph, path: str | Path, format: Literal["json", "graphml"] | None = None) -> Path:
+    """Write a circuit graph (:func:`circuit`, perhaps filtered with networkx) as :func:`write_circuit` does.
+
+    Parameters
+    ----------
+    graph
+        The graph.
+    path
+        File to write.
+    format
+        ``"json"`` or ``"graphml"``, as in :func:`write_circuit`; default from the suffix of ``path``.
+
+    Returns
+    -------
+    The path written.
+    """
+    import networkx as nx
+
+    path = Path(path)
+    if _format_of(path, format) == "json":
         try:
             data = nx.node_link_data(graph, edges="links")
         except TypeError:  # networkx < 3.4 writes "links" and knows no edges=
