@@ -50,9 +50,8 @@ def write_figures(adata: AnnData, key: str, group: str, directory: Path) -> tupl
     for kind, draw in (("circuit", pl.circuit), ("genes", pl.circuit_genes)):
         fig = cast("Figure", draw(adata, key, group=group, return_fig=True))  # return_fig gives the figure
         stem = f"{kind}_{safe_name(group)}"  # not Path.with_suffix: a group's name may hold a dot
-        # zlib's fastest level: twice as fast on the large circuit figures, for files about a fifth larger
-        fig.savefig(directory / f"{stem}.png", bbox_inches="tight", pil_kwargs={"compress_level": 1})
-        fig.savefig(directory / f"{stem}.svg", bbox_inches="tight")
+        for fmt in ("png", "svg"):
+            fig.savefig(directory / f"{stem}.{fmt}", bbox_inches="tight")
         plt.close(fig)
         pngs.append((directory / f"{stem}.png").read_bytes())
     return pngs[0], pngs[1]
