@@ -109,6 +109,7 @@ def train_cellcircuits(store: PreloadedStore, d: int, args) -> tuple[torch.nn.Mo
         batch_size=args.batch_size,
         lr=2e-3,  # cc.tl.train_transcoders' default
         seed=args.seed,
+        matmul_dtype=args.matmul_dtype,
         progress=False,
     )
     return tset[args.layer], time.perf_counter() - start
@@ -187,6 +188,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each trainer, taking turns; best time kept")
+    parser.add_argument(
+        "--matmul-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="dtype of cellcircuits' feature-choosing encoder product (train_transcoders' matmul_dtype)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -250,7 +257,8 @@ def main() -> None:
         f"{n_steps} steps = {tokens} tokens on {train_store.n_rows} train rows (preloaded), best of {args.repeats} "
         "runs each, "
         f"held out: {len(x_test)} rows of {test_store.manifest.n_cells_done} test cells; "
-        f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; cellcircuits chooses features with a "
+        f"{args.matmul_dtype} product"
     )
     print(
         f"FLOPs per step (same count for both): 4*B*d*F + 6*B*k*d = {flops_step / 1e6:.0f} M "

@@ -5,6 +5,7 @@ import torch
 
 import cellcircuits as cc
 from cellcircuits.transcoders import ActivationStore, Transcoder, TranscoderConfig, train_on_store
+from cellcircuits.transcoders._loop import resolve_matmul_dtype
 
 SMALL = {"n_features": 64, "k": 4, "n_tokens": 6000, "batch_size": 64, "lr": 5e-3, "dead_after_tokens": 2000}
 
@@ -148,6 +149,7 @@ def test_collection_rotates_label_tokens(toy_adata, tiny_c2s, tmp_path):
         ({"lr": 0.0}, "lr"),
         ({"lr": -1e-3}, "lr"),
         ({"lr": float("nan")}, "lr"),
+        ({"matmul_dtype": "float16"}, "matmul_dtype"),
     ],
 )
 def test_training_settings_are_refused_before_any_work(toy_adata, tiny_c2s, tmp_path, setting, match):
@@ -160,3 +162,19 @@ def test_training_settings_are_refused_before_any_work(toy_adata, tiny_c2s, tmp_
     train = {"n_tokens": 64, "batch_size": 16, "lr": 1e-3, **setting}
     with pytest.raises(ValueError, match=match):
         train_on_store(store, config, n_layers_model=2, progress=False, **train)
+
+
+def test_bfloat16_selection_trains_as_well_as_float32(toy_adata, tiny_c2s, tmp_path):
+    """Mixed precision: the features are chosen by a bfloat16 product, the weights stay float32 and learn as well."""
+    store = cc.tl.collect_activations(toy_adata, tiny_c2s, tmp_path / "store", progress=False)
+    runs = {
+        dtype: cc.tl.train_transcoders(toy_adata, tiny_c2s, store=store, matmul_dtype=dtype, progress=False, **SMALL)
+        for dtype in ("float32", "bfloat16")
+    }
+    for layer in (0, 1):
+        full, mixed = runs["float32"][layer], runs["bfloat16"][layer]
+        assert mixed.W_enc.dtype == torch.float32 and mixed.selection_dtype == torch.bfloat16
+        assert full.selection_dtype == torch.float32
+        assert not torch.equal(full.W_enc, mixed.W_enc)  # the selection did change
+        assert fvu_on(store, mixed, layer) == pytest.approx(fvu_on(store, full, layer), abs=0.03)
+    assert resolve_matmul_dtype(None, "cpu") == "float32"

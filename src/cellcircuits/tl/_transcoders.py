@@ -12,6 +12,7 @@ from ..models._hooks import one_at_a_time
 from ..transcoders._activations import collect_activations as _collect
 from ..transcoders._activations import prompts_fingerprint, rotating_answers
 from ..transcoders._config import TranscoderConfig
+from ..transcoders._loop import resolve_matmul_dtype
 from ..transcoders._store import ActivationStore
 from ..transcoders._stream import ActivationStream, train_on_stream
 from ..transcoders._training import (
@@ -146,6 +147,7 @@ def train_transcoders(
     cells_per_pass: int = 8,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 1000,
+    matmul_dtype: Literal["float32", "bfloat16"] | None = None,
     sentence_key: str = "cell_sentence",
     layer: str | None = None,
     use_raw: bool | None = None,
@@ -220,6 +222,10 @@ def train_transcoders(
         losing at most one interval. A checkpoint of other settings or cells is refused before any work.
     checkpoint_every
         Steps between checkpoints.
+    matmul_dtype
+        Dtype of the dense encoder product that chooses each TopK transcoder's ``k`` features in a training step:
+        ``"bfloat16"`` or ``"float32"``; default bfloat16 on a GPU that runs it, float32 on a CPU. The chosen
+        features' activations, the gradients and the weights stay float32.
     sentence_key, layer, use_raw
         Cell sentences, as in :func:`collect_activations`. ``layer`` is an AnnData layer, not a model layer.
     organism
@@ -240,6 +246,7 @@ def train_transcoders(
     """
     settings = SentenceSettings(sentence_key, layer, use_raw, organism=organism)  # checked before any work
     check_training(n_tokens, batch_size, lr)
+    dtype_of_matmuls = resolve_matmul_dtype(matmul_dtype, model.device)
     if layers is not None:
         layers = sorted({model.adapter.check_layer(int(i)) for i in layers})
     config = TranscoderConfig(
@@ -262,6 +269,7 @@ def train_transcoders(
         "device": model.device,
         "checkpoint_dir": checkpoint_dir,
         "checkpoint_every": checkpoint_every,
+        "matmul_dtype": dtype_of_matmuls,
         "progress": progress,
     }
 
@@ -288,7 +296,9 @@ def train_transcoders(
         # a checkpoint of other settings is refused before the store is collected
         data = store_data(None, prompts_fingerprint(prompts, model.name, answers), positions)
         all_layers = list(range(model.adapter.n_layers)) if layers is None else layers
-        settings_now = run_settings(config, all_layers, n_tokens, batch_size, lr, WARMUP_STEPS, seed, data=data)
+        settings_now = run_settings(
+            config, all_layers, n_tokens, batch_size, lr, WARMUP_STEPS, seed, data=data, matmul_dtype=dtype_of_matmuls
+        )
         resume_index(checkpoint_dir, settings_now)
     # a complete store of these cells is reused as is, an unfinished one resumed, one of other cells refused; under
     # torch.distributed every rank collects its share of the cells (a collective call) into the one store

@@ -87,6 +87,24 @@ class _Stack(nn.Module):
         return torch.stack([out.total for out in losses]).sum(), losses
 
 
+MATMUL_DTYPES = ("float32", "bfloat16")
+
+
+def resolve_matmul_dtype(matmul_dtype: str | None, device: str | torch.device) -> str:
+    """``matmul_dtype`` checked before any work; ``None`` gives bfloat16 on a GPU that runs it, float32 elsewhere."""
+    device = torch.device(device)
+    if matmul_dtype is None:
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return "bfloat16" if cuda_bf16 else "float32"
+    if matmul_dtype not in MATMUL_DTYPES:
+        msg = f"matmul_dtype must be one of {MATMUL_DTYPES} or None, got {matmul_dtype!r}"
+        raise ValueError(msg)
+    if matmul_dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        msg = f"matmul_dtype='bfloat16' needs a GPU that runs bfloat16; {torch.cuda.get_device_name(device)} does not"
+        raise ValueError(msg)
+    return matmul_dtype
+
+
 class TrainingLoop:
     """Adam over every layer's transcoder, stepped on one batch at a time, with a state to checkpoint.
 
@@ -100,10 +118,23 @@ class TrainingLoop:
         Steps of the whole run.
     warmup_steps
         Warm-up steps.
+    matmul_dtype
+        Dtype of the dense encoder product that chooses each TopK transcoder's features (``Transcoder``'s
+        ``selection_dtype``); activations, gradients and weights keep the transcoders' dtype.
     """
 
-    def __init__(self, tcs: dict[int, Transcoder], *, lr: float, total_steps: int, warmup_steps: int) -> None:
+    def __init__(
+        self,
+        tcs: dict[int, Transcoder],
+        *,
+        lr: float,
+        total_steps: int,
+        warmup_steps: int,
+        matmul_dtype: str = "float32",
+    ) -> None:
         self.tcs = tcs
+        for tc in tcs.values():
+            tc.selection_dtype = getattr(torch, matmul_dtype)
         self.stack = _Stack(tcs)
         self.distributed = is_distributed()
         self.module: nn.Module = self.stack

@@ -19,7 +19,7 @@ from ..models._hooks import record
 from ..models._scoring import pad
 from ._activations import Positions, check_prompts, kept_positions, prompts_fingerprint, recorded_layers
 from ._config import TranscoderConfig
-from ._loop import TrainingLoop, run_training, steps_for
+from ._loop import TrainingLoop, resolve_matmul_dtype, run_training, steps_for
 from ._store import tensor_names
 from ._training import (
     WARMUP_STEPS,
@@ -278,6 +278,7 @@ def train_on_stream(
     warmup_steps: int = WARMUP_STEPS,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    matmul_dtype: str | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 1000,
     progress: bool = True,
@@ -307,6 +308,10 @@ def train_on_stream(
         Seeds initialisation (the stream's own seed orders cells and rows).
     device
         Where to train.
+    matmul_dtype
+        Dtype of the dense encoder product that chooses each TopK transcoder's features: ``"bfloat16"`` or
+        ``"float32"``; default bfloat16 on a GPU that runs it, float32 elsewhere. Activations, gradients and the
+        (master) weights stay in the transcoders' dtype.
     checkpoint_dir
         Save transcoders, optimizer, RNG and each rank's buffer and position in the cells here every
         ``checkpoint_every`` steps, and resume from the checkpoint found there: the resumed run gives the weights an
@@ -328,6 +333,7 @@ def train_on_stream(
         settings.
     """
     check_training(n_tokens, batch_size, lr, warmup_steps)
+    matmul_dtype = resolve_matmul_dtype(matmul_dtype, device)
     check_checkpointing(checkpoint_every)
     stream.reserve(batch_size)
     settings = run_settings(
@@ -343,6 +349,7 @@ def train_on_stream(
         cells_per_pass=stream.cells_per_pass,
         stream_seed=stream.seed,
         buffer_dtype=str(stream.dtype),
+        matmul_dtype=matmul_dtype,
         n_cells=len(stream.prompts),
     )
     resume = resume_index(checkpoint_dir, settings)
@@ -356,7 +363,9 @@ def train_on_stream(
             n_in, n_out = tensor_names(layer)
             tc.set_scales_from(sample[n_in].to(device), sample[n_out].to(device))
         del sample
-    loop = TrainingLoop(tcs, lr=lr, total_steps=steps_for(n_tokens, batch_size), warmup_steps=warmup_steps)
+    loop = TrainingLoop(
+        tcs, lr=lr, total_steps=steps_for(n_tokens, batch_size), warmup_steps=warmup_steps, matmul_dtype=matmul_dtype
+    )
     for tc in tcs.values():
         tc.train()
     run_training(

@@ -15,7 +15,7 @@ from ..models._distributed import rank as dist_rank
 from ..models._distributed import world_size as dist_world_size
 from ._checkpoint import check_settings, read_index
 from ._config import TranscoderConfig
-from ._loop import TrainingLoop, run_training, steps_for
+from ._loop import TrainingLoop, resolve_matmul_dtype, run_training, steps_for
 from ._store import tensor_names
 from ._transcoder import Transcoder
 from ._transcoder_set import TranscoderSet
@@ -150,6 +150,7 @@ def train_on_store(
     warmup_steps: int = WARMUP_STEPS,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    matmul_dtype: str | None = None,
     rank: int = 0,
     world_size: int = 1,
     checkpoint_dir: str | Path | None = None,
@@ -181,6 +182,10 @@ def train_on_store(
         Seeds initialisation and the order of rows; on CPU, training is deterministic for a seed and a thread count.
     device
         Where to train.
+    matmul_dtype
+        Dtype of the dense encoder product that chooses each TopK transcoder's features: ``"bfloat16"`` or
+        ``"float32"``; default bfloat16 on a GPU that runs it, float32 elsewhere. Activations, gradients and the
+        (master) weights stay in the transcoders' dtype.
     rank, world_size
         Without a process group: this process reads only its own shards of the store (round robin) and nothing
         is synchronised. Under an initialised ``torch.distributed`` group (e.g. ``torchrun``) they are ignored:
@@ -212,6 +217,7 @@ def train_on_store(
         When the store is unfinished (it holds fewer cells than its manifest's total), with both counts.
     """
     check_training(n_tokens, batch_size, lr, warmup_steps)
+    matmul_dtype = resolve_matmul_dtype(matmul_dtype, device)
     check_checkpointing(checkpoint_every)
     m = store.manifest
     if store.n_rows == 0:
@@ -224,7 +230,9 @@ def train_on_store(
             "arguments to finish it."
         )
     layers = store.layers if layers is None else list(layers)
-    settings = run_settings(config, layers, n_tokens, batch_size, lr, warmup_steps, seed, data=store_data(m))
+    settings = run_settings(
+        config, layers, n_tokens, batch_size, lr, warmup_steps, seed, data=store_data(m), matmul_dtype=matmul_dtype
+    )
     resume = resume_index(checkpoint_dir, settings)
     batch_size = min(batch_size, store.n_rows // dist_world_size())  # a small store still yields full batches
     torch.manual_seed(seed)
@@ -235,7 +243,9 @@ def train_on_store(
         for layer, tc in tcs.items():
             n_in, n_out = tensor_names(layer)
             tc.set_scales_from(sample[n_in].to(device), sample[n_out].to(device))
-    loop = TrainingLoop(tcs, lr=lr, total_steps=steps_for(n_tokens, batch_size), warmup_steps=warmup_steps)
+    loop = TrainingLoop(
+        tcs, lr=lr, total_steps=steps_for(n_tokens, batch_size), warmup_steps=warmup_steps, matmul_dtype=matmul_dtype
+    )
     source = StoreBatches(store, layers, batch_size, seed, rank, world_size)
     for tc in tcs.values():
         tc.train()

@@ -76,6 +76,11 @@ class Transcoder(nn.Module):
     decoder's transpose when ``d_in == d_out`` (else as independent random directions of the same norm); biases
     and ``W_skip`` start at zero. Initialisation draws from torch's global generator, so ``torch.manual_seed``
     makes it reproducible.
+
+    ``selection_dtype`` (an attribute, not saved; ``None`` by default) sets the dtype of the training step's dense
+    encoder product, which only chooses a TopK transcoder's ``k`` features: with ``torch.bfloat16`` that product
+    runs in bfloat16, while the chosen features' activations, the gradients and the weights stay in the weights'
+    dtype (mixed precision with full-precision master weights).
     """
 
     W_skip: nn.Parameter | None
@@ -88,6 +93,7 @@ class Transcoder(nn.Module):
     def __init__(self, cfg: TranscoderConfig, *, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.selection_dtype: torch.dtype | None = None
         kw = {"device": device, "dtype": getattr(torch, cfg.dtype)}
         W_dec = torch.randn(cfg.n_features, cfg.d_out, **kw)
         W_dec *= DECODER_INIT_NORM / W_dec.norm(dim=1, keepdim=True)
@@ -292,9 +298,16 @@ class Transcoder(nn.Module):
         cfg = self.cfg
         k = cfg.k
         with torch.no_grad():
-            pre = self._pre_acts(x_n)
-            indices = topk_indices(pre, k)
-            values = pre.gather(-1, indices)
+            low = self.selection_dtype
+            if low is None or low == x_n.dtype:
+                pre = self._pre_acts(x_n)
+                indices = topk_indices(pre, k)
+                values = pre.gather(-1, indices)
+            else:  # choose in low precision, then compute the chosen pre-activations in full precision
+                pre = F.linear(x_n.to(low), self.W_enc.T.to(low), self.b_enc.to(low))
+                indices = topk_indices(pre, k)
+                columns = self.W_enc.T[indices]  # (rows, k, d_in)
+                values = torch.bmm(columns, x_n[:, :, None]).squeeze(-1) + self.b_enc[indices]
             del pre
         # the decoder reads the same indices: one sort of them serves both weight gradients
         acts = GatheredEncode.apply(values, indices, x_n, self.W_enc, self.b_enc, cache)
