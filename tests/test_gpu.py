@@ -1,0 +1,54 @@
+"""Checks that need CUDA, skipped elsewhere: mixed-precision training and sparse feature edits on the GPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import cellcircuits as cc
+from cellcircuits.circuits import clean_run, run_edits, run_feature_edits
+from cellcircuits.models import C2SModel, ModelAdapter
+from cellcircuits.transcoders import ActivationStore
+
+from .circuits.test_intervene import _random_edits
+from .helpers import replacement_case
+
+pytestmark = pytest.mark.gpu
+
+
+def _on_cuda(c2s: C2SModel) -> C2SModel:
+    model = copy.deepcopy(c2s.model).cuda()
+    return C2SModel(model=model, tokenizer=c2s.tokenizer, adapter=ModelAdapter(model), prompt=c2s.prompt, name=c2s.name)
+
+
+def test_mixed_precision_training_on_cuda(toy_adata, tiny_c2s, tmp_path):
+    model = _on_cuda(tiny_c2s)
+    store = cc.tl.collect_activations(toy_adata, model, tmp_path / "store", progress=False)
+    small = {"n_features": 64, "k": 4, "n_tokens": 6000, "batch_size": 64, "lr": 5e-3, "dead_after_tokens": 2000}
+    mixed = cc.tl.train_transcoders(toy_adata, model, store=store, progress=False, **small)  # bf16 by default here
+    full = cc.tl.train_transcoders(toy_adata, model, store=store, matmul_dtype="float32", progress=False, **small)
+    batch = next(ActivationStore(tmp_path / "store").iter_batches(store.n_rows, mixed.layers, shuffle=False))
+    for layer in mixed.layers:
+        tc = mixed[layer]
+        assert tc.selection_dtype == torch.bfloat16 and tc.W_enc.dtype == torch.float32 and tc.W_enc.is_cuda
+        x, y = batch[f"L{layer}_in"].cuda(), batch[f"L{layer}_out"].cuda()
+        fvu_mixed, fvu_full = float(tc.loss(x, y).fvu), float(full[layer].loss(x, y).fvu)
+        assert fvu_mixed == pytest.approx(fvu_full, abs=0.03)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama", "gemma2"])
+def test_feature_edits_on_cuda_equal_the_dense_edits(arch):
+    case = replacement_case(arch)
+    generator = torch.Generator().manual_seed(0)
+    on_cpu = clean_run(case.model, case.transcoders, case.ids)  # the edits are drawn on the CPU
+    edits = {m: _random_edits(on_cpu, case.transcoders[m], m, 4, generator) for m in case.transcoders.layers}
+    edits = {m: e._replace(**{f: getattr(e, f).cuda() for f in e._fields}) for m, e in edits.items()}
+    model, tset = copy.deepcopy(case.model).cuda(), copy.deepcopy(case.transcoders).cuda()
+    run = clean_run(model, tset, case.ids.cuda())
+    T = len(run.input_ids)
+    dense = {m: e.dense(T, tset[m].cfg.n_features) for m, e in edits.items()}
+    want = run_edits(model, tset, run, {m: d[0] for m, d in dense.items()}, {m: d[1] for m, d in dense.items()})
+    assert_close(run_feature_edits(model, tset, run, edits), want, rtol=1e-3, atol=1e-3)
