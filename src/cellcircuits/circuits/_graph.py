@@ -60,8 +60,13 @@ def compact_matrix(
     column = np.full(len(nodes), -1, dtype=np.int64)
     column[order[1:]] = np.arange(1, len(order))
     unselected = np.flatnonzero((nodes.kind == "feature") & (column < 0))
-    errors_at = {(int(nodes.layer[e]), int(nodes.position[e])): column[e] for e in errors}
-    column[unselected] = [errors_at[int(nodes.layer[i]), int(nodes.position[i])] for i in unselected]
+    layer, position = np.asarray(nodes.layer, dtype=np.int64), np.asarray(nodes.position, dtype=np.int64)
+    errors_at = np.full((layer.max(initial=0) + 1, position.max(initial=0) + 1), -1, dtype=np.int64)
+    errors_at[layer[errors], position[errors]] = column[errors]  # each (layer, position)'s error column
+    column[unselected] = errors_at[layer[unselected], position[unselected]]
+    if (column[unselected] < 0).any():
+        msg = "a feature has no error node at its layer and position"
+        raise RuntimeError(msg)
     block = tracker.fold(torch.as_tensor(column), len(order))
     A = sparse.vstack([sparse.csr_array(block), sparse.csr_array((len(order) - len(block), len(order)))])
     return sparse.csr_array(A), order

@@ -238,8 +238,8 @@ class RowStore:
     def fold_columns(self, start: int, stop: int, column: torch.Tensor, n_out: int, chunk: int = 64) -> torch.Tensor:
         """Rows ``start:stop`` with their entries summed by ``column``: ``out[:, column[j]] += row[j]``.
 
-        Computed where each row is kept, ``chunk`` rows at a time; the ``(stop - start, n_out)`` float64 result is
-        moved to the host.
+        Computed where each row is kept, ``chunk`` rows at a time, in the rows' dtype; the ``(stop - start, n_out)``
+        result is moved to the host as float64.
         """
         parts = []
         for lo in range(start, stop, chunk):
@@ -250,10 +250,11 @@ class RowStore:
                 values, sign, offset = (
                     (self.near, self.near_sign, 0) if near else (self.far, self.far_sign, self.n_near)
                 )
-                block = self._signed(values[a - offset : b - offset], sign[a - offset : b - offset]).double()
-                out = torch.zeros(len(block), n_out, dtype=torch.float64, device=block.device)
+                block = self._signed(values[a - offset : b - offset], sign[a - offset : b - offset])
+                # summed in the rows' own dtype: a float64 copy of the wide block would cost more than the sums
+                out = torch.zeros(len(block), n_out, dtype=block.dtype, device=block.device)
                 out.index_add_(1, column.to(block.device), block)
-                parts.append(out.cpu())
+                parts.append(out.double().cpu())
         return torch.cat(parts) if parts else torch.zeros(0, n_out, dtype=torch.float64)
 
 
