@@ -114,7 +114,7 @@ def test_run_writes_every_result(small_h5ad, tmp_path, capsys):
         re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page, re.S).group(1)
     )
     stored = back.uns["circuits"]["bulk_labels"]
-    assert page.count("<img ") == 4 and page.count("data:image/png;base64,") == 4
+    assert page.count("<img ") == 4 and page.count("data:image/svg+xml;base64,") == 4
     for g in ("CD14+ Monocyte", "CD19+ B"):
         row = stored["validation"].set_index("group").loc[g]
         assert data["groups"][g]["validation"]["faithfulness"] == pytest.approx(float(row["faithfulness"]))

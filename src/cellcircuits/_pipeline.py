@@ -37,24 +37,25 @@ def write_circuits(adata: AnnData, key: str, directory: Path) -> None:
 
 
 def write_figures(adata: AnnData, key: str, group: str, directory: Path) -> tuple[bytes, bytes]:
-    """``group``'s circuit and gene figures as PNG and SVG in ``directory``; the PNG bytes, for the report.
+    """``group``'s circuit and gene figures as PNG and SVG in ``directory``; the SVG bytes, for the report.
 
-    Each figure is drawn once and saved in both formats, as ``pl.circuit(..., save=...)`` saves it.
+    Each figure is drawn once and saved in both formats, as ``pl.circuit(..., save=...)`` saves it; the PNG with
+    zlib's fastest level (the large circuit figures encode in half the time, in files about a fifth larger).
     """
     import matplotlib.pyplot as plt
     from matplotlib.figure import Figure
 
     from . import pl
 
-    pngs = []
+    svgs = []
     for kind, draw in (("circuit", pl.circuit), ("genes", pl.circuit_genes)):
         fig = cast("Figure", draw(adata, key, group=group, return_fig=True))  # return_fig gives the figure
         stem = f"{kind}_{safe_name(group)}"  # not Path.with_suffix: a group's name may hold a dot
-        for fmt in ("png", "svg"):
-            fig.savefig(directory / f"{stem}.{fmt}", bbox_inches="tight")
+        fig.savefig(directory / f"{stem}.png", bbox_inches="tight", pil_kwargs={"compress_level": 1})
+        fig.savefig(directory / f"{stem}.svg", bbox_inches="tight")
         plt.close(fig)
-        pngs.append((directory / f"{stem}.png").read_bytes())
-    return pngs[0], pngs[1]
+        svgs.append((directory / f"{stem}.svg").read_bytes())
+    return svgs[0], svgs[1]
 
 
 def split_cells(adata: AnnData, name: str) -> AnnData:

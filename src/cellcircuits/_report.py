@@ -33,18 +33,18 @@ nav a { margin-right: 1em; }
 """
 
 
-def _png(fig) -> bytes:
-    """A figure as PNG bytes (the figure is closed)."""
+def _svg(fig) -> bytes:
+    """A figure as SVG bytes (the figure is closed): sharp at any zoom, and a fraction of a PNG's size here."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight", dpi=90)
+    fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
 
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
+def _data_uri(svg: bytes) -> str:
+    return "data:image/svg+xml;base64," + base64.b64encode(svg).decode()
 
 
 def _table(df: pd.DataFrame, digits: int = 3) -> str:
@@ -152,7 +152,7 @@ def write_report(
     title
         Page title.
     figures
-        Per group, the PNG bytes of its circuit and gene figures when they are drawn already (as ``cellcircuits run``
+        Per group, the SVG bytes of its circuit and gene figures when they are drawn already (as ``cellcircuits run``
         does); the groups not in it are drawn here.
     """
     import matplotlib
@@ -188,14 +188,14 @@ def write_report(
     for i, (g, entry) in enumerate(data["groups"].items()):
         parts.append(f'<h2 id="g{i}">{html.escape(g)}</h2>')
         if figures is not None and g in figures:
-            circuit_png, genes_png = figures[g]
+            circuit_svg, genes_svg = figures[g]
         else:
-            circuit_png = _png(pl.circuit(adata, key, group=g, return_fig=True))
-            genes_png = _png(pl.circuit_genes(adata, key, group=g, return_fig=True))
+            circuit_svg = _svg(pl.circuit(adata, key, group=g, return_fig=True))
+            genes_svg = _svg(pl.circuit_genes(adata, key, group=g, return_fig=True))
         name = html.escape(g)
         parts.append(
-            f'<div class="figs"><div class="wide"><img alt="circuit of {name}" src="{_data_uri(circuit_png)}"></div>'
-            f'<div><img alt="genes of {name}" src="{_data_uri(genes_png)}"></div></div>'
+            f'<div class="figs"><div class="wide"><img alt="circuit of {name}" src="{_data_uri(circuit_svg)}"></div>'
+            f'<div><img alt="genes of {name}" src="{_data_uri(genes_svg)}"></div></div>'
         )
         if "validation" in entry:
             v = entry["validation"]
