@@ -178,11 +178,15 @@ def run_pipeline(
     adata.uns[INTERPRET]["features"].to_csv(out / "tables" / "features.csv", index=False)
     done()
     done = step("trace circuits")
+    import torch
+
     from .circuits._select import DEFAULT_FEATURE_NODES
 
+    # on a CPU, two cells' graphs at a time keep both of a small machine's cores busy
+    jobs = 2 if model.device.type == "cpu" and torch.get_num_threads() >= 2 else 1
     tl.trace_circuit(
         adata, model, transcoders, groupby=groupby, groups=chosen, n_cells=n_cells, progress=progress,
-        max_feature_nodes=DEFAULT_FEATURE_NODES if max_feature_nodes is None else max_feature_nodes,
+        max_feature_nodes=DEFAULT_FEATURE_NODES if max_feature_nodes is None else max_feature_nodes, n_jobs=jobs,
     )  # fmt: skip
     done()
     done = step("validate circuits")

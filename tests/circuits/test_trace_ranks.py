@@ -63,6 +63,22 @@ def test_two_ranks_trace_the_tables_of_one_process(tmp_path):
     assert list(pd.unique(single.genes["cell"])) == list(range(N_CELLS))
 
 
+def test_graphs_built_in_threads_equal_one_at_a_time():
+    """n_jobs builds several prompts' graphs at once: the tables and the torch thread count come out the same."""
+    model, tset, prompts, labels = _inputs()
+    groups = ["a", "b", "a"]
+    threads = torch.get_num_threads()
+    one = trace_prompts(model, tset, prompts, labels, groups, max_feature_nodes=12, batch_size=4, progress=False)
+    for n_jobs in (2, 5):
+        many = trace_prompts(
+            model, tset, prompts, labels, groups, max_feature_nodes=12, batch_size=4, n_jobs=n_jobs, progress=False
+        )
+        assert torch.get_num_threads() == threads
+        for got, want in zip(many[:4], one[:4], strict=True):
+            pd.testing.assert_frame_equal(got, want, check_dtype=False, rtol=1e-5, atol=1e-7)
+        pd.testing.assert_frame_equal(many.genes, one.genes, check_dtype=False, rtol=1e-5, atol=1e-7)
+
+
 def test_frames_round_trip_exactly_without_pickle():
     frame = pd.DataFrame(
         {"x": [0.1, np.nan, 1e-300], "s": ["CD14", "", "L0.H1"], "i": [1, 2, 3], "b": [True, False, True]}
@@ -79,6 +95,8 @@ def test_bad_input_fails_before_any_work(monkeypatch):
         trace_prompts(model, tset, prompts, labels, max_feature_nodes=0, progress=False)
     with pytest.raises(ValueError, match="memory size"):
         trace_prompts(model, tset, prompts, labels, memory_budget="a lot", progress=False)
+    with pytest.raises(ValueError, match="n_jobs must be at least 1"):
+        trace_prompts(model, tset, prompts, labels, n_jobs=0, progress=False)
     context = model.model.config.max_position_embeddings
     long = prompts[0]._replace(input_ids=list(prompts[0].input_ids) * (context // len(prompts[0].input_ids) + 1))
     with pytest.raises(ValueError, match=rf"longer than the model's context of {context} tokens"):

@@ -7,10 +7,14 @@ tables.
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .._compat import warn_at_caller
 from ..models._distributed import all_gather_bytes, frames_from_bytes, frames_to_bytes, is_distributed, my_shard
@@ -23,11 +27,13 @@ from ._select import DEFAULT_BATCH_SIZE, DEFAULT_FEATURE_NODES, check_graph_size
 from ._targets import LogitTarget, label_target
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
     from ..models._load import C2SModel
     from ..models._tokens import TokenizedPrompt
     from ..transcoders._transcoder_set import TranscoderSet
+    from ._graph import Graph
+    from ._targets import LabelTarget
 
 TargetMode = Literal["distinguishing", "first_token"]
 
@@ -128,6 +134,20 @@ def gather_cell_tables(
     return all_tables, all_rows
 
 
+@contextmanager
+def _threads_per_job(jobs: int) -> Iterator[None]:
+    """Divide torch's CPU threads among ``jobs`` concurrent jobs while the block runs."""
+    if jobs <= 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before // jobs))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @one_at_a_time
 def trace_prompts(
     model: C2SModel,
@@ -143,6 +163,7 @@ def trace_prompts(
     n_paths: int = 10,
     batch_size: int = DEFAULT_BATCH_SIZE,
     memory_budget: int | str | None = None,
+    n_jobs: int | None = None,
     progress: bool = True,
 ) -> CircuitTables:
     """Trace each prompt's call of its label and aggregate the graphs per group.
@@ -183,6 +204,12 @@ def trace_prompts(
     memory_budget
         Bytes of attribution rows per prompt kept on the model's device (an int, or a size such as ``"8GB"``); rows
         past it are kept in host memory. ``None``: all on the device.
+    n_jobs
+        Prompts whose graphs are built at once, each in its own thread (``None``: 1). The model runs one prompt at a
+        time; the graphs' products then share the CPU threads torch had (``torch.get_num_threads`` is divided
+        among the jobs for the call and restored after). On a CPU this uses the cores better than one graph's small
+        products can (2 jobs on 2 cores: about 1.3x the prompts per second here); memory grows with the jobs. The
+        tables are the same for any ``n_jobs`` (up to float rounding).
     progress
         Show a progress bar (per prompt, on each rank).
 
@@ -195,7 +222,8 @@ def trace_prompts(
     ValueError
         Before any work: thresholds outside ``(0, 1]``, ``max_feature_nodes`` below 1, a malformed memory budget,
         labels or groups of another length than the prompts, a label the model does not know, a prompt (with the
-        label's teacher-forced prefix) longer than the model's context, or more ranks than prompts.
+        label's teacher-forced prefix) longer than the model's context, more ranks than prompts, or ``n_jobs``
+        below 1.
     """
     from tqdm.auto import tqdm
 
@@ -211,6 +239,10 @@ def trace_prompts(
         msg = "no prompt to trace"
         raise ValueError(msg)
     budget = check_graph_size(max_feature_nodes, memory_budget)
+    n_jobs = 1 if n_jobs is None else int(n_jobs)
+    if n_jobs < 1:
+        msg = f"n_jobs must be at least 1, got {n_jobs}"
+        raise ValueError(msg)
     all_label_ids = label_token_ids(model.tokenizer, model.prompt, model.prompt.labels or [])
     targets = [label_target(all_label_ids, label_index(model, str(label)), target_mode) for label in labels]
     check_context(model, [len(p.input_ids) + len(t.prefix) for p, t in zip(prompts, targets, strict=True)])
@@ -219,15 +251,16 @@ def trace_prompts(
 
     tables, cell_rows = [], []
     mine = list(zip(prompts[share], labels[share], targets[share], strict=True))
-    for prompt, label, lt in tqdm(mine, desc="trace", disable=not progress, unit="cell"):
-        ids = list(prompt.input_ids) + lt.prefix
-        rm = ReplacementModel.record(model, transcoders, ids)
-        graph = attribution_graph(
-            rm, LogitTarget(len(ids) - 1, lt.token, lt.competitors), max_feature_nodes=max_feature_nodes,
-            batch_size=batch_size, node_threshold=node_threshold, edge_threshold=edge_threshold,
-            memory_budget=budget,
+
+    def build(rm: ReplacementModel, lt: LabelTarget, n_ids: int) -> Graph:
+        target = LogitTarget(n_ids - 1, lt.token, lt.competitors)
+        return attribution_graph(
+            rm, target, max_feature_nodes=max_feature_nodes, batch_size=batch_size, node_threshold=node_threshold,
+            edge_threshold=edge_threshold, memory_budget=budget,
         )  # fmt: skip
-        tables.append((*cell_graph_tables(graph, prompt, str(label), len(ids)), cell_gene_table(graph, prompt)))
+
+    def finish(prompt: TokenizedPrompt, label: str, n_ids: int, graph: Graph) -> None:
+        tables.append((*cell_graph_tables(graph, prompt, str(label), n_ids), cell_gene_table(graph, prompt)))
         cell_rows.append(
             {
                 "label": str(label),
@@ -235,6 +268,33 @@ def trace_prompts(
                 **{f"{k}_score": v for k, v in graph.scores.items()},
             }
         )
+
+    jobs = min(n_jobs, max(len(mine), 1))
+    with tqdm(total=len(mine), desc="trace", disable=not progress, unit="cell") as bar, _threads_per_job(jobs):
+        # the model records each prompt here, in turn (it runs one prompt at a time); graphs are built by the jobs,
+        # at most ``jobs`` at once, and finished in prompt order
+        pool = ThreadPoolExecutor(jobs) if jobs > 1 else None
+        pending: deque[tuple[TokenizedPrompt, str, int, Future[Graph]]] = deque()
+        try:
+            for prompt, label, lt in mine:
+                ids = list(prompt.input_ids) + lt.prefix
+                rm = ReplacementModel.record(model, transcoders, ids)
+                if pool is None:
+                    finish(prompt, label, len(ids), build(rm, lt, len(ids)))
+                    bar.update(1)
+                    continue
+                pending.append((prompt, label, len(ids), pool.submit(build, rm, lt, len(ids))))
+                while len(pending) >= jobs:
+                    p, lab, n, future = pending.popleft()
+                    finish(p, lab, n, future.result())
+                    bar.update(1)
+            while pending:
+                p, lab, n, future = pending.popleft()
+                finish(p, lab, n, future.result())
+                bar.update(1)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
     if is_distributed():
         tables, cell_rows = gather_cell_tables(tables, cell_rows)
     genes = pd.concat([t[2].assign(cell=i, group=group_of[i]) for i, t in enumerate(tables)], ignore_index=True)[

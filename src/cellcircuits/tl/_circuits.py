@@ -128,6 +128,7 @@ def trace_circuit(
     n_paths: int = 10,
     batch_size: int = DEFAULT_BATCH_SIZE,
     memory_budget: int | str | None = None,
+    n_jobs: int | None = None,
     sentence_key: str = "cell_sentence",
     layer: str | None = None,
     use_raw: bool | None = None,
@@ -187,6 +188,9 @@ def trace_circuit(
     memory_budget
         Bytes of attribution rows per cell kept on the model's device (an int, or a size such as ``"8GB"``); rows
         past it are kept in host memory. ``None``: all on the device.
+    n_jobs
+        Cells whose graphs are built at once, each in a thread sharing torch's CPU threads (``None``: 1); see
+        :func:`cellcircuits.circuits.trace_prompts`. Faster on a CPU, same tables; memory grows with it.
     sentence_key, layer, use_raw, gene_symbols, random_state
         Cell sentences, as in :func:`cellcircuits.tl.transcode`; ``random_state`` also seeds the cell sampling.
     organism
@@ -233,7 +237,8 @@ def trace_circuit(
     ------
     ValueError
         For a target label the model does not know, a group without cells, thresholds outside ``(0, 1]``,
-        ``max_feature_nodes`` below 1, a malformed ``memory_budget``, a prompt longer than the model's context,
+        ``max_feature_nodes`` or ``n_jobs`` below 1, a malformed ``memory_budget``, a prompt longer than the model's
+        context,
         transcoders made for another model, duplicate ``obs_names`` (the traced cells are stored by obs name, and
         :func:`cellcircuits.tl.validate_circuit` finds them by it), or, when sentences are built, gene names that
         are not usable symbols (see :func:`cellcircuits.pp.cell_sentences`). Nothing is written to ``adata`` when
@@ -243,6 +248,9 @@ def trace_circuit(
     """
     check_thresholds(node_threshold, edge_threshold)
     check_graph_size(max_feature_nodes, memory_budget)
+    if n_jobs is not None and n_jobs < 1:
+        msg = f"n_jobs must be at least 1, got {n_jobs}"
+        raise ValueError(msg)
     adapter = model.adapter
     transcoders.check_model(model)
     check_cells(adata, batch_size)
@@ -260,7 +268,7 @@ def trace_circuit(
         model, transcoders, prompts, [str(label) for label in cell_labels], group_of.astype(str),
         target_mode=target_mode, node_threshold=node_threshold, edge_threshold=edge_threshold,
         max_feature_nodes=max_feature_nodes, n_paths=n_paths, batch_size=batch_size, memory_budget=memory_budget,
-        progress=progress,
+        n_jobs=n_jobs, progress=progress,
     )  # fmt: skip
     nodes = annotate(traced.nodes, adata, interpret_key)[
         [*NODE_COLUMNS, "frequency", "label", "is_marker", "marker_sets"]
