@@ -208,7 +208,7 @@ def trace_prompts(
         Prompts whose graphs are built at once, each in its own thread (``None``: 1). The model runs one prompt at a
         time; the graphs' products then share the CPU threads torch had (``torch.get_num_threads`` is divided
         among the jobs for the call and restored after). On a CPU this uses the cores better than one graph's small
-        products can (2 jobs on 2 cores: about 1.3x the prompts per second here); memory grows with the jobs. The
+        products can (2 jobs on 2 cores: 1.1-1.2x the prompts per second here); memory grows with the jobs. The
         tables are the same for any ``n_jobs`` (up to float rounding).
     progress
         Show a progress bar (per prompt, on each rank).
