@@ -24,6 +24,7 @@ from transformers import (
 
 import cellcircuits as cc
 from cellcircuits._keys import SentenceSettings
+from cellcircuits.circuits import FeatureEdits
 from cellcircuits.circuits._replacement import ReplacementModel
 from cellcircuits.transcoders import ActivationStore, StoreWriter, Transcoder, TranscoderConfig, TranscoderSet
 
@@ -656,3 +657,27 @@ def ranked_knockouts(adata: ad.AnnData, *, seed: int = 0) -> pd.DataFrame:
     effects["deletion"] = rng.normal(0.5, 0.3, len(effects))
     effects["masking"] = rng.normal(0.3, 0.3, len(effects))
     return effects
+
+
+# Feature edits (tests/circuits/test_intervene.py, tests/test_gpu.py)
+
+
+def random_feature_edits(run, tc, m: int, batch: int, generator: torch.Generator) -> FeatureEdits:
+    """Edits of layer ``m`` on every run: factors and set values at active and at inactive features."""
+    T, F = len(run.input_ids), tc.cfg.n_features
+    active = run.activations[m].nonzero()
+    inactive = (run.activations[m] == 0).nonzero()
+    scale_at, set_at = [], []
+    for b in range(batch):
+        pick = active[torch.randperm(len(active), generator=generator)[: 2 + len(active) // 3]]
+        off = inactive[torch.randperm(len(inactive), generator=generator)[:3]]
+        both = torch.cat([pick, off])
+        half = len(both) // 2
+        scale_at.append(torch.cat([torch.full((half, 1), b), both[:half]], 1))
+        set_at.append(torch.cat([torch.full((len(both) - half, 1), b), both[half:]], 1))
+    scale_at_t, set_at_t = torch.cat(scale_at), torch.cat(set_at)
+    assert scale_at_t[:, 1].max() < T and set_at_t[:, 2].max() < F
+    default = torch.tensor([1.0, 0.0, 1.0, 0.5])[:batch]
+    scale = torch.rand(len(scale_at_t), generator=generator) * 3
+    value = torch.rand(len(set_at_t), generator=generator) * 2
+    return FeatureEdits(default, scale_at_t, scale, set_at_t, value)

@@ -13,8 +13,7 @@ from cellcircuits.circuits import clean_run, run_edits, run_feature_edits
 from cellcircuits.models import C2SModel, ModelAdapter
 from cellcircuits.transcoders import ActivationStore
 
-from .circuits.test_intervene import _random_edits
-from .helpers import replacement_case
+from .helpers import random_feature_edits, replacement_case
 
 pytestmark = pytest.mark.gpu
 
@@ -44,7 +43,7 @@ def test_feature_edits_on_cuda_equal_the_dense_edits(arch):
     case = replacement_case(arch)
     generator = torch.Generator().manual_seed(0)
     on_cpu = clean_run(case.model, case.transcoders, case.ids)  # the edits are drawn on the CPU
-    edits = {m: _random_edits(on_cpu, case.transcoders[m], m, 4, generator) for m in case.transcoders.layers}
+    edits = {m: random_feature_edits(on_cpu, case.transcoders[m], m, 4, generator) for m in case.transcoders.layers}
     edits = {m: e._replace(**{f: getattr(e, f).cuda() for f in e._fields}) for m, e in edits.items()}
     model, tset = copy.deepcopy(case.model).cuda(), copy.deepcopy(case.transcoders).cuda()
     run = clean_run(model, tset, case.ids.cuda())

@@ -9,6 +9,8 @@ from cellcircuits.circuits._intervene import FeatureEdits, clean_run, run_edits,
 from cellcircuits.models._hooks import output_tensor as _output_tensor
 from cellcircuits.transcoders._splice import replace_output as _replace_output
 
+from ..helpers import random_feature_edits
+
 
 def _ones(run, transcoders, batch: int) -> dict:
     return {m: torch.ones(batch, len(run.input_ids), transcoders[m].cfg.n_features) for m in transcoders.layers}
@@ -66,33 +68,12 @@ def test_override_sets_values(case):
     assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
 
 
-def _random_edits(run, tc, m: int, batch: int, generator: torch.Generator) -> FeatureEdits:
-    """Edits of layer ``m`` on every run: factors and set values at active and at inactive features."""
-    T, F = len(run.input_ids), tc.cfg.n_features
-    active = run.activations[m].nonzero()
-    inactive = (run.activations[m] == 0).nonzero()
-    scale_at, set_at = [], []
-    for b in range(batch):
-        pick = active[torch.randperm(len(active), generator=generator)[: 2 + len(active) // 3]]
-        off = inactive[torch.randperm(len(inactive), generator=generator)[:3]]
-        both = torch.cat([pick, off])
-        half = len(both) // 2
-        scale_at.append(torch.cat([torch.full((half, 1), b), both[:half]], 1))
-        set_at.append(torch.cat([torch.full((len(both) - half, 1), b), both[half:]], 1))
-    scale_at_t, set_at_t = torch.cat(scale_at), torch.cat(set_at)
-    assert scale_at_t[:, 1].max() < T and set_at_t[:, 2].max() < F
-    default = torch.tensor([1.0, 0.0, 1.0, 0.5])[:batch]
-    scale = torch.rand(len(scale_at_t), generator=generator) * 3
-    value = torch.rand(len(set_at_t), generator=generator) * 2
-    return FeatureEdits(default, scale_at_t, scale, set_at_t, value)
-
-
 def test_feature_edits_equal_the_dense_edits(case):
     """The sparse path (TopK) and its dense fallback (JumpReLU) give the logits of the same edits made densely."""
     model, tset = case.model, case.transcoders
     run = clean_run(model, tset, case.ids)
     generator = torch.Generator().manual_seed(0)
-    edits = {m: _random_edits(run, tset[m], m, 4, generator) for m in tset.layers}
+    edits = {m: random_feature_edits(run, tset[m], m, 4, generator) for m in tset.layers}
     T = len(run.input_ids)
     dense = {m: e.dense(T, tset[m].cfg.n_features) for m, e in edits.items()}
     want = run_edits(model, tset, run, {m: d[0] for m, d in dense.items()}, {m: d[1] for m, d in dense.items()})
