@@ -114,15 +114,22 @@ def edited_features(
     override = override or {}
 
     def edited(tc: Transcoder, x: torch.Tensor, m: int) -> torch.Tensor:
-        acts = tc.encode(x).float()
-        if m in scale:
-            acts = acts * scale[m].to(acts.device)
-        if m in override:
-            acts = torch.where(torch.isnan(override[m]), acts, override[m].to(acts.device))
-        return tc.decode(acts.to(tc.W_dec.dtype), x).float()
+        return _dense_output(tc, x, scale.get(m), override.get(m))
 
     with _replaced(model, transcoders, errors, edited):
         yield
+
+
+def _dense_output(
+    tc: Transcoder, x: torch.Tensor, scale: torch.Tensor | None, override: torch.Tensor | None
+) -> torch.Tensor:
+    """The transcoder's output with its activations times ``scale``, then ``override`` where that is not NaN."""
+    acts = tc.encode(x).float()
+    if scale is not None:
+        acts = acts * scale.to(acts.device)
+    if override is not None:
+        acts = torch.where(torch.isnan(override), acts, override.to(acts.device))
+    return tc.decode(acts.to(tc.W_dec.dtype), x).float()
 
 
 @contextmanager
@@ -310,10 +317,7 @@ def run_feature_edits(
             return tc.decode(tc.encode(x), x).float()
         if tc.cfg.activation == "topk":
             return _sparse_output(tc, x, edits[m])
-        scale, override = edits[m].dense(T, tc.cfg.n_features)
-        acts = tc.encode(x).float() * scale.to(x.device)
-        acts = torch.where(torch.isnan(override), acts, override.to(x.device))
-        return tc.decode(acts.to(tc.W_dec.dtype), x).float()
+        return _dense_output(tc, x, *edits[m].dense(T, tc.cfg.n_features))
 
     hf, _ = _parts(model)
     ids = run.input_ids[None].expand(batch, -1)
