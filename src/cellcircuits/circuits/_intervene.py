@@ -269,15 +269,15 @@ def _sparse_output(tc: Transcoder, x: torch.Tensor, edits: FeatureEdits) -> torc
     hit, at = _lookup(keys, _keys(edits.scale_at.to(device), T, F))
     factor[hit] = edits.scale.to(device).float()[at[hit]]
     acts = acts * factor
-    set_keys = _keys(edits.set_at.to(device), T, F)
-    hit, at = _lookup(keys, set_keys)
-    acts[hit] = edits.value.to(device).float()[at[hit]]
+    set_at, value = edits.set_at.to(device), edits.value.to(device).float()
+    hit, at = _lookup(keys, _keys(set_at, T, F))
+    acts[hit] = value[at[hit]]
     y = tc.decode_topk(acts, idx, x).float()
-    placed = torch.zeros(len(set_keys), dtype=torch.bool, device=device)
+    placed = torch.zeros(len(set_at), dtype=torch.bool, device=device)
     placed[at[hit]] = True
     if not bool(placed.all()):  # values set on features that are not active in this run: add their decoder rows
-        r, t, f = edits.set_at.to(device)[~placed].T
-        rows_of = (edits.value.to(device).float()[~placed, None] * tc.W_dec[f].float()) / tc.output_scale
+        r, t, f = set_at[~placed].T
+        rows_of = (value[~placed, None] * tc.W_dec[f].float()) / tc.output_scale
         y.view(B * T, -1).index_add_(0, r * T + t, rows_of.to(y.dtype))
     return y
 
@@ -314,7 +314,7 @@ def run_feature_edits(
 
     def edited(tc: Transcoder, x: torch.Tensor, m: int) -> torch.Tensor:
         if m not in edits:
-            return tc.decode(tc.encode(x), x).float()
+            return _dense_output(tc, x, None, None)
         if tc.cfg.activation == "topk":
             return _sparse_output(tc, x, edits[m])
         return _dense_output(tc, x, *edits[m].dense(T, tc.cfg.n_features))

@@ -134,6 +134,15 @@ def gather_cell_tables(
     return all_tables, all_rows
 
 
+def check_n_jobs(n_jobs: int | None) -> int:
+    """``n_jobs`` as a number of jobs (``None``: 1); a ValueError below 1."""
+    jobs = 1 if n_jobs is None else int(n_jobs)
+    if jobs < 1:
+        msg = f"n_jobs must be at least 1, got {n_jobs}"
+        raise ValueError(msg)
+    return jobs
+
+
 @contextmanager
 def _threads_per_job(jobs: int) -> Iterator[None]:
     """Divide torch's CPU threads among ``jobs`` concurrent jobs while the block runs."""
@@ -239,10 +248,7 @@ def trace_prompts(
         msg = "no prompt to trace"
         raise ValueError(msg)
     budget = check_graph_size(max_feature_nodes, memory_budget)
-    n_jobs = 1 if n_jobs is None else int(n_jobs)
-    if n_jobs < 1:
-        msg = f"n_jobs must be at least 1, got {n_jobs}"
-        raise ValueError(msg)
+    n_jobs = check_n_jobs(n_jobs)
     all_label_ids = label_token_ids(model.tokenizer, model.prompt, model.prompt.labels or [])
     targets = [label_target(all_label_ids, label_index(model, str(label)), target_mode) for label in labels]
     check_context(model, [len(p.input_ids) + len(t.prefix) for p, t in zip(prompts, targets, strict=True)])
@@ -275,23 +281,25 @@ def trace_prompts(
         # at most ``jobs`` at once, and finished in prompt order
         pool = ThreadPoolExecutor(jobs) if jobs > 1 else None
         pending: deque[tuple[TokenizedPrompt, str, int, Future[Graph]]] = deque()
+
+        def finish_until(left: int) -> None:
+            while len(pending) > left:
+                p, lab, n, future = pending.popleft()
+                finish(p, lab, n, future.result())
+                bar.update(1)
+
         try:
             for prompt, label, lt in mine:
                 ids = list(prompt.input_ids) + lt.prefix
                 rm = ReplacementModel.record(model, transcoders, ids)
-                if pool is None:
-                    finish(prompt, label, len(ids), build(rm, lt, len(ids)))
-                    bar.update(1)
-                    continue
-                pending.append((prompt, label, len(ids), pool.submit(build, rm, lt, len(ids))))
-                while len(pending) >= jobs:
-                    p, lab, n, future = pending.popleft()
-                    finish(p, lab, n, future.result())
-                    bar.update(1)
-            while pending:
-                p, lab, n, future = pending.popleft()
-                finish(p, lab, n, future.result())
-                bar.update(1)
+                if pool is None:  # one job: the graph is built here, in this thread
+                    future: Future[Graph] = Future()
+                    future.set_result(build(rm, lt, len(ids)))
+                else:
+                    future = pool.submit(build, rm, lt, len(ids))
+                pending.append((prompt, label, len(ids), future))
+                finish_until(jobs - 1)
+            finish_until(0)
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)

@@ -179,14 +179,6 @@ def _graphml_safe(attrs: dict) -> dict:
     """GraphML holds scalars only: missing values (None, NaN) are left out, lists written as JSON text."""
     out = {}
     for name, value in attrs.items():
-        kind = type(value)
-        if kind is float:  # most values: numbers and text, kept as they are unless not finite
-            if math.isfinite(value):
-                out[name] = value
-            continue
-        if kind is str or kind is int or kind is bool:
-            out[name] = value
-            continue
         value = _json_safe(value)
         if value is None:
             continue

@@ -9,7 +9,7 @@ import pandas as pd
 
 from .._keys import SentenceSettings, store_circuit
 from ..circuits._select import DEFAULT_BATCH_SIZE, DEFAULT_FEATURE_NODES, check_graph_size
-from ..circuits._trace import NODE_COLUMNS, check_thresholds, label_index, trace_prompts
+from ..circuits._trace import NODE_COLUMNS, check_n_jobs, check_thresholds, label_index, trace_prompts
 from ..models._hooks import one_at_a_time
 from ..pp._sentences import check_writable
 from ._cells import cell_prompts, check_cells, check_unique_obs_names
@@ -248,9 +248,7 @@ def trace_circuit(
     """
     check_thresholds(node_threshold, edge_threshold)
     check_graph_size(max_feature_nodes, memory_budget)
-    if n_jobs is not None and n_jobs < 1:
-        msg = f"n_jobs must be at least 1, got {n_jobs}"
-        raise ValueError(msg)
+    check_n_jobs(n_jobs)
     adapter = model.adapter
     transcoders.check_model(model)
     check_cells(adata, batch_size)
