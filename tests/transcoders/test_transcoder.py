@@ -7,6 +7,7 @@ import torch
 from torch.nn.functional import normalize
 
 from cellcircuits.transcoders import Transcoder, TranscoderConfig, TranscoderSet
+from cellcircuits.transcoders._kernels import sparse_rows
 
 ACTIVATIONS = ["relu", "topk", "jumprelu"]
 
@@ -487,6 +488,19 @@ def test_topk_loss_features_are_sparse_rows_of_the_forward_features():
     dense.update_dead(features.to_dense())
     assert torch.equal(tc.tokens_since_fired, dense.tokens_since_fired)
     assert (tc.tokens_since_fired == 0).any() and (tc.tokens_since_fired == 39).any()
+
+
+def test_stored_zero_activations_do_not_count_as_fired():
+    # a TopK row may choose a feature whose relu activation is 0: it is stored in the CSR but did not fire
+    tc = make("topk", n_features=6, k=2)
+    values = torch.tensor([[0.0, 1.5], [2.0, 0.0], [0.0, 0.0]])
+    indices = torch.tensor([[1, 4], [0, 4], [2, 5]])
+    features = sparse_rows(values, indices, 6)
+    assert tc.fired_mask(features).tolist() == [True, False, False, False, True, False]
+    assert torch.equal(tc.fired_mask(features), tc.fired_mask(features.to_dense()))
+    tc.tokens_since_fired.fill_(10)
+    tc.update_dead(features)
+    assert tc.tokens_since_fired.tolist() == [0, 13, 13, 13, 0, 13]
 
 
 @pytest.mark.parametrize("backward", ["sparse", "dense"])

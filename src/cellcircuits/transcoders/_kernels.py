@@ -122,6 +122,11 @@ class TransposeCache:
         self.layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
+def _index_dtype(n: int) -> torch.dtype:
+    """The narrowest integer dtype that holds the indices ``0 .. n - 1``."""
+    return torch.int16 if n <= torch.iinfo(torch.int16).max + 1 else torch.int32
+
+
 def _transposed_rows(
     values: torch.Tensor, indices: torch.Tensor, n: int, cache: TransposeCache | None = None
 ) -> torch.Tensor:
@@ -135,7 +140,8 @@ def _transposed_rows(
     layout = cache.layout if cache is not None else None
     if layout is None:
         flat = indices.reshape(-1)
-        order = flat.argsort(stable=True)
+        # the same stable order from narrower keys, which sort faster
+        order = flat.to(_index_dtype(n)).argsort(stable=True)
         crow = torch.zeros(n + 1, dtype=torch.long, device=indices.device)
         crow[1:] = torch.bincount(flat, minlength=n).cumsum(0)
         layout = (crow, order, order // k)

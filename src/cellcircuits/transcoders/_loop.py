@@ -173,22 +173,18 @@ class TrainingLoop:
         # a feature is alive when it fired on any rank's rows; every rank counts the global batch
         fired = []
         for tc, out in zip(self.tcs.values(), losses, strict=True):
-            f = out.features
-            mask = torch.zeros(tc.cfg.n_features, dtype=torch.int32, device=tc.W_enc.device)
-            if f.layout == torch.sparse_csr:
-                mask[f.col_indices()[f.values() != 0]] = 1
-            else:
-                mask[f.reshape(-1, tc.cfg.n_features).any(0)] = 1
-            fired.append(mask)
+            fired.append(tc.fired_mask(out.features).to(torch.int32))
         flat = torch.cat(fired)
-        rows = torch.tensor([losses[0].features.shape[0]], dtype=torch.int64, device=flat.device)
+        f = losses[0].features
+        n_rows = f.shape[0] if f.layout == torch.sparse_csr else f.numel() // f.shape[-1]
+        rows = torch.tensor([n_rows], dtype=torch.int64, device=flat.device)
         dist.all_reduce(flat, op=dist.ReduceOp.MAX)
         dist.all_reduce(rows)
         for tc, mask in zip(
             self.tcs.values(), flat.split([tc.cfg.n_features for tc in self.tcs.values()]), strict=True
         ):
             tc.tokens_since_fired += int(rows)
-            tc.tokens_since_fired[mask.bool()] = 0
+            tc.tokens_since_fired.masked_fill_(mask.bool(), 0)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Transcoders, optimizer moments and the global RNG as tensors; step, schedule and groups as JSON."""

@@ -368,19 +368,29 @@ class Transcoder(nn.Module):
         return self.cfg.aux_coefficient * (residual - estimate).pow(2).sum() / variance
 
     @torch.no_grad()
+    def fired_mask(self, features: torch.Tensor) -> torch.Tensor:
+        """``(n_features,)`` bool, the features with a non-zero activation in any row of ``features``.
+
+        ``features`` is ``(..., n_features)``, dense or a 2-d sparse CSR tensor (as :meth:`loss` gives for ``topk``).
+        """
+        if features.layout == torch.sparse_csr:
+            # as given by loss() for topk: the stored entries are the only candidates; a scatter of their
+            # non-zero flags, not a boolean index (which costs a nonzero() and an index_put of every entry)
+            values = features.values()
+            hit = torch.zeros(self.cfg.n_features, dtype=values.dtype, device=values.device)
+            hit.scatter_reduce_(0, features.col_indices(), (values != 0).to(values.dtype), "amax")
+            return hit > 0
+        return (features.reshape(-1, self.cfg.n_features) != 0).any(0)
+
+    @torch.no_grad()
     def update_dead(self, features: torch.Tensor) -> None:
         """Count, per feature, the training tokens since it last fired; call after each step with its features.
 
         ``features`` is ``(..., n_features)``, dense or a 2-d sparse CSR tensor (as :meth:`loss` gives for ``topk``).
         """
-        if features.layout == torch.sparse_csr:
-            # as given by loss() for topk: the stored entries are the only candidates
-            self.tokens_since_fired += features.shape[0]
-            self.tokens_since_fired[features.col_indices()[features.values() != 0]] = 0
-            return
-        flat = features.reshape(-1, self.cfg.n_features)
-        self.tokens_since_fired += flat.shape[0]
-        self.tokens_since_fired[flat.any(0)] = 0
+        rows = features.shape[0] if features.layout == torch.sparse_csr else features.numel() // self.cfg.n_features
+        self.tokens_since_fired += rows
+        self.tokens_since_fired.masked_fill_(self.fired_mask(features), 0)
 
     def dead_mask(self) -> torch.Tensor:
         """``(n_features,)`` bool, the features that have not fired in ``cfg.dead_after_tokens`` tokens."""
