@@ -75,6 +75,14 @@ def test_feature_dots_equal_a_dense_product(case: Case, path, monkeypatch):
         padded = path == "per_position" and 2 * k_max <= rm.transcoders[layer].cfg.n_features
         assert (rm._padded[layer] is not None) == padded
         torch.testing.assert_close(got, _dense_dots(rm, layer, grad), rtol=1e-5, atol=1e-5)
+        # a gradient over the first P positions: the features there come first; any left out get 0
+        P = rm.n_positions // 2
+        short = rm._feature_dots(layer, grad[:, :P], chunk=7)
+        want = _dense_dots(rm, layer, torch.cat([grad[:, :P], torch.zeros_like(grad[:, P:])], 1))
+        m = short.shape[1]
+        assert int((f.position < P).sum()) <= m <= len(f.position)
+        torch.testing.assert_close(short, want[:, :m], rtol=1e-5, atol=1e-5)
+        assert not want[:, m:].any()
     rm._padded.clear()
 
 

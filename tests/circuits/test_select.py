@@ -122,13 +122,11 @@ def test_row_store_past_its_budget_equals_one_in_memory():
         10, 30, torch.float64, torch.device("cpu"), budget=3 * 30 * 9 + 7
     )  # 3 rows near, 7 far (8 bytes a value, 1 a sign)
     assert store.n_near == 3 and len(store.far) == 7
-    store.put(0, full[:2])
-    store.put(2, full[2:6])  # straddles the budget
-    store.put(6, full[6:])
+    sums = [store.put(0, full[:2]), store.put(2, full[2:6]), store.put(6, full[6:])]  # the second straddles
+    torch.testing.assert_close(torch.cat(sums), full.abs().sum(1), rtol=1e-15, atol=0)
     index = torch.tensor([9, 0, 4, 2, 3])
     cols = torch.tensor([5, 1, 29])
     torch.testing.assert_close(store.abs_columns(index, cols), full[index][:, cols].abs(), rtol=0, atol=0)
-    torch.testing.assert_close(store.abs_sums(index), full[index].abs().sum(1), rtol=1e-15, atol=0)
     w = torch.as_tensor(rng.random(9))  # rows 0-2 on the device, 3-8 on the host
     torch.testing.assert_close(store.weighted_abs_sum(w), w @ full[:9].abs(), rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(store.weighted_abs_sum(w[:2]), w[:2] @ full[:2].abs(), rtol=1e-12, atol=1e-15)

@@ -67,9 +67,10 @@ class AttributionMixin(AdjointMixin):
         def _readout(self, targets: Sequence[Target]) -> Readout: ...
 
     def _feature_dots(self, layer: int, grad: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-        """``(B, n_active)`` each active feature's source vector · ``grad`` (``(B, P, d)``) at its position.
+        """``(B, m)`` source vector · ``grad`` (``(B, P, d)``) of the first ``m`` active features, at their positions.
 
-        ``grad`` may cover only the first ``P`` positions: features after them get 0.
+        ``grad`` may cover only the first ``P`` positions; features after them (whose dots are 0) may be left out,
+        so ``m`` is at least the number of features at those positions.
         """
         f, tc = self.features[layer], self.transcoders[layer]
         B, P, _ = grad.shape
@@ -78,9 +79,8 @@ class AttributionMixin(AdjointMixin):
             # per position, its own features' source vectors: one small product per position, batched
             vectors, slot = padded
             dots = torch.bmm(grad.transpose(0, 1), vectors[:P].transpose(1, 2))  # (P, B, k_max)
-            out = grad.new_zeros(B, vectors.shape[0] * vectors.shape[1])
-            out[:, : dots.shape[0] * dots.shape[2]] = dots.transpose(0, 1).reshape(B, -1)
-            return out[:, slot]
+            m = int(f.offsets[P]) if P < len(f.offsets) else len(f.feature)  # features at positions before P
+            return dots[f.position[:m], :, slot[:m]].T  # one gather, no (B, T * k_max) block
         T = self.n_positions
         grad = F.pad(grad, (0, 0, 0, T - P))
         if B * T * tc.cfg.n_features <= DENSE_DOTS_MAX:
@@ -109,11 +109,11 @@ class AttributionMixin(AdjointMixin):
             if n == 0 or T * k_max > PADDING_MAX * n or 2 * k_max > tc.cfg.n_features:
                 self._padded[layer] = None
             else:
-                slot = f.position * k_max + torch.arange(n, device=f.position.device) - f.offsets[f.position]
+                slot = torch.arange(n, device=f.position.device) - f.offsets[f.position]  # place at its position
                 rows = tc.W_dec[f.feature.to(tc.W_dec.device)].float().to(self.device)
-                vectors = rows.new_zeros(T * k_max, rows.shape[1])
-                vectors[slot] = rows * (f.activation / tc.output_scale.float().to(self.device))[:, None]
-                self._padded[layer] = (vectors.view(T, k_max, -1), slot)
+                vectors = rows.new_zeros(T, k_max, rows.shape[1])
+                vectors[f.position, slot] = rows * (f.activation / tc.output_scale.float().to(self.device))[:, None]
+                self._padded[layer] = (vectors, slot)
         return self._padded[layer]
 
     def _decoder(self, layer: int) -> torch.Tensor:
@@ -132,7 +132,8 @@ class AttributionMixin(AdjointMixin):
         out = grads[0].new_zeros(B, len(nodes))
         out[:, nodes.token_slice.start : nodes.token_slice.start + P] = (self.embed[:P] * grads[0]).sum(-1)
         for m, where in nodes.feature_slices.items():
-            out[:, where] = self._feature_dots(m, grads[m + 1])
+            dots = self._feature_dots(m, grads[m + 1])
+            out[:, where.start : where.start + dots.shape[1]] = dots
         for m, where in nodes.error_slices.items():
             out[:, where.start : where.start + P] = (self.errors[m, :P] * grads[m + 1]).sum(-1)
         return out
@@ -159,13 +160,18 @@ class AttributionMixin(AdjointMixin):
             msg = f"batch_size must be a positive integer, got {batch_size!r}"
             raise ValueError(msg)
         targets = list(targets)
-        values, rows, bias, order = [], [], [], []
+        device = self.device if on_device else torch.device("cpu")
+        # each batch's rows written straight to their targets' places: no concatenation and reordering copies
+        matrix = torch.zeros(0, len(self.nodes), device=device)
+        values, bias, order = [], [], []
         for batch in self._batch_plan(targets, batch_size):
             readout = self._readout([targets[i] for i in batch])
             v, grads, _ = self._gradients(readout, pad=False)
             with torch.no_grad():
-                matrix = self._attribution_rows(grads)
-                rows.append(matrix if on_device else matrix.cpu())
+                rows = self._attribution_rows(grads)
+                if not len(matrix):
+                    matrix = torch.empty(len(targets), len(self.nodes), dtype=rows.dtype, device=device)
+                matrix.index_copy_(0, torch.as_tensor(batch, device=device), rows.to(device))
                 values.append(v.cpu())
                 # every source zeroed: by linearity, what the frozen model adds on its own
                 bias.append(self._read_points(readout, zero=True).cpu())
@@ -173,11 +179,10 @@ class AttributionMixin(AdjointMixin):
         if order:  # back to the order of the targets
             back = torch.as_tensor(np.argsort(np.concatenate(order), kind="stable"))
             values, bias = [torch.cat(values)[back]], [torch.cat(bias)[back]]
-            rows = [torch.cat(rows)[back.to(rows[0].device)]]
         empty = torch.zeros(0)
         return Attribution(
             targets,
             torch.cat(values) if values else empty,
-            torch.cat(rows) if rows else torch.zeros(0, len(self.nodes), device=self.device if on_device else "cpu"),
+            matrix,
             torch.cat(bias) if bias else empty,
         )

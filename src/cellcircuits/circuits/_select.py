@@ -182,16 +182,22 @@ class RowStore:
         near = index < self.n_near
         return near, index[near], ~near, index[~near] - self.n_near
 
-    def put(self, start: int, rows: torch.Tensor) -> None:
-        """Store ``rows`` at ``start, start + 1, ...``."""
+    def put(self, start: int, rows: torch.Tensor) -> torch.Tensor:
+        """Store ``rows`` at ``start, start + 1, ...``; gives their absolute sums ``|rows|.sum(1)`` (float64)."""
         n_near = min(max(self.n_near - start, 0), len(rows))  # rows of a batch may straddle the budget
+        sums = torch.empty(len(rows), dtype=torch.float64, device=self.device)
         if n_near:
-            self.near[start : start + n_near] = rows[:n_near].abs()
+            stored = self.near[start : start + n_near]
+            torch.abs(rows[:n_near], out=stored)
             self.near_sign[start : start + n_near] = torch.signbit(rows[:n_near])
+            sums[:n_near] = stored.sum(1, dtype=torch.float64)
         if n_near < len(rows):
             lo = start + n_near - self.n_near
-            self.far[lo : lo + len(rows) - n_near].copy_(rows[n_near:].abs(), non_blocking=True)
+            magnitude = rows[n_near:].abs()
+            sums[n_near:] = magnitude.sum(1, dtype=torch.float64).to(self.device)
+            self.far[lo : lo + len(rows) - n_near].copy_(magnitude, non_blocking=True)
             self.far_sign[lo : lo + len(rows) - n_near].copy_(torch.signbit(rows[n_near:]), non_blocking=True)
+        return sums
 
     def abs_columns(self, index: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """``|rows[index][:, cols]|``, on the device."""
@@ -201,15 +207,6 @@ class RowStore:
         if len(far_at):
             far_cols = cols.cpu()
             out[far] = self.far[far_at.cpu()[:, None], far_cols[None, :]].to(self.device)
-        return out
-
-    def abs_sums(self, index: torch.Tensor) -> torch.Tensor:
-        """``|rows[index]|.sum(1)`` in float64, on the device."""
-        near, near_at, far, far_at = self._parts(index)
-        out = torch.empty(len(index), dtype=torch.float64, device=self.device)
-        out[near] = self.near[near_at].sum(1, dtype=torch.float64)
-        if len(far_at):
-            out[far] = self.far[far_at.cpu()].sum(1, dtype=torch.float64).to(self.device)
         return out
 
     def weighted_abs_sum(self, weights: torch.Tensor) -> torch.Tensor:
@@ -291,10 +288,8 @@ class InfluenceTracker:
         device = target_row.device
         self.dtype = dtype
         self.store = RowStore(capacity + 1, target_row.numel(), self.dtype, device, memory_budget)
-        self.store.put(0, target_row.to(self.dtype)[None])
         self.norm = torch.zeros(capacity + 1, dtype=torch.float64, device=device)
-        first = torch.zeros(1, dtype=torch.long, device=device)
-        self.norm[0] = self.store.abs_sums(first)[0].clamp_min(1e-30)
+        self.norm[0] = self.store.put(0, target_row.to(self.dtype)[None])[0].clamp_min(1e-30)
         self.cols = torch.zeros(capacity, dtype=torch.long, device=device)
         self.C = torch.zeros(capacity + 1, capacity, dtype=torch.float64, device=device)
         self.reach = torch.zeros(capacity + 1, dtype=torch.float64, device=device)
@@ -322,8 +317,7 @@ class InfluenceTracker:
         device = self.cols.device
         new = torch.arange(S + 1, S + 1 + B, device=device)
         cols = cols.to(device)
-        self.store.put(S + 1, rows.to(device, self.dtype))
-        self.norm[new] = self.store.abs_sums(new).clamp_min(1e-30)
+        self.norm[new] = self.store.put(S + 1, rows.to(device, self.dtype)).clamp_min(1e-30)
         self.cols[S : S + B] = cols
         self.C[: S + 1 + B, S : S + B] = self._shares(torch.arange(S + 1 + B, device=device), cols)
         if S:
