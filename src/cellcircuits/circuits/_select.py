@@ -183,18 +183,21 @@ class RowStore:
         return near, index[near], ~near, index[~near] - self.n_near
 
     def put(self, start: int, rows: torch.Tensor) -> torch.Tensor:
-        """Store ``rows`` at ``start, start + 1, ...``; gives their absolute sums ``|rows|.sum(1)`` (float64)."""
+        """Store ``rows`` at ``start, start + 1, ...``; gives their absolute sums ``|rows|.sum(1)`` as float64.
+
+        The sums are taken in the rows' dtype (for float32 rows, a relative error of about ``1e-7``).
+        """
         n_near = min(max(self.n_near - start, 0), len(rows))  # rows of a batch may straddle the budget
         sums = torch.empty(len(rows), dtype=torch.float64, device=self.device)
         if n_near:
             stored = self.near[start : start + n_near]
             torch.abs(rows[:n_near], out=stored)
             self.near_sign[start : start + n_near] = torch.signbit(rows[:n_near])
-            sums[:n_near] = stored.sum(1, dtype=torch.float64)
+            sums[:n_near] = stored.sum(1)  # in the rows' dtype: a float64 accumulation is many times slower
         if n_near < len(rows):
             lo = start + n_near - self.n_near
             magnitude = rows[n_near:].abs()
-            sums[n_near:] = magnitude.sum(1, dtype=torch.float64).to(self.device)
+            sums[n_near:] = magnitude.sum(1).to(self.device)
             self.far[lo : lo + len(rows) - n_near].copy_(magnitude, non_blocking=True)
             self.far_sign[lo : lo + len(rows) - n_near].copy_(torch.signbit(rows[n_near:]), non_blocking=True)
         return sums
