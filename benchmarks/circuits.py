@@ -35,7 +35,8 @@ type, each traced to its own label) traced at each number of feature nodes given
 completeness scores (whole graph and pruned) and the seconds per cell.
 
     python benchmarks/circuits.py [--transcoders DIR] [--threads N] [--n-cells N]
-    python benchmarks/circuits.py --curve 128 256 512 1024 2048 4096 8192 [--curve-cells 1] [--transcoders DIR]
+    python benchmarks/circuits.py --curve 128 256 512 1024 2048 4096 8192 [--curve-cells 1] [--n-jobs 1]
+        [--transcoders DIR]
 """
 
 from __future__ import annotations
@@ -161,22 +162,31 @@ def overlap_table(adata, circuits: dict, sentences: pd.Series, groups: list[str]
     return pd.DataFrame(rows), M
 
 
-def feature_node_curve(adata, model, tset, counts: list[int], per_group: int) -> None:
-    """Trace the same cells at each number of feature nodes; print median scores and seconds per cell."""
+def feature_node_curve(adata, model, tset, counts: list[int], per_group: int, n_jobs: int = 1) -> None:
+    """Trace the same cells at each number of feature nodes; print median scores and seconds per cell.
+
+    ``n_jobs`` cells' graphs are built at once (``trace_prompts``' ``n_jobs``); seconds per cell are wall time over
+    all cells.
+    """
     picked = adata.obs.groupby(KEY, observed=True).head(per_group)
     cells = adata[picked.index]
     sentences = cc.pp.cell_sentences(cells, copy=True).obs["cell_sentence"].tolist()
     prompts = cc.models.tokenize_prompts(model.tokenizer, model.build_prompts(sentences))
     labels = cells.obs[KEY].astype(str).tolist()
     tokens = np.mean([len(p.input_ids) for p in prompts])
-    print(f"feature-node curve: {len(prompts)} cells ({per_group} per cell type, mean {tokens:.0f} tokens)")
+    print(
+        f"feature-node curve: {len(prompts)} cells ({per_group} per cell type, mean {tokens:.0f} tokens), "
+        f"n_jobs={n_jobs}"
+    )
     columns = ["replacement_score", "completeness_score", "replacement_pruned_score", "completeness_pruned_score"]
     print("feature nodes | s/cell | replacement | completeness | replacement (pruned) | completeness (pruned)")
     # the first trace of a process pays one-time costs (lazy imports, thread start-up): an untimed one comes first
     cc.circuits.trace_prompts(model, tset, prompts[:1], labels[:1], max_feature_nodes=64, progress=False)
     for n in counts:
         start = time.perf_counter()
-        tables = cc.circuits.trace_prompts(model, tset, prompts, labels, labels, max_feature_nodes=n, progress=False)
+        tables = cc.circuits.trace_prompts(
+            model, tset, prompts, labels, labels, max_feature_nodes=n, progress=False, n_jobs=n_jobs
+        )
         per_cell = (time.perf_counter() - start) / len(prompts)
         med = tables.cells[columns].median()
         print(f"{n:13d} | {per_cell:6.1f} | " + " | ".join(f"{med[c]:.3f}".rjust(len(h)) for c, h in zip(
@@ -194,6 +204,7 @@ def main() -> None:
     parser.add_argument("--n-cells", type=int, default=10, help="cells traced per cell type")
     parser.add_argument("--curve", type=int, nargs="+", help="print the feature-node curve at these graph sizes")
     parser.add_argument("--curve-cells", type=int, default=1, help="cells per cell type in the curve")
+    parser.add_argument("--n-jobs", type=int, default=1, help="cells traced at once, in the curve")
     parser.add_argument("--_trace", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--_one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -215,7 +226,7 @@ def main() -> None:
     if args.curve:
         how = "loaded" if args.transcoders else "trained"
         print(f"transcoders {how} in {train_s:.1f} s (CPU, {args.threads} threads)")
-        feature_node_curve(adata, model, tset, args.curve, args.curve_cells)
+        feature_node_curve(adata, model, tset, args.curve, args.curve_cells, args.n_jobs)
         return
     start = time.perf_counter()
     cc.tl.transcode(adata, model, tset, progress=False)
