@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -51,3 +52,27 @@ def test_feature_edits_on_cuda_equal_the_dense_edits(arch):
     dense = {m: e.dense(T, tset[m].cfg.n_features) for m, e in edits.items()}
     want = run_edits(model, tset, run, {m: d[0] for m, d in dense.items()}, {m: d[1] for m, d in dense.items()})
     assert_close(run_feature_edits(model, tset, run, edits), want, rtol=1e-3, atol=1e-3)
+
+
+def test_a_topk_training_step_on_cuda_waits_for_the_device_at_most_once():
+    # the one wait left is the dead-feature count, which sizes the auxiliary loss's tensors
+    from cellcircuits.transcoders import Transcoder, TranscoderConfig
+    from cellcircuits.transcoders._loop import TrainingLoop
+
+    torch.manual_seed(0)
+    cfg = TranscoderConfig(d_in=64, d_out=64, n_features=1024, activation="topk", k=16, dead_after_tokens=10**9)
+    tc = Transcoder(cfg, device="cuda")
+    batch = {"L0_in": torch.randn(512, 64, device="cuda"), "L0_out": torch.randn(512, 64, device="cuda")}
+    tc.set_scales_from(batch["L0_in"], batch["L0_out"])
+    loop = TrainingLoop({0: tc}, lr=1e-3, total_steps=10, warmup_steps=2, matmul_dtype="bfloat16")
+    loop.train_step(batch)  # first-call set-up (lazy initialisation) may wait
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loop.train_step(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(waits) <= 1, waits

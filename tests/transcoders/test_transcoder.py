@@ -434,6 +434,16 @@ def test_topk_indices_falls_back_on_nan_rows():
     torch.testing.assert_close(topk_indices(pre, 8).sort(-1).values, expected.sort(-1).values, rtol=0, atol=0)
 
 
+def test_topk_indices_off_the_cpu_is_one_topk():
+    # the grouped search reads counts on the host: on a meta tensor (no values, like a device the host would have
+    # to wait for) it cannot run, so a result shows that only torch.topk ran
+    from cellcircuits.transcoders._kernels import topk_indices
+
+    assert topk_indices(torch.empty(16, 256, device="meta"), 8).shape == (16, 8)
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        int(torch.empty(3, device="meta").min())  # what the grouped search would do
+
+
 def _dense_topk_loss(tc: Transcoder, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The topk training loss written densely: dense features, dense decoder product, masked top-k for AuxK."""
     cfg = tc.cfg

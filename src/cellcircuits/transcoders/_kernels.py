@@ -22,10 +22,13 @@ def topk_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
     ``k``-th largest group maximum is a floor that at least ``k`` entries reach, so only the entries at or above
     it (a few times ``k`` in practice) are searched. Falls back to ``torch.topk`` when ``n`` is not a multiple of
     ``2k`` of at least ``4k`` or when a row has fewer than ``k`` entries at or above its floor (NaNs).
+
+    Off the CPU it is ``torch.topk`` itself: one kernel there, where the search above would cost a dozen more and
+    three waits for the device (``nonzero`` and two counts read by the host).
     """
     n = pre.shape[-1]
     n_groups = 2 * k
-    if n % n_groups != 0 or n < 2 * n_groups:
+    if pre.device.type != "cpu" or n % n_groups != 0 or n < 2 * n_groups:
         return pre.topk(k, dim=-1, sorted=False).indices
     with torch.no_grad():
         flat = pre.detach().reshape(-1, n)
@@ -143,7 +146,10 @@ def _transposed_rows(
         # the same stable order from narrower keys, which sort faster
         order = flat.to(_index_dtype(n)).argsort(stable=True)
         crow = torch.zeros(n + 1, dtype=torch.long, device=indices.device)
-        crow[1:] = torch.bincount(flat, minlength=n).cumsum(0)
+        # counts by a scatter: on a GPU, bincount reads its maximum back to the host and waits for the device
+        crow[1:] = (
+            torch.zeros(n, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat)).cumsum(0)
+        )
         layout = (crow, order, order // k)
         if cache is not None:
             cache.layout = layout
