@@ -79,15 +79,12 @@ def total_effect(A: np.ndarray, values: np.ndarray, n_rows: int) -> np.ndarray:
     itself, as an active feature's activation follows its pre-activation. ``A`` needs only its first ``n_rows``
     rows (the target and the features).
     """
-    A = A[:n_rows]
-    P = np.zeros_like(A)
-    P[0] = A[0]
     scale = np.where(np.abs(values[1:n_rows]) > 1e-12, values[1:n_rows], np.inf)
-    P[1:n_rows] = A[1:n_rows] / scale[:, None]
-    effect = P[0].copy()
-    frontier = P[0].copy()
+    shares = A[1:n_rows] / scale[:, None]  # the features' rows as shares of their values
+    effect = np.array(A[0], dtype=np.float64)
+    frontier = effect.copy()
     for _ in range(n_rows):
-        frontier = frontier[1:n_rows] @ P[1:n_rows]
+        frontier = frontier[1:n_rows] @ shares
         if not np.any(np.abs(frontier) > 1e-15):
             break
         effect += frontier

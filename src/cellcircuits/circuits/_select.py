@@ -224,7 +224,9 @@ class RowStore:
 
     @staticmethod
     def _signed(values: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-        return torch.where(negative, -values, values)
+        # the magnitudes take the signs of +-1: a few times faster than torch.where on the bool mask
+        sign = negative.to(values.dtype).mul_(-2).add_(1)
+        return torch.copysign(values, sign)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` on the device."""
