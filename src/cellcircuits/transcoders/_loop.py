@@ -175,9 +175,7 @@ class TrainingLoop:
         for tc, out in zip(self.tcs.values(), losses, strict=True):
             fired.append(tc.fired_mask(out.features).to(torch.int32))
         flat = torch.cat(fired)
-        f = losses[0].features
-        n_rows = f.shape[0] if f.layout == torch.sparse_csr else f.numel() // f.shape[-1]
-        rows = torch.tensor([n_rows], dtype=torch.int64, device=flat.device)
+        rows = torch.tensor([losses[0].features.shape[0]], dtype=torch.int64, device=flat.device)
         dist.all_reduce(flat, op=dist.ReduceOp.MAX)
         dist.all_reduce(rows)
         for tc, mask in zip(
