@@ -217,6 +217,12 @@ def trace_table(ctx: Context, nodes: list[int], genes: list[int], n_features: in
                 repeats, ctx.repeats = ctx.repeats, 1
                 try:
                     seconds, peak = measure(ctx, run)
+                except (MemoryError, torch.cuda.OutOfMemoryError) as error:  # a row that does not fit: say so, go on
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    reason = str(error).split(";")[0][:150]
+                    yield f"| {n:>13} | {g:>5} | {len(prompt.input_ids):>13} | out of memory: {reason} |"
+                    continue
                 finally:
                     ctx.repeats = repeats
                 yield f"| {n:>13} | {g:>5} | {len(prompt.input_ids):>13} | {seconds:>7.1f} | {peak:>10.0f} |"

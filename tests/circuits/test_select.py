@@ -7,10 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
+from cellcircuits.circuits import _select
 from cellcircuits.circuits._graph import attribution_graph
 from cellcircuits.circuits._select import (
     InfluenceTracker,
     RowStore,
+    available_memory,
+    check_graph_size,
+    device_budget,
     influence_from_rows,
     parse_bytes,
     round_size,
@@ -179,3 +183,49 @@ def test_features_are_selected_in_rounds(case, monkeypatch):
     monkeypatch.setattr("cellcircuits.circuits._select.MIN_ROUND_SIZE", 3)
     selected, _ = select_features(rm, row, max_feature_nodes=40, batch_size=8)
     assert len(selected) == sum(sizes) and max(sizes) == 5  # an eighth of 40, within 3..8
+
+
+# memory: the "auto" budget, and rows refused before they are allocated
+def test_the_auto_budget_is_half_a_gpus_free_memory_and_none_on_a_cpu(monkeypatch):
+    assert check_graph_size(8, "auto") == "auto" and check_graph_size(8, " Auto ") == "auto"
+    assert check_graph_size(8, "2GB") == 2 * 10**9 and check_graph_size(8, None) is None
+    assert device_budget("auto", torch.device("cpu"), 100) is None
+    assert (
+        device_budget(None, torch.device("cpu"), 100) is None and device_budget("1KB", torch.device("cpu"), 1) == 1000
+    )
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 10**9, 80 * 10**9))
+    assert device_budget("auto", torch.device("cuda"), 100) == 5 * 10**9
+    assert device_budget("auto", torch.device("cuda"), 8 * 10**9) == 8 * 10**9  # at least one row
+    assert device_budget(4096, torch.device("cuda"), 100) == 4096
+
+
+def test_the_hosts_available_memory_is_read_where_linux_reports_it():
+    available = available_memory()
+    assert available is None or 2**20 < available < 2**50
+
+
+def test_rows_that_cannot_fit_are_refused_before_allocation(monkeypatch):
+    monkeypatch.setattr(_select, "available_memory", lambda: 10**9)
+    RowStore(1000, 100_000, torch.float32, torch.device("cpu"))  # 0.5 GB: fits
+    with pytest.raises(MemoryError, match=r"3000 attribution rows of 100000 nodes .* need 1.5 GB of host memory"):
+        RowStore(3000, 100_000, torch.float32, torch.device("cpu"))
+    monkeypatch.setattr(_select, "available_memory", lambda: None)  # unknown: no check
+    RowStore(3000, 100_000, torch.float32, torch.device("cpu"))
+    # on a GPU: the rows kept there against its free memory, the rest against the host's
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10**9, 80 * 10**9))
+    with pytest.raises(MemoryError, match=r"the 3000 kept on cuda need 1.5 GB, and 1.0 GB is free there; set mem"):
+        _select._check_room(3000, 3000, 100_000, 500_000, torch.device("cuda"))
+    monkeypatch.setattr(_select, "available_memory", lambda: 10**9)
+    with pytest.raises(MemoryError, match=r"of which 2500 past memory_budget in host memory need 1.2 GB"):
+        _select._check_room(3000, 500, 100_000, 500_000, torch.device("cuda"))
+    _select._check_room(3000, 1000, 100_000, 500_000, torch.device("cuda"))  # 0.5 GB there, 1.0 GB here: fits
+
+
+def test_a_graph_larger_than_the_prompts_features_keeps_rows_for_those_only(case):
+    rm = case.rm
+    target = LogitTarget(rm.n_positions - 1, 3, (4, 5, 6))
+    row = rm.attribute([target]).matrix[0]
+    n_features = int((rm.nodes.kind == "feature").sum())
+    selected, tracker = select_features(rm, row, max_feature_nodes=10**9, batch_size=64)
+    assert tracker.C.shape == (n_features + 1, n_features)
+    assert len(selected) <= n_features

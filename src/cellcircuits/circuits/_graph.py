@@ -12,7 +12,7 @@ from scipy import sparse
 
 from ._kinds import NodeKind
 from ._prune import completeness_score, prune_graph, replacement_score
-from ._select import DEFAULT_BATCH_SIZE, DEFAULT_FEATURE_NODES, InfluenceTracker, select_features
+from ._select import AUTO, DEFAULT_BATCH_SIZE, DEFAULT_FEATURE_NODES, InfluenceTracker, select_features
 from ._targets import FeatureTarget
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def attribution_graph(
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     via_heads: bool = True,
-    memory_budget: int | str | None = None,
+    memory_budget: int | str | None = AUTO,
 ) -> Graph:
     """The pruned attribution graph of a target in one prompt's replacement model.
 
@@ -122,7 +122,7 @@ def attribution_graph(
         nodes with inputs each).
     memory_budget
         Bytes of attribution rows kept on the model's device (an int, or a size such as ``"8GB"``); rows past it are
-        kept in host memory. ``None``: all on the device.
+        kept in host memory. ``"auto"``: on a GPU, up to half its free memory; ``None``: all on the device.
 
     Returns
     -------

@@ -106,7 +106,7 @@ def parse_bytes(size: int | str | None) -> int | None:
     return int(value)
 
 
-def check_graph_size(max_feature_nodes: int, memory_budget: int | str | None) -> int | None:
+def check_graph_size(max_feature_nodes: int, memory_budget: int | str | None) -> int | str | None:
     """Refuse ``max_feature_nodes`` below 1 or a malformed memory budget, before any work.
 
     Parameters
@@ -114,16 +114,53 @@ def check_graph_size(max_feature_nodes: int, memory_budget: int | str | None) ->
     max_feature_nodes
         Most features given attribution rows.
     memory_budget
-        Bytes of rows kept on the device, as :func:`parse_bytes` reads them.
+        Bytes of rows kept on the device, as :func:`parse_bytes` reads them, or ``"auto"``.
 
     Returns
     -------
-    The budget in bytes (``None``: no budget).
+    The budget in bytes (``None``: no budget), or ``"auto"`` (resolved per prompt by :func:`device_budget`).
     """
     if max_feature_nodes < 1:
         msg = f"max_feature_nodes must be a positive integer, got {max_feature_nodes!r}"
         raise ValueError(msg)
+    if isinstance(memory_budget, str) and memory_budget.strip().lower() == "auto":
+        return AUTO
     return parse_bytes(memory_budget)
+
+
+#: The memory budget that keeps attribution rows on a GPU up to half its free memory (see :func:`device_budget`).
+AUTO = "auto"
+
+
+def device_budget(memory_budget: int | str | None, device: torch.device, row_bytes: int) -> int | None:
+    """Bytes of attribution rows to keep on ``device``; ``"auto"``: half a GPU's free memory, no budget elsewhere.
+
+    The other half of a GPU's free memory is left to the backward passes that compute the rows (their memory grows
+    with ``batch_size``); rows past the budget are kept in host memory. ``"auto"`` keeps at least one row
+    (``row_bytes``) on the device.
+    """
+    if memory_budget != AUTO:
+        return parse_bytes(memory_budget)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(row_bytes, free // 2)
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory available to a new allocation (Linux's ``MemAvailable``); ``None`` where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _gb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.1f} GB"
 
 
 class RowStore:
@@ -164,6 +201,7 @@ class RowStore:
             )
             raise ValueError(msg)
         on_device = capacity if budget is None else min(capacity, budget // row_bytes)
+        _check_room(capacity, on_device, n_nodes, row_bytes, device)
         self.device = device
         # rows are read only after they are put: no need to fill the blocks
         self.near = torch.empty(on_device, n_nodes, dtype=dtype, device=device)
@@ -258,6 +296,28 @@ class RowStore:
                 out.index_add_(1, column.to(block.device), block)
                 parts.append(out.double().cpu())
         return torch.cat(parts) if parts else torch.zeros(0, n_out, dtype=torch.float64)
+
+
+def _check_room(capacity: int, on_device: int, n_nodes: int, row_bytes: int, device: torch.device) -> None:
+    """Refuse rows that cannot fit, with what they need, before allocating them (a clear error, not a crash)."""
+    what = f"{capacity} attribution rows of {n_nodes} nodes ({row_bytes} bytes each)"
+    advice = "lower max_feature_nodes or trace shorter prompts"
+    on_host = capacity if device.type == "cpu" else capacity - on_device
+    available = available_memory()
+    if on_host and available is not None and on_host * row_bytes > available:
+        where = "" if device.type == "cpu" else f", of which {on_host} past memory_budget in host memory"
+        msg = (
+            f"{what}{where} need {_gb(on_host * row_bytes)} of host memory, and {_gb(available)} is available; {advice}"
+        )
+        raise MemoryError(msg)
+    if device.type == "cuda" and on_device:
+        free, _ = torch.cuda.mem_get_info(device)
+        if on_device * row_bytes > free:
+            msg = (
+                f"{what}: the {on_device} kept on {device} need {_gb(on_device * row_bytes)}, and {_gb(free)} is free "
+                f"there; set memory_budget (e.g. 'auto' or '8GB') to keep the rest in host memory, or {advice}"
+            )
+            raise MemoryError(msg)
 
 
 class InfluenceTracker:
@@ -361,7 +421,7 @@ def select_features(
     *,
     max_feature_nodes: int,
     batch_size: int,
-    memory_budget: int | str | None = None,
+    memory_budget: int | str | None = AUTO,
 ) -> tuple[np.ndarray, InfluenceTracker]:
     """Pick the features with most influence on the target, computing their attribution rows in batches.
 
@@ -383,7 +443,7 @@ def select_features(
         Most features whose rows one backward pass computes, and most features per round.
     memory_budget
         Bytes of attribution rows kept on the model's device (an int, or a size such as ``"8GB"``); rows past it are
-        kept in host memory. ``None``: all on the device.
+        kept in host memory. ``"auto"``: on a GPU, up to half its free memory; ``None``: all on the device.
 
     Returns
     -------
@@ -393,12 +453,18 @@ def select_features(
     ------
     ValueError
         For ``max_feature_nodes`` below 1, or a memory budget that cannot hold one row.
+    MemoryError
+        When the rows cannot fit in the device's free memory and the host's available memory (checked before they
+        are allocated).
     """
     budget = check_graph_size(max_feature_nodes, memory_budget)
     nodes = rm.nodes
     row = torch.as_tensor(target_row).to(rm.device)
-    tracker = InfluenceTracker(row, max_feature_nodes, budget)
     eligible = torch.as_tensor(nodes.kind == "feature", device=rm.device)
+    # no more rows than features that could be selected
+    capacity = max(1, min(max_feature_nodes, int(eligible.sum())))
+    row_bytes = len(nodes) * (torch.empty(0, dtype=torch.float32).element_size() + 1)
+    tracker = InfluenceTracker(row, capacity, device_budget(budget, rm.device, row_bytes))
     while tracker.size < max_feature_nodes:
         score = torch.where(eligible, tracker.influence, torch.full_like(tracker.influence, -1.0))
         score[tracker.selected()] = -1.0

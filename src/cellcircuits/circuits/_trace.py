@@ -23,7 +23,7 @@ from ..models._tokens import label_token_ids
 from ._aggregate import aggregate, cell_gene_table, cell_graph_tables, top_paths
 from ._graph import attribution_graph
 from ._replacement import ReplacementModel
-from ._select import DEFAULT_BATCH_SIZE, DEFAULT_FEATURE_NODES, check_graph_size
+from ._select import AUTO, DEFAULT_BATCH_SIZE, DEFAULT_FEATURE_NODES, check_graph_size
 from ._targets import LogitTarget, label_target
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ def trace_prompts(
     max_feature_nodes: int = DEFAULT_FEATURE_NODES,
     n_paths: int = 10,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    memory_budget: int | str | None = None,
+    memory_budget: int | str | None = AUTO,
     n_jobs: int | None = None,
     progress: bool = True,
 ) -> CircuitTables:
@@ -212,7 +212,9 @@ def trace_prompts(
         ``batch_size`` (an eighth of ``max_feature_nodes``, at least 32), the influence estimate updated after each.
     memory_budget
         Bytes of attribution rows per prompt kept on the model's device (an int, or a size such as ``"8GB"``); rows
-        past it are kept in host memory. ``None``: all on the device.
+        past it are kept in host memory. ``"auto"``: on a GPU, up to half its free memory when the prompt's rows are
+        allocated; ``None``: all on the device. Rows that fit neither there nor in the host's available memory are
+        refused with a MemoryError before they are allocated.
     n_jobs
         Prompts whose graphs are built at once, each in its own thread (``None``: 1). The model runs one prompt at a
         time; the graphs' products then share the CPU threads torch had (``torch.get_num_threads`` is divided

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .._keys import SentenceSettings, store_circuit
-from ..circuits._select import DEFAULT_BATCH_SIZE, DEFAULT_FEATURE_NODES, check_graph_size
+from ..circuits._select import AUTO, DEFAULT_BATCH_SIZE, DEFAULT_FEATURE_NODES, check_graph_size
 from ..circuits._trace import NODE_COLUMNS, check_n_jobs, check_thresholds, label_index, trace_prompts
 from ..models._hooks import one_at_a_time
 from ..pp._sentences import check_writable
@@ -127,7 +127,7 @@ def trace_circuit(
     max_feature_nodes: int = DEFAULT_FEATURE_NODES,
     n_paths: int = 10,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    memory_budget: int | str | None = None,
+    memory_budget: int | str | None = AUTO,
     n_jobs: int | None = None,
     sentence_key: str = "cell_sentence",
     layer: str | None = None,
@@ -187,7 +187,9 @@ def trace_circuit(
         ``batch_size`` (an eighth of ``max_feature_nodes``, at least 32), the influence estimate updated after each.
     memory_budget
         Bytes of attribution rows per cell kept on the model's device (an int, or a size such as ``"8GB"``); rows
-        past it are kept in host memory. ``None``: all on the device.
+        past it are kept in host memory. ``"auto"``: on a GPU, up to half its free memory when a cell's rows are
+        allocated; ``None``: all on the device. Rows that fit neither there nor in the host's available memory are
+        refused with a MemoryError (lower ``max_feature_nodes`` or ``n_genes``).
     n_jobs
         Cells whose graphs are built at once, each in a thread sharing torch's CPU threads (``None``: 1); see
         :func:`cellcircuits.circuits.trace_prompts`. Faster on a CPU, same tables; memory grows with it.
