@@ -204,12 +204,15 @@ def trace_table(ctx: Context, nodes: list[int], genes: list[int], n_features: in
     rng = np.random.default_rng(1)
     label = (ctx.model.labels or [""])[0]
     kept = ctx.model.prompt.n_genes
+    prompts = {}
     try:
         for g in genes:
             ctx.model.prompt.n_genes = g
             sentence = " ".join(rng.permutation(names)[:g])
-            (prompt,) = tokenize_prompts(ctx.model.tokenizer, ctx.model.build_prompts([sentence]))
-            for n in nodes:
+            (prompts[g],) = tokenize_prompts(ctx.model.tokenizer, ctx.model.build_prompts([sentence]))
+        # graph size outside, prompt length inside: the smaller graphs of every length come before the largest
+        for n in nodes:
+            for g, prompt in prompts.items():
 
                 def run(prompt=prompt, n=n) -> None:
                     cc.circuits.trace_prompts(ctx.model, tset, [prompt], [label], max_feature_nodes=n, progress=False)
