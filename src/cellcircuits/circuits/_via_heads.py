@@ -124,51 +124,61 @@ class ViaHeadsMixin(AdjointMixin):
         return [split for split in out if split is not None]
 
     def _split_batch(self, targets: list[Target], sources: list[Sequence[int] | np.ndarray]) -> list[ViaHeads]:
-        """One backward pass for ``targets``; every (target, source) pair split at once."""
+        """One backward pass for ``targets``; every (target, source) pair split at once.
+
+        What a source carries to each layer (its vector plus what the skip connections add, and the heads' values
+        of it) does not depend on the target, so it is computed once per distinct source; only the gradients are
+        read per pair.
+        """
         index_of = [np.asarray(s, dtype=np.int64).reshape(-1) for s in sources]
         counts = [len(i) for i in index_of]
         index = np.concatenate(index_of) if index_of else np.zeros(0, dtype=np.int64)
         dev = self.device
         owner = torch.as_tensor(np.repeat(np.arange(len(targets)), counts), dtype=torch.long, device=dev)
+        distinct, pair_of = np.unique(index, return_inverse=True)
+        of = torch.as_tensor(pair_of.reshape(-1), dtype=torch.long, device=dev)  # each pair's distinct source
         readout = self._readout(targets)
-        v, src_layer, q = self._source_vectors(index)
+        v, src_layer, q = self._source_vectors(distinct)  # per distinct source
         # a causal model's gradients stop at the last target's position; sources after it (no edge) need them all
         late = len(index) > 0 and int(q.max()) > int(readout.position.max())
         _, grads, value_grads = self._gradients(readout, values=True, pad=late)
         assert value_grads is not None  # given with values=True
         H, L = self.adapter.n_heads, self.n_layers
+        pair_layer, pair_q = src_layer[of], q[of]
         with torch.no_grad():
             # each pair's direct edge: the source's vector dotted with its target's gradient where it is written
             total = v.new_zeros(len(index))
             for layer in torch.unique(src_layer).tolist():
-                mine = src_layer == layer
-                total[mine] = (v[mine] * grads[layer + 1][owner[mine], q[mine]]).sum(-1)
+                mine = pair_layer == layer
+                total[mine] = (v[of[mine]] * grads[layer + 1][owner[mine], pair_q[mine]]).sum(-1)
             heads = v.new_zeros(len(index), L * H)
             skip = torch.zeros_like(v)  # what the skip connections have added so far, at the source's position
             target_layer = readout.layer.to(dev)[owner]
-            skip_at_target = torch.zeros_like(v)
+            skip_at_target = v.new_zeros(len(index), v.shape[1])
             for m in range(L):
                 here_now = target_layer == m
-                skip_at_target[here_now] = skip[here_now]
+                skip_at_target[here_now] = skip[of[here_now]]
                 r = (v + skip) * (src_layer < m)[:, None]  # only sources written before layer m reach it
                 att = self.attention[m]
                 value_in = torch.einsum("sd,hde->she", self.norms[m, "attn_in_norm"](r, q, bias=False), att.W_V)
                 # each target's gradient at each head's value of key q: sum_p pattern[h, p, q] (grad at p) W_O[h]^T
-                back = value_grads[m][:, q, owner]  # (H, n_pairs, d_head)
-                heads[:, m * H : (m + 1) * H] = (value_in * back.transpose(0, 1)).sum(-1)
+                back = value_grads[m][:, pair_q, owner]  # (H, n_pairs, d_head)
+                heads[:, m * H : (m + 1) * H] = (value_in[of] * back.transpose(0, 1)).sum(-1)
                 skip = skip + self._skip_out(m, self.norms[m, "mlp_in_norm"](r, q, bias=False))
             at_end = target_layer == L
-            skip_at_target[at_end] = skip[at_end]
+            skip_at_target[at_end] = skip[of[at_end]]
             residual = torch.zeros(len(index), dtype=v.dtype, device=dev)
             skipped = torch.zeros_like(residual)
             position = readout.position.to(dev)[owner]
             weight = readout.weight.to(dev)[owner]
             for layer in torch.unique(target_layer).tolist():
-                mine = target_layer == layer
+                # paths without attention reach the target only at the source's own position
+                mine = (target_layer == layer) & (pair_q == position) & (pair_layer < layer)
+                if not bool(mine.any()):
+                    continue
                 norm = self.norms["final"] if layer == L else self.norms[layer, "mlp_in_norm"]
-                here = ((q[mine] == position[mine]) & (src_layer[mine] < layer)).to(v.dtype)
-                residual[mine] = (norm(v[mine], q[mine], bias=False) * weight[mine]).sum(-1) * here
-                skipped[mine] = (norm(skip_at_target[mine], q[mine], bias=False) * weight[mine]).sum(-1) * here
+                residual[mine] = (norm(v[of[mine]], pair_q[mine], bias=False) * weight[mine]).sum(-1)
+                skipped[mine] = (norm(skip_at_target[mine], pair_q[mine], bias=False) * weight[mine]).sum(-1)
             values = torch.cat([heads, residual[:, None], skipped[:, None]], 1).cpu()
             total = total.cpu()
         columns = [f"L{m}.H{h}" for m in range(L) for h in range(H)] + ["residual", "skip"]
