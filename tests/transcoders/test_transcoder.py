@@ -500,6 +500,21 @@ def test_topk_loss_features_are_sparse_rows_of_the_forward_features():
     assert (tc.tokens_since_fired == 0).any() and (tc.tokens_since_fired == 39).any()
 
 
+def test_sparse_rows_from_the_gradients_layout_equal_sorted_rows():
+    from cellcircuits.transcoders._kernels import TransposeCache, topk_indices
+
+    pre = torch.randn(300, 512)
+    indices = topk_indices(pre, 16)
+    values = pre.gather(-1, indices)
+    cache = TransposeCache()
+    got, want = sparse_rows(values, indices, 512, cache), sparse_rows(values, indices, 512)
+    assert cache.layout is not None  # the layout the gradients will reuse
+    for part in ("crow_indices", "col_indices", "values"):
+        assert torch.equal(getattr(got, part)(), getattr(want, part)())
+    torch.sparse_csr_tensor(got.crow_indices(), got.col_indices(), got.values(), (300, 512), check_invariants=True)
+    assert torch.equal(got.to_dense(), torch.zeros(300, 512).scatter(-1, indices, values))
+
+
 def test_stored_zero_activations_do_not_count_as_fired():
     # a TopK row may choose a feature whose relu activation is 0: it is stored in the CSR but did not fire
     tc = make("topk", n_features=6, k=2)

@@ -51,17 +51,28 @@ def topk_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
         return cand_col.view(rows, width).gather(-1, best).view(*pre.shape[:-1], k)
 
 
-def sparse_rows(values: torch.Tensor, indices: torch.Tensor, n: int) -> torch.Tensor:
-    """``(rows, n)`` sparse CSR tensor with ``values[i]`` at columns ``indices[i]`` of row ``i`` (``(rows, k)``)."""
+def sparse_rows(
+    values: torch.Tensor, indices: torch.Tensor, n: int, cache: TransposeCache | None = None
+) -> torch.Tensor:
+    """``(rows, n)`` sparse CSR tensor with ``values[i]`` at columns ``indices[i]`` of row ``i`` (``(rows, k)``).
+
+    With ``cache`` (shared with the gradients of the same indices) the columns are put in order from its
+    column-sorted layout by one stable sort of row numbers, instead of a sort of every row.
+    """
     rows, k = indices.shape
-    indices, order = indices.sort(-1)
     crow = torch.arange(0, rows * k + 1, k, device=indices.device)
+    if cache is None:
+        indices, order = indices.sort(-1)
+        columns, entries = indices.reshape(-1), values.gather(-1, order).reshape(-1)
+    else:
+        _, by_column, row_of = cache.of(indices, n)
+        # the column-sorted entries regrouped by row: a stable sort keeps each row's columns ascending
+        entry = by_column[row_of.to(_index_dtype(rows)).argsort(stable=True)]
+        columns, entries = indices.reshape(-1)[entry], values.reshape(-1)[entry]
     with warnings.catch_warnings():
         # torch warns once that sparse CSR is beta; only its documented accessors are used here
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        return torch.sparse_csr_tensor(
-            crow, indices.reshape(-1), values.gather(-1, order).reshape(-1), size=(rows, n), check_invariants=False
-        )
+        return torch.sparse_csr_tensor(crow, columns, entries, size=(rows, n), check_invariants=False)
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -124,10 +135,36 @@ class TransposeCache:
     def __init__(self) -> None:
         self.layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
+    def of(self, indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layout of ``indices`` (``(rows, k)`` columns of ``n``), found on the first call.
+
+        The transpose's row pointers, the entries in column order and each of those entries' row.
+        """
+        if self.layout is None:
+            self.layout = _transposed_layout(indices, n)
+        return self.layout
+
 
 def _index_dtype(n: int) -> torch.dtype:
     """The narrowest integer dtype that holds the indices ``0 .. n - 1``."""
     return torch.int16 if n <= torch.iinfo(torch.int16).max + 1 else torch.int32
+
+
+def _transposed_layout(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``(n, rows)`` transpose of ``(rows, k)`` column ``indices``: row pointers, entries, their rows.
+
+    The entries are in column order (a stable sort: rows ascending within a column).
+    """
+    k = indices.shape[1]
+    flat = indices.reshape(-1)
+    # the same stable order from narrower keys, which sort faster
+    order = flat.to(_index_dtype(n)).argsort(stable=True)
+    crow = torch.zeros(n + 1, dtype=torch.long, device=indices.device)
+    # counts by a scatter: on a GPU, bincount reads its maximum back to the host and waits for the device
+    crow[1:] = (
+        torch.zeros(n, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat)).cumsum(0)
+    )
+    return crow, order, order // k
 
 
 def _transposed_rows(
@@ -139,21 +176,8 @@ def _transposed_rows(
     rows); a stable sort of the column indices gives the transpose's rows, and the product then costs one pass over
     ``rows * k`` entries. With ``cache`` the sort is done once for every call on the same indices.
     """
-    rows, k = indices.shape
-    layout = cache.layout if cache is not None else None
-    if layout is None:
-        flat = indices.reshape(-1)
-        # the same stable order from narrower keys, which sort faster
-        order = flat.to(_index_dtype(n)).argsort(stable=True)
-        crow = torch.zeros(n + 1, dtype=torch.long, device=indices.device)
-        # counts by a scatter: on a GPU, bincount reads its maximum back to the host and waits for the device
-        crow[1:] = (
-            torch.zeros(n, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat)).cumsum(0)
-        )
-        layout = (crow, order, order // k)
-        if cache is not None:
-            cache.layout = layout
-    crow, order, row_of = layout
+    crow, order, row_of = cache.of(indices, n) if cache is not None else _transposed_layout(indices, n)
+    rows = indices.shape[0]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
         return torch.sparse_csr_tensor(crow, row_of, values.reshape(-1)[order], size=(n, rows), check_invariants=False)

@@ -252,14 +252,15 @@ class Transcoder(nn.Module):
             acts, indices, aux_acts, aux_indices, aux_dead = self._topk_train(x_n, cache)
             y_hat_n = self._decode_sparse(acts, indices, x_n, cache)
             with torch.no_grad():
-                features = sparse_rows(acts, indices, cfg.n_features)
+                features = sparse_rows(acts, indices, cfg.n_features, cache)  # shares the gradients' layout
                 l0_mean = (acts != 0).sum(-1).to(x_n.dtype).mean()
         else:
             pre = self._pre_acts(x_n)
             features = self._activate(pre)
             y_hat_n = self._decode_normalised(features, x_n)
             l0_mean = (features.detach() != 0).sum(-1).to(pre.dtype).mean()
-        mse = (y_n - y_hat_n).pow(2).sum(-1).mean()
+        error = y_n - y_hat_n
+        mse = error.pow(2).sum(-1).mean()
 
         if cfg.activation == "relu":
             # weighting by decoder norms stops the L1 penalty from being dodged by shrinking f and growing W_dec
@@ -270,7 +271,7 @@ class Transcoder(nn.Module):
         else:
             sparsity = mse.new_zeros(())
 
-        residual = (y_n - y_hat_n).detach()
+        residual = error.detach()
         if cfg.activation != "topk":
             selected = self._aux_select(pre)
             aux_acts, aux_indices, aux_dead = (None, None, None) if selected is None else selected
@@ -278,9 +279,9 @@ class Transcoder(nn.Module):
                 aux_acts = torch.relu(aux_acts)
         aux = self._aux_loss(aux_acts, aux_indices, aux_dead, residual)
         with torch.no_grad():
-            y_f = y.to(x_n.dtype).reshape(-1, cfg.d_out)
-            y_hat = y_hat_n / self.output_scale
-            fvu = (y_f - y_hat).pow(2).sum() / (y_f - y_f.mean(0)).pow(2).sum().clamp_min(1e-12)
+            # in normalised units, where the output scale cancels: the squared error is the mse's sum over rows
+            variance = (y_n - y_n.mean(0)).pow(2).sum()
+            fvu = mse.detach() * len(y_n) / variance.clamp_min(1e-12)
         return LossOutput(mse + sparsity + aux, mse, sparsity, aux, fvu, l0_mean, features.detach())
 
     def _topk_train(
