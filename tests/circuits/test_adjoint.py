@@ -125,3 +125,31 @@ def test_attributions_do_not_depend_on_the_batches(case: Case):
     torch.testing.assert_close(many.bias, one.bias, rtol=1e-5, atol=1e-5)
     scale = float(one.matrix.abs().max())
     torch.testing.assert_close(many.matrix, one.matrix, rtol=0, atol=1e-5 * scale)
+
+
+def test_attribution_rows_never_wait_for_the_device(case: Case):
+    # on a GPU, a value read back by the host (item, nonzero, bincount, unique) stalls the queue of work; the
+    # attribution passes read what they need from host copies instead
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    rm = case.rm
+    f = next(iter(rm.features.values()))
+    layer = next(iter(rm.features))
+    picks = torch.linspace(0, len(f.feature) - 1, 12).long()
+    targets = [FeatureTarget(layer, int(f.position[i]), int(f.feature[i])) for i in picks]
+    targets.append(LogitTarget(rm.n_positions - 1, 3, (4, 5, 6)))
+    waits = {"_local_scalar_dense", "nonzero", "bincount", "_unique2", "masked_select", "repeat_interleave"}
+    seen: list[str] = []
+
+    class Waits(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if name in waits:
+                seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    rm.attribute(targets[:1], batch_size=4)  # per-layer set-up, once per prompt
+    with Waits():
+        attribution = rm.attribute(targets, batch_size=4, on_device=True)
+    assert seen == []
+    torch.testing.assert_close(attribution.residual(), torch.zeros(len(targets)), atol=1e-3, rtol=0)

@@ -129,15 +129,14 @@ class AdjointMixin:
         ``pad``).
         """
         L, B, T, d = self.n_layers, len(readout.layer), len(self.embed), self.embed.shape[-1]
-        P = int(readout.position.max()) + 1 if self.causal else T
-        rows = torch.arange(B, device=self.device)
+        P = readout.last_position + 1 if self.causal else T
 
         def seed(layer: int) -> torch.Tensor | None:
-            mine = readout.layer == layer
-            if not bool(mine.any()):
+            mine = readout.by_layer.get(layer)
+            if mine is None:
                 return None
             g = self.embed.new_zeros(B, P, d)
-            g[rows[mine], readout.position[mine]] = readout.weight[mine]
+            g[mine, readout.position[mine]] = readout.weight[mine]
             return g
 
         g = self.embed.new_zeros(B, P, d)
@@ -146,7 +145,7 @@ class AdjointMixin:
             g = self.norms["final"].transpose(at_final)
         H, d_head = self.attention[0].W_V.shape[0], self.attention[0].W_V.shape[-1]
         at_writes, at_values = [torch.zeros_like(g)] * L, [g.new_zeros(H, P, B, d_head)] * L
-        for m in range(int(readout.layer.max().clamp(max=L - 1)), -1, -1):
+        for m in range(min(max(readout.by_layer), L - 1), -1, -1):
             at_writes[m] = g
             at_x = self._skip_transposed(m, g)
             here = seed(m)

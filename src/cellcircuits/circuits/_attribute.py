@@ -54,7 +54,7 @@ class AttributionMixin(AdjointMixin):
     """
 
     _decoders: dict[int, torch.Tensor]
-    _padded: dict[int, tuple[torch.Tensor, torch.Tensor] | None]
+    _padded: dict[int, tuple[torch.Tensor, torch.Tensor, np.ndarray] | None]
     # held by ReplacementModel
     nodes: Nodes
     features: dict[int, ActiveFeatures]
@@ -77,9 +77,9 @@ class AttributionMixin(AdjointMixin):
         padded = self._padded_sources(layer)
         if padded is not None:
             # per position, its own features' source vectors: one small product per position, batched
-            vectors, slot = padded
+            vectors, slot, before = padded
             dots = torch.bmm(grad.transpose(0, 1), vectors[:P].transpose(1, 2))  # (P, B, k_max)
-            m = int(f.offsets[P]) if P < len(f.offsets) else len(f.feature)  # features at positions before P
+            m = int(before[P])  # features at positions before P
             return dots[f.position[:m], :, slot[:m]].T  # one gather, no (B, T * k_max) block
         T = self.n_positions
         grad = F.pad(grad, (0, 0, 0, T - P))
@@ -96,11 +96,13 @@ class AttributionMixin(AdjointMixin):
             out = torch.cat(parts, 1) if parts else grad.new_zeros(grad.shape[0], 0)
         return out / tc.output_scale.float().to(self.device)
 
-    def _padded_sources(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Each position's active features' source vectors, padded to ``(T, k_max, d)``, and each feature's slot.
+    def _padded_sources(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray] | None:
+        """Each position's active features' source vectors, padded to ``(T, k_max, d)``, with their slots and counts.
 
-        Built once per layer. ``None`` when padding would more than double the active features (positions with far
-        more active features than the rest), or when a dense product against every decoder row is cheaper.
+        Also each feature's slot at its position, and the number of features before each position (``T + 1``
+        values, on the host). Built once per layer. ``None`` when padding would more than double the active
+        features (positions with far more active features than the rest), or when a dense product against every
+        decoder row is cheaper.
         """
         if layer not in self._padded:
             f, tc = self.features[layer], self.transcoders[layer]
@@ -113,7 +115,9 @@ class AttributionMixin(AdjointMixin):
                 rows = tc.W_dec[f.feature.to(tc.W_dec.device)].float().to(self.device)
                 vectors = rows.new_zeros(T, k_max, rows.shape[1])
                 vectors[f.position, slot] = rows * (f.activation / tc.output_scale.float().to(self.device))[:, None]
-                self._padded[layer] = (vectors, slot)
+                # features before each position, on the host: read for every batch without waiting for the device
+                before = np.append(f.offsets.cpu().numpy(), n)
+                self._padded[layer] = (vectors, slot, before)
         return self._padded[layer]
 
     def _decoder(self, layer: int) -> torch.Tensor:

@@ -99,7 +99,7 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         self.uncovered_layers = [m for m in range(self.n_layers) if m not in features]
         self.nodes = build_nodes(features, self.n_positions, self.n_layers)
         self._decoders: dict[int, torch.Tensor] = {}
-        self._padded: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._padded: dict[int, tuple[torch.Tensor, torch.Tensor, np.ndarray] | None] = {}
         self._points: dict[bool, list[torch.Tensor]] = {}
         # no query reads a later key: a target's gradient is zero after its position
         self.causal = all(not bool(a.pattern.triu(1).any()) for a in attention)
@@ -276,7 +276,7 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
         if readout is None:
             last = L - 1
         else:
-            last = L - 1 if final or bool((readout.layer == L).any()) else int(readout.layer.max())
+            last = L - 1 if final or L in readout.by_layer else max(readout.by_layer)
             values = readout.const[None]
         r = embed
         for m in range(last + 1):
@@ -388,11 +388,16 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
             w = tc.W_enc.detach()[:, feature].T.float() * tc.input_scale.detach().float()
             weight[at] = w.to(self.device)
             const[at] = tc.b_enc.detach()[feature].float().to(self.device)
+        rows_of: dict[int, list[int]] = {}
+        for i, m in enumerate(layer):
+            rows_of.setdefault(m, []).append(i)
         return Readout(
             torch.tensor(layer, dtype=torch.long, device=self.device),
             torch.tensor([t.position for t in targets], dtype=torch.long, device=self.device),
             weight,
             const,
+            {m: torch.tensor(rows, dtype=torch.long, device=self.device) for m, rows in sorted(rows_of.items())},
+            max((t.position for t in targets), default=-1),
         )
 
     @torch.no_grad()
@@ -417,6 +422,8 @@ class ReplacementModel(AttributionMixin, ViaHeadsMixin):
 
 def _read(x: torch.Tensor, readout: Readout, layer: int) -> torch.Tensor:
     """``(B, K)`` the readouts taken at ``layer`` (zero for the others) from ``x`` (``(B, T, d)``)."""
-    k = (readout.layer == layer).nonzero().squeeze(1)
-    vals = (x[:, readout.position[k]] * readout.weight[k]).sum(-1)
-    return x.new_zeros(x.shape[0], len(readout.layer)).index_add(1, k, vals)
+    out = x.new_zeros(x.shape[0], len(readout.layer))
+    k = readout.by_layer.get(layer)
+    if k is None:
+        return out
+    return out.index_add(1, k, (x[:, readout.position[k]] * readout.weight[k]).sum(-1))

@@ -49,6 +49,11 @@ class Readout(NamedTuple):
     position: torch.Tensor
     weight: torch.Tensor
     const: torch.Tensor
+    by_layer: dict[int, torch.Tensor]
+    """The readouts of each layer that has any (``layer`` values: indices on the device), found once on the host,
+    so that no step waits for the device to tell which readouts a layer has."""
+    last_position: int
+    """``max(position)``, on the host."""
 
 
 class LabelTarget(NamedTuple):

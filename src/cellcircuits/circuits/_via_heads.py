@@ -140,7 +140,7 @@ class ViaHeadsMixin(AdjointMixin):
         readout = self._readout(targets)
         v, src_layer, q = self._source_vectors(distinct)  # per distinct source
         # a causal model's gradients stop at the last target's position; sources after it (no edge) need them all
-        late = len(index) > 0 and int(q.max()) > int(readout.position.max())
+        late = len(index) > 0 and int(q.max()) > readout.last_position
         _, grads, value_grads = self._gradients(readout, values=True, pad=late)
         assert value_grads is not None  # given with values=True
         H, L = self.adapter.n_heads, self.n_layers
