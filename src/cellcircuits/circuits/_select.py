@@ -182,7 +182,7 @@ class RowStore:
         Where rows are computed and first kept.
     budget
         Bytes of rows kept on ``device``; rows past it go to host memory (pinned when the device is a GPU).
-        ``None``: all on ``device``.
+        ``None``: all on ``device``; ``"auto"``: :func:`device_budget`'s.
 
     Raises
     ------
@@ -191,9 +191,15 @@ class RowStore:
     """
 
     def __init__(
-        self, capacity: int, n_nodes: int, dtype: torch.dtype, device: torch.device, budget: int | None = None
+        self,
+        capacity: int,
+        n_nodes: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        budget: int | str | None = None,
     ) -> None:
         row_bytes = n_nodes * (torch.empty(0, dtype=dtype).element_size() + 1)  # values and a sign byte
+        budget = device_budget(budget, device, row_bytes)
         if budget is not None and budget < row_bytes:
             msg = (
                 f"the memory budget of {budget} bytes cannot hold one attribution row ({n_nodes} nodes, "
@@ -336,7 +342,7 @@ class InfluenceTracker:
     capacity
         Most feature rows that will be added.
     memory_budget
-        Bytes of rows kept on the device (``None``: all).
+        Bytes of rows kept on the device (``None``: all; ``"auto"``: :func:`device_budget`'s).
     dtype
         Dtype the rows (and their shares ``C``) are kept in. Attribution rows are computed in float32, so the
         default loses nothing; the products over rows then round in float32 (relative error about ``1e-6``), float64
@@ -347,7 +353,7 @@ class InfluenceTracker:
         self,
         target_row: torch.Tensor,
         capacity: int,
-        memory_budget: int | None = None,
+        memory_budget: int | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         device = target_row.device
@@ -463,8 +469,7 @@ def select_features(
     eligible = torch.as_tensor(nodes.kind == "feature", device=rm.device)
     # no more rows than features that could be selected
     capacity = max(1, min(max_feature_nodes, int(eligible.sum())))
-    row_bytes = len(nodes) * (torch.empty(0, dtype=torch.float32).element_size() + 1)
-    tracker = InfluenceTracker(row, capacity, device_budget(budget, rm.device, row_bytes))
+    tracker = InfluenceTracker(row, capacity, budget)
     while tracker.size < max_feature_nodes:
         score = torch.where(eligible, tracker.influence, torch.full_like(tracker.influence, -1.0))
         score[tracker.selected()] = -1.0
