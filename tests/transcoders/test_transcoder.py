@@ -500,15 +500,16 @@ def test_topk_loss_features_are_sparse_rows_of_the_forward_features():
     assert (tc.tokens_since_fired == 0).any() and (tc.tokens_since_fired == 39).any()
 
 
-def test_sparse_rows_from_the_gradients_layout_equal_sorted_rows():
-    from cellcircuits.transcoders._kernels import TransposeCache, topk_indices
+def test_sparse_rows_of_ascending_indices_equal_sorted_rows():
+    from cellcircuits.transcoders._kernels import topk_indices
 
     pre = torch.randn(300, 512)
     indices = topk_indices(pre, 16)
+    assert torch.equal(indices, indices.sort(-1).values)  # ascending within each row
     values = pre.gather(-1, indices)
-    cache = TransposeCache()
-    got, want = sparse_rows(values, indices, 512, cache), sparse_rows(values, indices, 512)
-    assert cache.layout is not None  # the layout the gradients will reuse
+    shuffled = torch.rand(300, 16).argsort(-1)
+    got = sparse_rows(values, indices, 512, ascending=True)
+    want = sparse_rows(values.gather(-1, shuffled), indices.gather(-1, shuffled), 512)
     for part in ("crow_indices", "col_indices", "values"):
         assert torch.equal(getattr(got, part)(), getattr(want, part)())
     torch.sparse_csr_tensor(got.crow_indices(), got.col_indices(), got.values(), (300, 512), check_invariants=True)

@@ -9,37 +9,38 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 
 def topk_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """``(..., k)`` indices of the ``k`` largest entries of each row of ``pre``, in no particular order.
+    """``(..., k)`` indices of the ``k`` largest entries of each row of ``pre``, ascending within each row.
 
-    The same selection as ``pre.topk(k, sorted=False).indices`` (up to the order of the indices and the choice
-    among tied values), found faster on CPU: the row's ``n`` entries are split into ``2k`` strided groups, and the
-    ``k``-th largest group maximum is a floor that at least ``k`` entries reach, so only the entries at or above
-    it (a few times ``k`` in practice) are searched. Falls back to ``torch.topk`` when ``n`` is not a multiple of
-    ``2k`` of at least ``4k`` or when a row has fewer than ``k`` entries at or above its floor (NaNs).
+    The same selection as ``pre.topk(k).indices`` (up to the order of the indices and the choice among tied
+    values), found faster on CPU: the row's ``n`` entries are split into ``2k`` strided groups, and the ``k``-th
+    largest group maximum is a floor that at least ``k`` entries reach, so only the entries at or above it (a few
+    times ``k`` in practice) are searched. Falls back to ``torch.topk`` when ``n`` is not a multiple of ``2k`` of at
+    least ``4k`` or when a row has fewer than ``k`` entries at or above its floor (NaNs).
 
-    Off the CPU it is ``torch.topk`` itself: one kernel there, where the search above would cost a dozen more and
-    three waits for the device (``nonzero`` and two counts read by the host).
+    Off the CPU it is ``torch.topk`` and a sort of the ``k`` indices: two kernels there, where the search above
+    would cost a dozen more and three waits for the device (``nonzero`` and two counts read by the host).
     """
     n = pre.shape[-1]
     n_groups = 2 * k
     if pre.device.type != "cpu" or n % n_groups != 0 or n < 2 * n_groups:
-        return pre.topk(k, dim=-1, sorted=False).indices
+        return _ascending(pre.topk(k, dim=-1, sorted=False).indices)
     with torch.no_grad():
         flat = pre.detach().reshape(-1, n)
         rows = flat.shape[0]
         group_max = flat.view(rows, n // n_groups, n_groups).amax(1)
-        floor = group_max.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+        floor = _kth_largest(group_max, k)
         row, col = (flat >= floor).nonzero(as_tuple=True)
         counts = torch.bincount(row, minlength=rows)
         if rows == 0 or int(counts.min()) < k:
-            return pre.topk(k, dim=-1, sorted=False).indices
-        # pack each row's candidates to the left of a (rows, width) block padded with -inf
+            return _ascending(pre.topk(k, dim=-1, sorted=False).indices)
+        # pack each row's candidates to the left of a (rows, width) block padded with -inf, in column order
         width = int(counts.max())
         slot = torch.arange(row.numel(), device=pre.device) - (counts.cumsum(0) - counts)[row]
         packed = row * width + slot
@@ -48,31 +49,49 @@ def topk_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
         cand_col = torch.zeros(rows * width, dtype=torch.long, device=pre.device)
         cand_col[packed] = col
         best = cand.view(rows, width).topk(k, dim=-1, sorted=False).indices
-        return cand_col.view(rows, width).gather(-1, best).view(*pre.shape[:-1], k)
+        # ascending slots are ascending columns
+        return cand_col.view(rows, width).gather(-1, _ascending(best)).view(*pre.shape[:-1], k)
 
 
-def sparse_rows(
-    values: torch.Tensor, indices: torch.Tensor, n: int, cache: TransposeCache | None = None
-) -> torch.Tensor:
+def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """``(rows, 1)`` the ``k``-th largest entry of each row of the 2-d CPU tensor ``values``; NaN for a row with a NaN.
+
+    NumPy's partition for the dtypes it has, a few times faster than ``torch.topk`` on short rows; ``torch.topk``
+    for the others (bfloat16).
+    """
+    n = values.shape[-1]
+    if values.dtype not in (torch.float32, torch.float64):
+        return values.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    array = values.numpy()
+    kth = np.partition(array, n - k, axis=-1)[:, n - k : n - k + 1]
+    kth[np.isnan(array).any(-1)] = np.nan
+    return torch.from_numpy(kth)
+
+
+def _ascending(indices: torch.Tensor) -> torch.Tensor:
+    """``indices`` sorted along the last dimension; on the CPU by NumPy, several times faster there for short rows."""
+    if indices.device.type == "cpu":
+        return torch.from_numpy(np.sort(indices.numpy(), axis=-1))
+    return indices.sort(-1).values
+
+
+def sparse_rows(values: torch.Tensor, indices: torch.Tensor, n: int, *, ascending: bool = False) -> torch.Tensor:
     """``(rows, n)`` sparse CSR tensor with ``values[i]`` at columns ``indices[i]`` of row ``i`` (``(rows, k)``).
 
-    With ``cache`` (shared with the gradients of the same indices) the columns are put in order from its
-    column-sorted layout by one stable sort of row numbers, instead of a sort of every row.
+    ``ascending=True`` says each row's indices are already in ascending order (as :func:`topk_indices` gives them),
+    and spares their sort.
     """
     rows, k = indices.shape
     crow = torch.arange(0, rows * k + 1, k, device=indices.device)
-    if cache is None:
+    if not ascending:
         indices, order = indices.sort(-1)
-        columns, entries = indices.reshape(-1), values.gather(-1, order).reshape(-1)
-    else:
-        _, by_column, row_of = cache.of(indices, n)
-        # the column-sorted entries regrouped by row: a stable sort keeps each row's columns ascending
-        entry = by_column[row_of.to(_index_dtype(rows)).argsort(stable=True)]
-        columns, entries = indices.reshape(-1)[entry], values.reshape(-1)[entry]
+        values = values.gather(-1, order)
     with warnings.catch_warnings():
         # torch warns once that sparse CSR is beta; only its documented accessors are used here
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        return torch.sparse_csr_tensor(crow, columns, entries, size=(rows, n), check_invariants=False)
+        return torch.sparse_csr_tensor(
+            crow, indices.reshape(-1), values.reshape(-1), size=(rows, n), check_invariants=False
+        )
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -129,7 +148,7 @@ class TransposeCache:
     """The layout of the transposed sparse rows of one ``(rows, k)`` index tensor, found once for two products.
 
     The decoder's and the encoder's weight gradients read the same top-k indices; passing one cache to
-    :class:`DecoderGrad` and :class:`GatheredEncode` sorts them once per step instead of twice.
+    :class:`SparseDecode` and :class:`GatheredEncode` sorts them once per step instead of twice.
     """
 
     def __init__(self) -> None:
@@ -167,52 +186,81 @@ def _transposed_layout(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, tor
     return crow, order, order // k
 
 
-def _transposed_rows(
-    values: torch.Tensor, indices: torch.Tensor, n: int, cache: TransposeCache | None = None
+def _transposed_product(
+    values: torch.Tensor, indices: torch.Tensor, n: int, dense: torch.Tensor, cache: TransposeCache | None = None
 ) -> torch.Tensor:
-    """``(n, rows)`` sparse CSR tensor, the transpose of the ``(rows, n)`` one with ``values[i]`` at ``indices[i]``.
+    """``S.T @ dense`` (``(n, d)``) for the ``(rows, n)`` row-sparse ``S`` with ``values[i]`` at ``indices[i]``.
 
-    ``S.T @ A`` for such a row-sparse ``S`` is the gradient of a weight read at ``indices`` (encoder columns, decoder
-    rows); a stable sort of the column indices gives the transpose's rows, and the product then costs one pass over
-    ``rows * k`` entries. With ``cache`` the sort is done once for every call on the same indices.
+    The gradient of a weight read at ``indices`` (encoder columns, decoder rows). A stable sort of the column
+    indices gives the transpose's rows, and the product then costs one pass over ``rows * k`` entries; with
+    ``cache`` the sort is done once for every product on the same indices. On the CPU the transpose's rows are
+    summed by ``embedding_bag``, a few times faster there than torch's sparse CSR product, which the other devices
+    use.
     """
     crow, order, row_of = cache.of(indices, n) if cache is not None else _transposed_layout(indices, n)
-    rows = indices.shape[0]
+    entries = values.reshape(-1)[order]
+    if dense.device.type == "cpu":
+        return F.embedding_bag(row_of, dense, crow[:-1], mode="sum", per_sample_weights=entries)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        return torch.sparse_csr_tensor(crow, row_of, values.reshape(-1)[order], size=(n, rows), check_invariants=False)
+        rows = indices.shape[0]
+        transposed = torch.sparse_csr_tensor(crow, row_of, entries, size=(n, rows), check_invariants=False)
+    return transposed @ dense
 
 
-class DecoderGrad(torch.autograd.Function):
-    """Identity on ``out``, the sparse decoder's output, that gives ``W_dec`` its gradient through a sparse product.
+def _sampled_dots(grad: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``(rows, k)`` dot products ``grad[r] · weight[indices[r, j]]``: the gradient of ``embedding_bag``'s weights.
 
-    ``out = embedding_bag(indices, W_dec.detach(), acts)`` already carries the gradient of ``acts``; the decoder
-    rows' gradient ``S.T @ grad`` (``S`` holding ``acts`` at ``indices``) is added here, cheaper on CPU than
-    ``embedding_bag``'s own backward.
+    On the CPU a sampled product at the CSR pattern of ``indices`` (ascending within each row, as
+    :func:`topk_indices` gives them), a few times faster there than ``embedding_bag``'s own backward, which the
+    other devices use.
+    """
+    rows, k = indices.shape
+    if grad.device.type == "cpu":
+        crow = torch.arange(0, rows * k + 1, k)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+            pattern = torch.sparse_csr_tensor(
+                crow,
+                indices.reshape(-1),
+                grad.new_zeros(rows * k),
+                size=(rows, weight.shape[0]),
+                check_invariants=False,
+            )
+        return torch.sparse.sampled_addmm(pattern, grad, weight.T, beta=0.0).values().view(rows, k)
+    with torch.enable_grad():
+        acts = grad.new_ones(rows, k, requires_grad=True)
+        out = F.embedding_bag(indices, weight.detach(), per_sample_weights=acts, mode="sum")
+        return torch.autograd.grad(out, acts, grad)[0]
+
+
+class SparseDecode(torch.autograd.Function):
+    """``out[r] = Σ_j acts[r, j] · W_dec[indices[r, j]]``: a TopK decoder's product, with sparse gradients.
+
+    ``embedding_bag`` forward; backward, ``acts`` get the dot products of the output gradient with the decoder rows
+    they read (:func:`_sampled_dots`), and ``W_dec`` the transposed sparse product ``S.T @ grad``
+    (:func:`_transposed_product`, ``S`` holding ``acts`` at ``indices``), whose layout ``cache`` shares with the
+    encoder's gradient (:class:`GatheredEncode`).
     """
 
     @staticmethod
     def forward(
-        ctx,
-        out: torch.Tensor,
-        W_dec: torch.Tensor,
-        acts: torch.Tensor,
-        indices: torch.Tensor,
-        cache: TransposeCache | None = None,
+        ctx, acts: torch.Tensor, W_dec: torch.Tensor, indices: torch.Tensor, cache: TransposeCache | None = None
     ) -> torch.Tensor:
-        """``out`` unchanged; keeps ``acts`` and ``indices`` (and the shared ``cache``) for the decoder's gradient."""
-        ctx.save_for_backward(acts, indices)
-        ctx.n = W_dec.shape[0]
+        """``(rows, d_out)`` sums of the decoder rows at ``indices`` (``(rows, k)``) weighted by ``acts``."""
+        ctx.save_for_backward(acts, W_dec, indices)
         ctx.cache = cache
-        return out.view_as(out)
+        return F.embedding_bag(indices, W_dec, per_sample_weights=acts, mode="sum")
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None, None]:
-        """``grad`` passed on to ``out``, and ``W_dec``'s gradient as a sparse product."""
-        acts, indices = ctx.saved_tensors
-        grad_W = _transposed_rows(acts, indices, ctx.n, ctx.cache) @ grad if ctx.needs_input_grad[1] else None
-        return grad, grad_W, None, None, None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        """Gradients of ``acts`` and ``W_dec``."""
+        acts, W_dec, indices = ctx.saved_tensors
+        need_acts, need_W = ctx.needs_input_grad[:2]
+        grad_acts = _sampled_dots(grad, W_dec, indices) if need_acts else None
+        grad_W = _transposed_product(acts, indices, W_dec.shape[0], grad, ctx.cache) if need_W else None
+        return grad_acts, grad_W, None, None
 
 
 #: :class:`GatheredEncode` takes the dense backward when a row holds more than ``n_features / 16`` entries, about
@@ -242,7 +290,7 @@ class GatheredEncode(torch.autograd.Function):
     ) -> torch.Tensor:
         """``relu(values)``; ``x_n``, ``W_enc`` and ``b_enc`` are taken only for their gradients.
 
-        ``cache`` is shared with the :class:`DecoderGrad` of the same ``indices``.
+        ``cache`` is shared with the :class:`SparseDecode` of the same ``indices``.
         """
         acts = torch.relu(values)
         ctx.save_for_backward(acts, indices, x_n, W_enc)
@@ -271,7 +319,7 @@ class GatheredEncode(torch.autograd.Function):
                 grad_x = dense @ W_enc.T
             return None, None, grad_x, grad_W, grad_b, None
         if need_W:
-            grad_W = (_transposed_rows(g, indices, n, ctx.cache) @ x_n).T.contiguous()
+            grad_W = _transposed_product(g, indices, n, x_n, ctx.cache).T.contiguous()
         if need_b:
             grad_b = g.new_zeros(n).index_add_(0, indices.reshape(-1), g.reshape(-1))
         if need_x:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._config import TranscoderConfig
-from ._kernels import DecoderGrad, GatheredEncode, JumpReLU, Step, TransposeCache, sparse_rows, topk_indices
+from ._kernels import GatheredEncode, JumpReLU, SparseDecode, Step, TransposeCache, sparse_rows, topk_indices
 
 #: Norm of each decoder row at initialisation.
 DECODER_INIT_NORM = 0.1
@@ -159,12 +159,12 @@ class Transcoder(nn.Module):
     ) -> torch.Tensor:
         """:meth:`_decode_normalised` of ``(rows, k)`` active features: sums ``k`` decoder rows per row.
 
-        Gathering the rows costs ``rows * k * d_out`` instead of ``rows * n_features * d_out``, and so does the
-        backward pass, whose gradient reaches only the decoder rows that were used.
+        Gathering the rows costs ``rows * k * d_out`` instead of ``rows * n_features * d_out``. With ``cache`` (the
+        training loss, whose indices are :func:`topk_indices`' and so ascending within each row) the backward pass
+        is :class:`SparseDecode`'s, whose gradient reaches only the decoder rows that were used.
         """
-        if torch.is_grad_enabled() and self.W_dec.requires_grad:
-            out = F.embedding_bag(indices, self.W_dec.detach(), per_sample_weights=acts, mode="sum")
-            out = DecoderGrad.apply(out, self.W_dec, acts.detach(), indices, cache) + self.b_dec
+        if cache is not None and torch.is_grad_enabled():
+            out = SparseDecode.apply(acts, self.W_dec, indices, cache) + self.b_dec
         else:
             out = F.embedding_bag(indices, self.W_dec, per_sample_weights=acts, mode="sum") + self.b_dec
         if self.W_skip is not None and x_n is not None:
@@ -252,7 +252,7 @@ class Transcoder(nn.Module):
             acts, indices, aux_acts, aux_indices, aux_dead = self._topk_train(x_n, cache)
             y_hat_n = self._decode_sparse(acts, indices, x_n, cache)
             with torch.no_grad():
-                features = sparse_rows(acts, indices, cfg.n_features, cache)  # shares the gradients' layout
+                features = sparse_rows(acts, indices, cfg.n_features, ascending=True)
                 l0_mean = (acts != 0).sum(-1).to(x_n.dtype).mean()
         else:
             pre = self._pre_acts(x_n)
