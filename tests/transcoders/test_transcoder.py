@@ -590,3 +590,28 @@ def test_check_compatible_can_warn_about_another_model_name(recwarn):
     unnamed.check_compatible(model_name="big", n_layers=4, d_model=8)
     tset.check_compatible(model_name="tiny", name_mismatch="warn")
     assert not [w for w in recwarn if "trained on" in str(w.message)]
+
+
+def test_sparse_topk_with_tied_values_keeps_k_of_the_largest():
+    # integer-valued rows: many ties at each row's k-th largest value, which take the tie path
+    from cellcircuits.transcoders._kernels import sparse_topk
+
+    torch.manual_seed(0)
+    pre = torch.randint(0, 20, (64, 256)).float()
+    values, indices = sparse_topk(pre, 8)
+    assert values.shape == indices.shape == (64, 8)
+    assert torch.equal(indices, indices.sort(-1).values)
+    assert (indices.diff(dim=-1) > 0).all()  # distinct columns
+    assert torch.equal(values, pre.gather(-1, indices))
+    want = pre.topk(8, dim=-1).values
+    torch.testing.assert_close(values.sort(-1).values, want.sort(-1).values, rtol=0, atol=0)
+
+
+def test_sparse_topk_values_are_the_entries_at_its_indices():
+    from cellcircuits.transcoders._kernels import sparse_topk
+
+    pre = torch.randn(40, 512, dtype=torch.float64)
+    values, indices = sparse_topk(pre, 16)
+    assert values.dtype == torch.float64
+    assert torch.equal(values, pre.gather(-1, indices))
+    assert torch.equal(indices, pre.topk(16, dim=-1).indices.sort(-1).values)

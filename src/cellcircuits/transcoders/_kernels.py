@@ -18,39 +18,64 @@ from torch.nn import functional as F
 def topk_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
     """``(..., k)`` indices of the ``k`` largest entries of each row of ``pre``, ascending within each row.
 
-    The same selection as ``pre.topk(k).indices`` (up to the order of the indices and the choice among tied
-    values), found faster on CPU: the row's ``n`` entries are split into ``2k`` strided groups, and the ``k``-th
-    largest group maximum is a floor that at least ``k`` entries reach, so only the entries at or above it (a few
-    times ``k`` in practice) are searched. Falls back to ``torch.topk`` when ``n`` is not a multiple of ``2k`` of at
-    least ``4k`` or when a row has fewer than ``k`` entries at or above its floor (NaNs).
+    :func:`sparse_topk`'s indices.
+    """
+    return sparse_topk(pre, k)[1]
+
+
+def sparse_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(..., k)`` values and indices of the ``k`` largest entries of each row of ``pre``; indices ascending by row.
+
+    The same selection as ``pre.topk(k)`` (up to the order and the choice among tied values), found faster on CPU:
+    the row's ``n`` entries are split into ``2k`` strided groups, and the ``k``-th largest group maximum is a floor
+    that at least ``k`` entries reach, so only the entries at or above it (a few times ``k`` in practice) are
+    searched, for the ``k``-th largest value. Falls back to ``torch.topk`` when ``n`` is not a multiple of ``2k`` of
+    at least ``4k`` or when a row has fewer than ``k`` entries at or above its floor (NaNs). Without gradient.
 
     Off the CPU it is ``torch.topk`` and a sort of the ``k`` indices: two kernels there, where the search above
     would cost a dozen more and three waits for the device (``nonzero`` and two counts read by the host).
     """
     n = pre.shape[-1]
     n_groups = 2 * k
-    if pre.device.type != "cpu" or n % n_groups != 0 or n < 2 * n_groups:
-        return _ascending(pre.topk(k, dim=-1, sorted=False).indices)
+    shape = (*pre.shape[:-1], k)
     with torch.no_grad():
-        flat = pre.detach().reshape(-1, n)
+        pre = pre.detach()
+        flat = pre.reshape(-1, n)
         rows = flat.shape[0]
-        group_max = flat.view(rows, n // n_groups, n_groups).amax(1)
-        floor = _kth_largest(group_max, k)
-        row, col = (flat >= floor).nonzero(as_tuple=True)
-        counts = torch.bincount(row, minlength=rows)
-        if rows == 0 or int(counts.min()) < k:
-            return _ascending(pre.topk(k, dim=-1, sorted=False).indices)
-        # pack each row's candidates to the left of a (rows, width) block padded with -inf, in column order
-        width = int(counts.max())
-        slot = torch.arange(row.numel(), device=pre.device) - (counts.cumsum(0) - counts)[row]
-        packed = row * width + slot
-        cand = flat.new_full((rows * width,), -torch.inf)
-        cand[packed] = flat[row, col]
-        cand_col = torch.zeros(rows * width, dtype=torch.long, device=pre.device)
-        cand_col[packed] = col
-        best = cand.view(rows, width).topk(k, dim=-1, sorted=False).indices
-        # ascending slots are ascending columns
-        return cand_col.view(rows, width).gather(-1, _ascending(best)).view(*pre.shape[:-1], k)
+        if pre.device.type != "cpu" or n % n_groups != 0 or n < 2 * n_groups or rows == 0:
+            return _topk_ascending(pre, k)
+        floor = _kth_largest(flat.view(rows, n // n_groups, n_groups).amax(1), k)
+        # the candidates' positions in the flattened block: row by row, columns ascending
+        at = (flat >= floor).view(-1).nonzero().squeeze(1)
+        row = _floor_div(at, n)
+        counts = torch.zeros(rows, dtype=torch.long).scatter_add_(0, row, torch.ones_like(row))
+        fewest, most = (int(c) for c in counts.aminmax())
+        if fewest < k:
+            return _topk_ascending(pre, k)
+        values = flat.view(-1).index_select(0, at)
+        # each row's candidates packed to the left of a (rows, most) block padded with -inf
+        slot = torch.arange(len(at)) - (counts.cumsum(0) - counts).index_select(0, row)
+        packed = row * most + slot
+        block = flat.new_full((rows * most,), -torch.inf).index_copy_(0, packed, values).view(rows, most)
+        kth = _kth_largest(block, k).view(-1)
+        keep = (values >= kth.index_select(0, row)).nonzero().squeeze(1)
+        columns = at - row * n
+        if len(keep) == rows * k:  # no row has a tie at its k-th value: exactly k candidates each, in column order
+            return values.index_select(0, keep).view(shape), columns.index_select(0, keep).view(shape)
+        # a tie: k of each row's candidates, by position in the block (ascending positions are ascending columns)
+        best = _ascending(block.topk(k, dim=-1, sorted=False).indices)
+        block_columns = torch.zeros(rows * most, dtype=torch.long).index_copy_(0, packed, columns).view(rows, most)
+        return block.gather(-1, best).view(shape), block_columns.gather(-1, best).view(shape)
+
+
+def _topk_ascending(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    indices = _ascending(pre.topk(k, dim=-1, sorted=False).indices)
+    return pre.gather(-1, indices), indices
+
+
+def _floor_div(values: torch.Tensor, n: int) -> torch.Tensor:
+    """``values // n`` for non-negative integers; a shift when ``n`` is a power of two (several times faster)."""
+    return values >> (n.bit_length() - 1) if n & (n - 1) == 0 else values // n
 
 
 def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -183,7 +208,7 @@ def _transposed_layout(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, tor
     crow[1:] = (
         torch.zeros(n, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat)).cumsum(0)
     )
-    return crow, order, order // k
+    return crow, order, _floor_div(order, k)
 
 
 def _transposed_product(
@@ -198,7 +223,7 @@ def _transposed_product(
     use.
     """
     crow, order, row_of = cache.of(indices, n) if cache is not None else _transposed_layout(indices, n)
-    entries = values.reshape(-1)[order]
+    entries = values.reshape(-1).index_select(0, order)
     if dense.device.type == "cpu":
         return F.embedding_bag(row_of, dense, crow[:-1], mode="sum", per_sample_weights=entries)
     with warnings.catch_warnings():
@@ -276,6 +301,9 @@ class GatheredEncode(torch.autograd.Function):
     ``x_n.T @ G`` (``G`` the ``(rows, n_features)`` gradient of the pre-activations, ``m`` non-zero entries per
     row) is a sparse product of ``rows * m * d_in`` multiply-adds instead of a dense one of
     ``rows * n_features * d_in``. Repeated indices in a row add up, as they would through ``gather``.
+
+    ``indices`` of shape ``(m,)`` are the same columns for every row (``values = (x_n @ W_enc + b_enc)[:, indices]``,
+    as AuxK reads its dead features); their weight gradient is then the dense product ``x_n.T @ G[:, indices]``.
     """
 
     @staticmethod
@@ -306,9 +334,17 @@ class GatheredEncode(torch.autograd.Function):
         acts, indices, x_n, W_enc = ctx.saved_tensors
         need_x, need_W, need_b = ctx.needs_input_grad[2:5]
         n = W_enc.shape[1]
-        rows, m = indices.shape
         g = torch.where(acts > 0, grad, 0)  # relu's gradient, zero where the activation is zero
         grad_x = grad_W = grad_b = None
+        if indices.dim() == 1:  # the same columns in every row
+            if need_W:
+                grad_W = W_enc.new_zeros(W_enc.shape).index_copy_(1, indices, x_n.T @ g)
+            if need_b:
+                grad_b = g.new_zeros(n).index_copy_(0, indices, g.sum(0))
+            if need_x:
+                grad_x = g @ W_enc.index_select(1, indices).T
+            return None, None, grad_x, grad_W, grad_b, None
+        rows, m = indices.shape
         if m * _DENSE_BACKWARD_FRACTION > n:
             dense = g.new_zeros(rows, n).scatter_add_(-1, indices, g)
             if need_W:

@@ -21,7 +21,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._config import TranscoderConfig
-from ._kernels import GatheredEncode, JumpReLU, SparseDecode, Step, TransposeCache, sparse_rows, topk_indices
+from ._kernels import (
+    GatheredEncode,
+    JumpReLU,
+    SparseDecode,
+    Step,
+    TransposeCache,
+    sparse_rows,
+    sparse_topk,
+    topk_indices,
+)
 
 #: Norm of each decoder row at initialisation.
 DECODER_INIT_NORM = 0.1
@@ -259,8 +268,9 @@ class Transcoder(nn.Module):
             features = self._activate(pre)
             y_hat_n = self._decode_normalised(features, x_n)
             l0_mean = (features.detach() != 0).sum(-1).to(pre.dtype).mean()
-        error = y_n - y_hat_n
-        mse = error.pow(2).sum(-1).mean()
+        rows = len(y_n)
+        # one kernel each way for the squared error, instead of a difference, a square and two reductions
+        mse = F.mse_loss(y_hat_n, y_n, reduction="sum") / rows
 
         if cfg.activation == "relu":
             # weighting by decoder norms stops the L1 penalty from being dodged by shrinking f and growing W_dec
@@ -271,17 +281,15 @@ class Transcoder(nn.Module):
         else:
             sparsity = mse.new_zeros(())
 
-        residual = error.detach()
         if cfg.activation != "topk":
             selected = self._aux_select(pre)
             aux_acts, aux_indices, aux_dead = (None, None, None) if selected is None else selected
             if aux_acts is not None:
                 aux_acts = torch.relu(aux_acts)
-        aux = self._aux_loss(aux_acts, aux_indices, aux_dead, residual)
+        aux = self._aux_loss(aux_acts, aux_indices, aux_dead, y_n, y_hat_n)
         with torch.no_grad():
             # in normalised units, where the output scale cancels: the squared error is the mse's sum over rows
-            variance = (y_n - y_n.mean(0)).pow(2).sum()
-            fvu = mse.detach() * len(y_n) / variance.clamp_min(1e-12)
+            fvu = mse.detach() * rows / _total_variance(y_n)
         return LossOutput(mse + sparsity + aux, mse, sparsity, aux, fvu, l0_mean, features.detach())
 
     def _topk_train(
@@ -292,38 +300,43 @@ class Transcoder(nn.Module):
         Gives the ``(rows, k)`` activations and indices, then (``None`` when AuxK is off) AuxK's ``(rows, m)``
         activations and feature indices and, when every dead feature takes part, the dead features' indices. The
         dense pre-activations are found without autograd; :class:`GatheredEncode` gives the gradient of the top-k
-        selection (sharing ``cache`` with the decoder's), and AuxK's pre-activations are computed again, with
-        autograd, for the dead features' encoder columns alone: their gradient is a product over those columns
-        instead of one over all features.
+        selection (sharing ``cache`` with the decoder's) and of AuxK's, the dead features' columns of the same
+        product, whose gradient is a product over those columns alone.
         """
         cfg = self.cfg
         k = cfg.k
+        aux_k = cfg.aux_k
+        assert aux_k is not None  # TranscoderConfig.__post_init__ resolves None to its default
+        dead = self.dead_mask()
+        n_dead = int(dead.sum()) if aux_k > 0 and cfg.aux_coefficient != 0 else 0
+        dead_index = dead.nonzero().squeeze(1) if n_dead else None
         with torch.no_grad():
             low = self.selection_dtype
             if low is None or low == x_n.dtype:
                 pre = self._pre_acts(x_n)
-                indices = topk_indices(pre, k)
-                values = pre.gather(-1, indices)
+                values, indices = sparse_topk(pre, k)
+                # AuxK's pre-activations: the dead features' columns of the same product
+                dead_values = None if dead_index is None else pre.index_select(1, dead_index)
             else:  # choose in low precision, then compute the chosen pre-activations in full precision
                 pre = F.linear(x_n.to(low), self.W_enc.T.to(low), self.b_enc.to(low))
                 indices = topk_indices(pre, k)
                 columns = self.W_enc.T[indices]  # (rows, k, d_in)
                 values = torch.bmm(columns, x_n[:, :, None]).squeeze(-1) + self.b_enc[indices]
+                dead_values = None
+                if dead_index is not None:
+                    W_dead, b_dead = self.W_enc.index_select(1, dead_index), self.b_enc.index_select(0, dead_index)
+                    dead_values = F.linear(x_n, W_dead.T, b_dead)
             del pre
         # the decoder reads the same indices: one sort of them serves both weight gradients
         acts = GatheredEncode.apply(values, indices, x_n, self.W_enc, self.b_enc, cache)
-        dead = self.dead_mask()
-        n_dead = int(dead.sum())
-        aux_k = cfg.aux_k
-        assert aux_k is not None  # TranscoderConfig.__post_init__ resolves None to its default
-        if n_dead == 0 or aux_k == 0 or cfg.aux_coefficient == 0:
+        if dead_index is None or dead_values is None:
             return acts, indices, None, None, None
-        dead_index = dead.nonzero().squeeze(1)
-        pre_dead = F.linear(x_n, self.W_enc.index_select(1, dead_index).T, self.b_enc.index_select(0, dead_index))
+        # every row reads the same dead columns: their gradient is one product over those columns
+        dead_acts = GatheredEncode.apply(dead_values, dead_index, x_n, self.W_enc, self.b_enc)
         if aux_k < n_dead:
-            local = pre_dead.detach().topk(aux_k, dim=-1, sorted=False).indices
-            return acts, indices, torch.relu(pre_dead.gather(-1, local)), dead_index[local], None
-        return acts, indices, torch.relu(pre_dead), dead_index.expand(x_n.shape[0], n_dead), dead_index
+            local = dead_values.topk(aux_k, dim=-1, sorted=False).indices
+            return acts, indices, dead_acts.gather(-1, local), dead_index[local], None
+        return acts, indices, dead_acts, dead_index.expand(x_n.shape[0], n_dead), dead_index
 
     def _aux_select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """The dead features' pre-activations that AuxK uses, or ``None`` when AuxK is off or nothing is dead.
@@ -350,23 +363,24 @@ class Transcoder(nn.Module):
         acts: torch.Tensor | None,
         indices: torch.Tensor | None,
         dead_index: torch.Tensor | None,
-        residual: torch.Tensor,
+        y_n: torch.Tensor,
+        y_hat_n: torch.Tensor,
     ) -> torch.Tensor:
-        """AuxK: fit the detached residual error with the largest activations of dead features.
+        """AuxK: fit the residual error ``y_n - y_hat_n`` (detached) with the largest activations of dead features.
 
         ``acts`` (``(rows, m)``, at feature ``indices``) are those activations; the loss is zero when it is ``None``
         (``indices`` is ``None`` with it).
         """
         if acts is None or indices is None:
-            return residual.new_zeros(())
+            return y_n.new_zeros(())
+        residual = (y_n - y_hat_n).detach()
         # only the dead features' decoder rows take part; no b_dec: the residual is what the live features and the
         # bias left over
         if dead_index is None:
             estimate = F.embedding_bag(indices, self.W_dec, per_sample_weights=acts, mode="sum")
         else:
             estimate = acts @ self.W_dec.index_select(0, dead_index)
-        variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return self.cfg.aux_coefficient * (residual - estimate).pow(2).sum() / variance
+        return self.cfg.aux_coefficient * F.mse_loss(estimate, residual, reduction="sum") / _total_variance(residual)
 
     @torch.no_grad()
     def fired_mask(self, features: torch.Tensor) -> torch.Tensor:
@@ -439,3 +453,9 @@ class Transcoder(nn.Module):
     def normalize_decoder_(self) -> None:
         """Rescale every decoder row to unit norm, in place (outputs change; meant for use during training)."""
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+def _total_variance(y: torch.Tensor) -> torch.Tensor:
+    """``Σ (y - mean(y, 0))²`` over the ``(rows, d)`` tensor ``y``, without gradient, floored at ``1e-12``."""
+    with torch.no_grad():
+        return (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
