@@ -48,14 +48,15 @@ def sparse_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         # the candidates' positions in the flattened block: row by row, columns ascending
         at = (flat >= floor).view(-1).nonzero().squeeze(1)
         row = _floor_div(at, n)
-        counts = torch.zeros(rows, dtype=torch.long).scatter_add_(0, row, torch.ones_like(row))
+        counts = torch.bincount(row, minlength=rows)
         fewest, most = (int(c) for c in counts.aminmax())
         if fewest < k:
             return _topk_ascending(pre, k)
         values = flat.view(-1).index_select(0, at)
-        # each row's candidates packed to the left of a (rows, most) block padded with -inf
-        slot = torch.arange(len(at)) - (counts.cumsum(0) - counts).index_select(0, row)
-        packed = row * most + slot
+        # each row's candidates packed to the left of a (rows, most) block padded with -inf: the i-th candidate
+        # goes to i + (row * most - the row's first candidate)
+        shift = torch.arange(0, rows * most, most) - (counts.cumsum(0) - counts)
+        packed = torch.arange(len(at)) + shift.index_select(0, row)
         block = flat.new_full((rows * most,), -torch.inf).index_copy_(0, packed, values).view(rows, most)
         kth = _kth_largest(block, k).view(-1)
         keep = (values >= kth.index_select(0, row)).nonzero().squeeze(1)
@@ -334,7 +335,8 @@ class GatheredEncode(torch.autograd.Function):
         acts, indices, x_n, W_enc = ctx.saved_tensors
         need_x, need_W, need_b = ctx.needs_input_grad[2:5]
         n = W_enc.shape[1]
-        g = torch.where(acts > 0, grad, 0)  # relu's gradient, zero where the activation is zero
+        # relu's gradient (zero where the activation is zero), by the kernel relu's own backward uses
+        g = torch.ops.aten.threshold_backward(grad, acts, 0)
         grad_x = grad_W = grad_b = None
         if indices.dim() == 1:  # the same columns in every row
             if need_W:

@@ -262,7 +262,7 @@ class Transcoder(nn.Module):
             y_hat_n = self._decode_sparse(acts, indices, x_n, cache)
             with torch.no_grad():
                 features = sparse_rows(acts, indices, cfg.n_features, ascending=True)
-                l0_mean = (acts != 0).sum(-1).to(x_n.dtype).mean()
+                l0_mean = torch.count_nonzero(acts).to(x_n.dtype) / len(acts)
         else:
             pre = self._pre_acts(x_n)
             features = self._activate(pre)
@@ -307,9 +307,12 @@ class Transcoder(nn.Module):
         k = cfg.k
         aux_k = cfg.aux_k
         assert aux_k is not None  # TranscoderConfig.__post_init__ resolves None to its default
-        dead = self.dead_mask()
-        n_dead = int(dead.sum()) if aux_k > 0 and cfg.aux_coefficient != 0 else 0
-        dead_index = dead.nonzero().squeeze(1) if n_dead else None
+        dead_index = None
+        if aux_k > 0 and cfg.aux_coefficient != 0:
+            dead_index = self.dead_mask().nonzero().squeeze(1)  # read by the host: the step's one wait on a GPU
+        n_dead = 0 if dead_index is None else len(dead_index)
+        if n_dead == 0:
+            dead_index = None
         with torch.no_grad():
             low = self.selection_dtype
             if low is None or low == x_n.dtype:
@@ -389,11 +392,11 @@ class Transcoder(nn.Module):
         ``features`` is ``(..., n_features)``, dense or a 2-d sparse CSR tensor (as :meth:`loss` gives for ``topk``).
         """
         if features.layout == torch.sparse_csr:
-            # as given by loss() for topk: the stored entries are the only candidates; a scatter of their
-            # non-zero flags, not a boolean index (which costs a nonzero() and an index_put of every entry)
+            # as given by loss() for topk: the stored entries are the only candidates; a scatter of each feature's
+            # largest magnitude, not a boolean index (which costs a nonzero() and an index_put of every entry)
             values = features.values()
             hit = torch.zeros(self.cfg.n_features, dtype=values.dtype, device=values.device)
-            hit.scatter_reduce_(0, features.col_indices(), (values != 0).to(values.dtype), "amax")
+            hit.scatter_reduce_(0, features.col_indices(), values.abs(), "amax")
             return hit > 0
         return (features.reshape(-1, self.cfg.n_features) != 0).any(0)
 
