@@ -58,7 +58,7 @@ def sparse_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         shift = torch.arange(0, rows * most, most) - (counts.cumsum(0) - counts)
         packed = torch.arange(len(at)) + shift.index_select(0, row)
         block = flat.new_full((rows * most,), -torch.inf).index_copy_(0, packed, values).view(rows, most)
-        kth = _kth_largest(block, k).view(-1)
+        kth = _kth_largest(block, k, nan=False).view(-1)  # candidates at or above a floor are not NaN
         keep = (values >= kth.index_select(0, row)).nonzero().squeeze(1)
         columns = at - row * n
         if len(keep) == rows * k:  # no row has a tie at its k-th value: exactly k candidates each, in column order
@@ -79,18 +79,19 @@ def _floor_div(values: torch.Tensor, n: int) -> torch.Tensor:
     return values >> (n.bit_length() - 1) if n & (n - 1) == 0 else values // n
 
 
-def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+def _kth_largest(values: torch.Tensor, k: int, *, nan: bool = True) -> torch.Tensor:
     """``(rows, 1)`` the ``k``-th largest entry of each row of the 2-d CPU tensor ``values``; NaN for a row with a NaN.
 
     NumPy's partition for the dtypes it has, a few times faster than ``torch.topk`` on short rows; ``torch.topk``
-    for the others (bfloat16).
+    for the others (bfloat16). ``nan=False`` says ``values`` holds no NaN, and spares the check.
     """
     n = values.shape[-1]
     if values.dtype not in (torch.float32, torch.float64):
         return values.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
     array = values.numpy()
     kth = np.partition(array, n - k, axis=-1)[:, n - k : n - k + 1]
-    kth[np.isnan(array).any(-1)] = np.nan
+    if nan:
+        kth[np.isnan(array).any(-1)] = np.nan
     return torch.from_numpy(kth)
 
 
@@ -267,26 +268,48 @@ class SparseDecode(torch.autograd.Function):
     they read (:func:`_sampled_dots`), and ``W_dec`` the transposed sparse product ``S.T @ grad``
     (:func:`_transposed_product`, ``S`` holding ``acts`` at ``indices``), whose layout ``cache`` shares with the
     encoder's gradient (:class:`GatheredEncode`).
+
+    With ``dead_acts`` (``(rows, m)``, the activations of the features ``dead_index`` in every row, as AuxK reads
+    the dead features) it also gives their estimate ``dead_acts @ W_dec[dead_index]`` (else ``None``), whose
+    decoder gradient is added into the same gradient tensor.
     """
 
     @staticmethod
     def forward(
-        ctx, acts: torch.Tensor, W_dec: torch.Tensor, indices: torch.Tensor, cache: TransposeCache | None = None
-    ) -> torch.Tensor:
-        """``(rows, d_out)`` sums of the decoder rows at ``indices`` (``(rows, k)``) weighted by ``acts``."""
-        ctx.save_for_backward(acts, W_dec, indices)
+        ctx,
+        acts: torch.Tensor,
+        W_dec: torch.Tensor,
+        indices: torch.Tensor,
+        cache: TransposeCache | None = None,
+        dead_acts: torch.Tensor | None = None,
+        dead_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decoder rows at ``indices`` (``(rows, k)``) summed with weights ``acts``; the dead features' estimate."""
+        ctx.save_for_backward(acts, W_dec, indices, dead_acts, dead_index)
         ctx.cache = cache
-        return F.embedding_bag(indices, W_dec, per_sample_weights=acts, mode="sum")
+        # detached, embedding_bag takes its forward-only kernel (no bookkeeping for its own backward)
+        out = F.embedding_bag(indices, W_dec.detach(), per_sample_weights=acts.detach(), mode="sum")
+        if dead_acts is None or dead_index is None:
+            return out, None
+        return out, dead_acts.detach() @ W_dec.detach().index_select(0, dead_index)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
-        """Gradients of ``acts`` and ``W_dec``."""
-        acts, W_dec, indices = ctx.saved_tensors
+    def backward(
+        ctx, grad: torch.Tensor, grad_estimate: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, torch.Tensor | None, None]:
+        """Gradients of ``acts``, ``W_dec`` and ``dead_acts``."""
+        acts, W_dec, indices, dead_acts, dead_index = ctx.saved_tensors
         need_acts, need_W = ctx.needs_input_grad[:2]
         grad_acts = _sampled_dots(grad, W_dec, indices) if need_acts else None
         grad_W = _transposed_product(acts, indices, W_dec.shape[0], grad, ctx.cache) if need_W else None
-        return grad_acts, grad_W, None, None
+        grad_dead = None
+        if grad_estimate is not None and dead_acts is not None:
+            if ctx.needs_input_grad[4]:
+                grad_dead = grad_estimate @ W_dec.index_select(0, dead_index).T
+            if grad_W is not None:
+                grad_W.index_add_(0, dead_index, dead_acts.T @ grad_estimate)
+        return grad_acts, grad_W, None, None, grad_dead, None
 
 
 #: :class:`GatheredEncode` takes the dense backward when a row holds more than ``n_features / 16`` entries, about
@@ -303,8 +326,9 @@ class GatheredEncode(torch.autograd.Function):
     row) is a sparse product of ``rows * m * d_in`` multiply-adds instead of a dense one of
     ``rows * n_features * d_in``. Repeated indices in a row add up, as they would through ``gather``.
 
-    ``indices`` of shape ``(m,)`` are the same columns for every row (``values = (x_n @ W_enc + b_enc)[:, indices]``,
-    as AuxK reads its dead features); their weight gradient is then the dense product ``x_n.T @ G[:, indices]``.
+    With ``dead_values`` (``(x_n @ W_enc + b_enc)[:, dead_index]``, the columns AuxK reads for the dead features)
+    it also gives ``relu(dead_values)`` (else ``None``); their weight gradient, a dense product over those columns,
+    is added into the same gradient tensors.
     """
 
     @staticmethod
@@ -316,50 +340,56 @@ class GatheredEncode(torch.autograd.Function):
         W_enc: torch.Tensor,
         b_enc: torch.Tensor,
         cache: TransposeCache | None = None,
-    ) -> torch.Tensor:
-        """``relu(values)``; ``x_n``, ``W_enc`` and ``b_enc`` are taken only for their gradients.
+        dead_values: torch.Tensor | None = None,
+        dead_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``relu(values)`` and ``relu(dead_values)``; ``x_n``, ``W_enc`` and ``b_enc`` only for their gradients.
 
         ``cache`` is shared with the :class:`SparseDecode` of the same ``indices``.
         """
         acts = torch.relu(values)
-        ctx.save_for_backward(acts, indices, x_n, W_enc)
+        dead_acts = None if dead_values is None or dead_index is None else torch.relu(dead_values)
+        ctx.save_for_backward(acts, indices, x_n, W_enc, dead_acts, dead_index)
         ctx.cache = cache
-        return acts
+        return acts, dead_acts
 
     @staticmethod
     @once_differentiable
     def backward(
-        ctx, grad: torch.Tensor
-    ) -> tuple[None, None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
+        ctx, grad: torch.Tensor, grad_dead: torch.Tensor | None
+    ) -> tuple[None, None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None, None]:
         """Gradients of ``x_n``, ``W_enc`` and ``b_enc`` through the gathered entries alone."""
-        acts, indices, x_n, W_enc = ctx.saved_tensors
+        acts, indices, x_n, W_enc, dead_acts, dead_index = ctx.saved_tensors
         need_x, need_W, need_b = ctx.needs_input_grad[2:5]
         n = W_enc.shape[1]
+        rows, m = indices.shape
         # relu's gradient (zero where the activation is zero), by the kernel relu's own backward uses
         g = torch.ops.aten.threshold_backward(grad, acts, 0)
+        g_dead = None
+        if grad_dead is not None and dead_acts is not None:
+            g_dead = torch.ops.aten.threshold_backward(grad_dead, dead_acts, 0)
         grad_x = grad_W = grad_b = None
-        if indices.dim() == 1:  # the same columns in every row
-            if need_W:
-                grad_W = W_enc.new_zeros(W_enc.shape).index_copy_(1, indices, x_n.T @ g)
-            if need_b:
-                grad_b = g.new_zeros(n).index_copy_(0, indices, g.sum(0))
-            if need_x:
-                grad_x = g @ W_enc.index_select(1, indices).T
-            return None, None, grad_x, grad_W, grad_b, None
-        rows, m = indices.shape
         if m * _DENSE_BACKWARD_FRACTION > n:
             dense = g.new_zeros(rows, n).scatter_add_(-1, indices, g)
+            if g_dead is not None:
+                dense.index_add_(1, dead_index, g_dead)
             if need_W:
                 grad_W = x_n.T @ dense
             if need_b:
                 grad_b = dense.sum(0)
             if need_x:
                 grad_x = dense @ W_enc.T
-            return None, None, grad_x, grad_W, grad_b, None
+            return None, None, grad_x, grad_W, grad_b, None, None, None
         if need_W:
             grad_W = _transposed_product(g, indices, n, x_n, ctx.cache).T.contiguous()
+            if g_dead is not None:
+                grad_W.index_add_(1, dead_index, x_n.T @ g_dead)
         if need_b:
             grad_b = g.new_zeros(n).index_add_(0, indices.reshape(-1), g.reshape(-1))
+            if g_dead is not None:
+                grad_b.index_add_(0, dead_index, g_dead.sum(0))
         if need_x:
             grad_x = F.embedding_bag(indices, W_enc.T.contiguous(), per_sample_weights=g, mode="sum")
-        return None, None, grad_x, grad_W, grad_b, None
+            if g_dead is not None:
+                grad_x += g_dead @ W_enc.index_select(1, dead_index).T
+        return None, None, grad_x, grad_W, grad_b, None, None, None

@@ -163,19 +163,15 @@ class Transcoder(nn.Module):
         indices = topk_indices(pre, self.cfg.k)
         return torch.relu(pre.gather(-1, indices)), indices
 
-    def _decode_sparse(
-        self, acts: torch.Tensor, indices: torch.Tensor, x_n: torch.Tensor | None, cache: TransposeCache | None = None
-    ) -> torch.Tensor:
+    def _decode_sparse(self, acts: torch.Tensor, indices: torch.Tensor, x_n: torch.Tensor | None) -> torch.Tensor:
         """:meth:`_decode_normalised` of ``(rows, k)`` active features: sums ``k`` decoder rows per row.
 
-        Gathering the rows costs ``rows * k * d_out`` instead of ``rows * n_features * d_out``. With ``cache`` (the
-        training loss, whose indices are :func:`topk_indices`' and so ascending within each row) the backward pass
-        is :class:`SparseDecode`'s, whose gradient reaches only the decoder rows that were used.
+        Gathering the rows costs ``rows * k * d_out`` instead of ``rows * n_features * d_out``.
         """
-        if cache is not None and torch.is_grad_enabled():
-            out = SparseDecode.apply(acts, self.W_dec, indices, cache) + self.b_dec
-        else:
-            out = F.embedding_bag(indices, self.W_dec, per_sample_weights=acts, mode="sum") + self.b_dec
+        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=acts, mode="sum") + self.b_dec
+        return self._add_skip(out, x_n)
+
+    def _add_skip(self, out: torch.Tensor, x_n: torch.Tensor | None) -> torch.Tensor:
         if self.W_skip is not None and x_n is not None:
             out = out + x_n @ self.W_skip
         return out
@@ -258,8 +254,15 @@ class Transcoder(nn.Module):
             # decode the k active features sparsely, and hand them back sparse: no dense (rows, n_features) tensor
             # takes part in autograd (see GatheredEncode)
             cache = TransposeCache()
-            acts, indices, aux_acts, aux_indices, aux_dead = self._topk_train(x_n, cache)
-            y_hat_n = self._decode_sparse(acts, indices, x_n, cache)
+            acts, indices, aux = self._topk_train(x_n, cache)
+            # AuxK's estimate from every dead feature comes with the decoder's product (one gradient tensor)
+            every = aux is not None and aux[2] is None
+            dead = aux[:2] if aux is not None and every else (None, None)
+            out, estimate = SparseDecode.apply(acts, self.W_dec, indices, cache, *dead)
+            y_hat_n = self._add_skip(out + self.b_dec, x_n)
+            if aux is not None and not every:
+                dead_acts, dead_index, local = aux
+                estimate = self._aux_estimate(dead_acts.gather(-1, local), dead_index[local], None)
             with torch.no_grad():
                 features = sparse_rows(acts, indices, cfg.n_features, ascending=True)
                 l0_mean = torch.count_nonzero(acts).to(x_n.dtype) / len(acts)
@@ -283,10 +286,8 @@ class Transcoder(nn.Module):
 
         if cfg.activation != "topk":
             selected = self._aux_select(pre)
-            aux_acts, aux_indices, aux_dead = (None, None, None) if selected is None else selected
-            if aux_acts is not None:
-                aux_acts = torch.relu(aux_acts)
-        aux = self._aux_loss(aux_acts, aux_indices, aux_dead, y_n, y_hat_n)
+            estimate = None if selected is None else self._aux_estimate(torch.relu(selected[0]), *selected[1:])
+        aux = self._aux_loss(estimate, y_n, y_hat_n)
         with torch.no_grad():
             # in normalised units, where the output scale cancels: the squared error is the mse's sum over rows
             fvu = mse.detach() * rows / _total_variance(y_n)
@@ -294,14 +295,15 @@ class Transcoder(nn.Module):
 
     def _topk_train(
         self, x_n: torch.Tensor, cache: TransposeCache | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]:
         """TopK activations of ``(rows, d_in)`` inputs for training, and those of AuxK's dead features.
 
-        Gives the ``(rows, k)`` activations and indices, then (``None`` when AuxK is off) AuxK's ``(rows, m)``
-        activations and feature indices and, when every dead feature takes part, the dead features' indices. The
-        dense pre-activations are found without autograd; :class:`GatheredEncode` gives the gradient of the top-k
-        selection (sharing ``cache`` with the decoder's) and of AuxK's, the dead features' columns of the same
-        product, whose gradient is a product over those columns alone.
+        Gives the ``(rows, k)`` activations and indices, then ``None`` when AuxK is off or nothing is dead, or else
+        the ``(rows, n_dead)`` activations of every dead feature, their feature indices and, when AuxK uses only
+        ``aux_k < n_dead`` of them per row, the ``(rows, aux_k)`` positions of those (``None`` when it uses all).
+        The dense pre-activations are found without autograd; :class:`GatheredEncode` gives the gradient of the
+        top-k selection (sharing ``cache`` with the decoder's) and of the dead features' columns of the same
+        product.
         """
         cfg = self.cfg
         k = cfg.k
@@ -331,15 +333,13 @@ class Transcoder(nn.Module):
                     dead_values = F.linear(x_n, W_dead.T, b_dead)
             del pre
         # the decoder reads the same indices: one sort of them serves both weight gradients
-        acts = GatheredEncode.apply(values, indices, x_n, self.W_enc, self.b_enc, cache)
+        acts, dead_acts = GatheredEncode.apply(
+            values, indices, x_n, self.W_enc, self.b_enc, cache, dead_values, dead_index
+        )
         if dead_index is None or dead_values is None:
-            return acts, indices, None, None, None
-        # every row reads the same dead columns: their gradient is one product over those columns
-        dead_acts = GatheredEncode.apply(dead_values, dead_index, x_n, self.W_enc, self.b_enc)
-        if aux_k < n_dead:
-            local = dead_values.topk(aux_k, dim=-1, sorted=False).indices
-            return acts, indices, dead_acts.gather(-1, local), dead_index[local], None
-        return acts, indices, dead_acts, dead_index.expand(x_n.shape[0], n_dead), dead_index
+            return acts, indices, None
+        local = dead_values.topk(aux_k, dim=-1, sorted=False).indices if aux_k < n_dead else None
+        return acts, indices, (dead_acts, dead_index, local)
 
     def _aux_select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """The dead features' pre-activations that AuxK uses, or ``None`` when AuxK is off or nothing is dead.
@@ -361,28 +361,25 @@ class Transcoder(nn.Module):
             return values, dead_index[indices], None
         return pre_dead, dead_index.expand(pre.shape[0], n_dead), dead_index
 
-    def _aux_loss(
-        self,
-        acts: torch.Tensor | None,
-        indices: torch.Tensor | None,
-        dead_index: torch.Tensor | None,
-        y_n: torch.Tensor,
-        y_hat_n: torch.Tensor,
-    ) -> torch.Tensor:
-        """AuxK: fit the residual error ``y_n - y_hat_n`` (detached) with the largest activations of dead features.
+    def _aux_estimate(self, acts: torch.Tensor, indices: torch.Tensor, dead_index: torch.Tensor | None) -> torch.Tensor:
+        """AuxK's estimate of the residual from ``(rows, m)`` dead-feature activations at feature ``indices``.
 
-        ``acts`` (``(rows, m)``, at feature ``indices``) are those activations; the loss is zero when it is ``None``
-        (``indices`` is ``None`` with it).
+        ``dead_index``: the dead features, when every row uses all of them (``indices`` is then it, expanded).
+        Only the dead features' decoder rows take part; no ``b_dec``: the residual is what the live features and the
+        bias left over.
         """
-        if acts is None or indices is None:
+        if dead_index is None:
+            return F.embedding_bag(indices, self.W_dec, per_sample_weights=acts, mode="sum")
+        return acts @ self.W_dec.index_select(0, dead_index)
+
+    def _aux_loss(self, estimate: torch.Tensor | None, y_n: torch.Tensor, y_hat_n: torch.Tensor) -> torch.Tensor:
+        """AuxK: how far the dead features' ``estimate`` is from the residual ``y_n - y_hat_n`` (detached).
+
+        Zero when there is no estimate (AuxK off, or nothing dead).
+        """
+        if estimate is None:
             return y_n.new_zeros(())
         residual = (y_n - y_hat_n).detach()
-        # only the dead features' decoder rows take part; no b_dec: the residual is what the live features and the
-        # bias left over
-        if dead_index is None:
-            estimate = F.embedding_bag(indices, self.W_dec, per_sample_weights=acts, mode="sum")
-        else:
-            estimate = acts @ self.W_dec.index_select(0, dead_index)
         return self.cfg.aux_coefficient * F.mse_loss(estimate, residual, reduction="sum") / _total_variance(residual)
 
     @torch.no_grad()
