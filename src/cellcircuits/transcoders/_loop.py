@@ -84,7 +84,8 @@ class _Stack(nn.Module):
             n_in, n_out = tensor_names(layer)
             device = tc.W_enc.device
             losses.append(tc.loss(batch[n_in].to(device), batch[n_out].to(device)))
-        return torch.stack([out.total for out in losses]).sum(), losses
+        total = losses[0].total if len(losses) == 1 else torch.stack([out.total for out in losses]).sum()
+        return total, losses
 
 
 MATMUL_DTYPES = ("float32", "bfloat16")
@@ -156,7 +157,8 @@ class TrainingLoop:
     def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[LossOutput]]:
         """One optimisation step on ``batch``; gives the summed loss and each layer's loss parts."""
         total, losses = self.module(batch)
-        self.opt.zero_grad(set_to_none=True)
+        for p in self.params:  # the optimizer's zero_grad(set_to_none=True), without its per-call overhead
+            p.grad = None
         total.backward()
         self.opt.step()
         self.sched.step()

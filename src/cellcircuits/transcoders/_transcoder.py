@@ -458,4 +458,4 @@ class Transcoder(nn.Module):
 def _total_variance(y: torch.Tensor) -> torch.Tensor:
     """``Σ (y - mean(y, 0))²`` over the ``(rows, d)`` tensor ``y``, without gradient, floored at ``1e-12``."""
     with torch.no_grad():
-        return (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return F.mse_loss(y, y.mean(0).expand_as(y), reduction="sum").clamp_min(1e-12)
