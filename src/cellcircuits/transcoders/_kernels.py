@@ -60,7 +60,7 @@ def sparse_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         block = flat.new_full((rows * most,), -torch.inf).index_copy_(0, packed, values).view(rows, most)
         kth = _kth_largest(block, k, nan=False).view(-1)  # candidates at or above a floor are not NaN
         keep = (values >= kth.index_select(0, row)).nonzero().squeeze(1)
-        columns = at - row * n
+        columns = at & (n - 1) if n & (n - 1) == 0 else at - row * n
         if len(keep) == rows * k:  # no row has a tie at its k-th value: exactly k candidates each, in column order
             return values.index_select(0, keep).view(shape), columns.index_select(0, keep).view(shape)
         # a tie: k of each row's candidates, by position in the block (ascending positions are ascending columns)
@@ -205,12 +205,11 @@ def _transposed_layout(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, tor
     flat = indices.reshape(-1)
     # the same stable order from narrower keys, which sort faster
     order = flat.to(_index_dtype(n)).argsort(stable=True)
-    crow = torch.zeros(n + 1, dtype=torch.long, device=indices.device)
-    # counts by a scatter: on a GPU, bincount reads its maximum back to the host and waits for the device
-    crow[1:] = (
-        torch.zeros(n, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat)).cumsum(0)
-    )
-    return crow, order, _floor_div(order, k)
+    if flat.device.type == "cpu":
+        counts = torch.bincount(flat, minlength=n)
+    else:  # a scatter: on a GPU, bincount reads its maximum back to the host and waits for the device
+        counts = torch.zeros(n, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    return F.pad(counts.cumsum(0), (1, 0)), order, _floor_div(order, k)
 
 
 def _transposed_product(
