@@ -32,8 +32,8 @@ def sparse_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     searched, for the ``k``-th largest value. Falls back to ``torch.topk`` when ``n`` is not a multiple of ``2k`` of
     at least ``4k`` or when a row has fewer than ``k`` entries at or above its floor (NaNs). Without gradient.
 
-    Off the CPU it is ``torch.topk`` and a sort of the ``k`` indices: two kernels there, where the search above
-    would cost a dozen more and three waits for the device (``nonzero`` and two counts read by the host).
+    Off the CPU it is ``torch.topk``, a sort of the ``k`` indices and a gather of their values: three kernels there,
+    where the search above would cost a dozen more and waits for the device (``nonzero`` and counts read by the host).
     """
     n = pre.shape[-1]
     n_groups = 2 * k

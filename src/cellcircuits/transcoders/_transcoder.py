@@ -389,11 +389,11 @@ class Transcoder(nn.Module):
         ``features`` is ``(..., n_features)``, dense or a 2-d sparse CSR tensor (as :meth:`loss` gives for ``topk``).
         """
         if features.layout == torch.sparse_csr:
-            # as given by loss() for topk: the stored entries are the only candidates; a scatter of each feature's
-            # largest magnitude, not a boolean index (which costs a nonzero() and an index_put of every entry)
+            # as given by loss() for topk: the stored entries are the only candidates; a scatter of their
+            # non-zero flags, not a boolean index (which costs a nonzero() and an index_put of every entry)
             values = features.values()
             hit = torch.zeros(self.cfg.n_features, dtype=values.dtype, device=values.device)
-            hit.scatter_reduce_(0, features.col_indices(), values.abs(), "amax")
+            hit.scatter_reduce_(0, features.col_indices(), (values != 0).to(values.dtype), "amax")
             return hit > 0
         return (features.reshape(-1, self.cfg.n_features) != 0).any(0)
 
