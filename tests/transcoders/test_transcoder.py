@@ -615,3 +615,30 @@ def test_sparse_topk_values_are_the_entries_at_its_indices():
     assert values.dtype == torch.float64
     assert torch.equal(values, pre.gather(-1, indices))
     assert torch.equal(indices, pre.topk(16, dim=-1).indices.sort(-1).values)
+
+
+@pytest.mark.parametrize("product", ["_bag_sums", "_csr_product"])
+def test_transposed_product_is_the_dense_one(product):
+    # both formulations (the CPU's and the other devices'), checked here on the CPU against the dense product
+    from cellcircuits.transcoders import _kernels
+    from cellcircuits.transcoders._kernels import _transposed_layout, topk_indices
+
+    torch.manual_seed(0)
+    indices = topk_indices(torch.randn(50, 64, dtype=torch.float64), 6)
+    values, dense = torch.randn(50, 6, dtype=torch.float64), torch.randn(50, 5, dtype=torch.float64)
+    crow, order, row_of = _transposed_layout(indices, 64)
+    got = getattr(_kernels, product)(crow, row_of, values.reshape(-1)[order], dense)
+    S = torch.zeros(50, 64, dtype=torch.float64).scatter(-1, indices, values)
+    torch.testing.assert_close(got, S.T @ dense)
+
+
+@pytest.mark.parametrize("dots", ["_sampled_product", "_bag_weight_grad"])
+def test_sampled_dots_are_the_rows_dot_products(dots):
+    from cellcircuits.transcoders import _kernels
+    from cellcircuits.transcoders._kernels import topk_indices
+
+    torch.manual_seed(1)
+    indices = topk_indices(torch.randn(40, 32, dtype=torch.float64), 4)
+    grad, weight = torch.randn(40, 7, dtype=torch.float64), torch.randn(32, 7, dtype=torch.float64)
+    got = getattr(_kernels, dots)(grad, weight, indices)
+    torch.testing.assert_close(got, (grad[:, None, :] * weight[indices]).sum(-1))

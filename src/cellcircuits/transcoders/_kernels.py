@@ -225,13 +225,21 @@ def _transposed_product(
     """
     crow, order, row_of = cache.of(indices, n) if cache is not None else _transposed_layout(indices, n)
     entries = values.reshape(-1).index_select(0, order)
-    if dense.device.type == "cpu":
-        return F.embedding_bag(row_of, dense, crow[:-1], mode="sum", per_sample_weights=entries)
+    product = _bag_sums if dense.device.type == "cpu" else _csr_product
+    return product(crow, row_of, entries, dense)
+
+
+def _bag_sums(crow: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``S @ dense`` for the CSR ``S`` (``crow``, ``columns``, ``values``), as weighted ``embedding_bag`` sums."""
+    return F.embedding_bag(columns, dense, crow[:-1], mode="sum", per_sample_weights=values)
+
+
+def _csr_product(crow: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``S @ dense`` for the CSR ``S`` (``crow``, ``columns``, ``values``), by torch's sparse CSR product."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        rows = indices.shape[0]
-        transposed = torch.sparse_csr_tensor(crow, row_of, entries, size=(n, rows), check_invariants=False)
-    return transposed @ dense
+        size = (len(crow) - 1, dense.shape[0])
+        return torch.sparse_csr_tensor(crow, columns, values, size=size, check_invariants=False) @ dense
 
 
 def _sampled_dots(grad: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -241,21 +249,25 @@ def _sampled_dots(grad: torch.Tensor, weight: torch.Tensor, indices: torch.Tenso
     :func:`topk_indices` gives them), a few times faster there than ``embedding_bag``'s own backward, which the
     other devices use.
     """
+    return (_sampled_product if grad.device.type == "cpu" else _bag_weight_grad)(grad, weight, indices)
+
+
+def _sampled_product(grad: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """:func:`_sampled_dots` by ``torch.sparse.sampled_addmm`` at the CSR pattern of ``indices``."""
     rows, k = indices.shape
-    if grad.device.type == "cpu":
-        crow = torch.arange(0, rows * k + 1, k)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-            pattern = torch.sparse_csr_tensor(
-                crow,
-                indices.reshape(-1),
-                grad.new_zeros(rows * k),
-                size=(rows, weight.shape[0]),
-                check_invariants=False,
-            )
-        return torch.sparse.sampled_addmm(pattern, grad, weight.T, beta=0.0).values().view(rows, k)
+    crow = torch.arange(0, rows * k + 1, k, device=indices.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        pattern = torch.sparse_csr_tensor(
+            crow, indices.reshape(-1), grad.new_zeros(rows * k), size=(rows, weight.shape[0]), check_invariants=False
+        )
+    return torch.sparse.sampled_addmm(pattern, grad, weight.T, beta=0.0).values().view(rows, k)
+
+
+def _bag_weight_grad(grad: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """:func:`_sampled_dots` by ``embedding_bag``'s own backward for its per-sample weights."""
     with torch.enable_grad():
-        acts = grad.new_ones(rows, k, requires_grad=True)
+        acts = grad.new_ones(indices.shape, requires_grad=True)
         out = F.embedding_bag(indices, weight.detach(), per_sample_weights=acts, mode="sum")
         return torch.autograd.grad(out, acts, grad)[0]
 
