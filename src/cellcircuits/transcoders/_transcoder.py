@@ -254,15 +254,16 @@ class Transcoder(nn.Module):
             # decode the k active features sparsely, and hand them back sparse: no dense (rows, n_features) tensor
             # takes part in autograd (see GatheredEncode)
             cache = TransposeCache()
-            acts, indices, aux = self._topk_train(x_n, cache)
+            acts, indices, dead = self._topk_train(x_n, cache)
             # AuxK's estimate from every dead feature comes with the decoder's product (one gradient tensor)
-            every = aux is not None and aux[2] is None
-            dead = aux[:2] if aux is not None and every else (None, None)
-            out, estimate = SparseDecode.apply(acts, self.W_dec, indices, cache, *dead)
+            every = dead is not None and dead[2] is None
+            dead_inputs = dead[:2] if dead is not None and every else (None, None)
+            out, estimate = SparseDecode.apply(acts, self.W_dec, indices, cache, *dead_inputs)
             y_hat_n = self._add_skip(out + self.b_dec, x_n)
-            if aux is not None and not every:
-                dead_acts, dead_index, local = aux
-                estimate = self._aux_estimate(dead_acts.gather(-1, local), dead_index[local], None)
+            if dead is not None:
+                dead_acts, dead_index, local = dead
+                if local is not None:  # aux_k of the dead features in each row
+                    estimate = self._aux_estimate(dead_acts.gather(-1, local), dead_index[local], None)
             with torch.no_grad():
                 features = sparse_rows(acts, indices, cfg.n_features, ascending=True)
                 l0_mean = torch.count_nonzero(acts).to(x_n.dtype) / len(acts)
