@@ -1,8 +1,10 @@
 """Rebuild the transcoders shipped for an embedded model (the recipe of the set in the package).
 
 Default settings of ``cc.tl.train_transcoders`` (every MLP layer, TopK, 1024 features, k 32, 4M tokens per layer,
-seed 0), trained on the ``train`` split of ``cc.ds.pbmc68k()`` with 2 CPU threads. The same torch build and thread
-count reproduce the shipped weights; others give the same quality within noise.
+seed 0), trained on the ``train`` split of ``cc.ds.pbmc68k()`` with 2 CPU threads. The same torch build, thread
+count and training step reproduce the shipped weights; others give the same quality within noise (the training step
+has changed the order of its sums since the shipped set was made, so the current code gives other weights of the
+same quality).
 
     python scripts/train_shipped_transcoders.py --model pbmc68k-genes \
         --out src/cellcircuits/transcoders/_data/pbmc68k-genes

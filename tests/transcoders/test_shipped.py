@@ -56,7 +56,15 @@ def test_shipped_set_replaces_the_mlps_on_held_out_cells():
 
 
 @pytest.mark.slow
-def test_recipe_reproduces_the_shipped_transcoders(tmp_path):
+def test_recipe_retrains_transcoders_as_good_as_the_shipped_ones(tmp_path):
+    """The recipe, run on the current code, gives transcoders of the shipped set's quality on the held-out cells.
+
+    The shipped weights are what the recipe gave with the training step they were made with (same torch build and
+    thread count, ``recipe.json``). The step has since changed how it sums its sparse products: each step agrees with
+    the old one within float rounding (the float64 tests above), but over 4 million tokens per layer that rounding
+    leads to other weights. So the retrained set is held to the shipped set's recorded held-out evaluation, within
+    what a retraining may move it, not to its weights.
+    """
     out = tmp_path / "tc"
     script = ROOT / "scripts" / "train_shipped_transcoders.py"
     subprocess.run([sys.executable, str(script), "--model", NAME, "--out", str(out)], check=True, timeout=3000)
@@ -64,10 +72,18 @@ def test_recipe_reproduces_the_shipped_transcoders(tmp_path):
     again = cc.load_transcoders(out)
     assert again.layers == shipped.layers
     for layer in shipped.layers:
+        assert again[layer].cfg == shipped[layer].cfg
         a = load_file(_shipped() / f"layer_{layer}" / "transcoder.safetensors")
         b = load_file(out / f"layer_{layer}" / "transcoder.safetensors")
-        assert a.keys() == b.keys()
-        for key in a:
-            diff = float((a[key] - b[key]).abs().max())
-            scale = float(a[key].abs().max())
-            assert diff <= 1e-4 * max(scale, 1.0), (layer, key, diff)
+        assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    recorded = {row["layer"]: row for row in json.loads((_shipped() / "recipe.json").read_text())["evaluation"]}
+    retrained = {row["layer"]: row for row in json.loads((out / "recipe.json").read_text())["evaluation"]}
+    assert recorded.keys() == retrained.keys()
+    for layer, want in recorded.items():
+        got = retrained[layer]
+        assert got["l0"] <= 32, layer
+        assert got["fvu"] <= 1.25 * want["fvu"] + 1e-4, (layer, got["fvu"], want["fvu"])
+        assert got["loss_recovered"] >= want["loss_recovered"] - 0.05, layer
+        assert got["dead_fraction"] <= want["dead_fraction"] + 0.05, layer
+        assert got["agreement"] >= want["agreement"] - 0.02, layer
+        assert got["accuracy_spliced"] >= want["accuracy_spliced"] - 0.02, layer
