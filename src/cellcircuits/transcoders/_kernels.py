@@ -60,7 +60,7 @@ def sparse_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         block = flat.new_full((rows * most,), -torch.inf).index_copy_(0, packed, values).view(rows, most)
         kth = _kth_largest(block, k, nan=False).view(-1)  # candidates at or above a floor are not NaN
         keep = (values >= kth.index_select(0, row)).nonzero().squeeze(1)
-        columns = at & (n - 1) if n & (n - 1) == 0 else at - row * n
+        columns = at - row * n
         if len(keep) == rows * k:  # no row has a tie at its k-th value: exactly k candidates each, in column order
             return values.index_select(0, keep).view(shape), columns.index_select(0, keep).view(shape)
         # a tie: k of each row's candidates, by position in the block (ascending positions are ascending columns)
@@ -113,12 +113,15 @@ def sparse_rows(values: torch.Tensor, indices: torch.Tensor, n: int, *, ascendin
     if not ascending:
         indices, order = indices.sort(-1)
         values = values.gather(-1, order)
+    return _csr(crow, indices.reshape(-1), values.reshape(-1), (rows, n))
+
+
+def _csr(crow: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A sparse CSR tensor of these parts (not checked: the callers build them valid)."""
     with warnings.catch_warnings():
         # torch warns once that sparse CSR is beta; only its documented accessors are used here
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        return torch.sparse_csr_tensor(
-            crow, indices.reshape(-1), values.reshape(-1), size=(rows, n), check_invariants=False
-        )
+        return torch.sparse_csr_tensor(crow, columns, values, size=size, check_invariants=False)
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -236,10 +239,7 @@ def _bag_sums(crow: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, d
 
 def _csr_product(crow: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     """``S @ dense`` for the CSR ``S`` (``crow``, ``columns``, ``values``), by torch's sparse CSR product."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        size = (len(crow) - 1, dense.shape[0])
-        return torch.sparse_csr_tensor(crow, columns, values, size=size, check_invariants=False) @ dense
+    return _csr(crow, columns, values, (len(crow) - 1, dense.shape[0])) @ dense
 
 
 def _sampled_dots(grad: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -254,14 +254,8 @@ def _sampled_dots(grad: torch.Tensor, weight: torch.Tensor, indices: torch.Tenso
 
 def _sampled_product(grad: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """:func:`_sampled_dots` by ``torch.sparse.sampled_addmm`` at the CSR pattern of ``indices``."""
-    rows, k = indices.shape
-    crow = torch.arange(0, rows * k + 1, k, device=indices.device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        pattern = torch.sparse_csr_tensor(
-            crow, indices.reshape(-1), grad.new_zeros(rows * k), size=(rows, weight.shape[0]), check_invariants=False
-        )
-    return torch.sparse.sampled_addmm(pattern, grad, weight.T, beta=0.0).values().view(rows, k)
+    pattern = sparse_rows(grad.new_zeros(indices.shape), indices, weight.shape[0], ascending=True)
+    return torch.sparse.sampled_addmm(pattern, grad, weight.T, beta=0.0).values().view(indices.shape)
 
 
 def _bag_weight_grad(grad: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

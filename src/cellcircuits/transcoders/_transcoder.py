@@ -306,16 +306,8 @@ class Transcoder(nn.Module):
         top-k selection (sharing ``cache`` with the decoder's) and of the dead features' columns of the same
         product.
         """
-        cfg = self.cfg
-        k = cfg.k
-        aux_k = cfg.aux_k
-        assert aux_k is not None  # TranscoderConfig.__post_init__ resolves None to its default
-        dead_index = None
-        if aux_k > 0 and cfg.aux_coefficient != 0:
-            dead_index = self.dead_mask().nonzero().squeeze(1)  # read by the host: the step's one wait on a GPU
-        n_dead = 0 if dead_index is None else len(dead_index)
-        if n_dead == 0:
-            dead_index = None
+        k = self.cfg.k
+        dead_index = self._aux_dead_index()
         with torch.no_grad():
             low = self.selection_dtype
             if low is None or low == x_n.dtype:
@@ -339,8 +331,21 @@ class Transcoder(nn.Module):
         )
         if dead_index is None or dead_values is None:
             return acts, indices, None
-        local = dead_values.topk(aux_k, dim=-1, sorted=False).indices if aux_k < n_dead else None
+        aux_k = self.cfg.aux_k
+        assert aux_k is not None  # TranscoderConfig.__post_init__ resolves None to its default
+        local = dead_values.topk(aux_k, dim=-1, sorted=False).indices if aux_k < len(dead_index) else None
         return acts, indices, (dead_acts, dead_index, local)
+
+    def _aux_dead_index(self) -> torch.Tensor | None:
+        """The dead features AuxK reads, or ``None`` when AuxK is off or nothing is dead.
+
+        Read by the host: on a GPU, a training step's one wait for the device.
+        """
+        cfg = self.cfg
+        if cfg.aux_k == 0 or cfg.aux_coefficient == 0:
+            return None
+        dead_index = self.dead_mask().nonzero().squeeze(1)
+        return dead_index if len(dead_index) else None
 
     def _aux_select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """The dead features' pre-activations that AuxK uses, or ``None`` when AuxK is off or nothing is dead.
@@ -348,14 +353,11 @@ class Transcoder(nn.Module):
         Gives ``(rows, m)`` values and feature indices, then the dead features' indices when all of them are used
         (``m`` is their number) or else ``None``.
         """
-        cfg = self.cfg
-        dead = self.dead_mask()
-        n_dead = int(dead.sum())
-        aux_k = cfg.aux_k
-        assert aux_k is not None  # TranscoderConfig.__post_init__ resolves None to its default
-        if n_dead == 0 or aux_k == 0 or cfg.aux_coefficient == 0:
+        dead_index = self._aux_dead_index()
+        if dead_index is None:
             return None
-        dead_index = dead.nonzero().squeeze(1)
+        aux_k, n_dead = self.cfg.aux_k, len(dead_index)
+        assert aux_k is not None  # TranscoderConfig.__post_init__ resolves None to its default
         pre_dead = pre.index_select(-1, dead_index)
         if aux_k < n_dead:
             values, indices = pre_dead.topk(aux_k, dim=-1, sorted=False)
