@@ -412,38 +412,6 @@ def test_check_compatible():
 
 
 # the sparse top-k path
-@pytest.mark.parametrize(
-    ("shape", "k"), [((64, 256), 8), ((3, 5, 128), 4), ((16, 96), 4), ((16, 100), 8), ((8, 64), 32)]
-)
-def test_topk_indices_selects_the_k_largest(shape, k):
-    from cellcircuits.transcoders._kernels import topk_indices
-
-    pre = torch.randn(*shape) @ torch.randn(shape[-1], shape[-1]) + torch.randn(shape[-1])  # correlated columns
-    indices = topk_indices(pre, k)
-    assert indices.shape == (*shape[:-1], k)
-    expected = pre.topk(k, dim=-1).indices
-    torch.testing.assert_close(indices.sort(-1).values, expected.sort(-1).values, rtol=0, atol=0)
-
-
-def test_topk_indices_falls_back_on_nan_rows():
-    from cellcircuits.transcoders._kernels import topk_indices
-
-    pre = torch.randn(8, 256)
-    pre[3, 10] = torch.nan
-    expected = pre.topk(8, dim=-1).indices
-    torch.testing.assert_close(topk_indices(pre, 8).sort(-1).values, expected.sort(-1).values, rtol=0, atol=0)
-
-
-def test_topk_indices_off_the_cpu_is_one_topk():
-    # the grouped search reads counts on the host: on a meta tensor (no values, like a device the host would have
-    # to wait for) it cannot run, so a result shows that only torch.topk ran
-    from cellcircuits.transcoders._kernels import topk_indices
-
-    assert topk_indices(torch.empty(16, 256, device="meta"), 8).shape == (16, 8)
-    with pytest.raises((NotImplementedError, RuntimeError)):
-        int(torch.empty(3, device="meta").min())  # what the grouped search would do
-
-
 def _dense_topk_loss(tc: Transcoder, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The topk training loss written densely: dense features, dense decoder product, masked top-k for AuxK."""
     cfg = tc.cfg
@@ -501,7 +469,7 @@ def test_topk_loss_features_are_sparse_rows_of_the_forward_features():
 
 
 def test_sparse_rows_of_ascending_indices_equal_sorted_rows():
-    from cellcircuits.transcoders._kernels import topk_indices
+    from cellcircuits.transcoders._select import topk_indices
 
     pre = torch.randn(300, 512)
     indices = topk_indices(pre, 16)
@@ -592,36 +560,12 @@ def test_check_compatible_can_warn_about_another_model_name(recwarn):
     assert not [w for w in recwarn if "trained on" in str(w.message)]
 
 
-def test_sparse_topk_with_tied_values_keeps_k_of_the_largest():
-    # integer-valued rows: many ties at each row's k-th largest value, which take the tie path
-    from cellcircuits.transcoders._kernels import sparse_topk
-
-    torch.manual_seed(0)
-    pre = torch.randint(0, 20, (64, 256)).float()
-    values, indices = sparse_topk(pre, 8)
-    assert values.shape == indices.shape == (64, 8)
-    assert torch.equal(indices, indices.sort(-1).values)
-    assert (indices.diff(dim=-1) > 0).all()  # distinct columns
-    assert torch.equal(values, pre.gather(-1, indices))
-    want = pre.topk(8, dim=-1).values
-    torch.testing.assert_close(values.sort(-1).values, want.sort(-1).values, rtol=0, atol=0)
-
-
-def test_sparse_topk_values_are_the_entries_at_its_indices():
-    from cellcircuits.transcoders._kernels import sparse_topk
-
-    pre = torch.randn(40, 512, dtype=torch.float64)
-    values, indices = sparse_topk(pre, 16)
-    assert values.dtype == torch.float64
-    assert torch.equal(values, pre.gather(-1, indices))
-    assert torch.equal(indices, pre.topk(16, dim=-1).indices.sort(-1).values)
-
-
 @pytest.mark.parametrize("product", ["_bag_sums", "_csr_product"])
 def test_transposed_product_is_the_dense_one(product):
     # both formulations (the CPU's and the other devices'), checked here on the CPU against the dense product
     from cellcircuits.transcoders import _kernels
-    from cellcircuits.transcoders._kernels import _transposed_layout, topk_indices
+    from cellcircuits.transcoders._kernels import _transposed_layout
+    from cellcircuits.transcoders._select import topk_indices
 
     torch.manual_seed(0)
     indices = topk_indices(torch.randn(50, 64, dtype=torch.float64), 6)
@@ -635,7 +579,7 @@ def test_transposed_product_is_the_dense_one(product):
 @pytest.mark.parametrize("dots", ["_sampled_product", "_bag_weight_grad"])
 def test_sampled_dots_are_the_rows_dot_products(dots):
     from cellcircuits.transcoders import _kernels
-    from cellcircuits.transcoders._kernels import topk_indices
+    from cellcircuits.transcoders._select import topk_indices
 
     torch.manual_seed(1)
     indices = topk_indices(torch.randn(40, 32, dtype=torch.float64), 4)

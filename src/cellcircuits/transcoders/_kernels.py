@@ -1,8 +1,7 @@
 """The transcoder's autograd kernels, made for the CPU.
 
-Top-k selection, JumpReLU's straight-through gradients, and sparse gradients of the encoder and decoder: each gives
-what the plain dense formulation would (up to float rounding), with less work where only a few features of a row
-are active.
+JumpReLU's straight-through gradients, and sparse gradients of the encoder and decoder: each gives what the plain
+dense formulation would (up to float rounding), with less work where only a few features of a row are active.
 """
 
 from __future__ import annotations
@@ -15,97 +14,15 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 
-def topk_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """``(..., k)`` indices of the ``k`` largest entries of each row of ``pre``, ascending within each row.
-
-    :func:`sparse_topk`'s indices.
-    """
-    return sparse_topk(pre, k)[1]
-
-
-def sparse_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(..., k)`` values and indices of the ``k`` largest entries of each row of ``pre``; indices ascending by row.
-
-    The same selection as ``pre.topk(k)`` (up to the order and the choice among tied values), found faster on CPU:
-    the row's ``n`` entries are split into ``2k`` strided groups, and the ``k``-th largest group maximum is a floor
-    that at least ``k`` entries reach, so only the entries at or above it (a few times ``k`` in practice) are
-    searched, for the ``k``-th largest value. Falls back to ``torch.topk`` when ``n`` is not a multiple of ``2k`` of
-    at least ``4k`` or when a row has fewer than ``k`` entries at or above its floor (NaNs). Without gradient.
-
-    Off the CPU it is ``torch.topk``, a sort of the ``k`` indices and a gather of their values: three kernels there,
-    where the search above would cost a dozen more and waits for the device (``nonzero`` and counts read by the host).
-    """
-    n = pre.shape[-1]
-    n_groups = 2 * k
-    shape = (*pre.shape[:-1], k)
-    with torch.no_grad():
-        pre = pre.detach()
-        flat = pre.reshape(-1, n)
-        rows = flat.shape[0]
-        if pre.device.type != "cpu" or n % n_groups != 0 or n < 2 * n_groups or rows == 0:
-            return _topk_ascending(pre, k)
-        floor = _kth_largest(flat.view(rows, n // n_groups, n_groups).amax(1), k)
-        # the candidates' positions in the flattened block: row by row, columns ascending
-        at = (flat >= floor).view(-1).nonzero().squeeze(1)
-        row = _floor_div(at, n)
-        counts = torch.bincount(row, minlength=rows)
-        fewest, most = (int(c) for c in counts.aminmax())
-        if fewest < k:
-            return _topk_ascending(pre, k)
-        values = flat.view(-1).index_select(0, at)
-        # each row's candidates packed to the left of a (rows, most) block padded with -inf: the i-th candidate
-        # goes to i + (row * most - the row's first candidate)
-        shift = torch.arange(0, rows * most, most) - (counts.cumsum(0) - counts)
-        packed = torch.arange(len(at)) + shift.index_select(0, row)
-        block = flat.new_full((rows * most,), -torch.inf).index_copy_(0, packed, values).view(rows, most)
-        kth = _kth_largest(block, k, nan=False).view(-1)  # candidates at or above a floor are not NaN
-        keep = (values >= kth.index_select(0, row)).nonzero().squeeze(1)
-        columns = at - row * n
-        if len(keep) == rows * k:  # no row has a tie at its k-th value: exactly k candidates each, in column order
-            return values.index_select(0, keep).view(shape), columns.index_select(0, keep).view(shape)
-        # a tie: k of each row's candidates, by position in the block (ascending positions are ascending columns)
-        best = _ascending(block.topk(k, dim=-1, sorted=False).indices)
-        block_columns = torch.zeros(rows * most, dtype=torch.long).index_copy_(0, packed, columns).view(rows, most)
-        return block.gather(-1, best).view(shape), block_columns.gather(-1, best).view(shape)
-
-
-def _topk_ascending(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    indices = _ascending(pre.topk(k, dim=-1, sorted=False).indices)
-    return pre.gather(-1, indices), indices
-
-
 def _floor_div(values: torch.Tensor, n: int) -> torch.Tensor:
     """``values // n`` for non-negative integers; a shift when ``n`` is a power of two (several times faster)."""
     return values >> (n.bit_length() - 1) if n & (n - 1) == 0 else values // n
 
 
-def _kth_largest(values: torch.Tensor, k: int, *, nan: bool = True) -> torch.Tensor:
-    """``(rows, 1)`` the ``k``-th largest entry of each row of the 2-d CPU tensor ``values``; NaN for a row with a NaN.
-
-    NumPy's partition for the dtypes it has, a few times faster than ``torch.topk`` on short rows; ``torch.topk``
-    for the others (bfloat16). ``nan=False`` says ``values`` holds no NaN, and spares the check.
-    """
-    n = values.shape[-1]
-    if values.dtype not in (torch.float32, torch.float64):
-        return values.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    array = values.numpy()
-    kth = np.partition(array, n - k, axis=-1)[:, n - k : n - k + 1]
-    if nan:
-        kth[np.isnan(array).any(-1)] = np.nan
-    return torch.from_numpy(kth)
-
-
-def _ascending(indices: torch.Tensor) -> torch.Tensor:
-    """``indices`` sorted along the last dimension; on the CPU by NumPy, several times faster there for short rows."""
-    if indices.device.type == "cpu":
-        return torch.from_numpy(np.sort(indices.numpy(), axis=-1))
-    return indices.sort(-1).values
-
-
 def sparse_rows(values: torch.Tensor, indices: torch.Tensor, n: int, *, ascending: bool = False) -> torch.Tensor:
     """``(rows, n)`` sparse CSR tensor with ``values[i]`` at columns ``indices[i]`` of row ``i`` (``(rows, k)``).
 
-    ``ascending=True`` says each row's indices are already in ascending order (as :func:`topk_indices` gives them),
+    ``ascending=True`` says each row's indices are already in ascending order (as :func:`.topk_indices` gives them),
     and spares their sort.
     """
     rows, k = indices.shape
@@ -207,7 +124,12 @@ def _transposed_layout(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, tor
     k = indices.shape[1]
     flat = indices.reshape(-1)
     # the same stable order from narrower keys, which sort faster
-    order = flat.to(_index_dtype(n)).argsort(stable=True)
+    keys = flat.to(_index_dtype(n))
+    if keys.device.type == "cpu" and keys.dtype == torch.int16:
+        # NumPy sorts 16-bit keys stably by radix sort: a few times faster there than torch's stable sort
+        order = torch.from_numpy(np.argsort(keys.numpy(), kind="stable"))
+    else:
+        order = keys.argsort(stable=True)
     if flat.device.type == "cpu":
         counts = torch.bincount(flat, minlength=n)
     else:  # a scatter: on a GPU, bincount reads its maximum back to the host and waits for the device
@@ -246,7 +168,7 @@ def _sampled_dots(grad: torch.Tensor, weight: torch.Tensor, indices: torch.Tenso
     """``(rows, k)`` dot products ``grad[r] · weight[indices[r, j]]``: the gradient of ``embedding_bag``'s weights.
 
     On the CPU a sampled product at the CSR pattern of ``indices`` (ascending within each row, as
-    :func:`topk_indices` gives them), a few times faster there than ``embedding_bag``'s own backward, which the
+    :func:`.topk_indices` gives them), a few times faster there than ``embedding_bag``'s own backward, which the
     other devices use.
     """
     return (_sampled_product if grad.device.type == "cpu" else _bag_weight_grad)(grad, weight, indices)

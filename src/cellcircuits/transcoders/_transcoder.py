@@ -21,16 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._config import TranscoderConfig
-from ._kernels import (
-    GatheredEncode,
-    JumpReLU,
-    SparseDecode,
-    Step,
-    TransposeCache,
-    sparse_rows,
-    sparse_topk,
-    topk_indices,
-)
+from ._kernels import GatheredEncode, JumpReLU, SparseDecode, Step, TransposeCache, sparse_rows
+from ._select import sparse_topk, topk_indices
 
 #: Norm of each decoder row at initialisation.
 DECODER_INIT_NORM = 0.1
@@ -173,7 +165,7 @@ class Transcoder(nn.Module):
 
     def _add_skip(self, out: torch.Tensor, x_n: torch.Tensor | None) -> torch.Tensor:
         if self.W_skip is not None and x_n is not None:
-            out = out + x_n @ self.W_skip
+            out = torch.addmm(out, x_n, self.W_skip)  # the product added by the matmul itself
         return out
 
     def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,7 +251,8 @@ class Transcoder(nn.Module):
             every = dead is not None and dead[2] is None
             dead_inputs = dead[:2] if dead is not None and every else (None, None)
             out, estimate = SparseDecode.apply(acts, self.W_dec, indices, cache, *dead_inputs)
-            y_hat_n = self._add_skip(out + self.b_dec, x_n)
+            # out is this step's own tensor: the bias is added in place, without another (rows, d_out) tensor
+            y_hat_n = self._add_skip(out.add_(self.b_dec), x_n)
             if dead is not None:
                 dead_acts, dead_index, local = dead
                 if local is not None:  # aux_k of the dead features in each row
@@ -273,8 +266,10 @@ class Transcoder(nn.Module):
             y_hat_n = self._decode_normalised(features, x_n)
             l0_mean = (features.detach() != 0).sum(-1).to(pre.dtype).mean()
         rows = len(y_n)
-        # one kernel each way for the squared error, instead of a difference, a square and two reductions
-        mse = F.mse_loss(y_hat_n, y_n, reduction="sum") / rows
+        # the residual, kept for AuxK; the squared error is its dot product with itself, one pass each way
+        residual = y_n - y_hat_n
+        flat = residual.view(-1)
+        mse = torch.dot(flat, flat) / rows
 
         if cfg.activation == "relu":
             # weighting by decoder norms stops the L1 penalty from being dodged by shrinking f and growing W_dec
@@ -288,7 +283,7 @@ class Transcoder(nn.Module):
         if cfg.activation != "topk":
             selected = self._aux_select(pre)
             estimate = None if selected is None else self._aux_estimate(torch.relu(selected[0]), *selected[1:])
-        aux = self._aux_loss(estimate, y_n, y_hat_n)
+        aux = self._aux_loss(estimate, residual.detach())
         with torch.no_grad():
             # in normalised units, where the output scale cancels: the squared error is the mse's sum over rows
             fvu = mse.detach() * rows / _total_variance(y_n)
@@ -375,14 +370,13 @@ class Transcoder(nn.Module):
             return F.embedding_bag(indices, self.W_dec, per_sample_weights=acts, mode="sum")
         return acts @ self.W_dec.index_select(0, dead_index)
 
-    def _aux_loss(self, estimate: torch.Tensor | None, y_n: torch.Tensor, y_hat_n: torch.Tensor) -> torch.Tensor:
-        """AuxK: how far the dead features' ``estimate`` is from the residual ``y_n - y_hat_n`` (detached).
+    def _aux_loss(self, estimate: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+        """AuxK: how far the dead features' ``estimate`` is from the (detached) ``residual`` ``y_n - y_hat_n``.
 
         Zero when there is no estimate (AuxK off, or nothing dead).
         """
         if estimate is None:
-            return y_n.new_zeros(())
-        residual = (y_n - y_hat_n).detach()
+            return residual.new_zeros(())
         return self.cfg.aux_coefficient * F.mse_loss(estimate, residual, reduction="sum") / _total_variance(residual)
 
     @torch.no_grad()
@@ -395,8 +389,8 @@ class Transcoder(nn.Module):
             # as given by loss() for topk: the stored entries are the only candidates; a scatter of their
             # non-zero flags, not a boolean index (which costs a nonzero() and an index_put of every entry)
             values = features.values()
-            hit = torch.zeros(self.cfg.n_features, dtype=values.dtype, device=values.device)
-            hit.scatter_reduce_(0, features.col_indices(), (values != 0).to(values.dtype), "amax")
+            hit = torch.zeros(self.cfg.n_features, dtype=torch.uint8, device=values.device)
+            hit.scatter_reduce_(0, features.col_indices(), (values != 0).to(torch.uint8), "amax")
             return hit > 0
         return (features.reshape(-1, self.cfg.n_features) != 0).any(0)
 

@@ -1,0 +1,141 @@
+"""Top-k selection: the ``k`` largest pre-activations of each row, with their columns in ascending order.
+
+A TopK transcoder chooses its active features by this search at every training step and every forward pass. On the
+CPU it is a few times faster than ``torch.topk``, whose full selection over each row the search avoids; off the CPU
+it is ``torch.topk``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+#: Entries of a block per thread of its search: a (1024, 1024) block runs in one thread, which was faster than two
+#: on a 2-core machine (the hand-off and torch's threads, still spinning after its last op, cost more than the half).
+_ENTRIES_PER_THREAD = 1 << 21
+
+
+def topk_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """``(..., k)`` indices of the ``k`` largest entries of each row of ``pre``, ascending within each row.
+
+    :func:`sparse_topk`'s indices.
+    """
+    return sparse_topk(pre, k)[1]
+
+
+def sparse_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(..., k)`` values and indices of the ``k`` largest entries of each row of ``pre``; indices ascending by row.
+
+    The same selection as ``pre.topk(k)`` (up to the order and the choice among tied values), found faster on CPU:
+    the row's ``n`` entries are split into ``2k`` strided groups, and the ``k``-th largest group maximum is a floor
+    that at least ``k`` entries reach. One pass over the row (a numba kernel, the rows shared among torch's CPU
+    threads) packs the entries at or above it, a few times ``k`` in practice, in column order; the ``k`` largest of
+    those are the row's. Ties at a row's ``k``-th value are broken by column (the leftmost are kept). Falls back to
+    ``torch.topk`` for dtypes NumPy lacks (bfloat16), when ``n`` is not a multiple of ``2k`` of at least ``4k``, and
+    for rows with NaNs. Without gradient.
+
+    Off the CPU it is ``torch.topk``, a sort of the ``k`` indices and a gather of their values: three kernels there,
+    where a search would wait for the device.
+    """
+    n = pre.shape[-1]
+    n_groups = 2 * k
+    with torch.no_grad():
+        pre = pre.detach()
+        flat = pre.reshape(-1, n)
+        searchable = pre.device.type == "cpu" and pre.dtype in (torch.float32, torch.float64)
+        if not searchable or n % n_groups != 0 or n < 2 * n_groups or flat.shape[0] == 0:
+            return _topk_ascending(pre, k)
+        found = _search(flat.contiguous(), k)
+        if found is None:
+            return _topk_ascending(pre, k)
+        shape = (*pre.shape[:-1], k)
+        return found[0].view(shape), found[1].view(shape)
+
+
+def _search(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`sparse_topk` of the contiguous ``(rows, n)`` CPU block ``flat``; ``None`` when a row holds a NaN."""
+    from . import _select_cpu
+
+    rows, n = flat.shape
+    n_groups = 2 * k
+    floor = _kth_largest(flat.view(rows, n // n_groups, n_groups).amax(1), k)
+    if torch.isnan(floor).any():
+        return None
+    pre, floor_ = flat.numpy(), floor.numpy()
+    counts = np.empty(rows, dtype=np.int64)
+    cap = 4 * k
+    while True:
+        block = np.empty((rows, cap), dtype=pre.dtype)
+        columns = np.empty((rows, cap), dtype=np.int64)
+        most = max(_in_parts(_select_cpu.pack_candidates, rows, n, pre, floor_, block, columns, counts))
+        if most <= cap:
+            break
+        cap = most  # a row had more candidates than the block held: pack again, into a block wide enough
+    if counts.min() < k:  # the floor makes this impossible; pick_largest relies on it
+        return None
+    kth = np.partition(block[:, :most], most - k, axis=-1)[:, most - k]  # candidates are never NaN
+    values = np.empty((rows, k), dtype=pre.dtype)
+    indices = np.empty((rows, k), dtype=np.int64)
+    _select_cpu.pick_largest(block, columns, counts, kth, values, indices, 0, rows)
+    return torch.from_numpy(values), torch.from_numpy(indices)
+
+
+#: This process's threads for the searches' parts: its id, the number of threads, the pool.
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def _threads(workers: int) -> ThreadPoolExecutor:
+    """A pool of at least ``workers`` threads for this process (a new one after a fork: the child lacks the threads)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid() or _pool[1] < workers:
+            # a smaller pool is dropped, not shut down: a search still using it keeps it alive until it is done,
+            # and its threads end once it is collected
+            _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="cellcircuits-topk"))
+        return _pool[2]
+
+
+def _in_parts(kernel: Callable[..., int], rows: int, n: int, *args: object) -> list[int]:
+    """``kernel(*args, lo, hi)`` over ``rows`` of ``n`` entries, split among up to torch's number of CPU threads.
+
+    One part per :data:`_ENTRIES_PER_THREAD` entries; the calling thread runs the first. The kernels release the GIL,
+    so the parts run at once.
+    """
+    parts = max(1, min(torch.get_num_threads(), rows, rows * n // _ENTRIES_PER_THREAD))
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    if parts == 1:
+        return [kernel(*args, 0, rows)]
+    pool = _threads(parts - 1)
+    futures = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+    first = kernel(*args, bounds[0], bounds[1])
+    return [first, *(f.result() for f in futures)]
+
+
+def _topk_ascending(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    indices = _ascending(pre.topk(k, dim=-1, sorted=False).indices)
+    return pre.gather(-1, indices), indices
+
+
+def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """``(rows,)`` the ``k``-th largest entry of each row of the 2-d float CPU tensor ``values``, NaN where it has one.
+
+    NumPy's partition, a few times faster than ``torch.topk`` on short rows.
+    """
+    n = values.shape[-1]
+    array = values.numpy()
+    kth = np.partition(array, n - k, axis=-1)[:, n - k]
+    kth[np.isnan(array).any(-1)] = np.nan
+    return torch.from_numpy(kth)
+
+
+def _ascending(indices: torch.Tensor) -> torch.Tensor:
+    """``indices`` sorted along the last dimension; on the CPU by NumPy, several times faster there for short rows."""
+    if indices.device.type == "cpu":
+        return torch.from_numpy(np.sort(indices.numpy(), axis=-1))
+    return indices.sort(-1).values

@@ -1,0 +1,79 @@
+"""The CPU kernels of the top-k search (:mod:`._select`), compiled by numba.
+
+Each works on a range ``lo:hi`` of rows and releases the GIL, so that threads can share the rows of one block.
+numba is imported with this module: :mod:`._select` imports it on the first CPU search.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def pack_candidates(
+    pre: np.ndarray, floor: np.ndarray, block: np.ndarray, columns: np.ndarray, counts: np.ndarray, lo: int, hi: int
+) -> int:
+    """Each row's entries at or above its ``floor``, packed to the left of ``block`` in column order.
+
+    Rows ``lo:hi`` of the ``(rows, n)`` ``pre``: ``counts[r]`` gets the number of entries ``pre[r, j] >= floor[r]``,
+    and the first ``cap = block.shape[1]`` of them (in column order) go to ``block[r]`` with their columns in
+    ``columns[r]``; the rest of ``block[r]`` is filled with ``-inf``. Gives the largest count, which may exceed
+    ``cap`` (then those rows are cut short, and the caller packs again into a wider block).
+    """
+    n = pre.shape[1]
+    cap = block.shape[1]
+    positions = np.empty(n + 1, dtype=np.int64)
+    most = 0
+    for r in range(lo, hi):
+        row = pre[r]
+        f = floor[r]
+        c = 0
+        for j in range(n):  # without a branch: every column is written, and the count moves on for candidates
+            positions[c] = j
+            c += row[j] >= f
+        counts[r] = c
+        most = max(most, c)
+        m = min(c, cap)
+        for t in range(m):
+            columns[r, t] = positions[t]
+            block[r, t] = row[positions[t]]
+        for t in range(m, cap):
+            block[r, t] = -np.inf
+    return most
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def pick_largest(
+    block: np.ndarray,
+    columns: np.ndarray,
+    counts: np.ndarray,
+    kth: np.ndarray,
+    values: np.ndarray,
+    indices: np.ndarray,
+    lo: int,
+    hi: int,
+) -> int:
+    """The ``k = values.shape[1]`` packed entries of each row at or above its ``kth`` largest, in column order.
+
+    Rows ``lo:hi``: entries above ``kth[r]`` are all taken, and entries equal to it (ties) from the left until
+    ``k`` are taken; their values go to ``values[r]`` and their columns to ``indices[r]``. Gives 0.
+    """
+    k = values.shape[1]
+    for r in range(lo, hi):
+        t_ = kth[r]
+        c = counts[r]
+        above = 0
+        for t in range(c):
+            above += block[r, t] > t_
+        ties = k - above
+        o = 0
+        for t in range(c):
+            v = block[r, t]
+            if o < k and (v > t_ or (v == t_ and ties > 0)):
+                if v == t_:
+                    ties -= 1
+                values[r, o] = v
+                indices[r, o] = columns[r, t]
+                o += 1
+    return 0

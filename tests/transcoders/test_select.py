@@ -1,0 +1,110 @@
+"""The TopK search (``_select``): the k largest entries of each row, columns ascending, on every path it takes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from cellcircuits.transcoders import _select
+from cellcircuits.transcoders._select import sparse_topk, topk_indices
+
+
+@pytest.mark.parametrize(
+    ("shape", "k"), [((64, 256), 8), ((3, 5, 128), 4), ((16, 96), 4), ((16, 100), 8), ((8, 64), 32)]
+)
+def test_topk_indices_selects_the_k_largest(shape, k):
+    pre = torch.randn(*shape) @ torch.randn(shape[-1], shape[-1]) + torch.randn(shape[-1])  # correlated columns
+    indices = topk_indices(pre, k)
+    assert indices.shape == (*shape[:-1], k)
+    expected = pre.topk(k, dim=-1).indices
+    torch.testing.assert_close(indices.sort(-1).values, expected.sort(-1).values, rtol=0, atol=0)
+
+
+def test_topk_indices_falls_back_on_nan_rows():
+    pre = torch.randn(8, 256)
+    pre[3, 10] = torch.nan
+    expected = pre.topk(8, dim=-1).indices
+    torch.testing.assert_close(topk_indices(pre, 8).sort(-1).values, expected.sort(-1).values, rtol=0, atol=0)
+
+
+def test_topk_indices_off_the_cpu_is_one_topk():
+    # the grouped search reads counts on the host: on a meta tensor (no values, like a device the host would have
+    # to wait for) it cannot run, so a result shows that only torch.topk ran
+    assert topk_indices(torch.empty(16, 256, device="meta"), 8).shape == (16, 8)
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        int(torch.empty(3, device="meta").min())  # what the grouped search would do
+
+
+def test_sparse_topk_with_tied_values_keeps_k_of_the_largest():
+    # integer-valued rows: many ties at each row's k-th largest value, which take the tie path
+    torch.manual_seed(0)
+    pre = torch.randint(0, 20, (64, 256)).float()
+    values, indices = sparse_topk(pre, 8)
+    assert values.shape == indices.shape == (64, 8)
+    assert torch.equal(indices, indices.sort(-1).values)
+    assert (indices.diff(dim=-1) > 0).all()  # distinct columns
+    assert torch.equal(values, pre.gather(-1, indices))
+    want = pre.topk(8, dim=-1).values
+    torch.testing.assert_close(values.sort(-1).values, want.sort(-1).values, rtol=0, atol=0)
+
+
+def test_sparse_topk_values_are_the_entries_at_its_indices():
+    pre = torch.randn(40, 512, dtype=torch.float64)
+    values, indices = sparse_topk(pre, 16)
+    assert values.dtype == torch.float64
+    assert torch.equal(values, pre.gather(-1, indices))
+    assert torch.equal(indices, pre.topk(16, dim=-1).indices.sort(-1).values)
+
+
+def test_ties_at_the_kth_value_keep_the_leftmost_columns():
+    # one large entry and a tie of zeros: every row has all 256 entries at or above its floor, more than the first
+    # block held, so the search packs again into a wider one
+    pre = torch.zeros(4, 256)
+    pre[:, 100] = 1.0
+    values, indices = sparse_topk(pre, 8)
+    assert indices.tolist() == [[0, 1, 2, 3, 4, 5, 6, 100]] * 4
+    assert values.tolist() == [[0.0] * 7 + [1.0]] * 4
+
+
+def test_rows_of_minus_infinity_give_their_first_columns():
+    pre = torch.randn(3, 128)
+    pre[1] = -torch.inf
+    values, indices = sparse_topk(pre, 4)
+    assert indices[1].tolist() == [0, 1, 2, 3]
+    assert torch.isneginf(values[1]).all()
+    assert torch.equal(indices[[0, 2]], pre[[0, 2]].topk(4, dim=-1).indices.sort(-1).values)
+
+
+def test_bfloat16_takes_torch_topk():
+    pre = torch.randn(16, 256).bfloat16()
+    values, indices = sparse_topk(pre, 8)
+    assert values.dtype == torch.bfloat16
+    assert torch.equal(values, pre.gather(-1, indices))
+    assert torch.equal(values.sort(-1).values, pre.topk(8, dim=-1).values.sort(-1).values)
+
+
+@pytest.fixture
+def three_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_search_split_over_threads_equals_one_thread(monkeypatch, three_threads):
+    pre = torch.randn(300, 512) @ torch.randn(512, 512)
+    one = sparse_topk(pre, 16)
+    monkeypatch.setattr(_select, "_ENTRIES_PER_THREAD", 1)  # every row could be its own part: three threads share them
+    split = sparse_topk(pre, 16)
+    assert torch.equal(one[0], split[0]) and torch.equal(one[1], split[1])
+    assert torch.equal(one[1], pre.topk(16, dim=-1).indices.sort(-1).values)
+
+
+def test_thread_pool_is_renewed_after_a_fork(monkeypatch):
+    pool = _select._threads(1)
+    assert _select._threads(1) is pool
+    child = os.getpid() + 1
+    monkeypatch.setattr(_select.os, "getpid", lambda: child)  # what a forked child sees
+    assert _select._threads(1) is not pool
