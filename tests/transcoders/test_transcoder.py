@@ -560,6 +560,22 @@ def test_check_compatible_can_warn_about_another_model_name(recwarn):
     assert not [w for w in recwarn if "trained on" in str(w.message)]
 
 
+def test_transposed_layout_is_the_stable_sort_of_the_columns():
+    from cellcircuits.transcoders._kernels import _transposed_layout
+
+    torch.manual_seed(2)
+    indices = torch.randint(0, 40, (30, 5))  # repeated columns, within rows and across them
+    crow, order, row_of = _transposed_layout(indices, 40)
+    want = indices.reshape(-1).argsort(stable=True)
+    assert torch.equal(order, want)
+    assert torch.equal(row_of, want // 5)
+    assert torch.equal(
+        crow, torch.cat([torch.zeros(1, dtype=torch.long), indices.reshape(-1).bincount(minlength=40).cumsum(0)])
+    )
+    with pytest.raises(IndexError, match=r"feature indices must lie in 0 \.\. 39"):
+        _transposed_layout(torch.tensor([[0, 40]]), 40)
+
+
 @pytest.mark.parametrize("product", ["_bag_sums", "_csr_product"])
 def test_transposed_product_is_the_dense_one(product):
     # both formulations (the CPU's and the other devices'), checked here on the CPU against the dense product

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
@@ -119,21 +118,26 @@ def _index_dtype(n: int) -> torch.dtype:
 def _transposed_layout(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``(n, rows)`` transpose of ``(rows, k)`` column ``indices``: row pointers, entries, their rows.
 
-    The entries are in column order (a stable sort: rows ascending within a column).
+    The entries are in column order (a stable sort: rows ascending within a column). On the CPU a counting sort (a
+    numba kernel), several times faster there than a sort.
     """
     k = indices.shape[1]
     flat = indices.reshape(-1)
-    # the same stable order from narrower keys, which sort faster
-    keys = flat.to(_index_dtype(n))
-    if keys.device.type == "cpu" and keys.dtype == torch.int16:
-        # NumPy sorts 16-bit keys stably by radix sort: a few times faster there than torch's stable sort
-        order = torch.from_numpy(np.argsort(keys.numpy(), kind="stable"))
-    else:
-        order = keys.argsort(stable=True)
     if flat.device.type == "cpu":
-        counts = torch.bincount(flat, minlength=n)
-    else:  # a scatter: on a GPU, bincount reads its maximum back to the host and waits for the device
-        counts = torch.zeros(n, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+        from . import _cpu_kernels
+
+        crow = torch.empty(n + 1, dtype=torch.long)
+        order, row_of = torch.empty_like(flat), torch.empty_like(flat)
+        if not _cpu_kernels.transposed_layout(
+            indices.contiguous().numpy(), crow.numpy(), order.numpy(), row_of.numpy()
+        ):
+            msg = f"feature indices must lie in 0 .. {n - 1}"
+            raise IndexError(msg)
+        return crow, order, row_of
+    # the same stable order from narrower keys, which sort faster
+    order = flat.to(_index_dtype(n)).argsort(stable=True)
+    # a scatter: on a GPU, bincount reads its maximum back to the host and waits for the device
+    counts = torch.zeros(n, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     return F.pad(counts.cumsum(0), (1, 0)), order, _floor_div(order, k)
 
 

@@ -59,7 +59,7 @@ def sparse_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _search(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`sparse_topk` of the contiguous ``(rows, n)`` CPU block ``flat``; ``None`` when a row holds a NaN."""
-    from . import _select_cpu
+    from . import _cpu_kernels
 
     rows, n = flat.shape
     n_groups = 2 * k
@@ -72,7 +72,7 @@ def _search(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | N
     while True:
         block = np.empty((rows, cap), dtype=pre.dtype)
         columns = np.empty((rows, cap), dtype=np.int64)
-        most = max(_in_parts(_select_cpu.pack_candidates, rows, n, pre, floor_, block, columns, counts))
+        most = max(_in_parts(_cpu_kernels.pack_candidates, rows, n, pre, floor_, block, columns, counts))
         if most <= cap:
             break
         cap = most  # a row had more candidates than the block held: pack again, into a block wide enough
@@ -81,7 +81,7 @@ def _search(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | N
     kth = np.partition(block[:, :most], most - k, axis=-1)[:, most - k]  # candidates are never NaN
     values = np.empty((rows, k), dtype=pre.dtype)
     indices = np.empty((rows, k), dtype=np.int64)
-    _select_cpu.pick_largest(block, columns, counts, kth, values, indices, 0, rows)
+    _cpu_kernels.pick_largest(block, columns, counts, kth, values, indices, 0, rows)
     return torch.from_numpy(values), torch.from_numpy(indices)
 
 

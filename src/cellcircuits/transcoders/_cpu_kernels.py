@@ -1,7 +1,7 @@
-"""The CPU kernels of the top-k search (:mod:`._select`), compiled by numba.
+"""CPU kernels compiled by numba: the top-k search's (:mod:`._select`) and the sparse gradients' layout.
 
-Each works on a range ``lo:hi`` of rows and releases the GIL, so that threads can share the rows of one block.
-numba is imported with this module: :mod:`._select` imports it on the first CPU search.
+They release the GIL; the search's work on a range ``lo:hi`` of rows, so that threads can share one block. numba is
+imported with this module, which its callers import on first use.
 """
 
 from __future__ import annotations
@@ -77,3 +77,33 @@ def pick_largest(
                 indices[r, o] = columns[r, t]
                 o += 1
     return 0
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def transposed_layout(indices: np.ndarray, crow: np.ndarray, order: np.ndarray, row_of: np.ndarray) -> bool:
+    """The ``(n, rows)`` transpose of the ``(rows, k)`` column ``indices``, by a counting sort.
+
+    Fills the transpose's row pointers ``crow`` (``n + 1``), and the flat positions ``order`` of the entries in
+    column order (rows ascending within a column, as a stable sort gives them) with each one's row ``row_of``. Gives
+    False, with the outputs unfinished, when an index is outside ``0 .. n - 1``.
+    """
+    rows, k = indices.shape
+    n = len(crow) - 1
+    crow[:] = 0
+    for r in range(rows):
+        for j in range(k):
+            c = indices[r, j]
+            if c < 0 or c >= n:
+                return False
+            crow[c + 1] += 1
+    for c in range(n):
+        crow[c + 1] += crow[c]
+    fill = crow[:-1].copy()
+    for r in range(rows):
+        for j in range(k):
+            c = indices[r, j]
+            p = fill[c]
+            fill[c] = p + 1
+            order[p] = r * k + j
+            row_of[p] = r
+    return True
