@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cellcircuits.transcoders import _select
-from cellcircuits.transcoders._select import sparse_topk, topk_indices
+from cellcircuits.transcoders._select import sparse_topk, sparse_topk_and_columns, topk_indices
 
 
 @pytest.mark.parametrize(
@@ -108,3 +108,15 @@ def test_thread_pool_is_renewed_after_a_fork(monkeypatch):
     child = os.getpid() + 1
     monkeypatch.setattr(_select.os, "getpid", lambda: child)  # what a forked child sees
     assert _select._threads(1) is not pool
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the search, and torch.topk's fallback
+def test_columns_read_with_the_search_are_the_columns(dtype):
+    pre = (torch.randn(64, 256) @ torch.randn(256, 256)).to(dtype)
+    columns = torch.tensor([5, 0, 255, 17, 5])
+    values, indices, gathered = sparse_topk_and_columns(pre, 8, columns)
+    assert torch.equal(gathered, pre.index_select(1, columns))
+    assert torch.equal(values, pre.gather(-1, indices))
+    assert torch.equal(indices, pre.topk(8, dim=-1).indices.sort(-1).values)
+    with pytest.raises(IndexError, match=r"columns must lie in 0 \.\. 255"):
+        sparse_topk_and_columns(pre.float(), 8, torch.tensor([256]))

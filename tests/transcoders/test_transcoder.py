@@ -495,6 +495,10 @@ def test_stored_zero_activations_do_not_count_as_fired():
     tc.tokens_since_fired.fill_(10)
     tc.update_dead(features)
     assert tc.tokens_since_fired.tolist() == [0, 13, 13, 13, 0, 13]
+    crow, columns = torch.tensor([0, 1]), torch.tensor([6])  # a column past the last feature
+    with pytest.raises(IndexError, match=r"feature columns must lie in 0 \.\. 5"):
+        tc.update_dead(torch.sparse_csr_tensor(crow, columns, torch.ones(1), (1, 6), check_invariants=False))
+    assert tc.tokens_since_fired.tolist() == [0, 13, 13, 13, 0, 13]  # unchanged
 
 
 @pytest.mark.parametrize("backward", ["sparse", "dense"])

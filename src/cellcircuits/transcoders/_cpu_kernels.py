@@ -12,14 +12,23 @@ from numba import njit
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def pack_candidates(
-    pre: np.ndarray, floor: np.ndarray, block: np.ndarray, columns: np.ndarray, counts: np.ndarray, lo: int, hi: int
+    pre: np.ndarray,
+    floor: np.ndarray,
+    block: np.ndarray,
+    columns: np.ndarray,
+    counts: np.ndarray,
+    wanted: np.ndarray,
+    gathered: np.ndarray,
+    lo: int,
+    hi: int,
 ) -> int:
     """Each row's entries at or above its ``floor``, packed to the left of ``block`` in column order.
 
     Rows ``lo:hi`` of the ``(rows, n)`` ``pre``: ``counts[r]`` gets the number of entries ``pre[r, j] >= floor[r]``,
     and the first ``cap = block.shape[1]`` of them (in column order) go to ``block[r]`` with their columns in
     ``columns[r]``; the rest of ``block[r]`` is filled with ``-inf``. Gives the largest count, which may exceed
-    ``cap`` (then those rows are cut short, and the caller packs again into a wider block).
+    ``cap`` (then those rows are cut short, and the caller packs again into a wider block). ``gathered[r]`` gets
+    the row's entries at the columns ``wanted``, read while the row is at hand.
     """
     n = pre.shape[1]
     cap = block.shape[1]
@@ -27,6 +36,8 @@ def pack_candidates(
     most = 0
     for r in range(lo, hi):
         row = pre[r]
+        for t in range(len(wanted)):
+            gathered[r, t] = row[wanted[t]]
         f = floor[r]
         c = 0
         for j in range(n):  # without a branch: every column is written, and the count moves on for candidates
@@ -106,4 +117,23 @@ def transposed_layout(indices: np.ndarray, crow: np.ndarray, order: np.ndarray, 
             fill[c] = p + 1
             order[p] = r * k + j
             row_of[p] = r
+    return True
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def count_since_fired(since: np.ndarray, columns: np.ndarray, values: np.ndarray, rows: int) -> bool:
+    """Add ``rows`` to every feature's ``since`` count, then zero it for the ``columns`` with a non-zero value.
+
+    The dead-feature counts' update for a batch's sparse activations (``columns`` and ``values`` of its entries).
+    Gives False, with the counts unchanged, when a column is outside ``0 .. len(since) - 1``.
+    """
+    n = len(since)
+    for i in range(len(columns)):
+        if columns[i] < 0 or columns[i] >= n:
+            return False
+    for f in range(n):
+        since[f] += rows
+    for i in range(len(columns)):
+        if values[i] != 0:
+            since[columns[i]] = 0
     return True

@@ -28,6 +28,22 @@ def topk_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
     return sparse_topk(pre, k)[1]
 
 
+def sparse_topk_and_columns(
+    pre: torch.Tensor, k: int, columns: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sparse_topk` of the 2-d ``pre``, and its ``columns`` (``pre.index_select(1, columns)``).
+
+    The CPU search reads those columns while it has each row at hand, instead of a second pass over ``pre``.
+    """
+    with torch.no_grad():
+        pre = pre.detach()
+        if _searchable(pre, k):
+            found = _search(pre.contiguous(), k, columns)
+            if found is not None:
+                return found
+        return *_topk_ascending(pre, k), pre.index_select(1, columns)
+
+
 def sparse_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(..., k)`` values and indices of the ``k`` largest entries of each row of ``pre``; indices ascending by row.
 
@@ -42,23 +58,31 @@ def sparse_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     Off the CPU it is ``torch.topk``, a sort of the ``k`` indices and a gather of their values: three kernels there,
     where a search would wait for the device.
     """
-    n = pre.shape[-1]
-    n_groups = 2 * k
     with torch.no_grad():
         pre = pre.detach()
-        flat = pre.reshape(-1, n)
-        searchable = pre.device.type == "cpu" and pre.dtype in (torch.float32, torch.float64)
-        if not searchable or n % n_groups != 0 or n < 2 * n_groups or flat.shape[0] == 0:
-            return _topk_ascending(pre, k)
-        found = _search(flat.contiguous(), k)
+        flat = pre.reshape(-1, pre.shape[-1])
+        found = _search(flat.contiguous(), k) if _searchable(flat, k) else None
         if found is None:
             return _topk_ascending(pre, k)
         shape = (*pre.shape[:-1], k)
         return found[0].view(shape), found[1].view(shape)
 
 
-def _search(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """:func:`sparse_topk` of the contiguous ``(rows, n)`` CPU block ``flat``; ``None`` when a row holds a NaN."""
+def _searchable(flat: torch.Tensor, k: int) -> bool:
+    """Whether the CPU search takes the 2-d ``flat``: a float dtype NumPy has, ``n`` a multiple of ``2k``, >= ``4k``."""
+    rows, n = flat.shape
+    dtype_ok = flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64)
+    return dtype_ok and rows > 0 and n % (2 * k) == 0 and n >= 4 * k
+
+
+def _search(
+    flat: torch.Tensor, k: int, wanted: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """:func:`sparse_topk` of the contiguous ``(rows, n)`` CPU block ``flat``, and its columns ``wanted``.
+
+    The third tensor holds the ``(rows, len(wanted))`` entries of ``flat`` at the columns ``wanted`` (no columns
+    without it). ``None`` when a row holds a NaN.
+    """
     from . import _cpu_kernels
 
     rows, n = flat.shape
@@ -68,11 +92,17 @@ def _search(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | N
         return None
     pre, floor_ = flat.numpy(), floor.numpy()
     counts = np.empty(rows, dtype=np.int64)
+    wanted_ = np.empty(0, dtype=np.int64) if wanted is None else wanted.to(torch.long).contiguous().numpy()
+    if len(wanted_) and not (0 <= wanted_.min() and wanted_.max() < n):  # the kernel does not check its reads
+        msg = f"columns must lie in 0 .. {n - 1}"
+        raise IndexError(msg)
+    gathered = np.empty((rows, len(wanted_)), dtype=pre.dtype)
     cap = 4 * k
     while True:
         block = np.empty((rows, cap), dtype=pre.dtype)
         columns = np.empty((rows, cap), dtype=np.int64)
-        most = max(_in_parts(_cpu_kernels.pack_candidates, rows, n, pre, floor_, block, columns, counts))
+        args = (pre, floor_, block, columns, counts, wanted_, gathered)
+        most = max(_in_parts(_cpu_kernels.pack_candidates, rows, n, *args))
         if most <= cap:
             break
         cap = most  # a row had more candidates than the block held: pack again, into a block wide enough
@@ -82,7 +112,7 @@ def _search(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | N
     values = np.empty((rows, k), dtype=pre.dtype)
     indices = np.empty((rows, k), dtype=np.int64)
     _cpu_kernels.pick_largest(block, columns, counts, kth, values, indices, 0, rows)
-    return torch.from_numpy(values), torch.from_numpy(indices)
+    return torch.from_numpy(values), torch.from_numpy(indices), torch.from_numpy(gathered)
 
 
 #: This process's threads for the searches' parts: its id, the number of threads, the pool.

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from ._config import TranscoderConfig
 from ._kernels import GatheredEncode, JumpReLU, SparseDecode, Step, TransposeCache, sparse_rows
-from ._select import sparse_topk, topk_indices
+from ._select import sparse_topk, sparse_topk_and_columns, topk_indices
 
 #: Norm of each decoder row at initialisation.
 DECODER_INIT_NORM = 0.1
@@ -307,9 +307,11 @@ class Transcoder(nn.Module):
             low = self.selection_dtype
             if low is None or low == x_n.dtype:
                 pre = self._pre_acts(x_n)
-                values, indices = sparse_topk(pre, k)
-                # AuxK's pre-activations: the dead features' columns of the same product
-                dead_values = None if dead_index is None else pre.index_select(1, dead_index)
+                if dead_index is None:
+                    values, indices = sparse_topk(pre, k)
+                    dead_values = None
+                else:  # AuxK's pre-activations: the dead features' columns of the same product, read by the search
+                    values, indices, dead_values = sparse_topk_and_columns(pre, k, dead_index)
             else:  # choose in low precision, then compute the chosen pre-activations in full precision
                 pre = F.linear(x_n.to(low), self.W_enc.T.to(low), self.b_enc.to(low))
                 indices = topk_indices(pre, k)
@@ -400,7 +402,17 @@ class Transcoder(nn.Module):
 
         ``features`` is ``(..., n_features)``, dense or a 2-d sparse CSR tensor (as :meth:`loss` gives for ``topk``).
         """
-        rows = features.shape[0] if features.layout == torch.sparse_csr else features.numel() // self.cfg.n_features
+        sparse = features.layout == torch.sparse_csr
+        rows = features.shape[0] if sparse else features.numel() // self.cfg.n_features
+        since = self.tokens_since_fired
+        if sparse and since.device.type == "cpu" and features.dtype in (torch.float32, torch.float64):
+            from . import _cpu_kernels  # one pass over the entries (a numba kernel), instead of a few torch ops
+
+            columns, values = features.col_indices(), features.values().detach()
+            if _cpu_kernels.count_since_fired(since.numpy(), columns.numpy(), values.numpy(), rows):
+                return
+            msg = f"feature columns must lie in 0 .. {self.cfg.n_features - 1}"
+            raise IndexError(msg)
         self.tokens_since_fired += rows
         self.tokens_since_fired.masked_fill_(self.fired_mask(features), 0)
 
