@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 
-from cellcircuits.transcoders import _select
+from cellcircuits import transcoders
+from cellcircuits.transcoders import Transcoder, TranscoderConfig, _select
 from cellcircuits.transcoders._select import sparse_topk, sparse_topk_and_columns, topk_indices
 
 
@@ -120,3 +122,31 @@ def test_columns_read_with_the_search_are_the_columns(dtype):
     assert torch.equal(indices, pre.topk(8, dim=-1).indices.sort(-1).values)
     with pytest.raises(IndexError, match=r"columns must lie in 0 \.\. 255"):
         sparse_topk_and_columns(pre.float(), 8, torch.tensor([256]))
+
+
+def _training_step() -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    cfg = TranscoderConfig(d_in=16, d_out=16, n_features=128, activation="topk", k=8, dead_after_tokens=1)
+    tc = Transcoder(cfg)
+    tc.tokens_since_fired[:20] = 5  # dead features: AuxK reads their columns
+    out = tc.loss(torch.randn(64, 16), torch.randn(64, 16))
+    out.total.backward()
+    tc.update_dead(out.features)
+    return out.total.detach(), [p.grad for p in tc.parameters()], out.features.to_dense(), tc.tokens_since_fired
+
+
+def test_without_numba_a_training_step_is_the_same(monkeypatch):
+    # an environment installed without dependencies may lack numba: torch's operations then give the same step
+    assert _select.cpu_kernels() is not None
+    with_numba = _training_step()
+    monkeypatch.setitem(sys.modules, "numba", None)  # any import of numba now raises ImportError
+    monkeypatch.delitem(sys.modules, "cellcircuits.transcoders._cpu_kernels", raising=False)
+    monkeypatch.delattr(transcoders, "_cpu_kernels", raising=False)
+    assert _select.cpu_kernels() is None
+    without = _training_step()
+    assert torch.equal(with_numba[0], without[0])
+    for a, b in zip(with_numba[1], without[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert torch.equal(with_numba[2], without[2])
+    assert torch.equal(with_numba[3], without[3])
+    assert (without[3] == 0).any() and (without[3] == 64).any()

@@ -12,6 +12,8 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from ._select import cpu_kernels
+
 
 def _floor_div(values: torch.Tensor, n: int) -> torch.Tensor:
     """``values // n`` for non-negative integers; a shift when ``n`` is a power of two (several times faster)."""
@@ -119,24 +121,21 @@ def _transposed_layout(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, tor
     """The ``(n, rows)`` transpose of ``(rows, k)`` column ``indices``: row pointers, entries, their rows.
 
     The entries are in column order (a stable sort: rows ascending within a column). On the CPU a counting sort (a
-    numba kernel), several times faster there than a sort.
+    numba kernel), several times faster there than a sort; elsewhere, or without numba, a stable sort.
     """
     k = indices.shape[1]
     flat = indices.reshape(-1)
-    if flat.device.type == "cpu":
-        from . import _cpu_kernels
-
+    kernels = cpu_kernels() if flat.device.type == "cpu" else None
+    if kernels is not None:
         crow = torch.empty(n + 1, dtype=torch.long)
         order, row_of = torch.empty_like(flat), torch.empty_like(flat)
-        if not _cpu_kernels.transposed_layout(
-            indices.contiguous().numpy(), crow.numpy(), order.numpy(), row_of.numpy()
-        ):
+        if not kernels.transposed_layout(indices.contiguous().numpy(), crow.numpy(), order.numpy(), row_of.numpy()):
             msg = f"feature indices must lie in 0 .. {n - 1}"
             raise IndexError(msg)
         return crow, order, row_of
     # the same stable order from narrower keys, which sort faster
     order = flat.to(_index_dtype(n)).argsort(stable=True)
-    # a scatter: on a GPU, bincount reads its maximum back to the host and waits for the device
+    # a scatter, not bincount: on a GPU, bincount reads its maximum back to the host and waits for the device
     counts = torch.zeros(n, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     return F.pad(counts.cumsum(0), (1, 0)), order, _floor_div(order, k)
 

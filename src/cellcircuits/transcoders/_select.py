@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -18,6 +19,19 @@ import torch
 #: Entries of a block per thread of its search: a (1024, 1024) block runs in one thread, which was faster than two
 #: on a 2-core machine (the hand-off and torch's threads, still spinning after its last op, cost more than the half).
 _ENTRIES_PER_THREAD = 1 << 21
+
+
+def cpu_kernels() -> ModuleType | None:
+    """The numba kernels (:mod:`._cpu_kernels`); ``None`` where numba cannot be imported.
+
+    numba is a dependency, but an environment installed without dependencies may lack it (a GPU image, say); the
+    callers then take torch's operations instead, with the same results, more slowly.
+    """
+    try:
+        from . import _cpu_kernels
+    except ImportError:
+        return None
+    return _cpu_kernels
 
 
 def topk_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -81,10 +95,11 @@ def _search(
     """:func:`sparse_topk` of the contiguous ``(rows, n)`` CPU block ``flat``, and its columns ``wanted``.
 
     The third tensor holds the ``(rows, len(wanted))`` entries of ``flat`` at the columns ``wanted`` (no columns
-    without it). ``None`` when a row holds a NaN.
+    without it). ``None`` when a row holds a NaN, or without numba.
     """
-    from . import _cpu_kernels
-
+    kernels = cpu_kernels()
+    if kernels is None:
+        return None
     rows, n = flat.shape
     n_groups = 2 * k
     floor = _kth_largest(flat.view(rows, n // n_groups, n_groups).amax(1), k)
@@ -102,7 +117,7 @@ def _search(
         block = np.empty((rows, cap), dtype=pre.dtype)
         columns = np.empty((rows, cap), dtype=np.int64)
         args = (pre, floor_, block, columns, counts, wanted_, gathered)
-        most = max(_in_parts(_cpu_kernels.pack_candidates, rows, n, *args))
+        most = max(_in_parts(kernels.pack_candidates, rows, n, *args))
         if most <= cap:
             break
         cap = most  # a row had more candidates than the block held: pack again, into a block wide enough
@@ -111,7 +126,7 @@ def _search(
     kth = np.partition(block[:, :most], most - k, axis=-1)[:, most - k]  # candidates are never NaN
     values = np.empty((rows, k), dtype=pre.dtype)
     indices = np.empty((rows, k), dtype=np.int64)
-    _cpu_kernels.pick_largest(block, columns, counts, kth, values, indices, 0, rows)
+    kernels.pick_largest(block, columns, counts, kth, values, indices, 0, rows)
     return torch.from_numpy(values), torch.from_numpy(indices), torch.from_numpy(gathered)
 
 

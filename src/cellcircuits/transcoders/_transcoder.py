@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from ._config import TranscoderConfig
 from ._kernels import GatheredEncode, JumpReLU, SparseDecode, Step, TransposeCache, sparse_rows
-from ._select import sparse_topk, sparse_topk_and_columns, topk_indices
+from ._select import cpu_kernels, sparse_topk, sparse_topk_and_columns, topk_indices
 
 #: Norm of each decoder row at initialisation.
 DECODER_INIT_NORM = 0.1
@@ -405,11 +405,11 @@ class Transcoder(nn.Module):
         sparse = features.layout == torch.sparse_csr
         rows = features.shape[0] if sparse else features.numel() // self.cfg.n_features
         since = self.tokens_since_fired
-        if sparse and since.device.type == "cpu" and features.dtype in (torch.float32, torch.float64):
-            from . import _cpu_kernels  # one pass over the entries (a numba kernel), instead of a few torch ops
-
+        on_cpu = sparse and since.device.type == "cpu" and features.dtype in (torch.float32, torch.float64)
+        kernels = cpu_kernels() if on_cpu else None
+        if kernels is not None:  # one pass over the entries (a numba kernel), instead of a few torch ops
             columns, values = features.col_indices(), features.values().detach()
-            if _cpu_kernels.count_since_fired(since.numpy(), columns.numpy(), values.numpy(), rows):
+            if kernels.count_since_fired(since.numpy(), columns.numpy(), values.numpy(), rows):
                 return
             msg = f"feature columns must lie in 0 .. {self.cfg.n_features - 1}"
             raise IndexError(msg)
