@@ -1,7 +1,7 @@
 """CPU kernels compiled by numba: the top-k search's (:mod:`._select`) and the sparse gradients' layout.
 
-They release the GIL; the search's work on a range ``lo:hi`` of rows, so that threads can share one block. numba is
-imported with this module, which its callers import on first use.
+They release the GIL, and the search's kernels work on a range ``lo:hi`` of rows, so that threads can share one
+block. numba is imported with this module, which its callers import on first use (:func:`._select.cpu_kernels`).
 """
 
 from __future__ import annotations

@@ -63,11 +63,11 @@ def sparse_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     The same selection as ``pre.topk(k)`` (up to the order and the choice among tied values), found faster on CPU:
     the row's ``n`` entries are split into ``2k`` strided groups, and the ``k``-th largest group maximum is a floor
-    that at least ``k`` entries reach. One pass over the row (a numba kernel, the rows shared among torch's CPU
-    threads) packs the entries at or above it, a few times ``k`` in practice, in column order; the ``k`` largest of
-    those are the row's. Ties at a row's ``k``-th value are broken by column (the leftmost are kept). Falls back to
-    ``torch.topk`` for dtypes NumPy lacks (bfloat16), when ``n`` is not a multiple of ``2k`` of at least ``4k``, and
-    for rows with NaNs. Without gradient.
+    that at least ``k`` entries reach. One pass over the row (a numba kernel; a large block's rows are shared among
+    torch's CPU threads) packs the entries at or above it, a few times ``k`` in practice, in column order; the ``k``
+    largest of those are the row's. Ties at a row's ``k``-th value are broken by column (the leftmost are kept).
+    Falls back to ``torch.topk`` for dtypes NumPy lacks (bfloat16), when ``n`` is not a multiple of ``2k`` of at
+    least ``4k``, for blocks with NaNs and without numba. Without gradient.
 
     Off the CPU it is ``torch.topk``, a sort of the ``k`` indices and a gather of their values: three kernels there,
     where a search would wait for the device.
