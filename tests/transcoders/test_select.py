@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cellcircuits import transcoders
-from cellcircuits.transcoders import Transcoder, TranscoderConfig, _select
+from cellcircuits.transcoders import Transcoder, TranscoderConfig, _cpu
 from cellcircuits.transcoders._select import sparse_topk, sparse_topk_and_columns, topk_indices
 
 
@@ -98,18 +98,18 @@ def three_threads():
 def test_search_split_over_threads_equals_one_thread(monkeypatch, three_threads):
     pre = torch.randn(300, 512) @ torch.randn(512, 512)
     one = sparse_topk(pre, 16)
-    monkeypatch.setattr(_select, "_ENTRIES_PER_THREAD", 1)  # every row could be its own part: three threads share them
+    monkeypatch.setattr(_cpu, "_ENTRIES_PER_THREAD", 1)  # every row could be its own part: three threads share them
     split = sparse_topk(pre, 16)
     assert torch.equal(one[0], split[0]) and torch.equal(one[1], split[1])
     assert torch.equal(one[1], pre.topk(16, dim=-1).indices.sort(-1).values)
 
 
 def test_thread_pool_is_renewed_after_a_fork(monkeypatch):
-    pool = _select._threads(1)
-    assert _select._threads(1) is pool
+    pool = _cpu._threads(1)
+    assert _cpu._threads(1) is pool
     child = os.getpid() + 1
-    monkeypatch.setattr(_select.os, "getpid", lambda: child)  # what a forked child sees
-    assert _select._threads(1) is not pool
+    monkeypatch.setattr(_cpu.os, "getpid", lambda: child)  # what a forked child sees
+    assert _cpu._threads(1) is not pool
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the search, and torch.topk's fallback
@@ -137,12 +137,12 @@ def _training_step() -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, to
 
 def test_without_numba_a_training_step_is_the_same(monkeypatch):
     # an environment installed without dependencies may lack numba: torch's operations then give the same step
-    assert _select.cpu_kernels() is not None
+    assert _cpu.cpu_kernels() is not None
     with_numba = _training_step()
     monkeypatch.setitem(sys.modules, "numba", None)  # any import of numba now raises ImportError
     monkeypatch.delitem(sys.modules, "cellcircuits.transcoders._cpu_kernels", raising=False)
     monkeypatch.delattr(transcoders, "_cpu_kernels", raising=False)
-    assert _select.cpu_kernels() is None
+    assert _cpu.cpu_kernels() is None
     without = _training_step()
     assert torch.equal(with_numba[0], without[0])
     for a, b in zip(with_numba[1], without[1], strict=True):

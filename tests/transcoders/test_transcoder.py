@@ -580,6 +580,21 @@ def test_transposed_layout_is_the_stable_sort_of_the_columns():
         _transposed_layout(torch.tensor([[0, 40]]), 40)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 53), (300, 17)])  # sides that are not multiples of the tiles
+def test_transposed_copy_is_the_transpose(monkeypatch, dtype, shape):
+    from cellcircuits.transcoders import _cpu, _kernels
+
+    a = torch.randn(*shape).to(dtype)
+    small = _kernels._transposed_copy(a)  # below the size for the kernel: torch's copy
+    monkeypatch.setattr(_kernels, "_TILED_TRANSPOSE_ENTRIES", 1)
+    monkeypatch.setattr(_cpu, "_ENTRIES_PER_THREAD", 256)  # rows in parts, on as many threads as torch has
+    tiled = _kernels._transposed_copy(a)
+    for got in (small, tiled):
+        assert got.is_contiguous() and got.dtype == dtype
+        assert torch.equal(got, a.T)
+
+
 @pytest.mark.parametrize("product", ["_bag_sums", "_csr_product"])
 def test_transposed_product_is_the_dense_one(product):
     # both formulations (the CPU's and the other devices'), checked here on the CPU against the dense product

@@ -1,7 +1,8 @@
-"""CPU kernels compiled by numba: the top-k search's (:mod:`._select`) and the sparse gradients' layout.
+"""CPU kernels compiled by numba: the top-k search's (:mod:`._select`), the sparse gradients' layout and transpose.
 
-They release the GIL, and the search's kernels work on a range ``lo:hi`` of rows, so that threads can share one
-block. numba is imported with this module, which its callers import on first use (:func:`._select.cpu_kernels`).
+They release the GIL, and those that take a range ``lo:hi`` of rows let threads share one block
+(:func:`._cpu.in_parts`). numba is imported with this module, which its callers import on first use
+(:func:`._cpu.cpu_kernels`).
 """
 
 from __future__ import annotations
@@ -137,3 +138,24 @@ def count_since_fired(since: np.ndarray, columns: np.ndarray, values: np.ndarray
         if values[i] != 0:
             since[columns[i]] = 0
     return True
+
+
+#: Side of the square tiles :func:`transpose_rows` copies: 16 float32 entries are one 64-byte cache line.
+TILE = 16
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def transpose_rows(a: np.ndarray, out: np.ndarray, lo: int, hi: int) -> int:
+    """Rows ``lo:hi`` of the ``(n, m)`` ``a`` into the columns ``lo:hi`` of the ``(m, n)`` ``out`` (``a.T``), by tiles.
+
+    Each tile reads and writes whole cache lines, where an element-by-element transposing copy of a large matrix
+    misses the cache on nearly every write. Gives 0.
+    """
+    m = a.shape[1]
+    for i0 in range(lo, hi, TILE):
+        i1 = min(i0 + TILE, hi)
+        for j0 in range(0, m, TILE):
+            for j in range(j0, min(j0 + TILE, m)):
+                for i in range(i0, i1):
+                    out[j, i] = a[i, j]
+    return 0

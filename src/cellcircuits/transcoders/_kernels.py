@@ -12,7 +12,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from ._select import cpu_kernels
+from ._cpu import cpu_kernels, in_parts
 
 
 def _floor_div(values: torch.Tensor, n: int) -> torch.Tensor:
@@ -138,6 +138,23 @@ def _transposed_layout(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, tor
     # a scatter, not bincount: on a GPU, bincount reads its maximum back to the host and waits for the device
     counts = torch.zeros(n, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     return F.pad(counts.cumsum(0), (1, 0)), order, _floor_div(order, k)
+
+
+#: Entries from which :func:`_transposed_copy` takes the tiled kernel: below, torch's copy is as fast (it is about
+#: half as fast at 16384 x 1024, 57 against 21 ms on 2 threads).
+_TILED_TRANSPOSE_ENTRIES = 1 << 20
+
+
+def _transposed_copy(a: torch.Tensor) -> torch.Tensor:
+    """``a.T.contiguous()`` of the 2-d ``a``; a large float CPU block by a tiled numba kernel, the rows in parts."""
+    big = a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and a.numel() >= _TILED_TRANSPOSE_ENTRIES
+    kernels = cpu_kernels() if big else None
+    if kernels is None:
+        return a.T.contiguous()
+    n, m = a.shape
+    out = a.new_empty(m, n)
+    in_parts(kernels.transpose_rows, n, m, a.contiguous().numpy(), out.numpy())
+    return out
 
 
 def _transposed_product(
@@ -311,7 +328,8 @@ class GatheredEncode(torch.autograd.Function):
                 grad_x = dense @ W_enc.T
             return None, None, grad_x, grad_W, grad_b, None, None, None
         if need_W:
-            grad_W = _transposed_product(g, indices, n, x_n, ctx.cache).T.contiguous()
+            # feature-major from the product; W_enc is (d_in, n_features)
+            grad_W = _transposed_copy(_transposed_product(g, indices, n, x_n, ctx.cache))
             if g_dead is not None:
                 grad_W.index_add_(1, dead_index, x_n.T @ g_dead)
         if need_b:

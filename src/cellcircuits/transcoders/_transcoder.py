@@ -21,8 +21,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._config import TranscoderConfig
+from ._cpu import cpu_kernels
 from ._kernels import GatheredEncode, JumpReLU, SparseDecode, Step, TransposeCache, sparse_rows
-from ._select import cpu_kernels, sparse_topk, sparse_topk_and_columns, topk_indices
+from ._select import sparse_topk, sparse_topk_and_columns, topk_indices
 
 #: Norm of each decoder row at initialisation.
 DECODER_INIT_NORM = 0.1
