@@ -146,10 +146,7 @@ class Transcoder(nn.Module):
         return JumpReLU.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth)
 
     def _decode_normalised(self, features: torch.Tensor, x_n: torch.Tensor | None) -> torch.Tensor:
-        out = features @ self.W_dec + self.b_dec
-        if self.W_skip is not None and x_n is not None:
-            out = out + x_n @ self.W_skip
-        return out
+        return self._add_skip(features @ self.W_dec + self.b_dec, x_n)
 
     def _topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows, k)`` activations and feature indices of the ``k`` largest pre-activations of each row."""
@@ -165,9 +162,12 @@ class Transcoder(nn.Module):
         return self._add_skip(out, x_n)
 
     def _add_skip(self, out: torch.Tensor, x_n: torch.Tensor | None) -> torch.Tensor:
-        if self.W_skip is not None and x_n is not None:
-            out = torch.addmm(out, x_n, self.W_skip)  # the product added by the matmul itself
-        return out
+        """``out`` plus the skip term ``x_n @ W_skip`` (none without ``W_skip`` or ``x_n``)."""
+        if self.W_skip is None or x_n is None:
+            return out
+        if out.dim() == 2:
+            return torch.addmm(out, x_n, self.W_skip)  # the product added by the matmul itself
+        return out + x_n @ self.W_skip
 
     def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The active features of a TopK transcoder: ``(..., k)`` activations and their feature indices.
@@ -249,8 +249,7 @@ class Transcoder(nn.Module):
             cache = TransposeCache()
             acts, indices, dead = self._topk_train(x_n, cache)
             # AuxK's estimate from every dead feature comes with the decoder's product (one gradient tensor)
-            every = dead is not None and dead[2] is None
-            dead_inputs = dead[:2] if dead is not None and every else (None, None)
+            dead_inputs = dead[:2] if dead is not None and dead[2] is None else (None, None)
             out, estimate = SparseDecode.apply(acts, self.W_dec, indices, cache, *dead_inputs)
             # out is this step's own tensor: the bias is added in place, without another (rows, d_out) tensor
             y_hat_n = self._add_skip(out.add_(self.b_dec), x_n)
